@@ -1,0 +1,184 @@
+"""Checkpoints: safetensors for tensors, JSON for config and counters, written atomically.
+
+A *run directory* holds training state as versioned folders ``ckpt-<step>/`` plus ``latest.json`` which
+points at the newest complete one; a folder is fully written (and fsynced) before the pointer moves,
+so a kill at any moment leaves the previous checkpoint intact.
+
+A *model directory* (what ships under ``checkpoints/``) holds ``config.json`` (preset + classes),
+``ema.safetensors`` (the weights used for sampling) and optionally ``model.safetensors`` (raw training
+weights, so that training can continue from it) and ``info.json`` (steps, wall time, machine).
+Nothing here unpickles: weights are safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .presets import Preset
+
+LATEST = "latest.json"
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path, data: bytes):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+# --- optimizer state <-> flat tensors + json ------------------------------------------------------
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# --- run directories --------------------------------------------------------------------------------
+def save_training_checkpoint(run_dir, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                             json_files: dict[str, dict], keep: int = 2) -> Path:
+    """Write ``ckpt-<step>/`` (``<name>.safetensors`` per key of ``tensors``, ``<name>.json`` per key of
+    ``json_files``, which must include ``state``) then move ``latest.json`` to it; older checkpoints
+    beyond ``keep`` are removed."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"ckpt-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:08d}."))
+    try:
+        for name, group in tensors.items():
+            atomic_save_safetensors(tmp / f"{name}.safetensors", group)
+        for name, obj in json_files.items():
+            atomic_write_json(tmp / f"{name}.json", obj)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(run_dir / LATEST, {"checkpoint": final.name, "step": step})
+    olds = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir() and p != final)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    run_dir = Path(run_dir)
+    ptr = run_dir / LATEST
+    if not ptr.is_file():
+        return None
+    name = json.loads(ptr.read_text())["checkpoint"]
+    path = run_dir / name
+    if not (path / "state.json").is_file():
+        raise ValueError(f"{ptr} points at {path}, which is incomplete")
+    return path
+
+
+# --- model directories ------------------------------------------------------------------------------
+def write_model_dir(out_dir, preset: Preset, classes: list[str], ema: dict[str, torch.Tensor],
+                    model: dict[str, torch.Tensor] | None = None, info: dict | None = None,
+                    model_dtype: torch.dtype | None = torch.float16):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", {"preset": preset.to_dict(), "classes": list(classes)})
+    atomic_save_safetensors(out_dir / "ema.safetensors", {k: v.float() for k, v in ema.items()})
+    if model is not None:
+        atomic_save_safetensors(out_dir / "model.safetensors",
+                                {k: (v.to(model_dtype) if model_dtype else v) for k, v in model.items()})
+    if info is not None:
+        atomic_write_json(out_dir / "info.json", info)
+
+
+def read_config(model_dir) -> tuple[Preset, list[str]]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not an EDMSound checkpoint directory")
+    cfg = json.loads(path.read_text())
+    return Preset.from_dict(cfg["preset"]), list(cfg["classes"])
+
+
+def resolve_model_dir(path) -> Path:
+    """A model directory, or a run directory (resolved to its newest checkpoint)."""
+    path = Path(path)
+    if (path / "ema.safetensors").is_file() and (path / "config.json").is_file():
+        return path
+    ck = latest_checkpoint(path) if path.is_dir() else None
+    if ck is not None:
+        return ck
+    raise FileNotFoundError(f"{path} is neither a model directory (config.json + ema.safetensors) nor a run "
+                            "directory with a checkpoint")

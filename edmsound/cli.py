@@ -1,0 +1,121 @@
+"""``edmsound`` command line: a thin layer over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_data_synth(a):
+    from .presets import get_preset
+    from .synth import write_dataset
+    if a.seconds is None:
+        a.seconds = get_preset("default").codec.seconds
+    manifest = write_dataset(a.out, per_class=a.per_class, seed=a.seed, sample_rate=a.sample_rate,
+                             seconds=a.seconds, classes=a.classes.split(",") if a.classes else None)
+    print(f"wrote {len(manifest['files'])} clips to {a.out}")
+
+
+def _cmd_data_info(a):
+    from .data import load_folder
+    load_folder(a.data, a.sample_rate, int(a.seconds * a.sample_rate))
+
+
+def _cmd_train(a):
+    import torch
+    from .launch import reexec_with_jemalloc
+    if a.device == "cpu" and not a.no_jemalloc:
+        reexec_with_jemalloc(sys.argv[1:])
+    from .presets import get_preset
+    from .train import TrainingDiverged, Trainer, init_distributed
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    world, rank = init_distributed(a.device)
+    if world > 1 and a.device == "cpu" and not a.threads:
+        import os
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
+                                                 checkpoint_every=a.checkpoint_every)
+    try:
+        trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
+                          device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
+        result = trainer.run()
+        if a.export and rank == 0:
+            trainer.export(a.export)
+            print(f"exported model to {a.export}")
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(result))
+
+
+def _cmd_export(a):
+    import json as _json
+    from pathlib import Path
+    from .checkpoint import load_safetensors, read_config, resolve_model_dir, write_model_dir
+    src = resolve_model_dir(a.run)
+    preset, classes = read_config(src)
+    info = _json.loads((src / "info.json").read_text()) if (src / "info.json").is_file() else None
+    model = load_safetensors(src / "model.safetensors") if (src / "model.safetensors").is_file() else None
+    write_model_dir(a.out, preset, classes, load_safetensors(src / "ema.safetensors"),
+                    None if a.ema_only else model, info)
+    print(f"exported {src} -> {Path(a.out)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edmsound", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("synth", help="write the built-in procedural foley set as a class-per-folder tree")
+    s.add_argument("--out", required=True)
+    s.add_argument("--per-class", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sample-rate", type=int, default=16000)
+    s.add_argument("--seconds", type=float, default=None, help="clip length (default: the default preset's)")
+    s.add_argument("--classes", default=None, help="comma-separated subset of classes")
+    s.set_defaults(func=_cmd_data_synth)
+    s = data.add_parser("info", help="load a class-per-folder tree and print its summary")
+    s.add_argument("--data", required=True)
+    s.add_argument("--sample-rate", type=int, default=16000)
+    s.add_argument("--seconds", type=float, default=1.0)
+    s.set_defaults(func=_cmd_data_info)
+
+    t = sub.add_parser("train", help="train or resume an EDMSound model")
+    t.add_argument("--preset", default="default")
+    t.add_argument("--data", required=True, help="class-per-folder tree")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    t.add_argument("--export", default=None, help="write a model directory here when done")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-jemalloc", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="write a shippable model directory from a run")
+    e.add_argument("--run", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--ema-only", action="store_true")
+    e.set_defaults(func=_cmd_export)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

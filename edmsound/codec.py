@@ -1,0 +1,97 @@
+"""Complex-spectrogram codec: wave <-> compressed complex STFT as 2 real channels.
+
+EDMSound (Zhu et al. 2023, Sec. 2): X = STFT(x) with a periodic Hann window, center=True; amplitude
+compression  X~ = alpha * |X|^beta * exp(i * angle(X)); real and imaginary parts become channels.
+The inverse undoes the compression exactly and applies the iSTFT with ``length=``: no vocoder and no
+phase reconstruction are needed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .presets import CodecConfig
+
+
+class SpectrogramCodec:
+    def __init__(self, config: CodecConfig):
+        if not 0 < config.hop_length <= config.n_fft // 2 + 1:
+            raise ValueError(
+                f"hop_length must be in [1, n_fft/2 + 1 = {config.n_fft // 2 + 1}] (got {config.hop_length}): with "
+                "less than ~50% Hann overlap the STFT is not well conditioned for an exact inverse")
+        if not (0 < config.beta <= 1) or config.alpha <= 0:
+            raise ValueError(f"need 0 < beta <= 1 and alpha > 0, got beta={config.beta}, alpha={config.alpha}")
+        self.config = config
+        self._windows: dict[tuple, torch.Tensor] = {}
+
+    # --- shape ---------------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def num_samples(self) -> int:
+        return self.config.num_samples
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape (2, F, T) of one encoded clip."""
+        return (2, self.config.num_bins, self.config.num_frames)
+
+    def _window(self, device, dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        if key not in self._windows:
+            self._windows[key] = torch.hann_window(self.config.n_fft, periodic=True, device=device, dtype=dtype)
+        return self._windows[key]
+
+    def fit_length(self, wave: torch.Tensor) -> torch.Tensor:
+        """Cut or zero-pad the last axis to ``num_samples``."""
+        n = self.num_samples
+        if wave.shape[-1] >= n:
+            return wave[..., :n]
+        return torch.nn.functional.pad(wave, (0, n - wave.shape[-1]))
+
+    # --- forward / inverse -----------------------------------------------------------------------
+    def compress(self, X: torch.Tensor) -> torch.Tensor:
+        """alpha * |X|^beta * e^{i angle X} for a complex tensor."""
+        c = self.config
+        return torch.polar(c.alpha * X.abs() ** c.beta, X.angle())
+
+    def decompress(self, Y: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return torch.polar((Y.abs() / c.alpha) ** (1.0 / c.beta), Y.angle())
+
+    def encode(self, wave) -> torch.Tensor:
+        """(B, N) or (N,) wave (numpy or torch) -> (B, 2, F, T) float tensor."""
+        if isinstance(wave, np.ndarray):
+            wave = torch.from_numpy(wave)
+        if wave.dim() == 1:
+            wave = wave[None]
+        if not wave.is_floating_point():
+            raise TypeError("encode expects a floating-point wave")
+        wave = self.fit_length(wave)
+        c = self.config
+        X = torch.stft(wave, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft,
+                       window=self._window(wave.device, wave.dtype), center=True, pad_mode="reflect",
+                       return_complex=True)
+        Y = self.compress(X)
+        return torch.stack([Y.real, Y.imag], dim=1).contiguous()
+
+    def to_complex(self, spec: torch.Tensor) -> torch.Tensor:
+        """(B, 2, F, T) -> (B, F, T) complex, still compressed."""
+        if spec.dim() != 4 or spec.shape[1] != 2:
+            raise ValueError(f"expected (B, 2, F, T), got {tuple(spec.shape)}")
+        return torch.complex(spec[:, 0].contiguous(), spec[:, 1].contiguous())
+
+    def decode(self, spec: torch.Tensor) -> torch.Tensor:
+        """(B, 2, F, T) -> (B, num_samples) wave, the exact inverse of ``encode``."""
+        spec = spec.float() if spec.dtype in (torch.float16, torch.bfloat16) else spec
+        X = self.decompress(self.to_complex(spec))
+        c = self.config
+        return torch.istft(X, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft,
+                           window=self._window(X.device, spec.dtype), center=True, length=self.num_samples)
+
+    def magnitude_db(self, spec: torch.Tensor) -> torch.Tensor:
+        """Log magnitude (dB) of the uncompressed STFT, for plots."""
+        X = self.decompress(self.to_complex(spec))
+        return 20 * torch.log10(X.abs().clamp_min(1e-5))

@@ -1,0 +1,49 @@
+"""CPU launch helpers: preload jemalloc (about 2x faster CPU training here) by re-executing once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+JEMALLOC_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+MALLOC_CONF = "oversize_threshold:1,background_thread:false,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def find_jemalloc() -> str | None:
+    for p in JEMALLOC_CANDIDATES:
+        if Path(p).is_file():
+            return p
+    return None
+
+
+def jemalloc_env(env: dict | None = None) -> dict:
+    """A copy of ``env`` with jemalloc preloaded (unchanged if jemalloc is absent)."""
+    env = dict(os.environ if env is None else env)
+    lib = find_jemalloc()
+    if lib and "jemalloc" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
+        env.setdefault("MALLOC_CONF", MALLOC_CONF)
+    return env
+
+
+def reexec_with_jemalloc(argv: list[str]) -> None:
+    """Replace this process with ``python -m edmsound.cli argv`` under jemalloc, once.
+
+    No-op when jemalloc is missing, already loaded, disabled with EDMSOUND_NO_JEMALLOC=1, or when
+    running under torchrun (the launcher's environment is left alone; preload it there yourself)."""
+    if os.environ.get("EDMSOUND_NO_JEMALLOC") == "1" or os.environ.get("EDMSOUND_REEXEC") == "1":
+        return
+    if "WORLD_SIZE" in os.environ or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    if find_jemalloc() is None:
+        return
+    env = jemalloc_env()
+    env["EDMSOUND_REEXEC"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "edmsound.cli", *argv], env)

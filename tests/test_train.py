@@ -1,0 +1,115 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edmsound.checkpoint import latest_checkpoint, load_safetensors
+from edmsound.edm import edm_loss
+from edmsound.presets import get_preset
+from edmsound.train import Trainer, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fixed_loss(trainer, den, n_draws=8):
+    """EDM loss of ``den`` on the training clips with fixed sigma/noise draws."""
+    g = torch.Generator().manual_seed(99)
+    y = trainer.codec.encode(trainer.train_waves)
+    lab = trainer.train_labels
+    with torch.no_grad():
+        return sum(float(edm_loss(den, y, lab, trainer.preset.edm, generator=g).mean()) for _ in range(n_draws)) / n_draws
+
+
+def test_tiny_overfits_a_handful_of_clips(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(lr=3e-3, warmup_steps=20, checkpoint_every=10_000)
+    tr = Trainer(preset, tone_tree, tmp_path / "run", steps=500, progress=False)
+    before = _fixed_loss(tr, tr.denoiser)
+    tr.run()
+    after = _fixed_loss(tr, tr.denoiser)
+    assert after < before / 10, (before, after)
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) > 10
+
+
+def test_resume_continues_from_the_same_state(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(checkpoint_every=15)
+    straight = Trainer(preset, tone_tree, tmp_path / "a", steps=30, progress=False)
+    straight.run()
+    first = Trainer(preset, tone_tree, tmp_path / "b", steps=15, progress=False)
+    first.run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(preset, tone_tree, tmp_path / "b", steps=30, progress=False)
+    resumed = Trainer(preset, tone_tree, tmp_path / "b", steps=30, resume=True, progress=False)
+    assert resumed.step == 15
+    resumed.run()
+    for (k, a), (_, b) in zip(straight.raw_net.state_dict().items(), resumed.raw_net.state_dict().items()):
+        assert torch.equal(a, b), k
+    for a, b in zip(straight.ema.net.parameters(), resumed.ema.net.parameters()):
+        assert torch.equal(a, b)
+    assert latest_checkpoint(tmp_path / "b").name == "ckpt-00000030"
+    # the log has no duplicated steps after the resume
+    steps = [int(l.split(",")[0]) for l in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))
+
+
+def test_nan_guard_names_the_step_and_keeps_last_checkpoint(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(checkpoint_every=10)
+    tr = Trainer(preset, tone_tree, tmp_path / "run", steps=10, progress=False)
+    tr.run()
+    good = load_safetensors(latest_checkpoint(tmp_path / "run") / "model.safetensors")
+    tr2 = Trainer(preset, tone_tree, tmp_path / "run", steps=20, resume=True, progress=False)
+    with torch.no_grad():
+        next(tr2.raw_net.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="step 11"):
+        tr2.run()
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck.name == "ckpt-00000010"
+    after = load_safetensors(ck / "model.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_cli_train_stop_resume_export(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data", str(tone_tree),
+           "--out", str(tmp_path / "run"), "--no-progress", "--checkpoint-every", "5"]
+    r = subprocess.run(cmd + ["--steps", "10"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cmd + ["--steps", "20", "--resume", "--export", str(tmp_path / "model")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["step"] == 20
+    info = json.loads((tmp_path / "model" / "info.json").read_text())
+    assert info["steps"] == 20
+    from edmsound.model import load_denoiser
+    den, preset, classes, _ = load_denoiser(tmp_path / "model")
+    assert classes == ["high", "low"] and preset.name == "tiny"
+
+
+def test_ddp_two_processes_on_cpu(tone_tree, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, torch, hashlib\n"
+        "from edmsound.presets import get_preset\n"
+        "from edmsound.train import Trainer, init_distributed\n"
+        "torch.set_num_threads(1)\n"
+        "world, rank = init_distributed('cpu')\n"
+        "tr = Trainer(get_preset('tiny').replace_train(checkpoint_every=5), sys.argv[1], sys.argv[2], steps=6, progress=False)\n"
+        "tr.run()\n"
+        "h = hashlib.sha1(b''.join(p.detach().numpy().tobytes() for p in tr.raw_net.parameters())).hexdigest()\n"
+        "open(f'{sys.argv[2]}-rank{rank}.txt', 'w').write(h)\n"
+        "torch.distributed.destroy_process_group()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29533", str(script), str(tone_tree), str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h0 = (tmp_path / "run-rank0.txt").read_text()
+    h1 = (tmp_path / "run-rank1.txt").read_text()
+    assert h0 == h1                                 # gradients were all-reduced: replicas agree
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck.name == "ckpt-00000006"
+    assert json.loads((ck / "info.json").read_text())["world_size"] == 2
