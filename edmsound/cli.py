@@ -66,6 +66,28 @@ def _cmd_export(a):
     print(f"exported {src} -> {Path(a.out)}")
 
 
+def _cmd_samplers(a):
+    from .samplers import SAMPLERS, valid_nfes
+    for name in SAMPLERS:
+        v = valid_nfes(name, 20)
+        print(f"{name:16s} NFE budgets: {', '.join(map(str, v))}, ...")
+
+
+def _cmd_generate(a):
+    from .pipeline import EDMSoundPipeline, save_generation
+    pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
+    try:
+        gen = pipe.generate(a.class_name, n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
+                            seed=a.seed, batch_size=a.batch_size, progress=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    paths = save_generation(gen, a.out, pipe.codec, figures=not a.no_figures)
+    s = gen.settings
+    print(f"{len(paths)} clip(s) of {s['class']} with {s['sampler']} at NFE {s['nfe']} (counted), guidance "
+          f"{s['guidance']:g}: {s['seconds']:.2f} s ({s['real_time_factor']:.2f}x real time) -> {a.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edmsound", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--no-jemalloc", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate clips of one class from a checkpoint")
+    g.add_argument("--checkpoint", default="checkpoints/default")
+    g.add_argument("--class", dest="class_name", required=True)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--sampler", default=None, help="default: the checkpoint preset's (see `edmsound samplers`)")
+    g.add_argument("--nfe", type=int, default=None, help="network evaluations (exact budget)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--device", default=None)
+    g.add_argument("--out", required=True)
+    g.add_argument("--no-figures", action="store_true")
+    g.set_defaults(func=_cmd_generate)
+
+    sm = sub.add_parser("samplers", help="list samplers and their valid NFE budgets")
+    sm.set_defaults(func=_cmd_samplers)
 
     e = sub.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)

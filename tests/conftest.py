@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("EDMSOUND_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 def write_tone_tree(root, classes=("low", "high"), per_class=4, sr=8000, seconds=0.3, seed=0):
