@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("samplers", help="list samplers and their valid NFE budgets")
     sm.set_defaults(func=_cmd_samplers)
 
+    from .cli_copy import register as register_copy_detection
+    register_copy_detection(sub)     # encoder train / finetune-head, index build / query, copies
+    from .cli_eval import register as register_evaluation
+    register_evaluation(sub)         # classifier train, evaluate
+
     e = sub.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)
     e.add_argument("--out", required=True)

@@ -1,0 +1,155 @@
+"""Evaluation sub-commands of the ``edmsound`` CLI.
+
+``register(subparsers)`` adds::
+
+    edmsound classifier train --data DIR --out DIR [--epochs 10] [--holdout auto|builtin|DIR|none]
+    edmsound evaluate --checkpoint DIR --reference builtin|DIR --samplers heun,dpmpp_2m,deis --nfe 5,10,20,50
+                      --guidance 1,2,4 --n-per-class 32 --out DIR [--encoder DIR] [--classifier DIR] [--index DIR]
+
+See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _threads(a):
+    if getattr(a, "threads", None):
+        import torch
+        torch.set_num_threads(int(a.threads))
+
+
+def _csv_list(text: str, kind, what: str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"--{what} needs a comma-separated list, got {text!r}")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--{what}: cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def _holdout(a, data_dir: Path, classes, sample_rate: int, num_samples: int):
+    """--holdout: auto (builtin for a synth tree of built-in classes), builtin, a directory, or none."""
+    from .evaluate import load_reference
+    from .synth import CLASSES
+    choice = a.holdout
+    manifest = data_dir / "synth.json"
+    base = json.loads(manifest.read_text()).get("base_seed") if manifest.is_file() else None
+    if choice == "auto":
+        choice = "builtin" if (manifest.is_file() and all(c in CLASSES for c in classes)) else "none"
+    if choice == "none":
+        return None, None
+    if choice == "builtin" and base is not None and int(base) == int(a.holdout_seed):
+        raise ValueError(f"--holdout-seed {a.holdout_seed} is the training tree's base seed; held-out clips need "
+                         "another seed (default 7)")
+    ds, desc = load_reference(choice, classes, sample_rate, num_samples, a.holdout_per_class, a.holdout_seed)
+    return ds, desc
+
+
+def _cmd_classifier_train(a):
+    from .classifier import ClassifierConfig, train_classifier
+    from .index import load_training_set
+    _threads(a)
+    data_dir = Path(a.data)
+    cfg = ClassifierConfig(sample_rate=a.sample_rate)
+    ds, _ = load_training_set(data_dir, None, cfg.sample_rate, a.seconds, not a.no_progress)
+    try:
+        holdout, desc = _holdout(a, data_dir, ds.classes, cfg.sample_rate, ds.waves.shape[1])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    clf = train_classifier(ds, None, config=cfg, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                           holdout=holdout, holdout_description=desc, max_minutes=a.max_minutes,
+                           progress=not a.no_progress, name=a.name)
+    clf.info["training"]["data"] = str(a.data)
+    clf.info["training"]["command"] = "edmsound " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["classifier"] else None
+    clf.save(a.out)
+    summary = {"out": str(a.out), "parameters": clf.num_parameters, **clf.info["training"]}
+    if "holdout" in clf.info:
+        summary["holdout_accuracy"] = clf.info["holdout"]["accuracy"]
+    print(json.dumps(summary))
+
+
+def _cmd_evaluate(a):
+    from .evaluate import evaluate_sweep
+    _threads(a)
+    try:
+        samplers = _csv_list(a.samplers, str, "samplers")
+        nfes = _csv_list(a.nfe, int, "nfe")
+        guid = _csv_list(a.guidance, float, "guidance")
+        topk = _csv_list(a.top_k, int, "top-k")
+        evaluate_sweep(a.checkpoint, a.out, reference=a.reference, samplers=samplers, nfes=nfes, guidances=guid,
+                       n_per_class=a.n_per_class, encoder=a.encoder, classifier=a.classifier, index=a.index,
+                       train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
+                       seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device, topk=topk,
+                       kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,
+                       dry_run=a.dry_run, progress=not a.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def register(subparsers) -> None:
+    """Add the ``classifier`` and ``evaluate`` sub-commands to the top-level subparsers."""
+    c = subparsers.add_parser("classifier", help="the class classifier used for evaluation").add_subparsers(
+        dest="classifier_command", required=True)
+    t = c.add_parser("train", help="train a log-mel CNN class classifier on a class-per-folder tree")
+    t.add_argument("--data", required=True, help="class-per-folder training tree (e.g. data/builtin)")
+    t.add_argument("--out", required=True, help="classifier directory to write")
+    t.add_argument("--epochs", type=float, default=10)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--sample-rate", type=int, default=16000)
+    t.add_argument("--seconds", type=float, default=None,
+                   help="clip length (default: a synth tree's manifest, else the longest file)")
+    t.add_argument("--holdout", default="auto",
+                   help="held-out real clips to measure accuracy on: 'builtin' (fresh synth seeds), a class-per-folder "
+                        "directory, 'none', or 'auto' (builtin for a synth tree of built-in classes)")
+    t.add_argument("--holdout-per-class", type=int, default=100)
+    t.add_argument("--holdout-seed", type=int, default=7, help="base seed of built-in held-out clips")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    t.add_argument("--name", default="edmsound-classifier")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_classifier_train)
+
+    e = subparsers.add_parser("evaluate", help="FAD, KID, classifier scores, diversity and copying per "
+                                               "(sampler, NFE, guidance), per class")
+    e.add_argument("--checkpoint", default="checkpoints/default", help="model or run directory")
+    e.add_argument("--reference", default="builtin",
+                   help="held-out real clips: 'builtin' (synth seeds disjoint from training) or a class-per-folder "
+                        "directory (never the training clips)")
+    e.add_argument("--reference-per-class", type=int, default=200,
+                   help="clips per class synthesised for 'builtin', or sampled from a directory (0: all)")
+    e.add_argument("--reference-seed", type=int, default=7, help="base seed of the built-in reference")
+    e.add_argument("--train", default="auto",
+                   help="training data for the baseline row: 'auto' (the checkpoint's info.json, else builtin), "
+                        "'builtin', a directory, or 'none'")
+    e.add_argument("--samplers", default="heun,dpmpp_2m,deis")
+    e.add_argument("--nfe", default="5,10,20,50", help="NFE budgets; invalid ones are handled by --invalid-nfe")
+    e.add_argument("--guidance", default="1,2,4")
+    e.add_argument("--n-per-class", type=int, default=32)
+    e.add_argument("--out", required=True)
+    e.add_argument("--encoder", default="default",
+                   help="encoder for FAD/KID/diversity: 'default' (checkpoints/encoder), a project encoder or Hugging "
+                        "Face CLAP directory, or a LAION CLAP .pt")
+    e.add_argument("--classifier", default="default", help="classifier directory, 'default' or 'none'")
+    e.add_argument("--index", default="default", help="copy-detection index directory, 'default' or 'none'")
+    e.add_argument("--invalid-nfe", choices=["nearest", "skip"], default="nearest",
+                   help="an NFE a sampler cannot spend exactly: use the nearest valid budget (ties: lower) or skip it")
+    e.add_argument("--seed", type=int, default=0, help="noise seeds: seed*1e6 + class_index*1e5 + clip index")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--top-k", default="1,3", help="top-k accuracies to report")
+    e.add_argument("--kid-subsets", type=int, default=100)
+    e.add_argument("--embedding-level", choices=["windows", "clips"], default="windows",
+                   help="FAD/KID on the encoder's window embeddings (like VGGish frames in FAD) or per-clip means")
+    e.add_argument("--device", default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--regenerate", action="store_true", help="regenerate cached clips")
+    e.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)

@@ -1,0 +1,215 @@
+"""The evaluation sweep on a tiny checkpoint trained in the test: plan, cache, table, plots, CLI."""
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from edmsound import evaluate as E
+from edmsound.cli_eval import register
+from edmsound.evaluate import SweepPoint, evaluate_sweep, noise_seed, plan_sweep
+
+
+# ------------------------------------------------------------------------------------------ planning
+def test_plan_maps_invalid_heun_budgets_to_the_nearest_valid_one():
+    pts, notes = plan_sweep(["heun", "deis"], [5, 10, 20], [1, 2])
+    heun = sorted({(p.requested_nfe, p.nfe) for p in pts if p.sampler == "heun"})
+    assert heun == [(5, 5), (10, 9), (20, 19)]                     # ties go to the lower budget
+    assert sorted({p.nfe for p in pts if p.sampler == "deis"}) == [5, 10, 20]
+    assert len(pts) == 12 and len(notes) == 2 and "NFE 10" in notes[0] and "using NFE 9" in notes[0]
+    assert SweepPoint("heun", 9, 2.0, 10).key == "heun_nfe9_w2"
+    assert SweepPoint("deis", 5, 1.5, 5).key == "deis_nfe5_w1p5"
+
+
+def test_plan_skip_policy_and_duplicates():
+    pts, notes = plan_sweep(["heun"], [9, 10, 11], [1], invalid_nfe="skip")
+    assert [p.nfe for p in pts] == [9, 11] and "skipped" in notes[0]
+    pts, _ = plan_sweep(["heun"], [9, 10], [1])                    # 10 -> 9 duplicates 9
+    assert [(p.nfe, p.requested_nfe) for p in pts] == [(9, 9)]
+
+
+def test_plan_rejects_bad_values_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'.*heun"):
+        plan_sweep(["dpm"], [5], [1])
+    with pytest.raises(ValueError, match=r"NFE must be an integer in \[1, 200\]"):
+        plan_sweep(["heun"], [0], [1])
+    with pytest.raises(ValueError, match=r"allowed \[0, 20\]"):
+        plan_sweep(["heun"], [5], [30])
+    with pytest.raises(ValueError, match="invalid_nfe must be one of nearest, skip"):
+        plan_sweep(["heun"], [5], [1], invalid_nfe="round")
+
+
+def test_noise_seeds_are_disjoint_across_classes_and_clips():
+    seeds = {noise_seed(0, c, i) for c in range(7) for i in range(64)}
+    assert len(seeds) == 7 * 64
+    assert noise_seed(2, 3, 4) == 2_300_004
+
+
+def test_builtin_reference_is_disjoint_from_training_seeds():
+    ref, desc = E.load_reference("builtin", ["rain", "gunshot"], 16000, 4000, per_class=3)
+    assert all(s.startswith("synth://") and int(s.rsplit("/", 1)[1]) >= 7_000_000 for s in ref.sources)
+    assert "base seed 7" in desc and ref.waves.shape == (6, 4000)
+    with pytest.raises(ValueError, match="training set's base seed"):
+        E.load_reference("builtin", ["rain"], 16000, 4000, per_class=2, seed=0)
+    with pytest.raises(ValueError, match="not built-in classes"):
+        E.load_reference("builtin", ["low"], 16000, 4000, per_class=2)
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny checkpoint, a held-out reference tree, a small random encoder, a classifier and an index."""
+    from conftest import write_tone_tree
+    from transformers import ClapAudioModelWithProjection
+
+    from edmsound.classifier import train_classifier
+    from edmsound.data import load_folder
+    from edmsound.encoders import default_encoder_config, load_encoder, save_encoder_dir
+    from edmsound.index import CopyIndex
+    from edmsound.presets import get_preset
+    from edmsound.train import Trainer
+    d = tmp_path_factory.mktemp("eval")
+    write_tone_tree(d / "data")
+    write_tone_tree(d / "ref", seed=1)
+    tr = Trainer(get_preset("tiny"), d / "data", d / "run", steps=20, progress=False)
+    tr.run()
+    tr.export(d / "model")
+    import torch
+    torch.manual_seed(0)
+    cfg, fe = default_encoder_config(projection_dim=32)
+    save_encoder_dir(ClapAudioModelWithProjection(cfg), fe, d / "encoder", name="test-encoder",
+                     window_seconds=0.5, hop_seconds=0.25)
+    train_classifier(d / "data", d / "classifier", config=_clf_cfg(), epochs=3, batch_size=4, progress=False)
+    enc = load_encoder(d / "encoder")
+    ds = load_folder(d / "data", 8000, 2000, progress=False, verbose=False)
+    CopyIndex.build(ds, enc, progress=False).save(d / "index")
+    return d
+
+
+def _clf_cfg():
+    from edmsound.classifier import ClassifierConfig
+    return ClassifierConfig(sample_rate=8000, channels=(8, 16))
+
+
+def _run(world, out, **kw):
+    args = dict(reference=world / "ref", samplers=["heun", "dpmpp_2m"], nfes=[2, 3], guidances=[1, 2],
+                n_per_class=3, encoder=world / "encoder", classifier=world / "classifier", index=world / "index",
+                reference_per_class=0, kid_subsets=10, progress=False, log=lambda *_: None)
+    args.update(kw)
+    return evaluate_sweep(world / "model", out, **args)
+
+
+@pytest.fixture(scope="module")
+def swept(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, _run(world, out)
+
+
+def test_sweep_writes_csv_markdown_and_plots(swept):
+    out, res = swept
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    gen = [r for r in rows if r["kind"] == "generated"]
+    assert len(gen) == 8 * 3                                        # 8 configurations x (2 classes + overall)
+    keys = {(r["sampler"], r["requested_nfe"], r["nfe"], r["guidance"]) for r in gen}
+    assert ("heun", "2", "1", "1") in keys and ("dpmpp_2m", "2", "2", "2") in keys
+    assert {r["class"] for r in gen} == {"high", "low", "overall"}
+    for r in gen:
+        assert float(r["fad"]) >= 0 and np.isfinite(float(r["kid"])) and float(r["kid_std"]) >= 0
+        assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["copy_share"]) <= 1
+        assert 1 - 1e-6 <= float(r["inception_score"]) <= 2 + 1e-6
+        assert float(r["diversity_ratio"]) > 0
+    base = [r for r in rows if r["kind"] == "baseline: training subset"]
+    assert len(base) == 3 and all(float(r["fad_vs_baseline"]) == pytest.approx(1.0) for r in base)
+    refrow = [r for r in rows if r["kind"] == "baseline: reference" and r["class"] == "overall"][0]
+    assert refrow["fad"] == "" and float(refrow["accuracy"]) >= 0
+    md = (out / "results.md").read_text()
+    assert "## Overall" in md and "test-encoder" in md and "only comparable with the same encoder" in md
+    assert "## Per class: FAD" in md and "| heun | 1 (asked 2) | 1 |" in md and "note: heun: NFE 2" in md
+    for m in ("fad", "kid", "accuracy", "map_at_10", "inception_score", "diversity_ratio", "copy_share"):
+        p = out / "plots" / f"{m}.png"
+        assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+    js = json.loads((out / "results.json").read_text())
+    assert js["settings"]["encoder"]["name"] == "test-encoder" and len(js["rows"]) == len(rows)
+
+
+def test_sweep_caches_clips_with_fixed_noise_seeds(world, swept):
+    from edmsound.pipeline import EDMSoundPipeline
+    out, _ = swept
+    wav = out / "clips" / "dpmpp_2m_nfe3_w2" / "low" / "low_0002.wav"
+    data, sr = sf.read(str(wav), dtype="float32")
+    pipe = EDMSoundPipeline(world / "model", device="cpu")
+    direct = pipe.generate("low", n=1, sampler="dpmpp_2m", nfe=3, guidance=2.0,
+                           seed=noise_seed(0, pipe.class_index("low"), 2))
+    np.testing.assert_allclose(data, np.clip(direct.waves[0], -1, 1), atol=2 / 32768)
+    meta = json.loads((wav.parent.parent / "meta.json").read_text())
+    assert meta["nfe"] == 3 and meta["guidance"] == 2.0 and meta["generation"]["clips"] == 6
+
+
+def test_sweep_reuses_cached_clips_and_regenerates_only_missing(world, swept, tmp_path, monkeypatch):
+    import shutil
+
+    from edmsound.pipeline import EDMSoundPipeline
+    out0, res0 = swept
+    out = tmp_path / "again"
+    shutil.copytree(out0 / "clips", out / "clips")
+    (out / "clips" / "heun_nfe3_w1" / "high" / "high_0001.wav").unlink()
+    calls = []
+    real = EDMSoundPipeline.generate
+
+    def spy(self, class_name, n=1, **kw):
+        calls.append((class_name, n, kw["sampler"], kw["nfe"], kw["seed"]))
+        return real(self, class_name, n=n, **kw)
+    monkeypatch.setattr(EDMSoundPipeline, "generate", spy)
+    res = _run(world, out)
+    assert calls == [("high", 1, "heun", 3, noise_seed(0, 0, 1))]
+    f0 = {(r["kind"], r["sampler"], r["nfe"], r["guidance"], r["class"]): r["fad"] for r in res0["rows"]}
+    f1 = {(r["kind"], r["sampler"], r["nfe"], r["guidance"], r["class"]): r["fad"] for r in res["rows"]}
+    assert f0.keys() == f1.keys()
+    finite = [k for k in f0 if np.isfinite(f0[k])]
+    assert len(finite) == 8 * 3 + 3                                 # generated rows + training baseline
+    assert all(f0[k] == pytest.approx(f1[k], rel=1e-5, abs=1e-9) for k in finite)
+    calls.clear()
+    _run(world, out, samplers=["dpmpp_2m"], nfes=[2], guidances=[1], regenerate=True)
+    assert calls == [("high", 3, "dpmpp_2m", 2, noise_seed(0, 0, 0)), ("low", 3, "dpmpp_2m", 2, noise_seed(0, 1, 0))]
+
+
+def test_sweep_refuses_clips_from_another_checkpoint(world, swept, tmp_path):
+    import shutil
+    out = tmp_path / "other"
+    shutil.copytree(swept[0] / "clips", out / "clips")
+    meta = out / "clips" / "heun_nfe1_w1" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["ema_sha256"] = "0" * 64
+    meta.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="other settings.*--regenerate"):
+        _run(world, out)
+
+
+def test_cli_evaluate_dry_run_and_run(world, swept, tmp_path, capsys):
+    import shutil
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    register(sub)
+    out = tmp_path / "cli"
+    argv = ["evaluate", "--checkpoint", str(world / "model"), "--reference", str(world / "ref"),
+            "--samplers", "heun", "--nfe", "2", "--guidance", "1", "--n-per-class", "3", "--out", str(out),
+            "--encoder", str(world / "encoder"), "--classifier", str(world / "classifier"), "--index", "none",
+            "--reference-per-class", "0", "--kid-subsets", "5", "--no-progress"]
+    a = p.parse_args(argv + ["--dry-run"])
+    a.func(a)
+    text = capsys.readouterr().out
+    assert "estimated generation time" in text and "6 clips to generate" in text and "using NFE 1" in text
+    assert not (out / "results.csv").exists()
+    shutil.copytree(swept[0] / "clips" / "heun_nfe1_w1", out / "clips" / "heun_nfe1_w1")
+    a = p.parse_args(argv)
+    a.func(a)
+    text = capsys.readouterr().out
+    assert "0 clips to generate" in text
+    md = (out / "results.md").read_text()
+    assert "copy-detection index: none" in md and "| heun | 1 (asked 2) | 1 |" in md
+    bad = p.parse_args(argv[:-1] + ["--samplers", "nope"])
+    with pytest.raises(SystemExit) as e:
+        bad.func(bad)
+    assert e.value.code == 2 and "unknown sampler 'nope'" in capsys.readouterr().err
