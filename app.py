@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""EDMSound Gradio app: ``python app.py`` (or ``make run``) serves the embedded default from checkpoints/.
+
+    python app.py [--checkpoint DIR] [--index DIR | --no-index] [--host HOST] [--port PORT] [--share]
+                  [--device cpu|cuda]
+
+Nothing is downloaded: the model, the copy-detection encoder and the index are local files. On a Hugging
+Face Space (SPACE_ID set) it listens on 0.0.0.0; it uses CUDA when present. See docs/app.md.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported (no telemetry)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")                 # local weights only
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "default"
+DEFAULT_INDEX = ROOT / "checkpoints" / "index"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    on_space = bool(os.environ.get("SPACE_ID"))
+    p = argparse.ArgumentParser(description="EDMSound app: generate foley, inspect training neighbours, "
+                                            "compare samplers.")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="exported model directory (default: the embedded checkpoints/default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--index", default=None,
+                   help="copy-detection index directory (default: checkpoints/index; when that is missing the "
+                        "app runs without the neighbours panel). An explicit --index must load.")
+    g.add_argument("--no-index", action="store_true", help="run without the neighbours panel")
+    p.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 when SPACE_ID is set)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs network)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    return p.parse_args(argv)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt   # gradio closes the server; the service's temp dir is removed at exit
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edmsound").setLevel(logging.INFO)
+    from edmsound.app_ui import build_demo, launch_kwargs
+    from edmsound.service import EDMSoundService
+
+    if not Path(args.checkpoint).is_dir():
+        sys.exit(f"error: checkpoint directory {args.checkpoint} not found")
+    if args.no_index:
+        index, required = None, False
+    elif args.index is not None:
+        index, required = args.index, True
+        if not Path(index).exists():            # fail before the model loads
+            sys.exit(f"error: copy index {index} not found (build one with 'edmsound index build', "
+                     "or run with --no-index)")
+    else:
+        index, required = str(DEFAULT_INDEX), False
+    try:
+        service = EDMSoundService.from_paths(args.checkpoint, index=index, device=args.device,
+                                             require_index=required)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if not service.has_index:
+        print(f"note: neighbours panel off: {service.index_note}", file=sys.stderr)
+    logging.getLogger("edmsound.app").info("generated audio is kept in %s (removed at exit)", service.workdir)
+    signal.signal(signal.SIGTERM, _stop)
+    demo = build_demo(service)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
+
+
+if __name__ == "__main__":
+    main()
