@@ -40,12 +40,14 @@ class EDMPrecond(nn.Module):
     output are always float32 (or the input's dtype, if wider).
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, sigma_data: float, autocast_dtype=None):
+    def __init__(self, net: nn.Module, num_classes: int, sigma_data: float, autocast_dtype=None,
+                 memory_format=torch.contiguous_format):
         super().__init__()
         self.net = net
         self.num_classes = num_classes
         self.sigma_data = sigma_data
         self.autocast_dtype = autocast_dtype
+        self.memory_format = memory_format    # channels_last is ~10-30% faster for the CPU convolutions
 
     @property
     def null_class(self) -> int:
@@ -71,11 +73,13 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         bshape = (-1,) + (1,) * (x.dim() - 1)
         net_in = (c_in.reshape(bshape) * x).float()
+        if x.dim() == 4:
+            net_in = net_in.contiguous(memory_format=self.memory_format)
         ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else contextlib.nullcontext())
         with ctx:
             F_x = self.net(net_in, c_noise.float(), labels)
-        return c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(dtype)
+        return c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(dtype).contiguous()
 
 
 def edm_loss(denoiser: EDMPrecond, y: torch.Tensor, labels: torch.Tensor, cfg: EDMConfig,

@@ -14,8 +14,10 @@ from .unet import EfficientUNet
 def build_denoiser(preset: Preset, num_classes: int, bf16: bool | None = None) -> EDMPrecond:
     net = EfficientUNet(preset.net, num_classes=num_classes)
     use_bf16 = preset.train.bf16 if bf16 is None else bf16
+    fmt = torch.channels_last if preset.net.channels_last else torch.contiguous_format
+    net.to(memory_format=fmt)
     return EDMPrecond(net, num_classes, preset.edm.sigma_data,
-                      autocast_dtype=torch.bfloat16 if use_bf16 else None)
+                      autocast_dtype=torch.bfloat16 if use_bf16 else None, memory_format=fmt)
 
 
 def load_denoiser(path, device="cpu", weights: str = "ema", bf16: bool | None = None

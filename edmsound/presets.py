@@ -157,7 +157,7 @@ PRESETS: dict[str, Preset] = {
         codec=CodecConfig(sample_rate=16000, clip_seconds=1.0, n_fft=254, hop_length=128, alpha=0.6,
                           frames_multiple=8),
         net=NetConfig(dim=32, dim_mults=(1, 2, 3, 4), num_res_blocks=1, attn_levels=(2, 3), attn_heads=2,
-                      attn_head_dim=32, groups=8, emb_dim=256, channels_last=False),
+                      attn_head_dim=32, groups=8, emb_dim=256, channels_last=True),
         edm=EDMConfig(sigma_data=0.2, p_mean=-3.0, p_std=1.0, sigma_min=1e-4, sigma_max=3.0, rho=9.0),
         train=TrainConfig(batch_size=16, lr=2e-4, warmup_steps=200, ema_halflife_steps=500.0,
                           checkpoint_every=200),

@@ -35,6 +35,13 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def same_model(a: Preset, b: Preset) -> bool:
+    """Same architecture, codec and EDM settings (memory layout and training knobs may differ)."""
+    import dataclasses
+    return (dataclasses.replace(a.net, channels_last=False) == dataclasses.replace(b.net, channels_last=False)
+            and a.codec == b.codec and a.edm == b.edm)
+
+
 def _dist_info():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -63,10 +70,9 @@ class Trainer:
                                   "continue it or choose another --out")
         if ckpt is not None:
             stored, stored_classes = read_config(ckpt)
-            if stored.net != preset.net or stored.codec != preset.codec or stored.edm != preset.edm:
+            if not same_model(stored, preset):
                 raise ValueError(f"{self.run_dir} was trained with a different preset ({stored.name}); "
-                                 "the model, codec and EDM settings must match to resume")
-            preset = preset if preset.train != stored.train else stored
+                                 "the network, codec and EDM settings must match to resume")
             classes = stored_classes
         self.preset = preset
         self.total_steps = int(steps if steps is not None else preset.train.steps)
@@ -91,9 +97,6 @@ class Trainer:
         self.denoiser = build_denoiser(preset, len(self.classes)).to(self.device)
         self.ema = build_denoiser(preset, len(self.classes)).to(self.device).requires_grad_(False).eval()
         self.ema.net.load_state_dict(self.denoiser.net.state_dict())
-        if preset.net.channels_last:
-            self.denoiser.net.to(memory_format=torch.channels_last)
-            self.ema.net.to(memory_format=torch.channels_last)
         self.raw_net = self.denoiser.net
         self.params = [p for p in self.raw_net.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -138,7 +141,7 @@ class Trainer:
         """Warm start from a model directory (weights only: fresh optimizer, step counter kept)."""
         model_dir = resolve_model_dir(init)
         preset, classes = read_config(model_dir)
-        if preset.net != self.preset.net or list(classes) != list(self.classes):
+        if not same_model(preset, self.preset) or list(classes) != list(self.classes):
             raise ValueError(f"--init {model_dir}: network or classes differ from this run")
         ema = load_safetensors(model_dir / "ema.safetensors")
         raw_path = model_dir / "model.safetensors"
@@ -208,8 +211,6 @@ class Trainer:
         idx = torch.randint(len(self.train_labels), (tc.batch_size,), generator=self.gen)
         y = self.codec.encode(self.train_waves[idx]).to(self.device)
         labels = self.train_labels[idx].to(self.device)
-        if self.preset.net.channels_last:
-            y = y.contiguous(memory_format=torch.channels_last)
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
         loss = edm_loss(self.denoiser, y, labels, self.preset.edm, generator=self.gen).mean()

@@ -124,3 +124,20 @@ def test_paper_dcase_builds_and_steps():
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, den.net.out_conv.weight)
+
+
+def test_channels_last_is_a_layout_not_a_model_change():
+    import dataclasses
+    from edmsound.train import same_model
+    p = PRESETS["tiny"]
+    p_cl = dataclasses.replace(p, net=dataclasses.replace(p.net, channels_last=True))
+    assert same_model(p, p_cl)
+    a = build_denoiser(p, num_classes=2, bf16=False)
+    _randomise_zero_params(a.net)
+    b = build_denoiser(p_cl, num_classes=2, bf16=False)
+    b.net.load_state_dict(a.net.state_dict())
+    assert b.net.init_conv.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 2, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x, torch.tensor([0.2, 1.0]), torch.tensor([0, 1])),
+                                   a(x, torch.tensor([0.2, 1.0]), torch.tensor([0, 1])), rtol=1e-4, atol=1e-5)
