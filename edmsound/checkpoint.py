@@ -11,6 +11,7 @@ Nothing here unpickles: weights are safetensors only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,37 +43,17 @@ def _fsync_dir(path: Path):
         pass
 
 
-def atomic_write_bytes(path, data: bytes):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _umask_mode())   # mkstemp creates 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``,
+    on any error it is removed and ``path`` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, _umask_mode())
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, _umask_mode())   # mkstemp creates 0600; give the file ordinary permissions
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -81,6 +62,21 @@ def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: di
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_safetensors(path) -> dict[str, torch.Tensor]:
