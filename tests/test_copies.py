@@ -1,6 +1,6 @@
 """Replication analysis: stitching copies are localised per window, and the report (markdown, figures,
 WAVs, CSV) is written from class-per-folder and sidecar layouts through the CLI path."""
-import argparse
+from edmsound.cli import main as cli_main
 import csv
 import json
 import os
@@ -13,7 +13,6 @@ import soundfile as sf
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from edmsound.cli_copy import register  # noqa: E402
 from edmsound.copies import load_generated, stitching_analysis  # noqa: E402
 from edmsound.data import AudioLoadWarning, AudioSet  # noqa: E402
 from edmsound.encoders import load_encoder  # noqa: E402
@@ -80,11 +79,8 @@ def _write(path, wave):
 
 
 def run_cli(argv):
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    a = p.parse_args(argv)
-    a.func(a)
+    """Through the real `edmsound` entry point (cli_copy is registered there)."""
+    cli_main(argv)
 
 
 def test_report_is_written_with_figures_wavs_and_csv(built, tmp_path, capsys):

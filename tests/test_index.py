@@ -1,6 +1,6 @@
 """Copy index: retrieval of augmented copies with the committed encoder + head, the training reference
 distribution, save/load with checksums, encoder-identity checks, approximate indexes, the CLI."""
-import argparse
+from edmsound.cli import main as cli_main
 import json
 import os
 
@@ -12,7 +12,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from edmsound.augment import CopyAugment  # noqa: E402
-from edmsound.cli_copy import register  # noqa: E402
 from edmsound.data import AudioSet  # noqa: E402
 from edmsound.encoders import REPO_ROOT, active_windows, load_encoder  # noqa: E402
 from edmsound.index import CopyIndex, CorruptIndexError, IndexMismatchError  # noqa: E402
@@ -49,11 +48,8 @@ def index(encoder, train_set):
 
 
 def run_cli(argv):
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
-    a = p.parse_args(argv)
-    a.func(a)
+    """Through the real `edmsound` entry point (cli_copy is registered there)."""
+    cli_main(argv)
 
 
 def test_augmented_copies_are_retrieved_top1(index, train_set):
