@@ -704,63 +704,103 @@ PLOT_METRICS = [("fad", "FAD"), ("fad_vs_baseline", "FAD / training baseline"), 
                 ("copy_share", "share above training p95 (copying)")]
 
 
+OVERVIEW_METRICS = ["fad_vs_baseline", "accuracy", "diversity_ratio", "copy_share"]
+
+
+def _draw_metric(ax, key, g, gen, base, samplers):
+    """One panel: ``key`` vs NFE for every sampler at guidance ``g``, with the baselines and issue bars."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    for s in samplers:
+        rs = sorted((r for r in gen if r["sampler"] == s and r["guidance"] == g), key=lambda r: r["nfe"])
+        x = [r["nfe"] for r in rs]
+        y = [r.get(key, np.nan) for r in rs]
+        if key == "kid":
+            ax.errorbar(x, y, yerr=[r.get("kid_std", 0) for r in rs], marker="o", capsize=3, label=s)
+        else:
+            ax.plot(x, y, marker="o", label=s)
+    b = base.get("baseline: training subset", {}).get(key, np.nan)
+    if key == "fad_vs_baseline":
+        ax.axhline(1.0, color="gray", ls="--", lw=1, label="training subset")
+        ax.axhline(3.0, color="red", ls=":", lw=1, label="3 × baseline")
+    elif np.isfinite(b):
+        ax.axhline(b, color="gray", ls="--", lw=1, label="training subset")
+        if key == "fad":
+            ax.axhline(3 * b, color="red", ls=":", lw=1, label="3 × baseline")
+    r = base.get("baseline: reference", {}).get(key, np.nan)
+    if key in ("accuracy", "copy_share") and np.isfinite(r):
+        ax.axhline(r, color="green", ls="-.", lw=1, label="held-out real")
+    ax.set_xscale("log")
+    ticks = sorted({r["nfe"] for r in gen if r["guidance"] == g})
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("NFE")
+    ax.grid(alpha=0.3)
+
+
+def _save_fig(fig, path: Path):
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _plots(result, out: Path) -> list[Path]:
+    """``plots/<metric>.png`` (one panel per guidance scale) and ``plots/overview.png`` (the issue's key
+    metrics, one row each, one column per guidance scale)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
     rows = [r for r in result["rows"] if r["class"] == "overall"]
     gen = [r for r in rows if r["kind"] == "generated"]
     base = {r["kind"]: r for r in rows if r["kind"] != "generated"}
     tops = sorted({k for r in rows for k in r if k.startswith("top") and k.endswith("_accuracy")})
     metrics = PLOT_METRICS[:4] + [(k, f"top-{k[3:-9]} accuracy") for k in tops] + PLOT_METRICS[4:]
+    titles = dict(metrics)
     guid = sorted({r["guidance"] for r in gen})
     samplers = list(dict.fromkeys(r["sampler"] for r in gen))
     (out / "plots").mkdir(parents=True, exist_ok=True)
     paths = []
     enc = result["settings"]["encoder"]["name"]
+
+    def ylabel(key):
+        return titles[key] + (f"\n[{enc}]" if key in ("fad", "kid", "diversity_ratio") else "")
+
+    def has(key):
+        return any(np.isfinite(r.get(key, np.nan)) for r in gen)
+
     for key, title in metrics:
-        if not any(np.isfinite(r.get(key, np.nan)) for r in gen):
+        if not has(key):
             continue
         fig, axes = plt.subplots(1, len(guid), figsize=(4.2 * len(guid), 3.4), squeeze=False, sharey=True)
         for ax, g in zip(axes[0], guid):
-            for s in samplers:
-                rs = sorted((r for r in gen if r["sampler"] == s and r["guidance"] == g), key=lambda r: r["nfe"])
-                x = [r["nfe"] for r in rs]
-                y = [r.get(key, np.nan) for r in rs]
-                if key == "kid":
-                    ax.errorbar(x, y, yerr=[r.get("kid_std", 0) for r in rs], marker="o", capsize=3, label=s)
-                else:
-                    ax.plot(x, y, marker="o", label=s)
-            b = base.get("baseline: training subset", {}).get(key, np.nan)
-            if key == "fad_vs_baseline":
-                ax.axhline(1.0, color="gray", ls="--", lw=1, label="training subset")
-                ax.axhline(3.0, color="red", ls=":", lw=1, label="3 × baseline")
-            elif np.isfinite(b):
-                ax.axhline(b, color="gray", ls="--", lw=1, label="training subset")
-                if key == "fad":
-                    ax.axhline(3 * b, color="red", ls=":", lw=1, label="3 × baseline")
-            r = base.get("baseline: reference", {}).get(key, np.nan)
-            if key in ("accuracy", "copy_share") and np.isfinite(r):
-                ax.axhline(r, color="green", ls="-.", lw=1, label="held-out real")
-            ax.set_xscale("log")
-            ticks = sorted({r["nfe"] for r in gen if r["guidance"] == g})
-            ax.set_xticks(ticks)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("NFE")
+            _draw_metric(ax, key, g, gen, base, samplers)
             ax.set_title(f"guidance w = {g:g}", fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(title + (f"\n[{enc}]" if key in ("fad", "kid", "diversity_ratio") else ""))
+        axes[0][0].set_ylabel(ylabel(key))
         axes[0][-1].legend(fontsize=7)
         fig.suptitle(f"{title} vs NFE", fontsize=10)
         fig.tight_layout()
-        p = out / "plots" / f"{key}.png"
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        atomic_write_bytes(p, buf.getvalue())
-        paths.append(p)
+        _save_fig(fig, out / "plots" / f"{key}.png")
+        paths.append(out / "plots" / f"{key}.png")
+
+    keys = [k for k in OVERVIEW_METRICS if has(k)]
+    if keys:
+        fig, axes = plt.subplots(len(keys), len(guid), figsize=(3.6 * len(guid) + 0.8, 2.6 * len(keys)),
+                                 squeeze=False, sharex=True, sharey="row")
+        for i, key in enumerate(keys):
+            for j, g in enumerate(guid):
+                _draw_metric(axes[i][j], key, g, gen, base, samplers)
+                if i == 0:
+                    axes[i][j].set_title(f"guidance w = {g:g}", fontsize=9)
+                if i < len(keys) - 1:
+                    axes[i][j].set_xlabel("")
+            axes[i][0].set_ylabel(ylabel(key), fontsize=8)
+            axes[i][-1].legend(fontsize=6)
+        fig.suptitle(f"EDMSound evaluation: {result['settings'].get('checkpoint', '')}", fontsize=10)
+        fig.tight_layout()
+        _save_fig(fig, out / "plots" / "overview.png")
+        paths.append(out / "plots" / "overview.png")
     return paths
 
 

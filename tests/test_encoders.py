@@ -218,17 +218,10 @@ def test_committed_default_encoder_and_head():
 
 # ------------------------------------------------------------------------------------------ training CLIs
 def test_encoder_train_resume_and_finetune_head_cli(tmp_path, capsys):
-    import argparse
-
-    from edmsound.cli_copy import register
+    from edmsound.cli import main
     from edmsound.synth import write_dataset
 
-    def run(argv):
-        p = argparse.ArgumentParser()
-        sub = p.add_subparsers(dest="command", required=True)
-        register(sub)
-        a = p.parse_args(argv)
-        a.func(a)
+    run = main   # the real `edmsound` entry point
 
     data = tmp_path / "data"
     write_dataset(data, per_class=3, seed=0, seconds=1.016, classes=["rain", "keyboard"], progress=False)

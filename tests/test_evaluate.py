@@ -130,6 +130,11 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
     for m in ("fad", "kid", "accuracy", "map_at_10", "inception_score", "diversity_ratio", "copy_share"):
         p = out / "plots" / f"{m}.png"
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+    # the overview: 4 key metrics (rows) x one column per guidance scale, sized accordingly
+    ov = (out / "plots" / "overview.png").read_bytes()
+    width, height = int.from_bytes(ov[16:20], "big"), int.from_bytes(ov[20:24], "big")
+    n_guid = len({r["guidance"] for r in gen})
+    assert ov[:4] == b"\x89PNG" and height == round(4 * 2.6 * 90) and width == round((3.6 * n_guid + 0.8) * 90)
     js = json.loads((out / "results.json").read_text())
     assert js["settings"]["encoder"]["name"] == "test-encoder" and len(js["rows"]) == len(rows)
 
