@@ -6,9 +6,10 @@ budget <= the request; the NFE actually spent is in the table):
     same probability-flow ODE from the same noise (Heun at NFE 199), relative to the reference's RMS;
   * wall time per clip (batch 1, median of --repeats), with classifier-free guidance at the given scale;
   * the sampler's own overhead: wall time minus NFE x the median time of one bare guided network call.
-It also times the shipped default (the preset's sampler/NFE/guidance), median of 10 single-clip calls.
+It also times the shipped default (the checkpoint's sampler/NFE/guidance), median of 10 single-clip calls after a
+warm-up call, into samplers_shipped.md (`--shipped-only`: just that, about a minute).
 
-    python benchmarks/samplers.py [--checkpoint checkpoints/default] [--skip-analytic]
+    python benchmarks/samplers.py [--checkpoint checkpoints/default] [--skip-analytic] [--shipped-only]
 """
 from __future__ import annotations
 
@@ -53,6 +54,48 @@ def median_time(fn, repeats):
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def shipped_timing(checkpoint, repeats=10, class_name=None):
+    """The issue-6 speed bar: one clip at the checkpoint's shipped sampler/NFE/guidance, full ``generate`` call
+    (noise, sampling, iSTFT), median of ``repeats`` single-clip calls after one warm-up call."""
+    pipe = EDMSoundPipeline(checkpoint, device="cpu")
+    p = pipe.preset
+    cls = class_name or pipe.classes[0]
+    pipe.generate(cls, n=1, seed=0)                                   # warm-up (allocations, kernels)
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        pipe.generate(cls, n=1, seed=i)
+        times.append(time.perf_counter() - t)
+    return {"sampler": p.default_sampler, "nfe": p.default_nfe, "guidance": p.default_guidance,
+            "median_sec_per_clip": statistics.median(times), "min": min(times), "max": max(times),
+            "repeats": repeats, "class": cls, "audio_seconds": pipe.codec.num_samples / pipe.sample_rate,
+            "threads": torch.get_num_threads()}
+
+
+def write_shipped(shipped, checkpoint, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"Shipped settings of `{checkpoint}`, {time.strftime('%Y-%m-%d')}, {_cpu_name()} "
+             f"({os.cpu_count()} cores, {shipped['threads']} threads), torch {torch.__version__}. One clip per call "
+             "(noise, sampling with classifier-free guidance, iSTFT), after one warm-up call.", "",
+             "| sampler | NFE | guidance | clip length (s) | median s / clip | min | max | calls | bar |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| {shipped['sampler']} | {shipped['nfe']} | {shipped['guidance']:g} | {shipped['audio_seconds']:.3f} | "
+             f"**{shipped['median_sec_per_clip']:.3f}** | {shipped['min']:.3f} | {shipped['max']:.3f} | "
+             f"{shipped['repeats']} | {'met' if shipped['median_sec_per_clip'] <= 1.0 else 'NOT met'} (<= 1 s) |"]
+    (out_dir / "samplers_shipped.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def checkpoint_table(checkpoint, guidance, clips, repeats, class_name=None):
@@ -125,10 +168,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-analytic", action="store_true")
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="only the speed of the shipped settings (median of 10 clips) -> samplers_shipped.md")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    rel = os.path.relpath(a.checkpoint, ROOT)
+    write_shipped(shipped_timing(a.checkpoint), rel, Path(a.out))
+    if a.shipped_only:
+        return
     if not a.skip_analytic:
         import samplers_analytic
         samplers_analytic.main(["--out", a.out])

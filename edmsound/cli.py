@@ -53,12 +53,30 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
+def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None):
+    """The preset with the shipped sampling settings replaced (validated like the app's inputs)."""
+    import dataclasses
+    from .guidance import check_guidance
+    from .samplers import get_sampler, steps_for_nfe
+    sampler = preset.default_sampler if sampler is None else sampler
+    nfe = preset.default_nfe if nfe is None else int(nfe)
+    guidance = preset.default_guidance if guidance is None else check_guidance(guidance)
+    get_sampler(sampler)              # unknown names -> ValueError listing the registry
+    steps_for_nfe(sampler, nfe)       # impossible budgets -> ValueError naming the nearest valid ones
+    return dataclasses.replace(preset, default_sampler=sampler, default_nfe=nfe, default_guidance=guidance)
+
+
 def _cmd_export(a):
     import json as _json
     from pathlib import Path
     from .checkpoint import load_safetensors, read_config, resolve_model_dir, write_model_dir
     src = resolve_model_dir(a.run)
     preset, classes = read_config(src)
+    try:
+        preset = with_sampling_defaults(preset, a.sampler, a.nfe, a.guidance)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     info = _json.loads((src / "info.json").read_text()) if (src / "info.json").is_file() else None
     model = load_safetensors(src / "model.safetensors") if (src / "model.safetensors").is_file() else None
     write_model_dir(a.out, preset, classes, load_safetensors(src / "ema.safetensors"),
@@ -152,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--ema-only", action="store_true")
+    e.add_argument("--sampler", default=None, help="shipped default sampler (default: the run's)")
+    e.add_argument("--nfe", type=int, default=None, help="shipped default NFE (default: the run's)")
+    e.add_argument("--guidance", type=float, default=None, help="shipped default guidance (default: the run's)")
     e.set_defaults(func=_cmd_export)
     return p
 

@@ -74,19 +74,23 @@ def _cmd_classifier_train(a):
 
 
 def _cmd_evaluate(a):
-    from .evaluate import evaluate_sweep
+    from .evaluate import evaluate_sweep, parse_points
     _threads(a)
     try:
-        samplers = _csv_list(a.samplers, str, "samplers")
-        nfes = _csv_list(a.nfe, int, "nfe")
-        guid = _csv_list(a.guidance, float, "guidance")
+        points = parse_points(a.points) if a.points else []
+        no_grid = a.samplers.strip().lower() == "none"
+        if no_grid and not points:
+            raise ValueError("--samplers none needs --points")
+        samplers = [] if no_grid else _csv_list(a.samplers, str, "samplers")
+        nfes = [] if no_grid else _csv_list(a.nfe, int, "nfe")
+        guid = [] if no_grid else _csv_list(a.guidance, float, "guidance")
         topk = _csv_list(a.top_k, int, "top-k")
         evaluate_sweep(a.checkpoint, a.out, reference=a.reference, samplers=samplers, nfes=nfes, guidances=guid,
                        n_per_class=a.n_per_class, encoder=a.encoder, classifier=a.classifier, index=a.index,
                        train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
                        seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device, topk=topk,
                        kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,
-                       dry_run=a.dry_run, progress=not a.no_progress)
+                       dry_run=a.dry_run, progress=not a.no_progress, points=points)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -129,9 +133,13 @@ def register(subparsers) -> None:
     e.add_argument("--train", default="auto",
                    help="training data for the baseline row: 'auto' (the checkpoint's info.json, else builtin), "
                         "'builtin', a directory, or 'none'")
-    e.add_argument("--samplers", default="heun,dpmpp_2m,deis")
+    e.add_argument("--samplers", default="heun,dpmpp_2m,deis",
+                   help="samplers of the grid (samplers x --nfe x --guidance); 'none': only --points")
     e.add_argument("--nfe", default="5,10,20,50", help="NFE budgets; invalid ones are handled by --invalid-nfe")
     e.add_argument("--guidance", default="1,2,4")
+    e.add_argument("--points", default="",
+                   help="extra configurations outside the grid, SAMPLER:NFE:GUIDANCE[,...], e.g. heun:51:2 "
+                        "(an expensive reference without crossing it with every sampler)")
     e.add_argument("--n-per-class", type=int, default=32)
     e.add_argument("--out", required=True)
     e.add_argument("--encoder", default="default",

@@ -79,47 +79,86 @@ def _nearest_valid_nfe(sampler: str, nfe: int) -> int:
     return min(valid, key=lambda v: (abs(v - nfe), v))          # ties: the lower budget
 
 
-def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest") -> tuple[list[SweepPoint], list[str]]:
-    """The grid of configurations and notes about (sampler, NFE) pairs that were remapped or skipped.
+def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
+               extra_points=()) -> tuple[list[SweepPoint], list[str]]:
+    """The configurations to evaluate and notes about (sampler, NFE) pairs that were remapped or skipped.
 
-    Invalid pairs (e.g. ``heun`` with an even NFE) are mapped to the nearest valid budget (ties: the lower)
-    with ``invalid_nfe="nearest"``, or dropped with ``"skip"``. Duplicates are removed, order is kept."""
+    The grid samplers x nfes x guidances (any of the three may be empty for no grid) followed by
+    ``extra_points``, explicit ``(sampler, nfe, guidance)`` triples (e.g. one expensive reference such as Heun at
+    NFE 51 without crossing it with everything else). Invalid pairs (e.g. ``heun`` with an even NFE) are mapped
+    to the nearest valid budget (ties: the lower) with ``invalid_nfe="nearest"``, or dropped with ``"skip"``.
+    Duplicates are removed, order is kept."""
     from .guidance import check_guidance
     from .pipeline import MAX_NFE
     from .samplers import get_sampler, steps_for_nfe
     if invalid_nfe not in INVALID_NFE_POLICIES:
         raise ValueError(f"invalid_nfe must be one of {', '.join(INVALID_NFE_POLICIES)}, got {invalid_nfe!r}")
     samplers, nfes, guidances = list(samplers), list(nfes), list(guidances)
-    if not samplers or not nfes or not guidances:
-        raise ValueError("need at least one sampler, one NFE and one guidance scale")
-    for s in samplers:
-        get_sampler(s)                                    # ValueError naming the valid samplers
-    checked = []
-    for n in nfes:
+    extra_points = [tuple(p) for p in extra_points]
+    grid = bool(samplers and nfes and guidances)
+    if not grid and not extra_points:
+        raise ValueError("need at least one sampler, one NFE and one guidance scale (or explicit points)")
+    for p in extra_points:
+        if len(p) != 3:
+            raise ValueError(f"a point is (sampler, nfe, guidance), got {p!r}")
+
+    def check_nfe(n):
         if isinstance(n, bool) or int(n) != n or not 1 <= int(n) <= MAX_NFE:
             raise ValueError(f"NFE must be an integer in [1, {MAX_NFE}], got {n!r}")
-        checked.append(int(n))
-    gs = [check_guidance(g) for g in guidances]
-    points, notes, seen = [], [], set()
-    for s in samplers:
-        for n in checked:
-            actual = n
-            try:
-                steps_for_nfe(s, n)
-            except ValueError:
-                if invalid_nfe == "skip":
-                    notes.append(f"{s}: NFE {n} is not a valid budget (Heun-type samplers spend 2*steps-1 "
-                                 f"evaluations, i.e. odd budgets); skipped")
-                    continue
+        return int(n)
+
+    requests = []                                         # (sampler, requested NFE, guidance), in order
+    if grid:
+        for s in samplers:
+            get_sampler(s)                                # ValueError naming the valid samplers
+        checked = [check_nfe(n) for n in nfes]
+        gs = [check_guidance(g) for g in guidances]
+        requests += [(s, n, g) for s in samplers for n in checked for g in gs]
+    for s, n, g in extra_points:
+        get_sampler(s)
+        requests.append((s, check_nfe(n), check_guidance(g)))
+
+    points, notes, seen, noted = [], [], set(), set()
+    for s, n, g in requests:
+        actual = n
+        try:
+            steps_for_nfe(s, n)
+        except ValueError:
+            why = (f"{s}: NFE {n} is not a valid budget (Heun-type samplers spend 2*steps-1 evaluations, i.e. "
+                   "odd budgets); ")
+            if invalid_nfe == "skip":
+                note = why + "skipped"
+                actual = None
+            else:
                 actual = _nearest_valid_nfe(s, n)
-                notes.append(f"{s}: NFE {n} is not a valid budget (Heun-type samplers spend 2*steps-1 "
-                             f"evaluations, i.e. odd budgets); using NFE {actual}")
-            for g in gs:
-                if (s, actual, g) in seen:
-                    continue
-                seen.add((s, actual, g))
-                points.append(SweepPoint(s, actual, g, n))
+                note = why + f"using NFE {actual}"
+            if note not in noted:
+                noted.add(note)
+                notes.append(note)
+            if actual is None:
+                continue
+        if (s, actual, g) in seen:
+            continue
+        seen.add((s, actual, g))
+        points.append(SweepPoint(s, actual, g, n))
     return points, notes
+
+
+def parse_points(text: str) -> list[tuple[str, int, float]]:
+    """``"heun:51:2,dpmpp_2m:10:4"`` -> ``[("heun", 51, 2.0), ("dpmpp_2m", 10, 4.0)]``."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE (e.g. heun:51:2), got {item!r}")
+        try:
+            out.append((parts[0], int(parts[1]), float(parts[2])))
+        except ValueError:
+            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE with an integer NFE and a number, got {item!r}") \
+                from None
+    return out
 
 
 def noise_seed(seed: int, class_index: int, i: int) -> int:
@@ -485,7 +524,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
                    reference_seed: int = REFERENCE_SEED, seed: int = 0, invalid_nfe: str = "nearest",
                    batch_size: int = 8, device: str | None = None, topk=(1, 3), kid_subsets: int = 100,
                    embedding_level: str = "windows", regenerate: bool = False, dry_run: bool = False,
-                   progress: bool = True, log=print) -> dict:
+                   progress: bool = True, points=(), log=print) -> dict:
     """Run the sweep (see the module docstring) and write ``results.{csv,md,json}`` and ``plots/`` to
     ``out_dir``. Returns the results dict (``rows``: one dict per (kind, config, class))."""
     from .encoders import file_sha256
@@ -498,7 +537,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     topk = sorted({int(k) for k in topk} | {1})
     if topk[0] < 1:
         raise ValueError(f"top-k values must be >= 1, got {topk}")
-    points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe)
+    points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points)
     for n in notes:
         log(f"note: {n}")
     out = Path(out_dir)

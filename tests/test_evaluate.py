@@ -1,5 +1,4 @@
 """The evaluation sweep on a tiny checkpoint trained in the test: plan, cache, table, plots, CLI."""
-import argparse
 import csv
 import json
 
@@ -8,7 +7,6 @@ import pytest
 import soundfile as sf
 
 from edmsound import evaluate as E
-from edmsound.cli_eval import register
 from edmsound.evaluate import SweepPoint, evaluate_sweep, noise_seed, plan_sweep
 
 
@@ -28,6 +26,25 @@ def test_plan_skip_policy_and_duplicates():
     assert [p.nfe for p in pts] == [9, 11] and "skipped" in notes[0]
     pts, _ = plan_sweep(["heun"], [9, 10], [1])                    # 10 -> 9 duplicates 9
     assert [(p.nfe, p.requested_nfe) for p in pts] == [(9, 9)]
+
+
+def test_plan_explicit_points_extend_or_replace_the_grid():
+    from edmsound.evaluate import parse_points
+    extra = parse_points("heun:51:2, dpmpp_2m:10:4,dpmpp_2m:10:2")
+    assert extra == [("heun", 51, 2.0), ("dpmpp_2m", 10, 4.0), ("dpmpp_2m", 10, 2.0)]
+    pts, _ = plan_sweep(["dpmpp_2m"], [5, 10], [2], extra_points=extra)
+    # the grid first, then the extra points; (dpmpp_2m, 10, 2) is already in the grid
+    assert [p.key for p in pts] == ["dpmpp_2m_nfe5_w2", "dpmpp_2m_nfe10_w2", "heun_nfe51_w2", "dpmpp_2m_nfe10_w4"]
+    pts, notes = plan_sweep([], [], [], extra_points=[("heun", 50, 1)])       # points only; 50 -> 49
+    assert [(p.nfe, p.requested_nfe) for p in pts] == [(49, 50)] and "using NFE 49" in notes[0]
+    with pytest.raises(ValueError, match="SAMPLER:NFE:GUIDANCE"):
+        parse_points("heun:51")
+    with pytest.raises(ValueError, match="integer NFE"):
+        parse_points("heun:ten:2")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        plan_sweep([], [], [], extra_points=[("dpm", 10, 1)])
+    with pytest.raises(ValueError, match="or explicit points"):
+        plan_sweep([], [5], [1])
 
 
 def test_plan_rejects_bad_values_naming_the_allowed_ones():
@@ -194,27 +211,30 @@ def test_sweep_refuses_clips_from_another_checkpoint(world, swept, tmp_path):
 
 def test_cli_evaluate_dry_run_and_run(world, swept, tmp_path, capsys):
     import shutil
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
+
+    from edmsound.cli import main
     out = tmp_path / "cli"
     argv = ["evaluate", "--checkpoint", str(world / "model"), "--reference", str(world / "ref"),
             "--samplers", "heun", "--nfe", "2", "--guidance", "1", "--n-per-class", "3", "--out", str(out),
             "--encoder", str(world / "encoder"), "--classifier", str(world / "classifier"), "--index", "none",
             "--reference-per-class", "0", "--kid-subsets", "5", "--no-progress"]
-    a = p.parse_args(argv + ["--dry-run"])
-    a.func(a)
+    main(argv + ["--dry-run"])
     text = capsys.readouterr().out
     assert "estimated generation time" in text and "6 clips to generate" in text and "using NFE 1" in text
     assert not (out / "results.csv").exists()
+    main(argv + ["--dry-run", "--points", "euler:3:2,heun:1:1"])        # heun:1:1 is the grid's point again
+    assert "2 configurations x 2 classes x 3 clips; 12 clips to generate" in capsys.readouterr().out
+    main(argv[:5] + ["--samplers", "none", "--points", "euler:3:2"] + argv[11:] + ["--dry-run"])
+    assert "1 configurations x 2 classes x 3 clips" in capsys.readouterr().out
     shutil.copytree(swept[0] / "clips" / "heun_nfe1_w1", out / "clips" / "heun_nfe1_w1")
-    a = p.parse_args(argv)
-    a.func(a)
+    main(argv)
     text = capsys.readouterr().out
     assert "0 clips to generate" in text
     md = (out / "results.md").read_text()
     assert "copy-detection index: none" in md and "| heun | 1 (asked 2) | 1 |" in md
-    bad = p.parse_args(argv[:-1] + ["--samplers", "nope"])
-    with pytest.raises(SystemExit) as e:
-        bad.func(bad)
-    assert e.value.code == 2 and "unknown sampler 'nope'" in capsys.readouterr().err
+    for bad, err in ((["--samplers", "nope"], "unknown sampler 'nope'"),
+                     (["--points", "heun:51"], "SAMPLER:NFE:GUIDANCE"),
+                     (["--samplers", "none"], "--samplers none needs --points")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + bad)
+        assert e.value.code == 2 and err in capsys.readouterr().err

@@ -89,6 +89,18 @@ def test_cli_train_stop_resume_export(tone_tree, tmp_path):
     from edmsound.model import load_denoiser
     den, preset, classes, _ = load_denoiser(tmp_path / "model")
     assert classes == ["high", "low"] and preset.name == "tiny"
+    # export with other shipped sampling defaults (validated like the app's inputs)
+    exp = [sys.executable, "-m", "edmsound.cli", "export", "--run", str(tmp_path / "run"), "--out"]
+    r = subprocess.run(exp + [str(tmp_path / "m2"), "--sampler", "deis", "--nfe", "8", "--guidance", "3"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _, p2, _, _ = load_denoiser(tmp_path / "m2")
+    assert (p2.default_sampler, p2.default_nfe, p2.default_guidance) == ("deis", 8, 3.0)
+    assert p2.net == preset.net and (tmp_path / "m2" / "model.safetensors").is_file()
+    for bad, msg in ((["--sampler", "heun", "--nfe", "10"], "heun"), (["--guidance", "30"], "allowed [0, 20]"),
+                     (["--sampler", "dpm"], "unknown sampler")):
+        r = subprocess.run(exp + [str(tmp_path / "m3")] + bad, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "m3").exists()
 
 
 def test_ddp_two_processes_on_cpu(tone_tree, tmp_path):
