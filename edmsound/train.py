@@ -48,8 +48,20 @@ def _dist_info():
     return world, rank
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}".strip()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{_cpu_model()}, {os.cpu_count()} cores"
+    return f"{platform.machine()} {dev}, torch {torch.__version__}"
 
 
 class Trainer:
@@ -103,6 +115,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed * 1000 + self.rank)
         self.step = 0
         self.wall_time = 0.0
+        self.segments: list[dict] = []     # earlier stretches of this model's training (machine, steps, time)
         self.seed = seed
         self.last_val = float("nan")
 
@@ -134,6 +147,9 @@ class Trainer:
         torch.set_rng_state(load_safetensors(ckpt / "rng.safetensors")["torch"])
         self.step = int(state["step"])
         self.wall_time = float(state["wall_time"])
+        self.segments = list(state.get("segments") or (   # checkpoints from before segment tracking
+            [{"machine": "unknown", "steps": [0, self.step], "seconds": round(self.wall_time, 1)}]
+            if self.step else []))
         if self.is_main:
             print(f"resumed {self.run_dir} at step {self.step}")
 
@@ -153,6 +169,9 @@ class Trainer:
             info = json.loads(info_path.read_text())
             self.step = int(info.get("steps", 0))
             self.wall_time = float(info.get("train_seconds", 0.0))
+            self.segments = list(info.get("segments") or (
+                [{"machine": info.get("machine", "unknown"), "steps": [0, self.step],
+                  "seconds": round(self.wall_time, 1)}] if self.step else []))
         if self.is_main:
             print(f"initialised from {model_dir} (step {self.step}); optimizer state starts fresh")
 
@@ -161,6 +180,7 @@ class Trainer:
             return
         opt_t, opt_meta = optimizer_to_flat(self.opt)
         state = {"step": self.step, "wall_time": self.wall_time, "optimizer": opt_meta,
+                 "segments": self.all_segments(),
                  "total_steps": self.total_steps, "val_loss": self.last_val}
         save_training_checkpoint(
             self.run_dir, self.step,
@@ -169,8 +189,24 @@ class Trainer:
             {"state": state, "config": {"preset": self.preset.to_dict(), "classes": self.classes},
              "info": self.info()})
 
+    def all_segments(self) -> list[dict]:
+        """Where the training happened: one entry per stretch on one machine (consecutive runs on the same
+        machine are merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7}``."""
+        segs = [dict(s) for s in self.segments]
+        start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
+        if self.step > start_step:
+            cur = {"machine": _machine(), "steps": [start_step, self.step],
+                   "seconds": round(self.wall_time - start_wall, 1)}
+            if segs and segs[-1]["machine"] == cur["machine"] and segs[-1]["steps"][1] == start_step:
+                segs[-1] = {"machine": cur["machine"], "steps": [segs[-1]["steps"][0], self.step],
+                            "seconds": round(segs[-1]["seconds"] + cur["seconds"], 1)}
+            else:
+                segs.append(cur)
+        return segs
+
     def info(self) -> dict:
         return {"steps": self.step, "train_seconds": round(self.wall_time, 1), "machine": _machine(),
+                "segments": self.all_segments(),
                 "batch_size": self.preset.train.batch_size * self.world, "world_size": self.world,
                 "data": self.data_info, "seed": self.seed, "val_loss": self.last_val}
 
@@ -254,6 +290,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
         t_start, step_start = time.time(), self.step
+        self._run_start = (self.step, self.wall_time)
         t_last = time.time()
         smooth = None
         try:

@@ -56,6 +56,27 @@ def test_resume_continues_from_the_same_state(tone_tree, tmp_path):
     # the log has no duplicated steps after the resume
     steps = [int(l.split(",")[0]) for l in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps))
+    # where the training happened: one merged stretch on this machine
+    segs = resumed.info()["segments"]
+    assert [s["steps"] for s in segs] == [[0, 30]] and segs[0]["machine"] == resumed.info()["machine"]
+    assert segs[0]["seconds"] == pytest.approx(resumed.wall_time, abs=0.2)
+
+
+def test_warm_start_keeps_the_history_of_older_model_dirs(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(checkpoint_every=100)
+    tr = Trainer(preset, tone_tree, tmp_path / "a", steps=6, progress=False)
+    tr.run()
+    tr.export(tmp_path / "m")
+    info_path = tmp_path / "m" / "info.json"
+    info = json.loads(info_path.read_text())
+    del info["segments"]                                        # a model dir from before segment tracking
+    info["machine"] = "old box"
+    info_path.write_text(json.dumps(info))
+    warm = Trainer(preset, tone_tree, tmp_path / "b", steps=10, init=tmp_path / "m", progress=False)
+    warm.run()
+    segs = warm.info()["segments"]
+    assert [(s["machine"], s["steps"]) for s in segs] == [("old box", [0, 6]), (warm.info()["machine"], [6, 10])]
+    assert sum(s["seconds"] for s in segs) == pytest.approx(warm.wall_time, abs=0.2)
 
 
 def test_nan_guard_names_the_step_and_keeps_last_checkpoint(tone_tree, tmp_path):
