@@ -769,7 +769,7 @@ def _draw_metric(ax, key, g, gen, base, samplers):
     if key in ("accuracy", "copy_share") and np.isfinite(r):
         ax.axhline(r, color="green", ls="-.", lw=1, label="held-out real")
     ax.set_xscale("log")
-    ticks = sorted({r["nfe"] for r in gen if r["guidance"] == g})
+    ticks = sorted({r["nfe"] for r in gen})          # every NFE of the sweep (panels may share the x axis)
     ax.set_xticks(ticks)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())

@@ -161,6 +161,8 @@ PRESETS: dict[str, Preset] = {
         edm=EDMConfig(sigma_data=0.2, p_mean=-3.0, p_std=1.0, sigma_min=1e-4, sigma_max=3.0, rho=9.0),
         train=TrainConfig(batch_size=16, lr=2e-4, warmup_steps=200, ema_halflife_steps=500.0,
                           checkpoint_every=200),
+        # guidance 3: the shipped model's category fit is 0.96 at w 3 vs 0.88 at w 2 (README, evaluation)
+        default_guidance=3.0,
     ),
     # For tests: a few thousand parameters, 8 kHz, 0.25 s.
     "tiny": Preset(
