@@ -48,7 +48,7 @@ def _dist_info():
     return world, rank
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -60,7 +60,7 @@ def _cpu_model() -> str:
 
 
 def _machine() -> str:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{_cpu_model()}, {os.cpu_count()} cores"
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_model()}, {os.cpu_count()} cores"
     return f"{platform.machine()} {dev}, torch {torch.__version__}"
 
 
