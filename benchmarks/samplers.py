@@ -14,6 +14,7 @@ warm-up call, into samplers_shipped.md (`--shipped-only`: just that, about a min
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -62,16 +63,22 @@ def shipped_timing(pipe, repeats=10, class_name=None):
     (noise, sampling, iSTFT), median of ``repeats`` single-clip calls after one warm-up call."""
     p = pipe.preset
     cls = class_name or pipe.classes[0]
-    pipe.generate(cls, n=1, seed=0)                                   # warm-up (allocations, kernels)
+    gen = pipe.generate(cls, n=1, seed=0)                             # warm-up (allocations, kernels)
     times = []
     for i in range(repeats):
         t = time.perf_counter()
         pipe.generate(cls, n=1, seed=i)
         times.append(time.perf_counter() - t)
     return {"sampler": p.default_sampler, "nfe": p.default_nfe, "guidance": p.default_guidance,
+            "guidance_interval": gen.settings["guidance_interval"], "guided_nfe": gen.settings["guided_nfe"],
             "median_sec_per_clip": statistics.median(times), "min": min(times), "max": max(times),
             "repeats": repeats, "class": cls, "audio_seconds": pipe.codec.num_samples / pipe.sample_rate,
             "threads": torch.get_num_threads()}
+
+
+def _interval(shipped) -> str:
+    iv = shipped.get("guidance_interval")
+    return "all" if iv is None else f"({iv[0]:g}, {iv[1]:g}]"
 
 
 def write_shipped(shipped, checkpoint, out_dir):
@@ -79,12 +86,18 @@ def write_shipped(shipped, checkpoint, out_dir):
     lines = [f"Shipped settings of `{checkpoint}`, {time.strftime('%Y-%m-%d')}, {cpu_model()} "
              f"({os.cpu_count()} cores, {shipped['threads']} threads), torch {torch.__version__}. One clip per call "
              "(noise, sampling with classifier-free guidance, iSTFT), after one warm-up call.", "",
-             "| sampler | NFE | guidance | clip length (s) | median s / clip | min | max | calls | bar |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| {shipped['sampler']} | {shipped['nfe']} | {shipped['guidance']:g} | {shipped['audio_seconds']:.3f} | "
+             "| sampler | NFE | guidance | guided σ interval | guided evaluations | clip length (s) | median s / clip "
+             "| min | max | calls | bar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| {shipped['sampler']} | {shipped['nfe']} | {shipped['guidance']:g} | {_interval(shipped)} | "
+             f"{shipped['guided_nfe']} | {shipped['audio_seconds']:.3f} | "
              f"**{shipped['median_sec_per_clip']:.3f}** | {shipped['min']:.3f} | {shipped['max']:.3f} | "
              f"{shipped['repeats']} | {'met' if shipped['median_sec_per_clip'] <= 1.0 else 'NOT met'} (<= 1 s) |"]
     (out_dir / "samplers_shipped.md").write_text("\n".join(lines) + "\n")
+    record = dict(shipped, checkpoint=checkpoint, date=time.strftime("%Y-%m-%d"), cpu=cpu_model(),
+                  cores=os.cpu_count(), torch=torch.__version__, bar_seconds=1.0,
+                  met=shipped["median_sec_per_clip"] <= 1.0)
+    (out_dir / "samplers_shipped.json").write_text(json.dumps(record, indent=1) + "\n")
     print("\n".join(lines))
 
 

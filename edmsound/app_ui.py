@@ -114,8 +114,11 @@ def _risk_html(risk: dict | None, note: str = "") -> str:
 def _settings_md(settings: dict) -> str:
     seeds = str(settings["seed"]) if settings.get("n", 1) == 1 else \
         f"{settings['seed']}–{settings['seed'] + settings['n'] - 1}"
+    interval = settings.get("guidance_interval")
+    guided = "" if interval is None or settings["guidance"] == 1.0 else \
+        f" for σ ∈ ({interval[0]:g}, {interval[1]:g}] ({settings.get('guided_nfe', '?')} of the evaluations)"
     return (f"**{settings['class']}** · {settings['sampler']} · NFE counted **{settings['nfe']}** · "
-            f"guidance {settings['guidance']:g} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
+            f"guidance {settings['guidance']:g}{guided} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
             f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']})")
 
 
@@ -329,8 +332,11 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                     sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler-dropdown")
                     nfe = gr.Slider(value=d["nfe"], label="NFE (network evaluations)", elem_id="nfe-slider",
                                     info=f"{d['sampler']}: {nfe_rule(d['sampler'], svc.max_nfe)}", **nfe0)
+                    gi = d.get("guidance_interval")
                     guidance = gr.Slider(*info["guidance_range"], value=d["guidance"], step=0.1,
-                                         label="Guidance scale", info="1 = conditional, 0 = unconditional",
+                                         label="Guidance scale",
+                                         info="1 = conditional, 0 = unconditional" + (
+                                             "" if gi is None else f"; applied for σ ∈ ({gi[0]:g}, {gi[1]:g}]"),
                                          elem_id="guidance-slider")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",

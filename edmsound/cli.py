@@ -53,17 +53,21 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
-def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None):
-    """The preset with the shipped sampling settings replaced (validated like the app's inputs)."""
+def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None, guidance_interval=None):
+    """The preset with the shipped sampling settings replaced (validated like the app's inputs).
+    ``guidance_interval``: None keeps the preset's, "none" clears it, "LO,HI" / (lo, hi) sets it."""
     import dataclasses
-    from .guidance import check_guidance
+    from .guidance import check_guidance, check_guidance_interval
     from .samplers import get_sampler, steps_for_nfe
     sampler = preset.default_sampler if sampler is None else sampler
     nfe = preset.default_nfe if nfe is None else int(nfe)
     guidance = preset.default_guidance if guidance is None else check_guidance(guidance)
     get_sampler(sampler)              # unknown names -> ValueError listing the registry
     steps_for_nfe(sampler, nfe)       # impossible budgets -> ValueError naming the nearest valid ones
-    return dataclasses.replace(preset, default_sampler=sampler, default_nfe=nfe, default_guidance=guidance)
+    interval = (preset.default_guidance_interval if guidance_interval is None
+                else check_guidance_interval(guidance_interval))
+    return dataclasses.replace(preset, default_sampler=sampler, default_nfe=nfe, default_guidance=guidance,
+                               default_guidance_interval=interval)
 
 
 def _cmd_export(a):
@@ -73,7 +77,7 @@ def _cmd_export(a):
     src = resolve_model_dir(a.run)
     preset, classes = read_config(src)
     try:
-        preset = with_sampling_defaults(preset, a.sampler, a.nfe, a.guidance)
+        preset = with_sampling_defaults(preset, a.sampler, a.nfe, a.guidance, a.guidance_interval)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -92,18 +96,20 @@ def _cmd_samplers(a):
 
 
 def _cmd_generate(a):
+    from .guidance import format_guidance_interval
     from .pipeline import EDMSoundPipeline, save_generation
     pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
     try:
         gen = pipe.generate(a.class_name, n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
-                            seed=a.seed, batch_size=a.batch_size, progress=True)
+                            seed=a.seed, batch_size=a.batch_size, progress=True,
+                            guidance_interval=a.guidance_interval)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     paths = save_generation(gen, a.out, pipe.codec, figures=not a.no_figures)
     s = gen.settings
     print(f"{len(paths)} clip(s) of {s['class']} with {s['sampler']} at NFE {s['nfe']} (counted), guidance "
-          f"{s['guidance']:g}: {s['seconds']:.2f} s ({s['real_time_factor']:.2f}x real time) -> {a.out}")
+          f"{s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}): {s['seconds']:.2f} s ({s['real_time_factor']:.2f}x real time) -> {a.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default=None, help="default: the checkpoint preset's (see `edmsound samplers`)")
     g.add_argument("--nfe", type=int, default=None, help="network evaluations (exact budget)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance-interval", default="default", metavar="LO,HI",
+                   help="guide only for noise levels LO < sigma <= HI; 'none': at every level; "
+                        "default: the checkpoint's shipped interval")
     g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default=None)
@@ -173,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default=None, help="shipped default sampler (default: the run's)")
     e.add_argument("--nfe", type=int, default=None, help="shipped default NFE (default: the run's)")
     e.add_argument("--guidance", type=float, default=None, help="shipped default guidance (default: the run's)")
+    e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="shipped guidance interval of noise levels ('none': guide at every level; default: the run's)")
     e.set_defaults(func=_cmd_export)
     return p
 

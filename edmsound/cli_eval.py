@@ -90,10 +90,43 @@ def _cmd_evaluate(a):
                        train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
                        seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device, topk=topk,
                        kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,
-                       dry_run=a.dry_run, progress=not a.no_progress, points=points)
+                       dry_run=a.dry_run, progress=not a.no_progress, points=points,
+                       guidance_interval=a.guidance_interval)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _cmd_bars(a):
+    from .bars import bars_markdown, issue_bars, load_results
+    from .checkpoint import read_config, resolve_model_dir
+    from .guidance import format_guidance_interval
+    try:
+        results = load_results(a.results)
+        preset, _ = read_config(resolve_model_dir(a.checkpoint))
+        speed = None
+        if a.speed and a.speed.lower() != "none":
+            sp = Path(a.speed)
+            if not sp.is_file():
+                raise FileNotFoundError(f"{sp} not found: run `python benchmarks/samplers.py --shipped-only` "
+                                        "(or pass --speed none)")
+            speed = json.loads(sp.read_text())
+        iv = preset.default_guidance_interval
+        bars = issue_bars(results, preset.default_sampler, preset.default_nfe, preset.default_guidance, iv, speed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    s = results["settings"]
+    title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
+             f"{preset.default_guidance:g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
+             f"(ema {s['ema_sha256'][:12]}, {s['n_per_class']} clips per class)")
+    md = bars_markdown(bars, title)
+    print(md, end="")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(md)
+    if a.check and not all(b["met"] for b in bars):
+        sys.exit(1)
 
 
 def register(subparsers) -> None:
@@ -121,6 +154,16 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_classifier_train)
 
+    b = subparsers.add_parser("bars", help="the embedded default's quality bars at the shipped settings, from an "
+                                           "evaluation's results.json and the shipped-speed benchmark")
+    b.add_argument("--results", required=True, help="an `edmsound evaluate` output directory or its results.json")
+    b.add_argument("--checkpoint", default="checkpoints/default", help="whose shipped settings to read off")
+    b.add_argument("--speed", default="benchmarks/results/samplers_shipped.json",
+                   help="benchmarks/samplers.py --shipped-only record ('none' to skip the speed bar)")
+    b.add_argument("--out", default=None, help="also write the markdown table here")
+    b.add_argument("--check", action="store_true", help="exit 1 unless every bar is met")
+    b.set_defaults(func=_cmd_bars)
+
     e = subparsers.add_parser("evaluate", help="FAD, KID, classifier scores, diversity and copying per "
                                                "(sampler, NFE, guidance), per class")
     e.add_argument("--checkpoint", default="checkpoints/default", help="model or run directory")
@@ -137,9 +180,12 @@ def register(subparsers) -> None:
                    help="samplers of the grid (samplers x --nfe x --guidance); 'none': only --points")
     e.add_argument("--nfe", default="5,10,20,50", help="NFE budgets; invalid ones are handled by --invalid-nfe")
     e.add_argument("--guidance", default="1,2,4")
+    e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide the grid's w != 1 points only for noise levels LO < sigma <= HI (default: every level)")
     e.add_argument("--points", default="",
-                   help="extra configurations outside the grid, SAMPLER:NFE:GUIDANCE[,...], e.g. heun:51:2 "
-                        "(an expensive reference without crossing it with every sampler)")
+                   help="extra configurations outside the grid, SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI][,...], e.g. "
+                        "heun:51:2 (an expensive reference without crossing it with every sampler) or "
+                        "dpmpp_2m:10:3:0.05:1 (guidance only for 0.05 < sigma <= 1)")
     e.add_argument("--n-per-class", type=int, default=32)
     e.add_argument("--out", required=True)
     e.add_argument("--encoder", default="default",

@@ -66,11 +66,20 @@ class SweepPoint:
     nfe: int                 # the budget actually spent (counted by the pipeline)
     guidance: float
     requested_nfe: int
+    interval: tuple[float, float] | None = None   # guidance only for lo < sigma <= hi (None: every sigma)
 
     @property
     def key(self) -> str:
         g = f"{self.guidance:g}".replace(".", "p")
-        return f"{self.sampler}_nfe{self.nfe}_w{g}"
+        key = f"{self.sampler}_nfe{self.nfe}_w{g}"
+        if self.interval is not None:
+            key += "_i" + "-".join(f"{v:g}".replace(".", "p") for v in self.interval)
+        return key
+
+    @property
+    def interval_text(self) -> str:
+        """``""`` or ``"LO:HI"`` (the --points syntax)."""
+        return "" if self.interval is None else f"{self.interval[0]:g}:{self.interval[1]:g}"
 
 
 def _nearest_valid_nfe(sampler: str, nfe: int) -> int:
@@ -80,15 +89,16 @@ def _nearest_valid_nfe(sampler: str, nfe: int) -> int:
 
 
 def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
-               extra_points=()) -> tuple[list[SweepPoint], list[str]]:
+               extra_points=(), guidance_interval=None) -> tuple[list[SweepPoint], list[str]]:
     """The configurations to evaluate and notes about (sampler, NFE) pairs that were remapped or skipped.
 
     The grid samplers x nfes x guidances (any of the three may be empty for no grid) followed by
     ``extra_points``, explicit ``(sampler, nfe, guidance)`` triples (e.g. one expensive reference such as Heun at
-    NFE 51 without crossing it with everything else). Invalid pairs (e.g. ``heun`` with an even NFE) are mapped
+    NFE 51 without crossing it with everything else) or ``(sampler, nfe, guidance, (lo, hi))`` with a guidance
+    interval. ``guidance_interval`` applies to the guided grid points (w != 1; it is meaningless at w = 1). Invalid pairs (e.g. ``heun`` with an even NFE) are mapped
     to the nearest valid budget (ties: the lower) with ``invalid_nfe="nearest"``, or dropped with ``"skip"``.
     Duplicates are removed, order is kept."""
-    from .guidance import check_guidance
+    from .guidance import check_guidance, check_guidance_interval
     from .pipeline import MAX_NFE
     from .samplers import get_sampler, steps_for_nfe
     if invalid_nfe not in INVALID_NFE_POLICIES:
@@ -99,27 +109,33 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
     if not grid and not extra_points:
         raise ValueError("need at least one sampler, one NFE and one guidance scale (or explicit points)")
     for p in extra_points:
-        if len(p) != 3:
-            raise ValueError(f"a point is (sampler, nfe, guidance), got {p!r}")
+        if len(p) not in (3, 4):
+            raise ValueError(f"a point is (sampler, nfe, guidance) or (sampler, nfe, guidance, (lo, hi)), got {p!r}")
+    grid_interval = check_guidance_interval(guidance_interval)
+
+    def interval_for(g, interval):
+        return None if g == 1.0 else interval
 
     def check_nfe(n):
         if isinstance(n, bool) or int(n) != n or not 1 <= int(n) <= MAX_NFE:
             raise ValueError(f"NFE must be an integer in [1, {MAX_NFE}], got {n!r}")
         return int(n)
 
-    requests = []                                         # (sampler, requested NFE, guidance), in order
+    requests = []                                 # (sampler, requested NFE, guidance, interval), in order
     if grid:
         for s in samplers:
             get_sampler(s)                                # ValueError naming the valid samplers
         checked = [check_nfe(n) for n in nfes]
         gs = [check_guidance(g) for g in guidances]
-        requests += [(s, n, g) for s in samplers for n in checked for g in gs]
-    for s, n, g in extra_points:
+        requests += [(s, n, g, interval_for(g, grid_interval)) for s in samplers for n in checked for g in gs]
+    for p in extra_points:
+        s, n, g = p[:3]
         get_sampler(s)
-        requests.append((s, check_nfe(n), check_guidance(g)))
+        g = check_guidance(g)
+        requests.append((s, check_nfe(n), g, interval_for(g, check_guidance_interval(p[3] if len(p) == 4 else None))))
 
     points, notes, seen, noted = [], [], set(), set()
-    for s, n, g in requests:
+    for s, n, g, iv in requests:
         actual = n
         try:
             steps_for_nfe(s, n)
@@ -137,27 +153,32 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
                 notes.append(note)
             if actual is None:
                 continue
-        if (s, actual, g) in seen:
+        if (s, actual, g, iv) in seen:
             continue
-        seen.add((s, actual, g))
-        points.append(SweepPoint(s, actual, g, n))
+        seen.add((s, actual, g, iv))
+        points.append(SweepPoint(s, actual, g, n, iv))
     return points, notes
 
 
-def parse_points(text: str) -> list[tuple[str, int, float]]:
-    """``"heun:51:2,dpmpp_2m:10:4"`` -> ``[("heun", 51, 2.0), ("dpmpp_2m", 10, 4.0)]``."""
+def parse_points(text: str) -> list[tuple]:
+    """``"heun:51:2,dpmpp_2m:10:4:0.05:1"`` -> ``[("heun", 51, 2.0), ("dpmpp_2m", 10, 4.0, (0.05, 1.0))]``
+    (the optional LO:HI is a guidance interval of noise levels)."""
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         parts = item.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE (e.g. heun:51:2), got {item!r}")
+        if len(parts) not in (3, 5):
+            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI] (e.g. heun:51:2 or "
+                             f"dpmpp_2m:10:3:0.05:1), got {item!r}")
         try:
-            out.append((parts[0], int(parts[1]), float(parts[2])))
+            point = (parts[0], int(parts[1]), float(parts[2]))
+            if len(parts) == 5:
+                point += ((float(parts[3]), float(parts[4])),)
         except ValueError:
-            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE with an integer NFE and a number, got {item!r}") \
-                from None
+            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI] with an integer NFE and "
+                             f"numbers, got {item!r}") from None
+        out.append(point)
     return out
 
 
@@ -300,8 +321,8 @@ def _check_meta(meta_path: Path, want: dict, regenerate: bool) -> dict:
     deletes every cached clip of the configuration)."""
     if meta_path.is_file():
         have = json.loads(meta_path.read_text())
-        diff = [k for k in ("ema_sha256", "seed", "sample_rate", "num_samples", "sampler", "nfe", "guidance")
-                if have.get(k) != want.get(k)]
+        diff = [k for k in ("ema_sha256", "seed", "sample_rate", "num_samples", "sampler", "nfe", "guidance",
+                            "guidance_interval") if have.get(k) != want.get(k)]
         if diff and not regenerate:
             raise ValueError(f"{meta_path.parent} holds clips made with other settings ({', '.join(diff)} differ: "
                              f"{[(k, have.get(k), want.get(k)) for k in diff]}); use another --out or --regenerate")
@@ -324,7 +345,7 @@ def estimate_generation_seconds(pipe, points, missing_counts: dict, batch_size: 
     cls = pipe.classes[0]
     pipe.sample_specs(cls, seeds[:1], "euler", 1, 1.0)                  # warm-up
     per = {}
-    for guided in sorted({p.guidance not in (0.0, 1.0) for p in points if total_units[p]}):
+    for guided in sorted({p.guidance not in (0.0, 1.0) for p in points if total_units[p]}):   # interval points: upper bound
         t0 = time.perf_counter()
         pipe.sample_specs(cls, seeds, "euler", 2, 2.0 if guided else 1.0)
         per[guided] = (time.perf_counter() - t0) / (2 * b)
@@ -339,6 +360,7 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
     want = {"checkpoint": pipe.checkpoint, "ema_sha256": fingerprint, "seed": int(seed),
             "sample_rate": pipe.sample_rate, "num_samples": pipe.codec.num_samples, "sampler": point.sampler,
             "nfe": point.nfe, "requested_nfe": point.requested_nfe, "guidance": point.guidance,
+            "guidance_interval": None if point.interval is None else list(point.interval),
             "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i"}
     meta = _check_meta(d / "meta.json", want, regenerate)
     missing = _missing(clips_root, point, classes, n)
@@ -348,7 +370,8 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
         for start, length in _runs(idx):
             t0 = time.perf_counter()
             gen = pipe.generate(c, n=length, sampler=point.sampler, nfe=point.nfe, guidance=point.guidance,
-                                seed=noise_seed(seed, ci, start), batch_size=batch_size)
+                                seed=noise_seed(seed, ci, start), batch_size=batch_size,
+                                guidance_interval=point.interval)
             meta["generation"]["seconds"] += time.perf_counter() - t0
             meta["generation"]["clips"] += length
             for j in range(length):
@@ -524,7 +547,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
                    reference_seed: int = REFERENCE_SEED, seed: int = 0, invalid_nfe: str = "nearest",
                    batch_size: int = 8, device: str | None = None, topk=(1, 3), kid_subsets: int = 100,
                    embedding_level: str = "windows", regenerate: bool = False, dry_run: bool = False,
-                   progress: bool = True, points=(), log=print) -> dict:
+                   progress: bool = True, points=(), guidance_interval=None, log=print) -> dict:
     """Run the sweep (see the module docstring) and write ``results.{csv,md,json}`` and ``plots/`` to
     ``out_dir``. Returns the results dict (``rows``: one dict per (kind, config, class))."""
     from .encoders import file_sha256
@@ -537,7 +560,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     topk = sorted({int(k) for k in topk} | {1})
     if topk[0] < 1:
         raise ValueError(f"top-k values must be >= 1, got {topk}")
-    points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points)
+    points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points,
+                               guidance_interval=guidance_interval)
     for n in notes:
         log(f"note: {n}")
     out = Path(out_dir)
@@ -578,7 +602,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     def add(kind, point, per, extra=None):
         for key, r in per.items():
             row = {"kind": kind, "sampler": point.sampler if point else "", "requested_nfe": point.requested_nfe if point else "",
-                   "nfe": point.nfe if point else "", "guidance": point.guidance if point else "", "class": key}
+                   "nfe": point.nfe if point else "", "guidance": point.guidance if point else "",
+                   "guidance_interval": point.interval_text if point else "", "class": key}
             row.update(r)
             row.update(extra or {})
             rows.append(row)
@@ -632,7 +657,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
 
 # ------------------------------------------------------------------------------------------ outputs
 def _columns(rows) -> list[str]:
-    base = ["kind", "sampler", "requested_nfe", "nfe", "guidance", "class", "n"]
+    base = ["kind", "sampler", "requested_nfe", "nfe", "guidance", "guidance_interval", "class", "n"]
     extra = []
     for r in rows:
         for k in r:
@@ -690,8 +715,22 @@ def _cell(r, key, fmt):
 def _label(r):
     if r["kind"] == "generated":
         return [r["sampler"], str(r["nfe"]) + ("" if r["nfe"] == r["requested_nfe"] else f" (asked {r['requested_nfe']})"),
-                f"{r['guidance']:g}"]
+                f"{r['guidance']:g}" + _interval_label(r)]
     return [f"*{r['kind']}*", "", ""]
+
+
+def _interval_label(r) -> str:
+    """`` σ∈(lo, hi]`` for a row with a guidance interval, else ``""``."""
+    iv = r.get("guidance_interval") or ""
+    if not iv:
+        return ""
+    lo, hi = iv.split(":")
+    return f" (σ∈({lo}, {hi}])"
+
+
+def _series(r) -> str:
+    """Plot series of a generated row: the sampler, with its guidance interval if any."""
+    return r["sampler"] + _interval_label(r)
 
 
 def _markdown(result) -> str:
@@ -729,7 +768,8 @@ def _markdown(result) -> str:
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         groups = {}
         for r in rows:
-            groups.setdefault((r["kind"], r["sampler"], r["nfe"], r["guidance"]), {})[r["class"]] = r
+            groups.setdefault((r["kind"], r["sampler"], r["nfe"], r["guidance"], r.get("guidance_interval", "")),
+                              {})[r["class"]] = r
         for g in groups.values():
             first = next(iter(g.values()))
             L.append("| " + " | ".join(_label(first) + [_cell(g[c], key, fmt) if c in g else "–"
@@ -750,7 +790,7 @@ def _draw_metric(ax, key, g, gen, base, samplers):
     """One panel: ``key`` vs NFE for every sampler at guidance ``g``, with the baselines and issue bars."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
     for s in samplers:
-        rs = sorted((r for r in gen if r["sampler"] == s and r["guidance"] == g), key=lambda r: r["nfe"])
+        rs = sorted((r for r in gen if _series(r) == s and r["guidance"] == g), key=lambda r: r["nfe"])
         x = [r["nfe"] for r in rs]
         y = [r.get(key, np.nan) for r in rs]
         if key == "kid":
@@ -798,7 +838,7 @@ def _plots(result, out: Path) -> list[Path]:
     metrics = PLOT_METRICS[:4] + [(k, f"top-{k[3:-9]} accuracy") for k in tops] + PLOT_METRICS[4:]
     titles = dict(metrics)
     guid = sorted({r["guidance"] for r in gen})
-    samplers = list(dict.fromkeys(r["sampler"] for r in gen))
+    samplers = list(dict.fromkeys(_series(r) for r in gen))
     (out / "plots").mkdir(parents=True, exist_ok=True)
     paths = []
     enc = result["settings"]["encoder"]["name"]

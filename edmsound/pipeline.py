@@ -18,13 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .codec import SpectrogramCodec
-from .guidance import GuidedDenoiser, check_guidance
+from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval
 from .model import load_denoiser
 from .samplers import SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
 
 MAX_NFE = 200
 MAX_CLIPS = 64
+PRESET_DEFAULT = "default"     # guidance_interval argument: use the checkpoint preset's shipped interval
 
 
 @dataclass
@@ -62,6 +63,7 @@ class EDMSoundPipeline:
         self.codec = SpectrogramCodec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
+        self.last_guided_calls = 0
 
     # --- introspection ---------------------------------------------------------------------------
     @property
@@ -89,40 +91,54 @@ class EDMSoundPipeline:
         return x.to(self.dtype), gens
 
     @torch.no_grad()
+    def resolve_guidance_interval(self, interval=PRESET_DEFAULT) -> tuple[float, float] | None:
+        if isinstance(interval, str) and interval.strip().lower() == PRESET_DEFAULT:
+            return self.preset.default_guidance_interval
+        return check_guidance_interval(interval)
+
     def sample_specs(self, class_name: str, seeds: list[int], sampler: str, nfe: int, guidance: float,
-                     callback=None, **options) -> tuple[torch.Tensor, int]:
-        """Spectrograms for one batch of seeds; returns (specs, network evaluations counted)."""
+                     callback=None, guidance_interval=None, **options) -> tuple[torch.Tensor, int]:
+        """Spectrograms for one batch of seeds; returns (specs, network evaluations counted).
+        ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`."""
         label = self.class_index(class_name)
         fn = get_sampler(sampler)
         nfe = check_nfe(sampler, nfe)
         guidance = check_guidance(guidance)
+        guidance_interval = check_guidance_interval(guidance_interval)
         e = self.preset.edm
         sigmas = karras_sigmas(steps_for_nfe(sampler, nfe), e.sigma_min, e.sigma_max, e.rho)
         noise, gens = self.noise(seeds)
         x = (noise * float(sigmas[0])).to(self.device)
         labels = torch.full((len(seeds),), label, dtype=torch.long, device=self.device)
-        counter = CountingDenoiser(GuidedDenoiser(self.model, labels, guidance))
+        guided = GuidedDenoiser(self.model, labels, guidance, guidance_interval)
+        counter = CountingDenoiser(guided)
         out = fn(counter, x, sigmas, callback=callback, generator=gens, **options)
+        self.last_guided_calls = guided.guided_calls
         return out.float().cpu(), counter.count
 
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
-                 callback=None, **options) -> Generation:
+                 callback=None, guidance_interval=PRESET_DEFAULT, **options) -> Generation:
+        """``guidance_interval``: ``"default"`` (the preset's shipped interval), None / "none" (guidance at every
+        noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi)."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
         guidance = self.preset.default_guidance if guidance is None else guidance
         self.class_index(class_name)
         get_sampler(sampler)
         nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
+        interval = self.resolve_guidance_interval(guidance_interval)
         if not 1 <= int(n) <= MAX_CLIPS:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
         seed = int(seed)
         seeds = [seed + i for i in range(int(n))]
         batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-        specs, counts = [], []
+        specs, counts, guided = [], [], 0
         t0 = time.perf_counter()
         for b in tqdm(batches, desc=f"{class_name}", disable=not progress or len(batches) < 2, unit="batch"):
-            s, c = self.sample_specs(class_name, b, sampler, nfe, guidance, callback=callback, **options)
+            s, c = self.sample_specs(class_name, b, sampler, nfe, guidance, callback=callback,
+                                     guidance_interval=interval, **options)
+            guided = self.last_guided_calls
             specs.append(s)
             counts.append(c)
         specs = torch.cat(specs)
@@ -131,6 +147,8 @@ class EDMSoundPipeline:
         if any(c != nfe for c in counts):
             raise RuntimeError(f"{sampler} made {counts} network evaluations per batch, expected {nfe}")
         settings = {"class": class_name, "sampler": sampler, "nfe": counts[0], "guidance": guidance,
+                    "guidance_interval": None if interval is None else list(interval),
+                    "guided_nfe": guided,      # evaluations that ran the double (guided) batch
                     "seed": seed, "n": int(n), "sample_rate": self.sample_rate,
                     "seconds": round(wall, 4), "seconds_per_clip": round(wall / len(seeds), 4),
                     "audio_seconds": round(self.codec.num_samples / self.sample_rate, 4),

@@ -102,6 +102,8 @@ class Preset:
     default_sampler: str = "dpmpp_2m"
     default_nfe: int = 10
     default_guidance: float = 2.0
+    # Guidance only for sigma in (lo, hi] (Kynkäänniemi et al. 2024); None = at every noise level.
+    default_guidance_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +129,8 @@ class Preset:
             default_sampler=d.get("default_sampler", "dpmpp_2m"),
             default_nfe=d.get("default_nfe", 10),
             default_guidance=d.get("default_guidance", 2.0),
+            default_guidance_interval=(None if d.get("default_guidance_interval") is None
+                                       else tuple(float(v) for v in d["default_guidance_interval"])),
         )
 
     def replace_train(self, **kw) -> "Preset":

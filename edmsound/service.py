@@ -322,7 +322,9 @@ class EDMSoundService:
         p = self.pipeline.preset
         sampler = p.default_sampler if p.default_sampler in SAMPLERS else "dpmpp_2m"
         return {"sampler": sampler, "nfe": snap_nfe(sampler, min(p.default_nfe, self.max_nfe), self.max_nfe),
-                "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K}
+                "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K,
+                "guidance_interval": (None if p.default_guidance_interval is None
+                                      else list(p.default_guidance_interval))}
 
     def valid_nfes(self, sampler: str) -> list[int]:
         return valid_nfes(self.check_sampler(sampler), self.max_nfe)
@@ -469,10 +471,13 @@ class EDMSoundService:
         return clips
 
     def generate(self, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *, progress=None,
-                 figures: str | None = None, write_files: bool = True) -> GenerateResult:
+                 figures: str | None = None, write_files: bool = True,
+                 guidance_interval="default") -> GenerateResult:
         """``n`` clips of ``class_name`` (clip i uses seed + i). ``progress(done, total, desc)`` is called
-        once per solver step; ``figures`` = a spectrogram view ('magphase' / 'realimag') renders them."""
+        once per solver step; ``figures`` = a spectrogram view ('magphase' / 'realimag') renders them.
+        ``guidance_interval``: "default" (the checkpoint's shipped one), None or (lo, hi) noise levels."""
         class_name, sampler, nfe, guidance, seed = self._validate(class_name, sampler, nfe, guidance, seed)
+        interval = self.pipeline.resolve_guidance_interval(guidance_interval)
         n = self.check_n(n)
         if seed + n - 1 > SEED_MAX:
             raise ValueError(f"seed + variations - 1 must be <= {SEED_MAX}; allowed seeds: [0, {SEED_MAX - n + 1}]")
@@ -486,7 +491,7 @@ class EDMSoundService:
             def callback(info):
                 progress(int(info["i"]) + 1, steps, f"sampling {class_name} with {sampler}")
         gen = self.pipeline.generate(class_name, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed,
-                                     callback=callback)
+                                     callback=callback, guidance_interval=interval)
         settings = dict(gen.settings)
         settings["wall_seconds"] = settings["seconds"]
         clips = self._clips(gen, self._request_dir() if write_files else None)
@@ -496,7 +501,8 @@ class EDMSoundService:
         return result
 
     def compare(self, class_name, seed=0, nfe=None, guidance=None, samplers=None, *, progress=None,
-                figures: str | None = None, write_files: bool = True) -> CompareResult:
+                figures: str | None = None, write_files: bool = True,
+                guidance_interval="default") -> CompareResult:
         """One clip per sampler with the same class, seed, NFE and guidance. Heun-type samplers spend
         odd budgets only: with an even NFE they use NFE - 1 (noted in the entry)."""
         d = self.defaults
@@ -504,6 +510,7 @@ class EDMSoundService:
         seed = self.check_seed(0 if seed is None else seed)
         nfe = as_int(d["nfe"] if nfe is None else nfe, "NFE", 1, self.max_nfe)
         guidance = self.check_guidance(d["guidance"] if guidance is None else guidance)
+        interval = self.pipeline.resolve_guidance_interval(guidance_interval)
         if samplers is None:
             samplers = self.samplers
         if isinstance(samplers, str):
@@ -535,12 +542,12 @@ class EDMSoundService:
                 def callback(info, base=done, s=s, eff=eff):
                     progress(base + int(info["i"]) + 1, total, f"{s} (NFE {eff})")
             gen = self.pipeline.generate(class_name, n=1, sampler=s, nfe=eff, guidance=guidance, seed=seed,
-                                         callback=callback)
+                                         callback=callback, guidance_interval=interval)
             done += steps_for_nfe(s, eff)
             clip = self._clips(gen, out_dir)[0]
             entries.append(CompareEntry(sampler=s, nfe_requested=nfe, nfe=eff, note=note, clip=clip))
         settings = {"class": class_name, "seed": seed, "nfe": nfe, "guidance": guidance,
-                    "sample_rate": self.sample_rate, "seconds": round(time.perf_counter() - t0, 4),
+                    "guidance_interval": None if interval is None else list(interval), "sample_rate": self.sample_rate, "seconds": round(time.perf_counter() - t0, 4),
                     "checkpoint": self.pipeline.checkpoint, "device": str(self.pipeline.device)}
         result = CompareResult(entries=entries, settings=settings)
         if figures is not None:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["GaussianMixture", "reference_solution", "edmsound_mixture", "edm_mixture"]
+__all__ = ["GaussianMixture", "ClassConditionalMixture", "reference_solution", "edmsound_mixture", "edm_mixture"]
 
 
 class GaussianMixture:
@@ -129,6 +129,34 @@ class GaussianMixture:
         """n exact samples of the noisy marginal p(x; sigma) = p_data * N(0, sigma^2 I)."""
         x0 = self.sample(n, generator)
         return x0 + sigma * torch.randn(x0.shape, dtype=torch.float64, generator=generator)
+
+
+class ClassConditionalMixture:
+    """Exact class-conditional denoiser: class c has data ``mixtures[c]``, the null class (label
+    ``null_class`` = number of classes) the prior-weighted mixture of all classes. Called like a
+    trained ``EDMPrecond``: ``model(x, sigma, labels) -> D(x, sigma, c)`` per sample (x: (B, d))."""
+
+    def __init__(self, mixtures: Sequence[GaussianMixture], priors: Sequence[float]):
+        pri = torch.as_tensor(priors, dtype=torch.float64)
+        if len(mixtures) != pri.numel():
+            raise ValueError("one prior per class")
+        self.classes = list(mixtures)
+        self.null_class = len(mixtures)
+        pri = pri / pri.sum()
+        self.unconditional = GaussianMixture(
+            torch.cat([m.weights * p for m, p in zip(self.classes, pri)]),
+            torch.cat([m.means for m in self.classes]), torch.cat([m.variances for m in self.classes]))
+
+    def __call__(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
+        sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        labels = (torch.full((x.shape[0],), self.null_class) if labels is None
+                  else torch.as_tensor(labels).reshape(-1).expand(x.shape[0]))
+        out = torch.empty_like(x)
+        for c in labels.unique().tolist():
+            m = labels == c
+            mix = self.unconditional if c == self.null_class else self.classes[c]
+            out[m] = mix.denoiser(x[m], sig[m])
+        return out
 
 
 def edmsound_mixture() -> GaussianMixture:

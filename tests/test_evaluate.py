@@ -238,3 +238,93 @@ def test_cli_evaluate_dry_run_and_run(world, swept, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv + bad)
         assert e.value.code == 2 and err in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ guidance interval
+def test_plan_and_parse_guidance_intervals():
+    from edmsound.evaluate import parse_points
+    assert parse_points("dpmpp_2m:10:3:0.05:1,heun:51:3") == [("dpmpp_2m", 10, 3.0, (0.05, 1.0)), ("heun", 51, 3.0)]
+    with pytest.raises(ValueError, match=r"SAMPLER:NFE:GUIDANCE\[:SIGMA_LO:SIGMA_HI\]"):
+        parse_points("dpmpp_2m:10:3:0.05")
+    pts, _ = plan_sweep(["deis"], [5], [1, 3], guidance_interval="0.05,1",
+                        extra_points=[("deis", 5, 3.0), ("deis", 5, 3.0, (0.05, 1.0)), ("deis", 5, 3.0, (0.1, 2))])
+    # w = 1 never guides, so it carries no interval; the explicit (deis, 5, 3) without one is a new point;
+    # the explicit one with the grid's interval is a duplicate
+    assert [p.key for p in pts] == ["deis_nfe5_w1", "deis_nfe5_w3_i0p05-1", "deis_nfe5_w3", "deis_nfe5_w3_i0p1-2"]
+    assert pts[1].interval == (0.05, 1.0) and pts[1].interval_text == "0.05:1" and pts[0].interval is None
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        plan_sweep(["deis"], [5], [3], guidance_interval=(2, 1))
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        plan_sweep([], [], [], extra_points=[("deis", 5, 3.0, (-1, 1))])
+
+
+@pytest.fixture(scope="module")
+def interval_sweep(world, swept, tmp_path_factory):
+    import shutil
+    out = tmp_path_factory.mktemp("interval")
+    shutil.copytree(swept[0] / "clips" / "dpmpp_2m_nfe3_w2", out / "clips" / "dpmpp_2m_nfe3_w2")
+    res = _run(world, out, samplers=[], nfes=[], guidances=[],
+               points=[("dpmpp_2m", 3, 2.0), ("dpmpp_2m", 3, 2.0, (0.05, 1.0))])
+    return out, res
+
+
+def test_sweep_with_a_guidance_interval(world, interval_sweep):
+    from edmsound.pipeline import EDMSoundPipeline
+    out, res = interval_sweep
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    gen = [r for r in rows if r["kind"] == "generated" and r["class"] == "overall"]
+    assert sorted(r["guidance_interval"] for r in gen) == ["", "0.05:1"]
+    meta = json.loads((out / "clips" / "dpmpp_2m_nfe3_w2_i0p05-1" / "meta.json").read_text())
+    assert meta["guidance_interval"] == [0.05, 1.0] and meta["generation"]["clips"] == 6
+    a, _ = sf.read(str(out / "clips" / "dpmpp_2m_nfe3_w2_i0p05-1" / "low" / "low_0000.wav"), dtype="float32")
+    b, _ = sf.read(str(out / "clips" / "dpmpp_2m_nfe3_w2" / "low" / "low_0000.wav"), dtype="float32")
+    pipe = EDMSoundPipeline(world / "model", device="cpu")
+    direct = pipe.generate("low", n=1, sampler="dpmpp_2m", nfe=3, guidance=2.0, guidance_interval=(0.05, 1.0),
+                           seed=noise_seed(0, pipe.class_index("low"), 0))
+    np.testing.assert_allclose(a, np.clip(direct.waves[0], -1, 1), atol=2 / 32768)
+    assert 0 < direct.settings["guided_nfe"] < 3 and np.abs(a - b).max() > 1e-3
+    md = (out / "results.md").read_text()
+    assert "| dpmpp_2m | 3 | 2 (σ∈(0.05, 1]) |" in md and "| dpmpp_2m | 3 | 2 |" in md
+    assert (out / "plots" / "overview.png").stat().st_size > 5000
+
+
+def test_bars_read_off_the_evaluation(world, interval_sweep, tmp_path, capsys):
+    from edmsound.bars import issue_bars
+    from edmsound.cli import main
+    out, res = interval_sweep
+    overall = [r for r in res["rows"] if r["kind"] == "generated" and r["class"] == "overall"
+               and r["guidance_interval"] == "0.05:1"][0]
+    speed = {"sampler": "dpmpp_2m", "nfe": 3, "guidance": 2.0, "guidance_interval": [0.05, 1.0],
+             "median_sec_per_clip": 0.5, "cpu": "test", "date": "today"}
+    bars = {b["bar"]: b for b in issue_bars(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), speed)}
+    acc = bars["category fit, mean"]
+    assert acc["value"] == f"{overall['accuracy']:.3f}" and acc["met"] == (overall["accuracy"] >= 0.85)
+    per = {r["class"]: r["accuracy"] for r in res["rows"] if r["kind"] == "generated" and r["class"] != "overall"
+           and r["guidance_interval"] == "0.05:1"}
+    assert bars["category fit, every class"]["met"] == (min(per.values()) >= 0.70)
+    cs = overall["copy_share"]
+    assert bars["copying: share above the training p95"]["met"] == (cs <= 0.10)
+    assert bars["speed: one clip, median of 10"]["met"] is True
+    heun = [b for k, b in bars.items() if k.startswith("FAD at")]
+    assert heun[0]["met"] is None and "heun:51:2" in heun[0]["value"]       # the sweep has no Heun-50 row
+    other = issue_bars(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), dict(speed, nfe=10))
+    assert other[-1]["met"] is None and "other settings" in other[-1]["value"]
+    with pytest.raises(ValueError, match="--points dpmpp_2m:10:2"):
+        issue_bars(res, "dpmpp_2m", 10, 2.0)
+    # the CLI reads the shipped settings from a model directory
+    assert main(["export", "--run", str(world / "model"), "--out", str(tmp_path / "m"), "--sampler", "dpmpp_2m",
+                 "--nfe", "3", "--guidance", "2", "--guidance-interval", "0.05,1"]) is None
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    capsys.readouterr()
+    argv = ["bars", "--results", str(out), "--checkpoint", str(tmp_path / "m"), "--speed", str(tmp_path / "speed.json"),
+            "--out", str(tmp_path / "bars.md")]
+    main(argv)
+    text = capsys.readouterr().out
+    assert "σ ∈ (0.05, 1]" in text and "| speed: one clip, median of 10 | ≤ 1 s | 0.500 s (test, today) | ✔ met |" in text
+    assert (tmp_path / "bars.md").read_text() == text
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--check"])                                   # the Heun bar is not measured -> not all met
+    assert e.value.code == 1
+    with pytest.raises(SystemExit) as e:
+        main(["bars", "--results", str(out), "--checkpoint", str(world / "model"), "--speed", "none"])
+    assert e.value.code == 2 and "Add it with --points" in capsys.readouterr().err

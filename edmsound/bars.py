@@ -1,0 +1,119 @@
+"""The embedded default's quality bars (issue 6), read off an evaluation and the shipped-speed benchmark.
+
+``edmsound bars --results eval/ --checkpoint checkpoints/default --speed benchmarks/results/samplers_shipped.json``
+prints (and with ``--out`` writes) one markdown table: every bar, its target, the measured value at the
+checkpoint's shipped settings (sampler, NFE, guidance, guidance interval) and whether it is met. Nothing is
+re-measured here: the numbers come from ``edmsound evaluate``'s ``results.json`` and ``benchmarks/samplers.py``'s
+``samplers_shipped.json``, so the model card's table is reproducible from those two commands.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["shipped_rows", "issue_bars", "bars_markdown", "load_results"]
+
+HEUN_REFERENCE_MIN_NFE = 49       # "Heun at NFE 50": Heun spends odd budgets, so 49 or 51 both count
+
+
+def load_results(path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: run `edmsound evaluate ... --out DIR` first")
+    return json.loads(p.read_text())
+
+
+def _interval_text(interval) -> str:
+    return "" if interval is None else f"{float(interval[0]):g}:{float(interval[1]):g}"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def shipped_rows(results: dict, sampler: str, nfe: int, guidance: float, interval=None) -> dict[str, dict]:
+    """The generated rows (class -> row, plus "overall") of one configuration; ValueError if the sweep lacks it."""
+    want = _interval_text(interval)
+    rows = {r["class"]: r for r in results["rows"]
+            if r["kind"] == "generated" and r["sampler"] == sampler and r["nfe"] == nfe
+            and float(r["guidance"]) == float(guidance) and (r.get("guidance_interval") or "") == want}
+    if not rows:
+        have = sorted({(r["sampler"], r["nfe"], r["guidance"], r.get("guidance_interval") or "")
+                       for r in results["rows"] if r["kind"] == "generated"})
+        raise ValueError(f"the evaluation has no rows for {sampler} NFE {nfe} guidance {guidance:g}"
+                         f"{' interval ' + want if want else ''}; it has {have}. Add it with --points "
+                         f"{sampler}:{nfe}:{guidance:g}{':' + want if want else ''}")
+    return rows
+
+
+def _bar(name, target, value, met, detail=""):
+    return {"bar": name, "target": target, "value": value, "met": met, "detail": detail}
+
+
+def issue_bars(results: dict, sampler: str, nfe: int, guidance: float, interval=None,
+               speed: dict | None = None) -> list[dict]:
+    """One dict per bar: ``bar``, ``target``, ``value`` (a string), ``met`` (True/False/None = not measured)."""
+    rows = shipped_rows(results, sampler, nfe, guidance, interval)
+    classes = [c for c in results["settings"]["classes"] if c in rows]
+    overall = rows["overall"]
+    out = []
+    acc = overall.get("accuracy")
+    per = {c: rows[c].get("accuracy") for c in classes}
+    out.append(_bar("category fit, mean", "≥ 0.85", f"{acc:.3f}" if _finite(acc) else "–",
+                    (acc >= 0.85) if _finite(acc) else None))
+    if per and all(_finite(v) for v in per.values()):
+        worst = min(per, key=per.get)
+        out.append(_bar("category fit, every class", "≥ 0.70", f"{per[worst]:.3f} ({worst})", per[worst] >= 0.70))
+    ref = next((r for r in results["rows"] if r["kind"] == "baseline: reference" and r["class"] == "overall"), {})
+    racc = ref.get("accuracy")
+    out.append(_bar("classifier on held-out real clips", "≥ 0.95", f"{racc:.3f}" if _finite(racc) else "–",
+                    (racc >= 0.95) if _finite(racc) else None))
+    fvb = overall.get("fad_vs_baseline")
+    out.append(_bar("FAD / FAD(training subset)", "≤ 3", f"{fvb:.2f}" if _finite(fvb) else "–",
+                    (fvb <= 3.0) if _finite(fvb) else None))
+    # few steps: Heun at ~50 evaluations with the same guidance (and interval, if the sweep has it)
+    heun = [r for r in results["rows"] if r["kind"] == "generated" and r["class"] == "overall"
+            and r["sampler"] == "heun" and r["nfe"] >= HEUN_REFERENCE_MIN_NFE and float(r["guidance"]) == float(guidance)]
+    same = [r for r in heun if (r.get("guidance_interval") or "") == _interval_text(interval)]
+    heun = same or heun
+    if heun and _finite(overall.get("fad")):
+        h = min(heun, key=lambda r: r["nfe"])
+        ratio = overall["fad"] / h["fad"]
+        note = "" if same else " (Heun guided at every σ)"
+        out.append(_bar(f"FAD at NFE {nfe} / FAD of Heun at NFE {h['nfe']}", "≤ 1.1", f"{ratio:.2f}{note}",
+                        ratio <= 1.1))
+    else:
+        out.append(_bar("FAD at the shipped NFE / FAD of Heun at NFE 50", "≤ 1.1", "– (no Heun NFE ≥ 49 row; add "
+                        f"--points heun:51:{guidance:g})", None))
+    div = {c: rows[c].get("diversity_ratio") for c in classes}
+    if div and all(_finite(v) for v in div.values()):
+        worst = min(div, key=div.get)
+        out.append(_bar("diversity ratio, every class", "≥ 0.70", f"{div[worst]:.2f} ({worst})", div[worst] >= 0.70))
+    cs = overall.get("copy_share")
+    out.append(_bar("copying: share above the training p95", "≤ 10 %", f"{100 * cs:.1f} %" if _finite(cs) else "–",
+                    (cs <= 0.10) if _finite(cs) else None))
+    if speed is None:
+        out.append(_bar("speed: one clip, median of 10", "≤ 1 s", "– (run benchmarks/samplers.py --shipped-only)", None))
+    else:
+        same_cfg = (speed.get("sampler") == sampler and int(speed.get("nfe", -1)) == int(nfe)
+                    and float(speed.get("guidance", -1)) == float(guidance)
+                    and _interval_text(speed.get("guidance_interval")) == _interval_text(interval))
+        v = float(speed["median_sec_per_clip"])
+        if same_cfg:
+            out.append(_bar("speed: one clip, median of 10", "≤ 1 s", f"{v:.3f} s ({speed.get('cpu', '?')}, "
+                            f"{speed.get('date', '?')})", v <= 1.0))
+        else:
+            out.append(_bar("speed: one clip, median of 10", "≤ 1 s",
+                            f"– (the speed record is for other settings: {speed.get('sampler')} NFE {speed.get('nfe')} "
+                            f"w {speed.get('guidance')} interval {speed.get('guidance_interval')})", None))
+    return out
+
+
+def bars_markdown(bars: list[dict], title: str = "") -> str:
+    mark = {True: "✔ met", False: "✘ not met", None: "not measured"}
+    lines = ([title, ""] if title else []) + ["| bar | target | measured | |", "|---|---|---|---|"]
+    lines += [f"| {b['bar']} | {b['target']} | {b['value']} | {mark[b['met']]} |" for b in bars]
+    return "\n".join(lines) + "\n"
