@@ -131,7 +131,8 @@ def write_outputs(rows, shipped, checkpoint, guidance, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"Checkpoint `{checkpoint}`, guidance {guidance:g}, CPU ({os.cpu_count()} cores), "
+    lines = [f"Checkpoint `{checkpoint}`, guidance {guidance:g} at every σ (the shipped guidance interval, if any, "
+             "applies to the shipped timing below only), CPU ({os.cpu_count()} cores), "
              f"{time.strftime('%Y-%m-%d')}. Error = RMS distance to a Heun NFE-199 solution from the same noise, "
              "relative to its RMS. Time = one clip, batch 1 (median). Overhead = time beyond NFE x one bare "
              f"guided network call ({shipped['eval_ms']:.1f} ms).", "",
@@ -142,7 +143,8 @@ def write_outputs(rows, shipped, checkpoint, guidance, out_dir):
             used = "" if r["nfe"] == r["nfe_requested"] else f" (@{r['nfe']})"
             cells.append(f"{r['rel_error']:.3g}{used}<br>{r['sec_per_clip']:.2f}s, {r['overhead_pct']:.0f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Shipped default: {shipped['sampler']} at NFE {shipped['nfe']}, guidance {shipped['guidance']:g}: "
+    lines += ["", f"Shipped default: {shipped['sampler']} at NFE {shipped['nfe']}, guidance {shipped['guidance']:g} "
+              f"({_interval(shipped)} σ, {shipped['guided_nfe']} guided evaluations): "
               f"**{shipped['median_sec_per_clip']:.3f} s per {shipped['audio_seconds']:.2f}-s clip** "
               "(median of 10, full `generate` call incl. iSTFT)."]
     (out_dir / "samplers_checkpoint.md").write_text("\n".join(lines) + "\n")
