@@ -27,3 +27,22 @@ def write_tone_tree(root, classes=("low", "high"), per_class=4, sr=8000, seconds
 @pytest.fixture
 def tone_tree(tmp_path):
     return write_tone_tree(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A model directory of the ``tiny`` preset trained 20 steps on a tone tree (shared, read-only)."""
+    from edmsound.presets import get_preset
+    from edmsound.train import Trainer
+    d = tmp_path_factory.mktemp("ckpt")
+    write_tone_tree(d / "data")
+    tr = Trainer(get_preset("tiny"), d / "data", d / "run", steps=20, progress=False)
+    tr.run()
+    tr.export(d / "model")
+    return d / "model"
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_ckpt):
+    from edmsound.pipeline import EDMSoundPipeline
+    return EDMSoundPipeline(tiny_ckpt, device="cpu")

@@ -11,11 +11,10 @@ import torch
 
 from edmsound.guidance import GuidedDenoiser, check_guidance_interval, format_guidance_interval
 from edmsound.pipeline import EDMSoundPipeline
-from edmsound.presets import Preset, get_preset
+from edmsound.presets import Preset
 from edmsound.samplers import get_sampler, steps_for_nfe
 from edmsound.schedules import karras_sigmas
 from edmsound.testing import ClassConditionalMixture, GaussianMixture
-from edmsound.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,22 +116,6 @@ def test_guidance_at_high_noise_collapses_modes_and_an_interval_keeps_them():
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from conftest import write_tone_tree
-    d = tmp_path_factory.mktemp("ckpt_gi")
-    write_tone_tree(d / "data")
-    tr = Trainer(get_preset("tiny"), d / "data", d / "run", steps=15, progress=False)
-    tr.run()
-    tr.export(d / "model")
-    return d / "model"
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return EDMSoundPipeline(tiny_ckpt, device="cpu")
-
-
 def _sigmas(pipe, sampler, nfe):
     e = pipe.preset.edm
     return karras_sigmas(steps_for_nfe(sampler, nfe), e.sigma_min, e.sigma_max, e.rho)

@@ -12,28 +12,10 @@ import torch
 
 from edmsound.guidance import GuidedDenoiser
 from edmsound.pipeline import EDMSoundPipeline
-from edmsound.presets import get_preset
 from edmsound.samplers import SAMPLERS, get_sampler, steps_for_nfe
 from edmsound.schedules import karras_sigmas
-from edmsound.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from conftest import write_tone_tree
-    d = tmp_path_factory.mktemp("ckpt")
-    write_tone_tree(d / "data")
-    tr = Trainer(get_preset("tiny"), d / "data", d / "run", steps=20, progress=False)
-    tr.run()
-    tr.export(d / "model")
-    return d / "model"
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return EDMSoundPipeline(tiny_ckpt, device="cpu")
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
