@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edmsound.guidance import GuidedDenoiser  # noqa: E402
+from edmsound.guidance import GuidedDenoiser, format_guidance_interval  # noqa: E402
 from edmsound.pipeline import EDMSoundPipeline  # noqa: E402
 from edmsound.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
 from edmsound.schedules import karras_sigmas  # noqa: E402
@@ -76,11 +76,6 @@ def shipped_timing(pipe, repeats=10, class_name=None):
             "threads": torch.get_num_threads()}
 
 
-def _interval(shipped) -> str:
-    iv = shipped.get("guidance_interval")
-    return "all" if iv is None else f"({iv[0]:g}, {iv[1]:g}]"
-
-
 def write_shipped(shipped, checkpoint, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"Shipped settings of `{checkpoint}`, {time.strftime('%Y-%m-%d')}, {cpu_model()} "
@@ -89,7 +84,8 @@ def write_shipped(shipped, checkpoint, out_dir):
              "| sampler | NFE | guidance | guided σ interval | guided evaluations | clip length (s) | median s / clip "
              "| min | max | calls | bar |",
              "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| {shipped['sampler']} | {shipped['nfe']} | {shipped['guidance']:g} | {_interval(shipped)} | "
+             f"| {shipped['sampler']} | {shipped['nfe']} | {shipped['guidance']:g} | "
+             f"{format_guidance_interval(shipped['guidance_interval'])} | "
              f"{shipped['guided_nfe']} | {shipped['audio_seconds']:.3f} | "
              f"**{shipped['median_sec_per_clip']:.3f}** | {shipped['min']:.3f} | {shipped['max']:.3f} | "
              f"{shipped['repeats']} | {'met' if shipped['median_sec_per_clip'] <= 1.0 else 'NOT met'} (<= 1 s) |"]
@@ -144,7 +140,7 @@ def write_outputs(rows, shipped, checkpoint, guidance, out_dir):
             cells.append(f"{r['rel_error']:.3g}{used}<br>{r['sec_per_clip']:.2f}s, {r['overhead_pct']:.0f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Shipped default: {shipped['sampler']} at NFE {shipped['nfe']}, guidance {shipped['guidance']:g} "
-              f"({_interval(shipped)} σ, {shipped['guided_nfe']} guided evaluations): "
+              f"({format_guidance_interval(shipped['guidance_interval'])}, {shipped['guided_nfe']} guided evaluations): "
               f"**{shipped['median_sec_per_clip']:.3f} s per {shipped['audio_seconds']:.2f}-s clip** "
               "(median of 10, full `generate` call incl. iSTFT)."]
     (out_dir / "samplers_checkpoint.md").write_text("\n".join(lines) + "\n")

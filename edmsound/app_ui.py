@@ -26,6 +26,7 @@ from types import MappingProxyType  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from .guidance import format_guidance_interval  # noqa: E402
 from .service import (DEFAULT_K, MAX_K, MAX_VARIATIONS, MODE_LABELS, SEED_MAX, EDMSoundService,  # noqa: E402
                       as_int, nfe_rule, nfe_slider_spec, snap_nfe)
 
@@ -116,7 +117,7 @@ def _settings_md(settings: dict) -> str:
         f"{settings['seed']}–{settings['seed'] + settings['n'] - 1}"
     interval = settings.get("guidance_interval")
     guided = "" if interval is None or settings["guidance"] == 1.0 else \
-        f" for σ ∈ ({interval[0]:g}, {interval[1]:g}] ({settings.get('guided_nfe', '?')} of the evaluations)"
+        f" for {format_guidance_interval(interval)} ({settings.get('guided_nfe', '?')} of the evaluations)"
     return (f"**{settings['class']}** · {settings['sampler']} · NFE counted **{settings['nfe']}** · "
             f"guidance {settings['guidance']:g}{guided} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
             f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']})")
@@ -336,7 +337,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                     guidance = gr.Slider(*info["guidance_range"], value=d["guidance"], step=0.1,
                                          label="Guidance scale",
                                          info="1 = conditional, 0 = unconditional" + (
-                                             "" if gi is None else f"; applied for σ ∈ ({gi[0]:g}, {gi[1]:g}]"),
+                                             "" if gi is None else f"; applied for {format_guidance_interval(gi)}"),
                                          elem_id="guidance-slider")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",

@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from .guidance import interval_text as _interval_text
+
 __all__ = ["shipped_rows", "issue_bars", "bars_markdown", "load_results"]
 
 HEUN_REFERENCE_MIN_NFE = 49       # "Heun at NFE 50": Heun spends odd budgets, so 49 or 51 both count
@@ -24,10 +26,6 @@ def load_results(path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: run `edmsound evaluate ... --out DIR` first")
     return json.loads(p.read_text())
-
-
-def _interval_text(interval) -> str:
-    return "" if interval is None else f"{float(interval[0]):g}:{float(interval[1]):g}"
 
 
 def _finite(v) -> bool:
@@ -49,8 +47,8 @@ def shipped_rows(results: dict, sampler: str, nfe: int, guidance: float, interva
     return rows
 
 
-def _bar(name, target, value, met, detail=""):
-    return {"bar": name, "target": target, "value": value, "met": met, "detail": detail}
+def _bar(name, target, value, met):
+    return {"bar": name, "target": target, "value": value, "met": met}
 
 
 def issue_bars(results: dict, sampler: str, nfe: int, guidance: float, interval=None,

@@ -79,7 +79,8 @@ class SweepPoint:
     @property
     def interval_text(self) -> str:
         """``""`` or ``"LO:HI"`` (the --points syntax)."""
-        return "" if self.interval is None else f"{self.interval[0]:g}:{self.interval[1]:g}"
+        from .guidance import interval_text
+        return interval_text(self.interval)
 
 
 def _nearest_valid_nfe(sampler: str, nfe: int) -> int:
@@ -95,8 +96,8 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
     The grid samplers x nfes x guidances (any of the three may be empty for no grid) followed by
     ``extra_points``, explicit ``(sampler, nfe, guidance)`` triples (e.g. one expensive reference such as Heun at
     NFE 51 without crossing it with everything else) or ``(sampler, nfe, guidance, (lo, hi))`` with a guidance
-    interval. ``guidance_interval`` applies to the guided grid points (w != 1; it is meaningless at w = 1). Invalid pairs (e.g. ``heun`` with an even NFE) are mapped
-    to the nearest valid budget (ties: the lower) with ``invalid_nfe="nearest"``, or dropped with ``"skip"``.
+    interval. ``guidance_interval`` applies to the guided grid points (w != 1; it is meaningless at w = 1).
+    Invalid pairs (e.g. ``heun`` with an even NFE) are mapped to the nearest valid budget (ties: the lower) with ``invalid_nfe="nearest"``, or dropped with ``"skip"``.
     Duplicates are removed, order is kept."""
     from .guidance import check_guidance, check_guidance_interval
     from .pipeline import MAX_NFE

@@ -59,7 +59,13 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
 
 
 def format_guidance_interval(interval) -> str:
+    """For people: "all σ" or "σ ∈ (lo, hi]"."""
     return "all σ" if interval is None else f"σ ∈ ({interval[0]:g}, {interval[1]:g}]"
+
+
+def interval_text(interval) -> str:
+    """For tables and the ``--points`` syntax: "" (every σ) or "LO:HI"."""
+    return "" if interval is None else f"{float(interval[0]):g}:{float(interval[1]):g}"
 
 
 class GuidedDenoiser:

@@ -63,7 +63,6 @@ class EDMSoundPipeline:
         self.codec = SpectrogramCodec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
-        self.last_guided_calls = 0
 
     # --- introspection ---------------------------------------------------------------------------
     @property
@@ -97,8 +96,8 @@ class EDMSoundPipeline:
         return check_guidance_interval(interval)
 
     def sample_specs(self, class_name: str, seeds: list[int], sampler: str, nfe: int, guidance: float,
-                     callback=None, guidance_interval=None, **options) -> tuple[torch.Tensor, int]:
-        """Spectrograms for one batch of seeds; returns (specs, network evaluations counted).
+                     callback=None, guidance_interval=None, **options) -> tuple[torch.Tensor, int, int]:
+        """Spectrograms for one batch of seeds; returns (specs, network evaluations counted, of which guided).
         ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`."""
         label = self.class_index(class_name)
         fn = get_sampler(sampler)
@@ -113,8 +112,7 @@ class EDMSoundPipeline:
         guided = GuidedDenoiser(self.model, labels, guidance, guidance_interval)
         counter = CountingDenoiser(guided)
         out = fn(counter, x, sigmas, callback=callback, generator=gens, **options)
-        self.last_guided_calls = guided.guided_calls
-        return out.float().cpu(), counter.count
+        return out.float().cpu(), counter.count, guided.guided_calls
 
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
@@ -136,9 +134,8 @@ class EDMSoundPipeline:
         specs, counts, guided = [], [], 0
         t0 = time.perf_counter()
         for b in tqdm(batches, desc=f"{class_name}", disable=not progress or len(batches) < 2, unit="batch"):
-            s, c = self.sample_specs(class_name, b, sampler, nfe, guidance, callback=callback,
-                                     guidance_interval=interval, **options)
-            guided = self.last_guided_calls
+            s, c, guided = self.sample_specs(class_name, b, sampler, nfe, guidance, callback=callback,
+                                             guidance_interval=interval, **options)
             specs.append(s)
             counts.append(c)
         specs = torch.cat(specs)

@@ -37,7 +37,7 @@ import soundfile as sf
 import torch
 
 from .guidance import GUIDANCE_RANGE, check_guidance
-from .pipeline import EDMSoundPipeline, clip_stem, to_pcm16
+from .pipeline import PRESET_DEFAULT, EDMSoundPipeline, clip_stem, to_pcm16
 from .plotting import MODES
 from .samplers import SAMPLERS, steps_for_nfe, valid_nfes
 
@@ -472,7 +472,7 @@ class EDMSoundService:
 
     def generate(self, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *, progress=None,
                  figures: str | None = None, write_files: bool = True,
-                 guidance_interval="default") -> GenerateResult:
+                 guidance_interval=PRESET_DEFAULT) -> GenerateResult:
         """``n`` clips of ``class_name`` (clip i uses seed + i). ``progress(done, total, desc)`` is called
         once per solver step; ``figures`` = a spectrogram view ('magphase' / 'realimag') renders them.
         ``guidance_interval``: "default" (the checkpoint's shipped one), None or (lo, hi) noise levels."""
@@ -502,7 +502,7 @@ class EDMSoundService:
 
     def compare(self, class_name, seed=0, nfe=None, guidance=None, samplers=None, *, progress=None,
                 figures: str | None = None, write_files: bool = True,
-                guidance_interval="default") -> CompareResult:
+                guidance_interval=PRESET_DEFAULT) -> CompareResult:
         """One clip per sampler with the same class, seed, NFE and guidance. Heun-type samplers spend
         odd budgets only: with an even NFE they use NFE - 1 (noted in the entry)."""
         d = self.defaults
