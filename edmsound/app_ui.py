@@ -299,6 +299,11 @@ class Handlers:
         return gr.update(value=snap_nfe(sampler, nfe, self.svc.max_nfe),
                          info=f"{sampler}: {nfe_rule(sampler, self.svc.max_nfe)}", **spec)
 
+    def class_changed(self, class_name):
+        """The guidance slider moves to the class's default scale (calibrated per class, if the checkpoint is)."""
+        w = self.svc.defaults["class_guidance"].get(class_name)
+        return gr.update() if w is None else gr.update(value=w)
+
     @staticmethod
     def random_seed():
         return secrets.randbelow(SEED_MAX + 1)
@@ -314,6 +319,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
     heavy = dict(concurrency_limit=CONCURRENCY, concurrency_id="compute")
     ui_only = dict(api_visibility="private", **heavy)
     info = svc.info()
+    per_class = len(set(d["class_guidance"].values())) > 1
 
     # ------------------------------------------------------------------------------ layout
     with gr.Blocks(title="EDMSound", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
@@ -334,10 +340,11 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                     nfe = gr.Slider(value=d["nfe"], label="NFE (network evaluations)", elem_id="nfe-slider",
                                     info=f"{d['sampler']}: {nfe_rule(d['sampler'], svc.max_nfe)}", **nfe0)
                     gi = d.get("guidance_interval")
-                    guidance = gr.Slider(*info["guidance_range"], value=d["guidance"], step=0.1,
+                    guidance = gr.Slider(*info["guidance_range"], value=d["class_guidance"][classes[0]], step=0.1,
                                          label="Guidance scale",
                                          info="1 = conditional, 0 = unconditional" + (
-                                             "" if gi is None else f"; applied for {format_guidance_interval(gi)}"),
+                                             "" if gi is None else f"; applied for {format_guidance_interval(gi)}") + (
+                                             "; the default follows the class" if per_class else ""),
                                          elem_id="guidance-slider")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",
@@ -420,7 +427,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                 c_cls = gr.Dropdown(classes, value=classes[0], label="Class", elem_id="cmp-class")
                 c_seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="cmp-seed")
                 c_nfe = gr.Slider(1, svc.max_nfe, value=min(6, svc.max_nfe), step=1, label="NFE", elem_id="cmp-nfe")
-                c_guid = gr.Slider(*info["guidance_range"], value=d["guidance"], step=0.1, label="Guidance scale",
+                c_guid = gr.Slider(*info["guidance_range"], value=d["class_guidance"][classes[0]], step=0.1, label="Guidance scale",
                                    elem_id="cmp-guidance")
             c_samplers = gr.CheckboxGroup(samplers, value=samplers, label="Samplers", elem_id="cmp-samplers")
             with gr.Row():
@@ -447,6 +454,8 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         sampler.change(h.sampler_changed, [sampler, nfe], [nfe], api_visibility="private", queue=False,
                        preprocess=False)
         dice.click(h.random_seed, None, [seed], api_visibility="private", queue=False)
+        cls.change(h.class_changed, [cls], [guidance], api_visibility="private", queue=False, preprocess=False)
+        c_cls.change(h.class_changed, [c_cls], [c_guid], api_visibility="private", queue=False, preprocess=False)
 
         gen_event = go.click(
             h.generate, [cls, sampler, nfe, guidance, seed, n], [session, settings, files], api_name="generate",

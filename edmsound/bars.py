@@ -32,18 +32,30 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def shipped_rows(results: dict, sampler: str, nfe: int, guidance: float, interval=None) -> dict[str, dict]:
-    """The generated rows (class -> row, plus "overall") of one configuration; ValueError if the sweep lacks it."""
+def _same_guidance(a, b) -> bool:
+    """Guidance values are scales, or "class" (each class at its checkpoint default)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return str(a) == str(b)
+    return float(a) == float(b)
+
+
+def _g_text(guidance) -> str:
+    return guidance if isinstance(guidance, str) else f"{guidance:g}"
+
+
+def shipped_rows(results: dict, sampler: str, nfe: int, guidance, interval=None) -> dict[str, dict]:
+    """The generated rows (class -> row, plus "overall") of one configuration; ValueError if the sweep lacks it.
+    ``guidance``: a scale, or "class" for the checkpoint's per-class default scales."""
     want = _interval_text(interval)
     rows = {r["class"]: r for r in results["rows"]
             if r["kind"] == "generated" and r["sampler"] == sampler and r["nfe"] == nfe
-            and float(r["guidance"]) == float(guidance) and (r.get("guidance_interval") or "") == want}
+            and _same_guidance(r["guidance"], guidance) and (r.get("guidance_interval") or "") == want}
     if not rows:
         have = sorted({(r["sampler"], r["nfe"], r["guidance"], r.get("guidance_interval") or "")
                        for r in results["rows"] if r["kind"] == "generated"})
-        raise ValueError(f"the evaluation has no rows for {sampler} NFE {nfe} guidance {guidance:g}"
+        raise ValueError(f"the evaluation has no rows for {sampler} NFE {nfe} guidance {_g_text(guidance)}"
                          f"{' interval ' + want if want else ''}; it has {have}. Add it with --points "
-                         f"{sampler}:{nfe}:{guidance:g}{':' + want if want else ''}")
+                         f"{sampler}:{nfe}:{_g_text(guidance)}{':' + want if want else ''}")
     return rows
 
 
@@ -51,9 +63,10 @@ def _bar(name, target, value, met):
     return {"bar": name, "target": target, "value": value, "met": met}
 
 
-def issue_bars(results: dict, sampler: str, nfe: int, guidance: float, interval=None,
+def issue_bars(results: dict, sampler: str, nfe: int, guidance, interval=None,
                speed: dict | None = None) -> list[dict]:
-    """One dict per bar: ``bar``, ``target``, ``value`` (a string), ``met`` (True/False/None = not measured)."""
+    """One dict per bar: ``bar``, ``target``, ``value`` (a string), ``met`` (True/False/None = not measured).
+    ``guidance``: the shipped scale, or "class" when the checkpoint ships per-class scales."""
     rows = shipped_rows(results, sampler, nfe, guidance, interval)
     classes = [c for c in results["settings"]["classes"] if c in rows]
     overall = rows["overall"]
@@ -74,7 +87,8 @@ def issue_bars(results: dict, sampler: str, nfe: int, guidance: float, interval=
                     (fvb <= 3.0) if _finite(fvb) else None))
     # few steps: Heun at ~50 evaluations with the same guidance (and interval, if the sweep has it)
     heun = [r for r in results["rows"] if r["kind"] == "generated" and r["class"] == "overall"
-            and r["sampler"] == "heun" and r["nfe"] >= HEUN_REFERENCE_MIN_NFE and float(r["guidance"]) == float(guidance)]
+            and r["sampler"] == "heun" and r["nfe"] >= HEUN_REFERENCE_MIN_NFE and _same_guidance(r["guidance"], guidance)
+            and (r.get("guidance_per_class") or "") == (overall.get("guidance_per_class") or "")]
     same = [r for r in heun if (r.get("guidance_interval") or "") == _interval_text(interval)]
     heun = same or heun
     if heun and _finite(overall.get("fad")):
@@ -85,7 +99,7 @@ def issue_bars(results: dict, sampler: str, nfe: int, guidance: float, interval=
                         ratio <= 1.1))
     else:
         out.append(_bar("FAD at the shipped NFE / FAD of Heun at NFE 50", "≤ 1.1", "– (no Heun NFE ≥ 49 row; add "
-                        f"--points heun:51:{guidance:g})", None))
+                        f"--points heun:51:{_g_text(guidance)})", None))
     div = {c: rows[c].get("diversity_ratio") for c in classes}
     if div and all(_finite(v) for v in div.values()):
         worst = min(div, key=div.get)
@@ -96,12 +110,16 @@ def issue_bars(results: dict, sampler: str, nfe: int, guidance: float, interval=
     if speed is None:
         out.append(_bar("speed: one clip, median of 10", "≤ 1 s", "– (run benchmarks/samplers.py --shipped-only)", None))
     else:
-        same_cfg = (speed.get("sampler") == sampler and int(speed.get("nfe", -1)) == int(nfe)
-                    and float(speed.get("guidance", -1)) == float(guidance)
+        if isinstance(guidance, str):      # per-class scales: the record must be for the same scales
+            same_g = (speed.get("class_guidance") or "") == (overall.get("guidance_per_class") or "")
+        else:
+            same_g = not speed.get("class_guidance") and float(speed.get("guidance", -1)) == float(guidance)
+        same_cfg = (speed.get("sampler") == sampler and int(speed.get("nfe", -1)) == int(nfe) and same_g
                     and _interval_text(speed.get("guidance_interval")) == _interval_text(interval))
         v = float(speed["median_sec_per_clip"])
         if same_cfg:
-            out.append(_bar("speed: one clip, median of 10", "≤ 1 s", f"{v:.3f} s ({speed.get('cpu', '?')}, "
+            cls = f"{speed['class']} at w {speed.get('guidance'):g}, " if speed.get("class_guidance") else ""
+            out.append(_bar("speed: one clip, median of 10", "≤ 1 s", f"{v:.3f} s ({cls}{speed.get('cpu', '?')}, "
                             f"{speed.get('date', '?')})", v <= 1.0))
         else:
             out.append(_bar("speed: one clip, median of 10", "≤ 1 s",

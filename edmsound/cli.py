@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1)
     g.add_argument("--sampler", default=None, help="default: the checkpoint preset's (see `edmsound samplers`)")
     g.add_argument("--nfe", type=int, default=None, help="network evaluations (exact budget)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the class's default in the checkpoint)")
     g.add_argument("--guidance-interval", default="default", metavar="LO,HI",
                    help="guide only for noise levels LO < sigma <= HI; 'none': at every level; "
                         "default: the checkpoint's shipped interval")

@@ -103,7 +103,7 @@ def _cmd_bars(a):
     from .guidance import format_guidance_interval
     try:
         results = load_results(a.results)
-        preset, _ = read_config(resolve_model_dir(a.checkpoint))
+        preset, classes = read_config(resolve_model_dir(a.checkpoint))
         speed = None
         if a.speed and a.speed.lower() != "none":
             sp = Path(a.speed)
@@ -112,13 +112,22 @@ def _cmd_bars(a):
                                         "(or pass --speed none)")
             speed = json.loads(sp.read_text())
         iv = preset.default_guidance_interval
-        bars = issue_bars(results, preset.default_sampler, preset.default_nfe, preset.default_guidance, iv, speed)
+        shipped_g = "class" if preset.default_class_guidance else preset.default_guidance
+        if preset.default_class_guidance:
+            want = " ".join(f"{c}={preset.guidance_for(c):g}" for c in classes)
+            have = {r.get("guidance_per_class") for r in results["rows"] if r.get("guidance") == "class"}
+            if have and want not in have:
+                raise ValueError(f"the evaluation's per-class scales ({', '.join(sorted(have))}) are not the "
+                                 f"checkpoint's ({want}): re-run the evaluation")
+        bars = issue_bars(results, preset.default_sampler, preset.default_nfe, shipped_g, iv, speed)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = results["settings"]
+    g = (" ".join(f"{c} {w:g}" for c, w in preset.default_class_guidance) if preset.default_class_guidance
+         else f"{preset.default_guidance:g}")
     title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
-             f"{preset.default_guidance:g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
+             f"{g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
              f"(ema {s['ema_sha256'][:12]}, {s['n_per_class']} clips per class)")
     md = bars_markdown(bars, title)
     print(md, end="")
@@ -127,6 +136,29 @@ def _cmd_bars(a):
         Path(a.out).write_text(md)
     if a.check and not all(b["met"] for b in bars):
         sys.exit(1)
+
+
+def _cmd_calibrate(a):
+    from .calibrate import calibrate_class_guidance, write_calibration, write_class_guidance
+    try:
+        if a.clear:
+            print(f"cleared the per-class guidance in {write_class_guidance(a.checkpoint, None)}")
+            return
+        res = calibrate_class_guidance(a.checkpoint, scales=_csv_list(a.scales, float, "scales"),
+                                       min_fit=a.min_fit, n_per_class=a.n_per_class, seed=a.seed,
+                                       classifier=a.classifier, encoder=a.encoder,
+                                       reference=None if a.reference == "none" else a.reference,
+                                       batch_size=a.batch_size, stop_at_first=not a.full_grid,
+                                       progress=not a.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if a.out:
+        write_calibration(res, a.out)
+        print(f"wrote {Path(a.out) / 'calibration.md'} and calibration.json")
+    print("per-class guidance: " + ", ".join(f"{c} {w:g}" for c, w in res["class_guidance"].items()))
+    if a.write:
+        print(f"stored in {write_class_guidance(a.checkpoint, res['class_guidance'])}")
 
 
 def register(subparsers) -> None:
@@ -164,6 +196,25 @@ def register(subparsers) -> None:
     b.add_argument("--check", action="store_true", help="exit 1 unless every bar is met")
     b.set_defaults(func=_cmd_bars)
 
+    k = subparsers.add_parser("calibrate-guidance", help="choose each class's default guidance scale: the smallest "
+                              "that makes its clips recognisable to the classifier (see edmsound/calibrate.py)")
+    k.add_argument("--checkpoint", default="checkpoints/default")
+    k.add_argument("--scales", default="1,1.5,2,3", help="guidance scales to try, ascending")
+    k.add_argument("--min-fit", type=float, default=0.9, help="category fit (classifier accuracy) a scale must reach")
+    k.add_argument("--n-per-class", type=int, default=16)
+    k.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
+    k.add_argument("--classifier", default="default")
+    k.add_argument("--encoder", default="default", help="encoder for the diversity column")
+    k.add_argument("--reference", default="builtin", help="real clips for the diversity column: builtin, a "
+                   "directory, or none")
+    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--full-grid", action="store_true", help="score every scale (default: stop at the first that fits)")
+    k.add_argument("--out", default=None, help="write calibration.md / calibration.json here")
+    k.add_argument("--write", action="store_true", help="store the chosen scales in the checkpoint's config.json")
+    k.add_argument("--clear", action="store_true", help="remove the checkpoint's per-class scales and exit")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=_cmd_calibrate)
+
     e = subparsers.add_parser("evaluate", help="FAD, KID, classifier scores, diversity and copying per "
                                                "(sampler, NFE, guidance), per class")
     e.add_argument("--checkpoint", default="checkpoints/default", help="model or run directory")
@@ -185,7 +236,8 @@ def register(subparsers) -> None:
     e.add_argument("--points", default="",
                    help="extra configurations outside the grid, SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI][,...], e.g. "
                         "heun:51:2 (an expensive reference without crossing it with every sampler) or "
-                        "dpmpp_2m:10:3:0.05:1 (guidance only for 0.05 < sigma <= 1)")
+                        "dpmpp_2m:10:3:0.05:1 (guidance only for 0.05 < sigma <= 1); GUIDANCE 'class' uses the "
+                        "checkpoint's per-class default scales (dpmpp_2m:10:class:0.1:10)")
     e.add_argument("--n-per-class", type=int, default=32)
     e.add_argument("--out", required=True)
     e.add_argument("--encoder", default="default",

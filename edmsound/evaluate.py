@@ -60,17 +60,40 @@ MAX_CLIPS_PER_CALL = 64     # EDMSoundPipeline.generate's limit
 
 
 # ------------------------------------------------------------------------------------------ planning
+CLASS_GUIDANCE = "class"     # the guidance of a point that uses the checkpoint's per-class default scales
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     sampler: str
     nfe: int                 # the budget actually spent (counted by the pipeline)
-    guidance: float
+    guidance: float | str    # a scale, or CLASS_GUIDANCE: each class at its own scale (class_guidance)
     requested_nfe: int
     interval: tuple[float, float] | None = None   # guidance only for lo < sigma <= hi (None: every sigma)
+    class_guidance: tuple[tuple[str, float], ...] | None = None   # ((class, w), ...) when guidance == "class"
+
+    def guidance_for(self, class_name: str) -> float:
+        if self.guidance == CLASS_GUIDANCE:
+            return dict(self.class_guidance)[class_name]
+        return float(self.guidance)
+
+    @property
+    def class_guidance_text(self) -> str:
+        """``""`` or ``"dog_bark=3 gunshot=1 ..."`` (the per-class scales of a CLASS_GUIDANCE point)."""
+        return " ".join(f"{c}={w:g}" for c, w in self.class_guidance) if self.class_guidance else ""
+
+    @property
+    def guided(self) -> bool:
+        """Whether any class runs guided (double-batch) evaluations."""
+        ws = [w for _, w in self.class_guidance] if self.guidance == CLASS_GUIDANCE else [self.guidance]
+        return any(w not in (0.0, 1.0) for w in ws)
 
     @property
     def key(self) -> str:
-        g = f"{self.guidance:g}".replace(".", "p")
+        if self.guidance == CLASS_GUIDANCE:
+            g = "cls-" + "-".join(f"{w:g}".replace(".", "p") for _, w in self.class_guidance)
+        else:
+            g = f"{self.guidance:g}".replace(".", "p")
         key = f"{self.sampler}_nfe{self.nfe}_w{g}"
         if self.interval is not None:
             key += "_i" + "-".join(f"{v:g}".replace(".", "p") for v in self.interval)
@@ -90,13 +113,15 @@ def _nearest_valid_nfe(sampler: str, nfe: int) -> int:
 
 
 def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
-               extra_points=(), guidance_interval=None) -> tuple[list[SweepPoint], list[str]]:
+               extra_points=(), guidance_interval=None, class_guidance=None) -> tuple[list[SweepPoint], list[str]]:
     """The configurations to evaluate and notes about (sampler, NFE) pairs that were remapped or skipped.
 
     The grid samplers x nfes x guidances (any of the three may be empty for no grid) followed by
     ``extra_points``, explicit ``(sampler, nfe, guidance)`` triples (e.g. one expensive reference such as Heun at
     NFE 51 without crossing it with everything else) or ``(sampler, nfe, guidance, (lo, hi))`` with a guidance
     interval. ``guidance_interval`` applies to the guided grid points (w != 1; it is meaningless at w = 1).
+    A point's guidance may be ``"class"``: every class at its own scale from ``class_guidance`` (((class, w), ...),
+    the checkpoint's calibrated per-class defaults), with the interval applied to the guided classes.
     Invalid pairs (e.g. ``heun`` with an even NFE) are mapped to the nearest valid budget (ties: the lower) with ``invalid_nfe="nearest"``, or dropped with ``"skip"``.
     Duplicates are removed, order is kept."""
     from .guidance import check_guidance, check_guidance_interval
@@ -132,8 +157,15 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
     for p in extra_points:
         s, n, g = p[:3]
         get_sampler(s)
+        iv = check_guidance_interval(p[3] if len(p) == 4 else None)
+        if g == CLASS_GUIDANCE:
+            if not class_guidance:
+                raise ValueError("a point with guidance 'class' needs per-class guidance scales; this checkpoint has "
+                                 "none (set them with 'edmsound calibrate-guidance --write')")
+            requests.append((s, check_nfe(n), g, iv))
+            continue
         g = check_guidance(g)
-        requests.append((s, check_nfe(n), g, interval_for(g, check_guidance_interval(p[3] if len(p) == 4 else None))))
+        requests.append((s, check_nfe(n), g, interval_for(g, iv)))
 
     points, notes, seen, noted = [], [], set(), set()
     for s, n, g, iv in requests:
@@ -157,13 +189,14 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
         if (s, actual, g, iv) in seen:
             continue
         seen.add((s, actual, g, iv))
-        points.append(SweepPoint(s, actual, g, n, iv))
+        points.append(SweepPoint(s, actual, g, n, iv, tuple(class_guidance) if g == CLASS_GUIDANCE else None))
     return points, notes
 
 
 def parse_points(text: str) -> list[tuple]:
     """``"heun:51:2,dpmpp_2m:10:4:0.05:1"`` -> ``[("heun", 51, 2.0), ("dpmpp_2m", 10, 4.0, (0.05, 1.0))]``
-    (the optional LO:HI is a guidance interval of noise levels)."""
+    (the optional LO:HI is a guidance interval of noise levels). GUIDANCE may be ``class``: the checkpoint's
+    per-class default scales."""
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -173,14 +206,23 @@ def parse_points(text: str) -> list[tuple]:
             raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI] (e.g. heun:51:2 or "
                              f"dpmpp_2m:10:3:0.05:1), got {item!r}")
         try:
-            point = (parts[0], int(parts[1]), float(parts[2]))
+            g = parts[2].strip().lower()
+            point = (parts[0], int(parts[1]), CLASS_GUIDANCE if g == CLASS_GUIDANCE else float(g))
             if len(parts) == 5:
                 point += ((float(parts[3]), float(parts[4])),)
         except ValueError:
-            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI] with an integer NFE and "
-                             f"numbers, got {item!r}") from None
+            raise ValueError(f"a point is SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI] with an integer NFE, a guidance "
+                             f"scale or 'class', and numbers, got {item!r}") from None
         out.append(point)
     return out
+
+
+def class_guidance_pairs_for(preset, classes) -> tuple[tuple[str, float], ...] | None:
+    """Every class's default scale as ((class, w), ...) in checkpoint order, or None if the preset has no
+    per-class scales (then a 'class' point would equal the plain default)."""
+    if not preset.default_class_guidance:
+        return None
+    return tuple((c, preset.guidance_for(c)) for c in classes)
 
 
 def noise_seed(seed: int, class_index: int, i: int) -> int:
@@ -323,7 +365,7 @@ def _check_meta(meta_path: Path, want: dict, regenerate: bool) -> dict:
     if meta_path.is_file():
         have = json.loads(meta_path.read_text())
         diff = [k for k in ("ema_sha256", "seed", "sample_rate", "num_samples", "sampler", "nfe", "guidance",
-                            "guidance_interval") if have.get(k) != want.get(k)]
+                            "guidance_interval", "class_guidance") if have.get(k) != want.get(k)]
         if diff and not regenerate:
             raise ValueError(f"{meta_path.parent} holds clips made with other settings ({', '.join(diff)} differ: "
                              f"{[(k, have.get(k), want.get(k)) for k in diff]}); use another --out or --regenerate")
@@ -346,11 +388,11 @@ def estimate_generation_seconds(pipe, points, missing_counts: dict, batch_size: 
     cls = pipe.classes[0]
     pipe.sample_specs(cls, seeds[:1], "euler", 1, 1.0)                  # warm-up
     per = {}
-    for guided in sorted({p.guidance not in (0.0, 1.0) for p in points if total_units[p]}):   # interval points: upper bound
+    for guided in sorted({p.guided for p in points if total_units[p]}):   # interval / per-class points: upper bound
         t0 = time.perf_counter()
         pipe.sample_specs(cls, seeds, "euler", 2, 2.0 if guided else 1.0)
         per[guided] = (time.perf_counter() - t0) / (2 * b)
-    secs = sum(u * per[p.guidance not in (0.0, 1.0)] for p, u in total_units.items() if u)
+    secs = sum(u * per[p.guided] for p, u in total_units.items() if u)
     return {"seconds": float(secs), "per_eval": {("guided" if k else "unguided"): v for k, v in per.items()},
             "clip_evaluations": int(sum(total_units.values()))}
 
@@ -363,6 +405,8 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
             "nfe": point.nfe, "requested_nfe": point.requested_nfe, "guidance": point.guidance,
             "guidance_interval": None if point.interval is None else list(point.interval),
             "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i"}
+    if point.class_guidance:
+        want["class_guidance"] = dict(point.class_guidance)
     meta = _check_meta(d / "meta.json", want, regenerate)
     missing = _missing(clips_root, point, classes, n)
     made = 0
@@ -370,7 +414,7 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
         ci = pipe.class_index(c)
         for start, length in _runs(idx):
             t0 = time.perf_counter()
-            gen = pipe.generate(c, n=length, sampler=point.sampler, nfe=point.nfe, guidance=point.guidance,
+            gen = pipe.generate(c, n=length, sampler=point.sampler, nfe=point.nfe, guidance=point.guidance_for(c),
                                 seed=noise_seed(seed, ci, start), batch_size=batch_size,
                                 guidance_interval=point.interval)
             meta["generation"]["seconds"] += time.perf_counter() - t0
@@ -561,13 +605,14 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     topk = sorted({int(k) for k in topk} | {1})
     if topk[0] < 1:
         raise ValueError(f"top-k values must be >= 1, got {topk}")
+    pipe = EDMSoundPipeline(checkpoint, device=device)
     points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points,
-                               guidance_interval=guidance_interval)
+                               guidance_interval=guidance_interval,
+                               class_guidance=class_guidance_pairs_for(pipe.preset, pipe.classes))
     for n in notes:
         log(f"note: {n}")
     out = Path(out_dir)
     clips_root = out / "clips"
-    pipe = EDMSoundPipeline(checkpoint, device=device)
     classes, sr, ns = list(pipe.classes), pipe.sample_rate, pipe.codec.num_samples
     fingerprint = file_sha256(pipe.model_dir / "ema.safetensors")
     missing = {p: sum(len(v) for v in _missing(clips_root, p, classes, n_per_class).values()) for p in points}
@@ -605,6 +650,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
             row = {"kind": kind, "sampler": point.sampler if point else "", "requested_nfe": point.requested_nfe if point else "",
                    "nfe": point.nfe if point else "", "guidance": point.guidance if point else "",
                    "guidance_interval": point.interval_text if point else "", "class": key}
+            if point is not None and point.class_guidance:
+                row["guidance_per_class"] = point.class_guidance_text
             row.update(r)
             row.update(extra or {})
             rows.append(row)
@@ -659,6 +706,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
 # ------------------------------------------------------------------------------------------ outputs
 def _columns(rows) -> list[str]:
     base = ["kind", "sampler", "requested_nfe", "nfe", "guidance", "guidance_interval", "class", "n"]
+    if any("guidance_per_class" in r for r in rows):
+        base.insert(6, "guidance_per_class")
     extra = []
     for r in rows:
         for k in r:
@@ -715,8 +764,9 @@ def _cell(r, key, fmt):
 
 def _label(r):
     if r["kind"] == "generated":
+        g = "per class" if r["guidance"] == CLASS_GUIDANCE else f"{r['guidance']:g}"
         return [r["sampler"], str(r["nfe"]) + ("" if r["nfe"] == r["requested_nfe"] else f" (asked {r['requested_nfe']})"),
-                f"{r['guidance']:g}" + _interval_label(r)]
+                g + _interval_label(r)]
     return [f"*{r['kind']}*", "", ""]
 
 
@@ -833,7 +883,7 @@ def _plots(result, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r["class"] == "overall"]
-    gen = [r for r in rows if r["kind"] == "generated"]
+    gen = [r for r in rows if r["kind"] == "generated" and r["guidance"] != CLASS_GUIDANCE]   # per-class: tables only
     base = {r["kind"]: r for r in rows if r["kind"] != "generated"}
     tops = sorted({k for r in rows for k in r if k.startswith("top") and k.endswith("_accuracy")})
     metrics = PLOT_METRICS[:4] + [(k, f"top-{k[3:-9]} accuracy") for k in tops] + PLOT_METRICS[4:]

@@ -121,8 +121,8 @@ class EDMSoundPipeline:
         noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi)."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
-        guidance = self.preset.default_guidance if guidance is None else guidance
         self.class_index(class_name)
+        guidance = self.preset.guidance_for(class_name) if guidance is None else guidance
         get_sampler(sampler)
         nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
         interval = self.resolve_guidance_interval(guidance_interval)

@@ -91,6 +91,14 @@ class TrainConfig:
     num_workers: int = 0
 
 
+def class_guidance_pairs(mapping) -> tuple[tuple[str, float], ...] | None:
+    """``{class: w}`` / ``[(class, w), ...]`` / None -> sorted ``((class, w), ...)`` pairs (None if empty)."""
+    if not mapping:
+        return None
+    items = mapping.items() if isinstance(mapping, dict) else mapping
+    return tuple(sorted((str(c), float(w)) for c, w in items))
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -104,9 +112,20 @@ class Preset:
     default_guidance: float = 2.0
     # Guidance only for sigma in (lo, hi] (Kynkäänniemi et al. 2024); None = at every noise level.
     default_guidance_interval: tuple[float, float] | None = None
+    # Per-class guidance scales that replace default_guidance for those classes, as ((class, w), ...) pairs;
+    # chosen on a trained checkpoint by `edmsound calibrate-guidance` (classes differ: some are recognisable
+    # without guidance and only lose variety with it, others need it). None: default_guidance for every class.
+    default_class_guidance: tuple[tuple[str, float], ...] | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.default_class_guidance is not None:
+            d["default_class_guidance"] = {c: w for c, w in self.default_class_guidance}
+        return d
+
+    def guidance_for(self, class_name: str) -> float:
+        """The default guidance scale of ``class_name`` (its calibrated value, else ``default_guidance``)."""
+        return dict(self.default_class_guidance or ()).get(class_name, self.default_guidance)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preset":
@@ -131,6 +150,7 @@ class Preset:
             default_guidance=d.get("default_guidance", 2.0),
             default_guidance_interval=(None if d.get("default_guidance_interval") is None
                                        else tuple(float(v) for v in d["default_guidance_interval"])),
+            default_class_guidance=class_guidance_pairs(d.get("default_class_guidance")),
         )
 
     def replace_train(self, **kw) -> "Preset":

@@ -324,7 +324,8 @@ class EDMSoundService:
         return {"sampler": sampler, "nfe": snap_nfe(sampler, min(p.default_nfe, self.max_nfe), self.max_nfe),
                 "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K,
                 "guidance_interval": (None if p.default_guidance_interval is None
-                                      else list(p.default_guidance_interval))}
+                                      else list(p.default_guidance_interval)),
+                "class_guidance": {c: p.guidance_for(c) for c in self.classes}}
 
     def valid_nfes(self, sampler: str) -> list[int]:
         return valid_nfes(self.check_sampler(sampler), self.max_nfe)
@@ -453,7 +454,7 @@ class EDMSoundService:
         class_name = self.check_class(class_name)
         sampler = self.check_sampler(d["sampler"] if sampler is None else sampler)
         nfe = self.check_nfe(sampler, d["nfe"] if nfe is None else nfe)
-        guidance = self.check_guidance(d["guidance"] if guidance is None else guidance)
+        guidance = self.check_guidance(d["class_guidance"][class_name] if guidance is None else guidance)
         seed = self.check_seed(0 if seed is None else seed)
         return class_name, sampler, nfe, guidance, seed
 

@@ -1,5 +1,6 @@
 """The evaluation sweep on a tiny checkpoint trained in the test: plan, cache, table, plots, CLI."""
 import csv
+import os
 import json
 
 import numpy as np
@@ -114,8 +115,9 @@ def _run(world, out, **kw):
     args = dict(reference=world / "ref", samplers=["heun", "dpmpp_2m"], nfes=[2, 3], guidances=[1, 2],
                 n_per_class=3, encoder=world / "encoder", classifier=world / "classifier", index=world / "index",
                 reference_per_class=0, kid_subsets=10, progress=False, log=lambda *_: None)
+    model = kw.pop("model", world / "model")
     args.update(kw)
-    return evaluate_sweep(world / "model", out, **args)
+    return evaluate_sweep(model, out, **args)
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +330,91 @@ def test_bars_read_off_the_evaluation(world, interval_sweep, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bars", "--results", str(out), "--checkpoint", str(world / "model"), "--speed", "none"])
     assert e.value.code == 2 and "Add it with --points" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ per-class guidance
+def test_choose_scale_rule():
+    from edmsound.calibrate import choose_scale
+    rows = [{"guidance": 1.0, "fit": 0.6}, {"guidance": 2.0, "fit": 0.95}, {"guidance": 3.0, "fit": 1.0}]
+    assert choose_scale(rows, 0.9) == 2.0 and choose_scale(rows, 0.5) == 1.0
+    assert choose_scale(rows, 1.0) == 3.0
+    never = [{"guidance": 1.0, "fit": 0.2}, {"guidance": 2.0, "fit": 0.4}, {"guidance": 3.0, "fit": 0.4}]
+    assert choose_scale(never, 0.9) == 2.0                      # best fit, ties -> the smaller scale
+
+
+@pytest.fixture(scope="module")
+def calibrated(world, tmp_path_factory):
+    """A copy of the world's model with per-class scales chosen by calibrate-guidance (CLI, --write)."""
+    import shutil
+
+    from edmsound.cli import main
+    d = tmp_path_factory.mktemp("calib")
+    shutil.copytree(world / "model", d / "model")
+    main(["calibrate-guidance", "--checkpoint", str(d / "model"), "--scales", "2,1", "--min-fit", "0.5",
+          "--n-per-class", "4", "--classifier", str(world / "classifier"), "--encoder", str(world / "encoder"),
+          "--reference", str(world / "ref"), "--full-grid", "--out", str(d / "cal"), "--write", "--no-progress"])
+    return d
+
+
+def test_calibration_measures_fit_with_the_classifier_and_stores_the_rule(world, calibrated):
+    from edmsound.calibrate import choose_scale
+    from edmsound.classifier import load_classifier
+    from edmsound.pipeline import EDMSoundPipeline
+    res = json.loads((calibrated / "cal" / "calibration.json").read_text())
+    assert res["settings"]["scales"] == [1.0, 2.0] and res["settings"]["seed"] == 1
+    assert {(r["class"], r["guidance"]) for r in res["rows"]} == {(c, w) for c in ("low", "high") for w in (1.0, 2.0)}
+    pipe = EDMSoundPipeline(calibrated / "model", device="cpu")
+    clf = load_classifier(world / "classifier")
+    for r in res["rows"]:
+        ci = pipe.class_index(r["class"])
+        g = pipe.generate(r["class"], n=4, seed=noise_seed(1, ci, 0), guidance=r["guidance"])
+        p = clf.predict_proba(E._pcm16(g.waves), pipe.sample_rate)
+        assert r["fit"] == pytest.approx(float(np.mean(p.argmax(1) == clf.classes.index(r["class"]))))
+        assert r["diversity_ratio"] > 0 and r["guided_nfe"] == (0 if r["guidance"] == 1.0 else g.settings["guided_nfe"])
+    for c in ("low", "high"):
+        want = choose_scale([r for r in res["rows"] if r["class"] == c], 0.5)
+        assert res["class_guidance"][c] == want and pipe.preset.guidance_for(c) == want
+    md = (calibrated / "cal" / "calibration.md").read_text()
+    assert "| class | w | category fit |" in md and "Chosen: " in md
+
+
+def test_per_class_scales_drive_generation_service_and_evaluation(world, calibrated, tmp_path):
+    from edmsound.bars import issue_bars
+    from edmsound.calibrate import write_class_guidance
+    from edmsound.pipeline import EDMSoundPipeline
+    from edmsound.service import EDMSoundService
+    model = tmp_path / "model"
+    import shutil
+    shutil.copytree(calibrated / "model", model)
+    write_class_guidance(model, {"low": 1.0, "high": 2.5})
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        write_class_guidance(model, {"nope": 2.0})
+    pipe = EDMSoundPipeline(model, device="cpu")
+    lo, hi = pipe.generate("low", seed=3), pipe.generate("high", seed=3)
+    assert lo.settings["guidance"] == 1.0 and lo.settings["guided_nfe"] == 0
+    assert hi.settings["guidance"] == 2.5 and hi.settings["guided_nfe"] > 0
+    assert pipe.generate("high", seed=3, guidance=1.0).settings["guided_nfe"] == 0      # explicit wins
+    svc = EDMSoundService(pipe, index=None)
+    assert svc.defaults["class_guidance"] == {"low": 1.0, "high": 2.5}
+    assert svc.generate("high", seed=3, write_files=False).settings["guidance"] == 2.5
+    # evaluate: a 'class' point generates each class at its own scale, identical to the fixed-scale clips
+    out = tmp_path / "ev"
+    res = _run(world, out, model=model, samplers=[], nfes=[], guidances=[],
+               points=[("dpmpp_2m", 3, 2.5), ("dpmpp_2m", 3, "class"), ("dpmpp_2m", 3, 1.0)])
+    res_dir = out / "clips"
+    key = [p for p in os.listdir(res_dir) if "cls" in p][0]
+    assert key == "dpmpp_2m_nfe3_wcls-2p5-1"                     # checkpoint class order: high, low
+    for c, fixed in (("low", "dpmpp_2m_nfe3_w1"), ("high", "dpmpp_2m_nfe3_w2p5")):
+        a, _ = sf.read(str(res_dir / key / c / f"{c}_0000.wav"), dtype="float32")
+        b, _ = sf.read(str(res_dir / fixed / c / f"{c}_0000.wav"), dtype="float32")
+        np.testing.assert_array_equal(a, b)
+    rows = [r for r in res["rows"] if r["kind"] == "generated" and r["guidance"] == "class"]
+    assert {r["guidance_per_class"] for r in rows} == {"high=2.5 low=1"}
+    assert "| dpmpp_2m | 3 | per class |" in (out / "results.md").read_text()
+    bars = {b["bar"]: b for b in issue_bars(res, "dpmpp_2m", 3, "class")}
+    overall = [r for r in rows if r["class"] == "overall"][0]
+    assert bars["category fit, mean"]["value"] == f"{overall['accuracy']:.3f}"
+    assert "heun:51:class" in [b for k, b in bars.items() if k.startswith("FAD at")][0]["value"]
+    with pytest.raises(ValueError, match="calibrate-guidance"):
+        E.plan_sweep([], [], [], extra_points=[("dpmpp_2m", 3, "class")])
+    assert E.parse_points("heun:51:class:0.1:10") == [("heun", 51, "class", (0.1, 10.0))]
