@@ -5,7 +5,8 @@
                   [--device cpu|cuda]
 
 Nothing is downloaded: the model, the copy-detection encoder and the index are local files. On a Hugging
-Face Space (SPACE_ID set) it listens on 0.0.0.0; it uses CUDA when present. See docs/app.md.
+Face Space (SPACE_ID set) it listens on 0.0.0.0; it uses CUDA when present. Started as a script it re-executes
+itself once with jemalloc preloaded when the library is installed (EDMSOUND_NO_JEMALLOC=1: not). See docs/app.md.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def _stop(signum, frame):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if argv is None:              # started as a script: serve under jemalloc when installed (faster generation;
+        from edmsound.launch import reexec_with_jemalloc  # EDMSOUND_NO_JEMALLOC=1 turns it off)
+        reexec_with_jemalloc(sys.argv[1:], script=__file__)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("edmsound").setLevel(logging.INFO)
     from edmsound.app_ui import build_demo, launch_kwargs
@@ -75,7 +79,10 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     if not service.has_index:
         print(f"note: neighbours panel off: {service.index_note}", file=sys.stderr)
-    logging.getLogger("edmsound.app").info("generated audio is kept in %s (removed at exit)", service.workdir)
+    from edmsound.launch import jemalloc_loaded
+    log = logging.getLogger("edmsound.app")
+    log.info("memory allocator: %s", "jemalloc" if jemalloc_loaded() else "default (jemalloc not found or disabled)")
+    log.info("generated audio is kept in %s (removed at exit)", service.workdir)
     signal.signal(signal.SIGTERM, _stop)
     demo = build_demo(service)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edmsound.launch import jemalloc_loaded  # noqa: E402
 from edmsound.guidance import GuidedDenoiser, format_guidance_interval  # noqa: E402
 from edmsound.pipeline import EDMSoundPipeline  # noqa: E402
 from edmsound.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
@@ -77,13 +78,14 @@ def shipped_timing(pipe, repeats=10, class_name=None):
             "guidance_interval": gen.settings["guidance_interval"], "guided_nfe": gen.settings["guided_nfe"],
             "median_sec_per_clip": statistics.median(times), "min": min(times), "max": max(times),
             "repeats": repeats, "class": cls, "audio_seconds": pipe.codec.num_samples / pipe.sample_rate,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "jemalloc": jemalloc_loaded()}
 
 
 def write_shipped(shipped, checkpoint, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"Shipped settings of `{checkpoint}`, {time.strftime('%Y-%m-%d')}, {cpu_model()} "
-             f"({os.cpu_count()} cores, {shipped['threads']} threads), torch {torch.__version__}. One clip per call "
+             f"({os.cpu_count()} cores, {shipped['threads']} threads, "
+             f"{'jemalloc' if shipped.get('jemalloc') else 'default allocator'}), torch {torch.__version__}. One clip per call "
              "(noise, sampling with classifier-free guidance, iSTFT), after one warm-up call.", "",
              "| sampler | NFE | guidance | guided σ interval | guided evaluations | clip length (s) | median s / clip "
              "| min | max | calls | bar |",
@@ -173,7 +175,12 @@ def main():
     ap.add_argument("--shipped-only", action="store_true",
                     help="only the speed of the shipped settings (median of 10 clips) -> samplers_shipped.md")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--no-jemalloc", action="store_true",
+                    help="time with the default allocator (by default it re-executes under jemalloc, as the app does)")
     a = ap.parse_args()
+    if not a.no_jemalloc:
+        from edmsound.launch import reexec_with_jemalloc
+        reexec_with_jemalloc(sys.argv[1:], script=__file__)
     if a.threads:
         torch.set_num_threads(a.threads)
     rel = os.path.relpath(a.checkpoint, ROOT)

@@ -1,4 +1,8 @@
-"""CPU launch helpers: preload jemalloc (about 2x faster CPU training here) by re-executing once."""
+"""CPU launch helpers: preload jemalloc by re-executing once.
+
+About 2x faster CPU training here (benchmarks/train_speed.py) and a few to ~15 % faster single-clip generation
+(repeated same-size allocations are served from jemalloc's cache instead of fresh pages), so the trainer, the app
+and the speed benchmark all start under it when the library is installed (Debian: libjemalloc2)."""
 from __future__ import annotations
 
 import os
@@ -31,8 +35,13 @@ def jemalloc_env(env: dict | None = None) -> dict:
     return env
 
 
-def reexec_with_jemalloc(argv: list[str]) -> None:
-    """Replace this process with ``python -m edmsound.cli argv`` under jemalloc, once.
+def jemalloc_loaded() -> bool:
+    """Whether this process was started with jemalloc preloaded."""
+    return "jemalloc" in os.environ.get("LD_PRELOAD", "")
+
+
+def reexec_with_jemalloc(argv: list[str], script: str | None = None) -> None:
+    """Replace this process with ``python -m edmsound.cli argv`` (or ``python script argv``) under jemalloc, once.
 
     No-op when jemalloc is missing, already loaded, disabled with EDMSOUND_NO_JEMALLOC=1, or when
     running under torchrun (the launcher's environment is left alone; preload it there yourself)."""
@@ -46,4 +55,5 @@ def reexec_with_jemalloc(argv: list[str]) -> None:
     env["EDMSOUND_REEXEC"] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "edmsound.cli", *argv], env)
+    head = [sys.executable, str(script)] if script else [sys.executable, "-m", "edmsound.cli"]
+    os.execve(sys.executable, [*head, *argv], env)

@@ -418,5 +418,7 @@ def test_python_app_py_serves_and_rejects_a_missing_index(assets, tmp_path):
             proc.wait()
     out = proc.stdout.read()
     assert proc.returncode == 0, out
+    from edmsound.launch import find_jemalloc
+    assert ("memory allocator: jemalloc" in out) == (find_jemalloc() is not None), out
     workdir = re.search(r"generated audio is kept in (\S+)", out).group(1)
     assert workdir.startswith(tempfile.gettempdir()) and not Path(workdir).exists()
