@@ -137,10 +137,49 @@ def calibration_markdown(result: dict) -> str:
 
 
 def write_calibration(result: dict, out_dir) -> None:
+    """calibration.json, calibration.md and calibration.png (the per-class fit / diversity curves)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "calibration.json", result)
     atomic_write_bytes(out / "calibration.md", calibration_markdown(result).encode())
+    atomic_write_bytes(out / "calibration.png", calibration_plot(result))
+
+
+def calibration_plot(result: dict) -> bytes:
+    """PNG bytes: one panel per class, category fit and diversity ratio against the guidance scale, the
+    ``min_fit`` line and the chosen scale marked (the trade-off the rule resolves)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    classes = list(dict.fromkeys(r["class"] for r in result["rows"]))
+    cols = min(4, len(classes))
+    nrows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    s = result["settings"]
+    for ax, c in zip(axes.flat, classes):
+        rows = sorted((r for r in result["rows"] if r["class"] == c), key=lambda r: r["guidance"])
+        w = [r["guidance"] for r in rows]
+        ax.plot(w, [r["fit"] for r in rows], "o-", label="category fit")
+        ax.plot(w, [r["diversity_ratio"] for r in rows], "s--", label="diversity ratio")
+        ax.axhline(s["min_fit"], color="grey", lw=0.8, ls=":")
+        chosen = result["class_guidance"].get(c)
+        if chosen is not None:
+            ax.axvline(chosen, color="tab:green", lw=1.2, alpha=0.6)
+        ax.set_title(f"{c} (w {chosen:g})" if chosen is not None else c, fontsize=9)
+        ax.set_xlabel("guidance w", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(classes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"per-class guidance calibration: {s['sampler']}, NFE {s['nfe']}, seed {s['seed']}; "
+                 f"dotted: min fit {s['min_fit']:g}, green: chosen", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def write_class_guidance(checkpoint, class_guidance: dict | None) -> Path:

@@ -376,6 +376,8 @@ def test_calibration_measures_fit_with_the_classifier_and_stores_the_rule(world,
         assert res["class_guidance"][c] == want and pipe.preset.guidance_for(c) == want
     md = (calibrated / "cal" / "calibration.md").read_text()
     assert "| class | w | category fit |" in md and "Chosen: " in md
+    png = (calibrated / "cal" / "calibration.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_per_class_scales_drive_generation_service_and_evaluation(world, calibrated, tmp_path):
