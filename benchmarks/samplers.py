@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from edmsound.launch import jemalloc_loaded  # noqa: E402
 from edmsound.guidance import GuidedDenoiser, format_guidance_interval  # noqa: E402
 from edmsound.pipeline import EDMSoundPipeline  # noqa: E402
+from edmsound.presets import format_class_guidance  # noqa: E402
 from edmsound.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
 from edmsound.schedules import karras_sigmas  # noqa: E402
 from edmsound.train import cpu_model  # noqa: E402
@@ -71,8 +72,7 @@ def shipped_timing(pipe, repeats=10, class_name=None):
         t = time.perf_counter()
         pipe.generate(cls, n=1, seed=i)
         times.append(time.perf_counter() - t)
-    per_class = (" ".join(f"{c}={p.guidance_for(c):g}" for c in pipe.classes) if p.default_class_guidance
-                 else None)
+    per_class = format_class_guidance(p.class_scales(pipe.classes)) or None
     return {"sampler": p.default_sampler, "nfe": p.default_nfe, "guidance": p.guidance_for(cls),
             "class_guidance": per_class,
             "guidance_interval": gen.settings["guidance_interval"], "guided_nfe": gen.settings["guided_nfe"],

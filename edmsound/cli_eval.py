@@ -101,6 +101,7 @@ def _cmd_bars(a):
     from .bars import bars_markdown, issue_bars, load_results
     from .checkpoint import read_config, resolve_model_dir
     from .guidance import format_guidance_interval
+    from .presets import format_class_guidance
     try:
         results = load_results(a.results)
         preset, classes = read_config(resolve_model_dir(a.checkpoint))
@@ -114,7 +115,7 @@ def _cmd_bars(a):
         iv = preset.default_guidance_interval
         shipped_g = "class" if preset.default_class_guidance else preset.default_guidance
         if preset.default_class_guidance:
-            want = " ".join(f"{c}={preset.guidance_for(c):g}" for c in classes)
+            want = format_class_guidance(preset.class_scales(classes))
             have = {r.get("guidance_per_class") for r in results["rows"] if r.get("guidance") == "class"}
             if have and want not in have:
                 raise ValueError(f"the evaluation's per-class scales ({', '.join(sorted(have))}) are not the "
@@ -124,8 +125,7 @@ def _cmd_bars(a):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = results["settings"]
-    g = (" ".join(f"{c} {w:g}" for c, w in preset.default_class_guidance) if preset.default_class_guidance
-         else f"{preset.default_guidance:g}")
+    g = format_class_guidance(preset.class_scales(classes)) or f"{preset.default_guidance:g}"
     title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
              f"{g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
              f"(ema {s['ema_sha256'][:12]}, {s['n_per_class']} clips per class)")

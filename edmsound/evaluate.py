@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .data import AudioSet, fit_length, load_audio, scan_folder
+from .presets import format_class_guidance
 
 __all__ = ["SweepPoint", "plan_sweep", "synth_audioset", "load_reference", "load_train_subset", "noise_seed",
            "evaluate_sweep", "estimate_generation_seconds", "write_outputs", "METRIC_COLUMNS", "INVALID_NFE_POLICIES",
@@ -80,7 +81,7 @@ class SweepPoint:
     @property
     def class_guidance_text(self) -> str:
         """``""`` or ``"dog_bark=3 gunshot=1 ..."`` (the per-class scales of a CLASS_GUIDANCE point)."""
-        return " ".join(f"{c}={w:g}" for c, w in self.class_guidance) if self.class_guidance else ""
+        return format_class_guidance(self.class_guidance)
 
     @property
     def guided(self) -> bool:
@@ -215,14 +216,6 @@ def parse_points(text: str) -> list[tuple]:
                              f"scale or 'class', and numbers, got {item!r}") from None
         out.append(point)
     return out
-
-
-def class_guidance_pairs_for(preset, classes) -> tuple[tuple[str, float], ...] | None:
-    """Every class's default scale as ((class, w), ...) in checkpoint order, or None if the preset has no
-    per-class scales (then a 'class' point would equal the plain default)."""
-    if not preset.default_class_guidance:
-        return None
-    return tuple((c, preset.guidance_for(c)) for c in classes)
 
 
 def noise_seed(seed: int, class_index: int, i: int) -> int:
@@ -608,7 +601,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     pipe = EDMSoundPipeline(checkpoint, device=device)
     points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points,
                                guidance_interval=guidance_interval,
-                               class_guidance=class_guidance_pairs_for(pipe.preset, pipe.classes))
+                               class_guidance=pipe.preset.class_scales(pipe.classes))
     for n in notes:
         log(f"note: {n}")
     out = Path(out_dir)

@@ -99,6 +99,12 @@ def class_guidance_pairs(mapping) -> tuple[tuple[str, float], ...] | None:
     return tuple(sorted((str(c), float(w)) for c, w in items))
 
 
+def format_class_guidance(pairs) -> str:
+    """``((class, w), ...)`` -> ``"dog_bark=2 footstep=1.5 ..."`` (``""`` for None): the one text form of
+    per-class scales, shared by evaluation rows, the bars check and the speed record."""
+    return " ".join(f"{c}={w:g}" for c, w in pairs) if pairs else ""
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -126,6 +132,13 @@ class Preset:
     def guidance_for(self, class_name: str) -> float:
         """The default guidance scale of ``class_name`` (its calibrated value, else ``default_guidance``)."""
         return dict(self.default_class_guidance or ()).get(class_name, self.default_guidance)
+
+    def class_scales(self, classes) -> tuple[tuple[str, float], ...] | None:
+        """Every class's default scale as ((class, w), ...) in the given (checkpoint) order, or None if the preset
+        has no per-class scales."""
+        if not self.default_class_guidance:
+            return None
+        return tuple((c, self.guidance_for(c)) for c in classes)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preset":
