@@ -300,13 +300,24 @@ class Handlers:
                          info=f"{sampler}: {nfe_rule(sampler, self.svc.max_nfe)}", **spec)
 
     def class_changed(self, class_name):
-        """The guidance slider moves to the class's default scale (calibrated per class, if the checkpoint is)."""
+        """The guidance slider moves to the class's default scale (calibrated per class, if the checkpoint is)
+        and its note names the class's guidance interval."""
         w = self.svc.defaults["class_guidance"].get(class_name)
-        return gr.update() if w is None else gr.update(value=w)
+        return gr.update() if w is None else gr.update(value=w, info=guidance_info(self.svc.defaults, class_name))
 
     @staticmethod
     def random_seed():
         return secrets.randbelow(SEED_MAX + 1)
+
+
+def guidance_info(defaults: dict, class_name: str) -> str:
+    """The guidance slider's note: what the scale means, where (noise levels) it applies for ``class_name``,
+    and whether the default follows the class."""
+    gi = defaults["class_guidance_interval"][class_name]
+    per_class = (len(set(defaults["class_guidance"].values())) > 1
+                 or len({None if v is None else tuple(v) for v in defaults["class_guidance_interval"].values()}) > 1)
+    return ("1 = conditional, 0 = unconditional" + ("" if gi is None else f"; applied for {format_guidance_interval(gi)}")
+            + ("; the default follows the class" if per_class else ""))
 
 
 def build_demo(service: EDMSoundService) -> gr.Blocks:
@@ -319,7 +330,6 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
     heavy = dict(concurrency_limit=CONCURRENCY, concurrency_id="compute")
     ui_only = dict(api_visibility="private", **heavy)
     info = svc.info()
-    per_class = len(set(d["class_guidance"].values())) > 1
 
     # ------------------------------------------------------------------------------ layout
     with gr.Blocks(title="EDMSound", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
@@ -339,12 +349,8 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                     sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler-dropdown")
                     nfe = gr.Slider(value=d["nfe"], label="NFE (network evaluations)", elem_id="nfe-slider",
                                     info=f"{d['sampler']}: {nfe_rule(d['sampler'], svc.max_nfe)}", **nfe0)
-                    gi = d.get("guidance_interval")
                     guidance = gr.Slider(*info["guidance_range"], value=d["class_guidance"][classes[0]], step=0.1,
-                                         label="Guidance scale",
-                                         info="1 = conditional, 0 = unconditional" + (
-                                             "" if gi is None else f"; applied for {format_guidance_interval(gi)}") + (
-                                             "; the default follows the class" if per_class else ""),
+                                         label="Guidance scale", info=guidance_info(d, classes[0]),
                                          elem_id="guidance-slider")
                     with gr.Row(equal_height=True):
                         seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",

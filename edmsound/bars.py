@@ -114,11 +114,14 @@ def issue_bars(results: dict, sampler: str, nfe: int, guidance, interval=None,
             same_g = (speed.get("class_guidance") or "") == (overall.get("guidance_per_class") or "")
         else:
             same_g = not speed.get("class_guidance") and float(speed.get("guidance", -1)) == float(guidance)
+        # the preset's interval (the measured class may have its own; per-class text above covers that)
+        speed_interval = speed.get("base_guidance_interval", speed.get("guidance_interval"))
         same_cfg = (speed.get("sampler") == sampler and int(speed.get("nfe", -1)) == int(nfe) and same_g
-                    and _interval_text(speed.get("guidance_interval")) == _interval_text(interval))
+                    and _interval_text(speed_interval) == _interval_text(interval))
         v = float(speed["median_sec_per_clip"])
         if same_cfg:
-            cls = f"{speed['class']} at w {speed.get('guidance'):g}, " if speed.get("class_guidance") else ""
+            cls = (f"{speed['class']} at w {speed.get('guidance'):g}, {speed.get('guided_nfe', '?')} guided "
+                   "evaluations, " if speed.get("class_guidance") else "")
             out.append(_bar("speed: one clip, median of 10", "≤ 1 s", f"{v:.3f} s ({cls}{speed.get('cpu', '?')}, "
                             f"{speed.get('date', '?')})", v <= 1.0))
         else:

@@ -1,22 +1,27 @@
-"""Per-class default guidance: the smallest scale at which a class's generated clips are recognisable.
+"""Per-class default guidance: the scale (and noise-level interval) at which a class's clips are recognisable
+without losing their variety.
 
 Classifier-free guidance trades variety for class fit, and classes differ in how much of it they need: on the
-built-in set a conditional model (w = 1) already makes recognisable engines, keyboards or rain, and guiding them
-only pulls every seed towards the same few sounds, while a sneeze needs w = 3 to stop sounding like a bark.
-One global scale is therefore either too weak for some classes or too strong for others.
+built-in set a conditional model (w = 1) already makes recognisable keyboards or rain, and guiding them only
+pulls every seed towards the same few sounds, while a sneeze needs w = 4 to stop sounding like a bark. One
+global scale is therefore either too weak for some classes or too strong for others. Where guidance acts matters
+too (Kynkäänniemi et al. 2024): for an engine, guidance at mid noise levels collapses every seed onto one drone,
+while guidance at the highest level only (the first solver step) fixes the category and leaves the rest free.
 
-``calibrate_class_guidance`` generates ``n_per_class`` clips per class at each scale of a grid (ascending) with
-the checkpoint's shipped sampler, NFE and guidance interval, scores them with the classifier (fraction labelled
-as the intended class) and the encoder (diversity relative to real clips), and picks for each class the smallest
-scale whose fit reaches ``min_fit``; a class that never does gets the scale with the best fit. Calibration uses
-its own noise seeds (``seed``, 1 by default) so that an evaluation on seed 0 (``edmsound evaluate``) measures
-the chosen scales on clips they were not chosen on.
+``calibrate_class_guidance`` generates ``n_per_class`` clips per class for each (scale, interval) of a grid with
+the checkpoint's shipped sampler and NFE, scores them with the classifier (category fit: the fraction labelled
+as the intended class) and the encoder (diversity relative to real clips), and picks per class (see
+:func:`choose`): among settings with fit >= ``min_fit`` and diversity >= ``min_diversity`` the cheapest (fewest
+guided evaluations), then the most diverse; if there are none, the setting with the best worst margin to the
+two targets. Calibration uses its own noise seeds (``seed``, 1 by default) so that an evaluation on seed 0
+(``edmsound evaluate``) measures the chosen settings on clips they were not chosen on.
 
-    edmsound calibrate-guidance --checkpoint checkpoints/default --scales 1,1.5,2,3 --min-fit 0.9 \\
-        --n-per-class 16 --out eval/calibration [--write]
+    edmsound calibrate-guidance --checkpoint checkpoints/default --scales 1,1.5,2,3,4,6,8 \
+        --intervals default,2:10 --min-fit 0.9 --min-diversity 0.7 --n-per-class 16 --out eval/calibration [--write]
 
-``--write`` stores the scales in the checkpoint's config.json (``preset.default_class_guidance``); the pipeline,
-CLI and app then use each class's scale when no guidance is given.
+``--write`` stores the scales in the checkpoint's config.json (``preset.default_class_guidance``) and, for the
+classes whose chosen interval is not the preset's, the interval (``preset.default_class_guidance_interval``);
+the pipeline, CLI and app then use each class's settings when no guidance is given.
 """
 from __future__ import annotations
 
@@ -32,24 +37,81 @@ from .presets import class_guidance_pairs
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0)
 DEFAULT_MIN_FIT = 0.9
+DEFAULT_MIN_DIVERSITY = 0.7
+
+
+def _key(r) -> tuple:
+    iv = r.get("guidance_interval")
+    return (r["guidance"], None if iv is None else tuple(iv))
+
+
+def choose(results: list[dict], min_fit: float, min_diversity: float | None = None) -> dict:
+    """The chosen row of one class's candidates (dicts with ``guidance``, ``fit``, optional ``diversity_ratio``
+    and ``guidance_interval``; listed in grid order).
+
+    A candidate is *feasible* when fit >= ``min_fit`` and (if ``min_diversity`` is given and the row's diversity
+    was measured) diversity >= ``min_diversity``. Among feasible candidates: the cheapest (fewest guided, i.e.
+    double-batch, network evaluations ``guided_nfe``), then the most diverse, then the smallest scale. If none
+    is: the best worst margin,
+    max(min(fit - min_fit, diversity - min_diversity)), i.e. the best fit when diversity is not a target
+    (ties: the smaller scale, then grid order)."""
+    if not results:
+        raise ValueError("no candidates to choose from")
+
+    def div(r):
+        v = r.get("diversity_ratio", float("nan"))
+        return v if isinstance(v, (int, float)) and np.isfinite(v) else None
+
+    def div_margin(r):
+        return float("inf") if min_diversity is None or div(r) is None else div(r) - min_diversity
+
+    order = {id(r): i for i, r in enumerate(results)}
+    feasible = [r for r in results if r["fit"] >= min_fit and div_margin(r) >= 0]
+    if feasible:
+        return min(feasible, key=lambda r: (r.get("guided_nfe", 0), -(div(r) if div(r) is not None else 0.0),
+                                            r["guidance"], order[id(r)]))
+    return min(results, key=lambda r: (-min(r["fit"] - min_fit, div_margin(r)), r["guidance"], order[id(r)]))
 
 
 def choose_scale(results: list[dict], min_fit: float) -> float:
-    """The smallest scale whose ``fit`` >= ``min_fit``; if none, the best fit (ties: the smaller scale)."""
-    ok = [r["guidance"] for r in results if r["fit"] >= min_fit]
-    if ok:
-        return min(ok)
-    return min(results, key=lambda r: (-r["fit"], r["guidance"]))["guidance"]
+    """The scale :func:`choose` picks with fit as the only target (one interval): the smallest scale whose ``fit``
+    >= ``min_fit``; if none, the best fit (ties: the smaller scale)."""
+    rows = [{k: v for k, v in r.items() if k != "diversity_ratio"} for r in results]
+    return choose(rows, min_fit)["guidance"]
+
+
+def _parse_intervals(intervals, default):
+    """A list of guidance intervals ((lo, hi) / "LO:HI" / "none" / "default") -> unique checked intervals."""
+    from .guidance import check_guidance_interval
+    if intervals is None:
+        return [default]
+    out = []
+    for iv in intervals:
+        if isinstance(iv, str):
+            iv = default if iv.strip().lower() == "default" else check_guidance_interval(iv.replace(":", ","))
+        else:
+            iv = check_guidance_interval(iv)
+        if iv not in out:
+            out.append(iv)
+    if not out:
+        raise ValueError("need at least one guidance interval")
+    return out
 
 
 def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: float = DEFAULT_MIN_FIT,
+                             min_diversity: float | None = None, intervals=None,
                              n_per_class: int = 16, seed: int = 1, classifier="default", encoder="default",
                              reference="builtin", reference_per_class: int = 200, classes=None,
                              batch_size: int = 8, stop_at_first: bool = True, progress: bool = True,
                              log=print) -> dict:
-    """Returns ``{"class_guidance": {class: w}, "rows": [...], "settings": {...}}``; see the module docstring.
-    ``stop_at_first``: stop a class's grid at the first scale that reaches ``min_fit`` (the larger ones
-    cannot be chosen). ``reference=None`` skips the diversity column."""
+    """Returns ``{"class_guidance": {class: w}, "class_guidance_interval": {class: [lo, hi] | None}, "rows": [...],
+    "settings": {...}}``; see the module docstring. ``class_guidance_interval`` lists only the classes whose
+    chosen interval differs from the checkpoint preset's ``default_guidance_interval``.
+    ``intervals``: guidance intervals to cross with ``scales`` (None: the preset's; entries may be (lo, hi),
+    "LO:HI", "none" = every noise level, "default"); w = 1 (no guidance) is scored once.
+    ``stop_at_first``: stop an interval's scales at the first that reaches ``min_fit`` (under the rule in
+    :func:`choose` the larger ones, as costly, fitting better but less diverse, cannot win). ``reference=None`` skips the
+    diversity column (then ``min_diversity`` is not a target)."""
     from . import evaluate as E
     from . import metrics as M
     from .pipeline import EDMSoundPipeline
@@ -58,11 +120,15 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
         raise ValueError("need at least one guidance scale")
     if not 0.0 < float(min_fit) <= 1.0:
         raise ValueError(f"min_fit must be in (0, 1], got {min_fit}")
+    if min_diversity is not None and not 0.0 <= float(min_diversity) <= 2.0:
+        raise ValueError(f"min_diversity must be in [0, 2] (a diversity ratio) or None, got {min_diversity}")
     n_per_class = int(n_per_class)
     if not 2 <= n_per_class <= 10_000:
         raise ValueError(f"n_per_class must be in [2, 10000], got {n_per_class}")
     t0 = time.perf_counter()
     pipe = EDMSoundPipeline(checkpoint, device="cpu")
+    p = pipe.preset
+    grid_intervals = _parse_intervals(intervals, p.default_guidance_interval)
     classes = list(pipe.classes if classes is None else classes)
     for c in classes:
         pipe.class_index(c)
@@ -78,37 +144,51 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
             if c in classes:
                 ref_div[c] = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, ref.waves[ref.labels == i],
                                                                               ref.sample_rate))
-    p = pipe.preset
-    rows, chosen = [], {}
+    rows, chosen, chosen_iv = [], {}, {}
     for c in classes:
         ci, k = pipe.class_index(c), clf.classes.index(c)
-        per = []
-        for w in scales:
-            g = pipe.generate(c, n=n_per_class, seed=E.noise_seed(seed, ci, 0), guidance=w, batch_size=batch_size)
-            waves = E._pcm16(g.waves)
-            probs = clf.predict_proba(waves, pipe.sample_rate)
-            fit = float(np.mean(np.argmax(probs, axis=1) == k))
-            div = float("nan")
-            if enc is not None and ref_div.get(c, 0) > 0:
-                div = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, waves, pipe.sample_rate)) / ref_div[c]
-            per.append({"class": c, "guidance": w, "fit": fit, "diversity_ratio": div,
-                        "guided_nfe": g.settings["guided_nfe"], "seconds": round(g.settings["seconds"], 2)})
-            log(f"{c:>22s}  w {w:<4g} fit {fit:.2f}  diversity {div:.2f}")
-            if stop_at_first and fit >= min_fit:
-                break
-        chosen[c] = choose_scale(per, min_fit)
+        per, unguided = [], None
+        for iv in grid_intervals:
+            for w in scales:
+                if w == 1.0 and unguided is not None:        # no guidance: the interval changes nothing
+                    continue
+                g = pipe.generate(c, n=n_per_class, seed=E.noise_seed(seed, ci, 0), guidance=w,
+                                  guidance_interval=iv, batch_size=batch_size)
+                waves = E._pcm16(g.waves)
+                probs = clf.predict_proba(waves, pipe.sample_rate)
+                fit = float(np.mean(np.argmax(probs, axis=1) == k))
+                div = float("nan")
+                if enc is not None and ref_div.get(c, 0) > 0:
+                    div = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, waves, pipe.sample_rate)) / ref_div[c]
+                r = {"class": c, "guidance": w, "guidance_interval": None if iv is None else list(iv),
+                     "fit": fit, "diversity_ratio": div,
+                     "guided_nfe": g.settings["guided_nfe"], "seconds": round(g.settings["seconds"], 2)}
+                per.append(r)
+                if w == 1.0:
+                    unguided = r
+                log(f"{c:>22s}  w {w:<4g} {format_guidance_interval(iv) if w != 1.0 else 'unguided':<16s} "
+                    f"fit {fit:.2f}  diversity {div:.2f}")
+                if stop_at_first and fit >= min_fit:
+                    break
+        best = choose(per, min_fit, None if enc is None else min_diversity)
+        chosen[c] = best["guidance"]
+        iv = None if best["guidance_interval"] is None else tuple(best["guidance_interval"])
+        if best["guidance"] != 1.0 and iv != p.default_guidance_interval:
+            chosen_iv[c] = None if iv is None else list(iv)
         for r in per:
-            r["chosen"] = r["guidance"] == chosen[c]
+            r["chosen"] = r is best
         rows += per
     settings = {"checkpoint": str(checkpoint), "scales": scales, "min_fit": float(min_fit),
+                "min_diversity": None if min_diversity is None or enc is None else float(min_diversity),
                 "n_per_class": n_per_class, "seed": int(seed),
                 "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i", "sampler": p.default_sampler,
                 "nfe": p.default_nfe, "guidance_interval": (None if p.default_guidance_interval is None
                                                             else list(p.default_guidance_interval)),
+                "intervals": [None if iv is None else list(iv) for iv in grid_intervals],
                 "classifier": clf_desc, "encoder": None if enc is None else enc.name,
                 "reference": reference, "stop_at_first": stop_at_first,
                 "wall_seconds": round(time.perf_counter() - t0, 1)}
-    return {"class_guidance": chosen, "rows": rows, "settings": settings}
+    return {"class_guidance": chosen, "class_guidance_interval": chosen_iv, "rows": rows, "settings": settings}
 
 
 def _clip_embeddings(encoder, waves: np.ndarray, sr: int) -> np.ndarray:
@@ -119,20 +199,42 @@ def _clip_embeddings(encoder, waves: np.ndarray, sr: int) -> np.ndarray:
     return clips / np.maximum(np.linalg.norm(clips, axis=1, keepdims=True), 1e-12)
 
 
+def _iv_text(iv) -> str:
+    return format_guidance_interval(None if iv is None else tuple(iv))
+
+
+def chosen_text(result: dict) -> str:
+    """"dog_bark 2, ..., moving_motor_vehicle 4 (σ ∈ (2, 10])": the chosen scale of each class, with its
+    interval where it is the class's own."""
+    own = result.get("class_guidance_interval") or {}
+    return ", ".join(f"{c} {w:g}" + (f" ({_iv_text(own[c])})" if c in own else "")
+                     for c, w in result["class_guidance"].items())
+
+
 def calibration_markdown(result: dict) -> str:
     s = result["settings"]
+    ivs = s.get("intervals") or [s["guidance_interval"]]
+    rule = f"category fit ≥ {s['min_fit']:g}"
+    if s.get("min_diversity") is not None:
+        rule += (f" and diversity ratio ≥ {s['min_diversity']:g}; among those the fewest guided evaluations, "
+                 "then the most diverse; if none, the best worst margin to the two")
+    else:
+        rule = "the fewest guided evaluations (then the smallest scale) with " + rule
     lines = [f"# Per-class guidance calibration: `{s['checkpoint']}`", "",
-             f"{s['sampler']}, NFE {s['nfe']}, guidance applied for {format_guidance_interval(s['guidance_interval'])}; "
-             f"{s['n_per_class']} clips per class and scale from noise seed {s['seed']} (not the evaluation's seed 0); "
-             f"rule: the smallest scale with category fit ≥ {s['min_fit']:g} (classifier: {s['classifier']}). "
+             f"{s['sampler']}, NFE {s['nfe']}, guidance intervals tried: {', '.join(_iv_text(iv) for iv in ivs)} "
+             f"(shipped: {_iv_text(s['guidance_interval'])}); "
+             f"{s['n_per_class']} clips per class and setting from noise seed {s['seed']} (not the evaluation's seed 0); "
+             f"rule: {rule} (classifier: {s['classifier']}). "
              f"Diversity = mean pairwise cosine distance of the clips' embeddings ({s['encoder']}) over that of "
              f"real clips of the class. {s['wall_seconds'] / 60:.1f} min.", "",
-             "| class | w | category fit | diversity ratio | guided evaluations | chosen |", "|---|---|---|---|---|---|"]
+             "| class | w | guided for | category fit | diversity ratio | guided evaluations | chosen |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         d = "–" if not np.isfinite(r["diversity_ratio"]) else f"{r['diversity_ratio']:.2f}"
-        lines.append(f"| {r['class']} | {r['guidance']:g} | {r['fit']:.2f} | {d} | {r['guided_nfe']} | "
+        where = "– (unguided)" if r["guidance"] == 1.0 else _iv_text(r.get("guidance_interval", s["guidance_interval"]))
+        lines.append(f"| {r['class']} | {r['guidance']:g} | {where} | {r['fit']:.2f} | {d} | {r['guided_nfe']} | "
                      f"{'**✔**' if r['chosen'] else ''} |")
-    lines += ["", "Chosen: " + ", ".join(f"{c} {w:g}" for c, w in result["class_guidance"].items())]
+    lines += ["", "Chosen: " + chosen_text(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -159,39 +261,64 @@ def calibration_plot(result: dict) -> bytes:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True,
                              constrained_layout=True)
     s = result["settings"]
+    ivs = [None if iv is None else tuple(iv) for iv in (s.get("intervals") or [s["guidance_interval"]])]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    own = result.get("class_guidance_interval") or {}
     for ax, c in zip(axes.flat, classes):
-        rows = sorted((r for r in result["rows"] if r["class"] == c), key=lambda r: r["guidance"])
-        w = [r["guidance"] for r in rows]
-        ax.plot(w, [r["fit"] for r in rows], "o-", label="category fit")
-        ax.plot(w, [r["diversity_ratio"] for r in rows], "s--", label="diversity ratio")
+        mine = [r for r in result["rows"] if r["class"] == c]
+        unguided = [r for r in mine if r["guidance"] == 1.0]
+        for j, iv in enumerate(ivs):
+            rows = unguided + [r for r in mine if r["guidance"] != 1.0 and
+                               (None if r.get("guidance_interval") is None else tuple(r["guidance_interval"])) == iv]
+            rows = sorted(rows, key=lambda r: r["guidance"])
+            if not rows:
+                continue
+            w = [r["guidance"] for r in rows]
+            tag = "" if len(ivs) == 1 else f", {_iv_text(iv)}"
+            col = colors[j % len(colors)]
+            ax.plot(w, [r["fit"] for r in rows], "o-", color=col, label="category fit" + tag)
+            ax.plot(w, [r["diversity_ratio"] for r in rows], "s--", color=col, alpha=0.7, label="diversity ratio" + tag)
         ax.axhline(s["min_fit"], color="grey", lw=0.8, ls=":")
+        if s.get("min_diversity") is not None:
+            ax.axhline(s["min_diversity"], color="grey", lw=0.8, ls="-.")
+        best = next((r for r in mine if r.get("chosen")), None)
         chosen = result["class_guidance"].get(c)
-        if chosen is not None:
-            ax.axvline(chosen, color="tab:green", lw=1.2, alpha=0.6)
-        ax.set_title(f"{c} (w {chosen:g})" if chosen is not None else c, fontsize=9)
+        if best is not None:
+            ax.plot([best["guidance"]], [best["fit"]], "*", ms=14, color="tab:green", zorder=5)
+        title = c if chosen is None else f"{c} (w {chosen:g}" + (f", {_iv_text(own[c])})" if c in own else ")")
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("guidance w", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(classes):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"per-class guidance calibration: {s['sampler']}, NFE {s['nfe']}, seed {s['seed']}; "
-                 f"dotted: min fit {s['min_fit']:g}, green: chosen", fontsize=9)
+                 f"dotted: min fit {s['min_fit']:g}" + ("" if s.get("min_diversity") is None else
+                 f", dash-dot: min diversity {s['min_diversity']:g}") + "; green star: chosen", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
 
 
-def write_class_guidance(checkpoint, class_guidance: dict | None) -> Path:
-    """Store per-class default scales in a model directory's config.json (atomically); None clears them."""
+def write_class_guidance(checkpoint, class_guidance: dict | None, class_intervals: dict | None = None) -> Path:
+    """Store per-class default scales (and the classes' own guidance intervals, ``{class: (lo, hi) | None}``) in a
+    model directory's config.json (atomically); ``class_guidance=None`` clears both."""
     from .checkpoint import resolve_model_dir
+    from .guidance import check_guidance_interval
+    from .presets import class_interval_pairs
     model_dir = resolve_model_dir(checkpoint)
     path = model_dir / "config.json"
     cfg = json.loads(path.read_text())
-    unknown = sorted(set(class_guidance or {}) - set(cfg["classes"]))
+    if class_guidance is None:
+        class_intervals = None
+    unknown = sorted((set(class_guidance or {}) | set(class_intervals or {})) - set(cfg["classes"]))
     if unknown:
         raise ValueError(f"classes {unknown} are not in the checkpoint ({', '.join(cfg['classes'])})")
     pairs = class_guidance_pairs({c: check_guidance(w) for c, w in (class_guidance or {}).items()})
+    ivs = class_interval_pairs({c: check_guidance_interval(iv) for c, iv in (class_intervals or {}).items()})
     cfg["preset"]["default_class_guidance"] = None if pairs is None else dict(pairs)
+    cfg["preset"]["default_class_guidance_interval"] = (None if ivs is None else
+                                                        {c: None if iv is None else list(iv) for c, iv in ivs})
     atomic_write_json(path, cfg)
     return path

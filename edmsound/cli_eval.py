@@ -113,9 +113,10 @@ def _cmd_bars(a):
                                         "(or pass --speed none)")
             speed = json.loads(sp.read_text())
         iv = preset.default_guidance_interval
-        shipped_g = "class" if preset.default_class_guidance else preset.default_guidance
-        if preset.default_class_guidance:
-            want = format_class_guidance(preset.class_scales(classes))
+        per_class = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
+        shipped_g = "class" if per_class else preset.default_guidance
+        if per_class:
+            want = per_class
             have = {r.get("guidance_per_class") for r in results["rows"] if r.get("guidance") == "class"}
             if have and want not in have:
                 raise ValueError(f"the evaluation's per-class scales ({', '.join(sorted(have))}) are not the "
@@ -125,7 +126,8 @@ def _cmd_bars(a):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = results["settings"]
-    g = format_class_guidance(preset.class_scales(classes)) or f"{preset.default_guidance:g}"
+    g = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes)) or \
+        f"{preset.default_guidance:g}"
     title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
              f"{g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
              f"(ema {s['ema_sha256'][:12]}, {s['n_per_class']} clips per class)")
@@ -139,13 +141,16 @@ def _cmd_bars(a):
 
 
 def _cmd_calibrate(a):
-    from .calibrate import calibrate_class_guidance, write_calibration, write_class_guidance
+    from .calibrate import calibrate_class_guidance, chosen_text, write_calibration, write_class_guidance
     try:
         if a.clear:
             print(f"cleared the per-class guidance in {write_class_guidance(a.checkpoint, None)}")
             return
+        min_div = None if str(a.min_diversity).lower() == "none" else float(a.min_diversity)
+        intervals = None if a.intervals is None else [t for t in a.intervals.split(",") if t.strip()]
         res = calibrate_class_guidance(a.checkpoint, scales=_csv_list(a.scales, float, "scales"),
-                                       min_fit=a.min_fit, n_per_class=a.n_per_class, seed=a.seed,
+                                       min_fit=a.min_fit, min_diversity=min_div, intervals=intervals,
+                                       n_per_class=a.n_per_class, seed=a.seed,
                                        classifier=a.classifier, encoder=a.encoder,
                                        reference=None if a.reference == "none" else a.reference,
                                        batch_size=a.batch_size, stop_at_first=not a.full_grid,
@@ -156,9 +161,10 @@ def _cmd_calibrate(a):
     if a.out:
         write_calibration(res, a.out)
         print(f"wrote {Path(a.out) / 'calibration.md'} and calibration.json")
-    print("per-class guidance: " + ", ".join(f"{c} {w:g}" for c, w in res["class_guidance"].items()))
+    print("per-class guidance: " + chosen_text(res))
     if a.write:
-        print(f"stored in {write_class_guidance(a.checkpoint, res['class_guidance'])}")
+        path = write_class_guidance(a.checkpoint, res["class_guidance"], res["class_guidance_interval"])
+        print(f"stored in {path}")
 
 
 def register(subparsers) -> None:
@@ -196,11 +202,16 @@ def register(subparsers) -> None:
     b.add_argument("--check", action="store_true", help="exit 1 unless every bar is met")
     b.set_defaults(func=_cmd_bars)
 
-    k = subparsers.add_parser("calibrate-guidance", help="choose each class's default guidance scale: the smallest "
-                              "that makes its clips recognisable to the classifier (see edmsound/calibrate.py)")
+    k = subparsers.add_parser("calibrate-guidance", help="choose each class's default guidance scale (and interval): "
+                              "recognisable to the classifier while keeping variety (see edmsound/calibrate.py)")
     k.add_argument("--checkpoint", default="checkpoints/default")
     k.add_argument("--scales", default="1,1.5,2,3", help="guidance scales to try, ascending")
     k.add_argument("--min-fit", type=float, default=0.9, help="category fit (classifier accuracy) a scale must reach")
+    k.add_argument("--min-diversity", default="0.7", help="diversity ratio a setting must keep ('none': fit only); "
+                   "among settings meeting both the cheapest (fewest guided evaluations) wins, else the best worst margin")
+    k.add_argument("--intervals", default=None, help="guidance intervals to try with every scale, e.g. "
+                   "'default,2:10' (LO:HI noise levels, 'none' = every level, 'default' = the checkpoint's); "
+                   "default: the checkpoint's only")
     k.add_argument("--n-per-class", type=int, default=16)
     k.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
     k.add_argument("--classifier", default="default")

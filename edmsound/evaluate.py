@@ -27,6 +27,7 @@ For the built-in set, ``reference="builtin"`` re-synthesises held-out clips with
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -72,16 +73,24 @@ class SweepPoint:
     requested_nfe: int
     interval: tuple[float, float] | None = None   # guidance only for lo < sigma <= hi (None: every sigma)
     class_guidance: tuple[tuple[str, float], ...] | None = None   # ((class, w), ...) when guidance == "class"
+    # classes guided in their own interval ((class, (lo, hi) | None), ...) when guidance == "class"; the others
+    # use ``interval``
+    class_intervals: tuple[tuple[str, tuple[float, float] | None], ...] | None = None
 
     def guidance_for(self, class_name: str) -> float:
         if self.guidance == CLASS_GUIDANCE:
             return dict(self.class_guidance)[class_name]
         return float(self.guidance)
 
+    def interval_for(self, class_name: str) -> tuple[float, float] | None:
+        own = dict(self.class_intervals or ())
+        return own[class_name] if class_name in own else self.interval
+
     @property
     def class_guidance_text(self) -> str:
-        """``""`` or ``"dog_bark=3 gunshot=1 ..."`` (the per-class scales of a CLASS_GUIDANCE point)."""
-        return format_class_guidance(self.class_guidance)
+        """``""`` or ``"dog_bark=3 gunshot=1 moving_motor_vehicle=4@2:10 ..."`` (the per-class scales, and
+        intervals where a class has its own, of a CLASS_GUIDANCE point)."""
+        return format_class_guidance(self.class_guidance, self.class_intervals)
 
     @property
     def guided(self) -> bool:
@@ -98,6 +107,8 @@ class SweepPoint:
         key = f"{self.sampler}_nfe{self.nfe}_w{g}"
         if self.interval is not None:
             key += "_i" + "-".join(f"{v:g}".replace(".", "p") for v in self.interval)
+        if self.class_intervals:
+            key += "_ci" + hashlib.sha1(self.class_guidance_text.encode()).hexdigest()[:8]
         return key
 
     @property
@@ -114,7 +125,8 @@ def _nearest_valid_nfe(sampler: str, nfe: int) -> int:
 
 
 def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
-               extra_points=(), guidance_interval=None, class_guidance=None) -> tuple[list[SweepPoint], list[str]]:
+               extra_points=(), guidance_interval=None, class_guidance=None,
+               class_intervals=None) -> tuple[list[SweepPoint], list[str]]:
     """The configurations to evaluate and notes about (sampler, NFE) pairs that were remapped or skipped.
 
     The grid samplers x nfes x guidances (any of the three may be empty for no grid) followed by
@@ -122,7 +134,8 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
     NFE 51 without crossing it with everything else) or ``(sampler, nfe, guidance, (lo, hi))`` with a guidance
     interval. ``guidance_interval`` applies to the guided grid points (w != 1; it is meaningless at w = 1).
     A point's guidance may be ``"class"``: every class at its own scale from ``class_guidance`` (((class, w), ...),
-    the checkpoint's calibrated per-class defaults), with the interval applied to the guided classes.
+    the checkpoint's calibrated per-class defaults), with the interval applied to the guided classes except those
+    in ``class_intervals`` (((class, (lo, hi) | None), ...): classes calibrated with their own interval).
     Invalid pairs (e.g. ``heun`` with an even NFE) are mapped to the nearest valid budget (ties: the lower) with ``invalid_nfe="nearest"``, or dropped with ``"skip"``.
     Duplicates are removed, order is kept."""
     from .guidance import check_guidance, check_guidance_interval
@@ -190,7 +203,9 @@ def plan_sweep(samplers, nfes, guidances, invalid_nfe: str = "nearest",
         if (s, actual, g, iv) in seen:
             continue
         seen.add((s, actual, g, iv))
-        points.append(SweepPoint(s, actual, g, n, iv, tuple(class_guidance) if g == CLASS_GUIDANCE else None))
+        per_class = g == CLASS_GUIDANCE
+        points.append(SweepPoint(s, actual, g, n, iv, tuple(class_guidance) if per_class else None,
+                                 tuple(class_intervals) if per_class and class_intervals else None))
     return points, notes
 
 
@@ -358,7 +373,8 @@ def _check_meta(meta_path: Path, want: dict, regenerate: bool) -> dict:
     if meta_path.is_file():
         have = json.loads(meta_path.read_text())
         diff = [k for k in ("ema_sha256", "seed", "sample_rate", "num_samples", "sampler", "nfe", "guidance",
-                            "guidance_interval", "class_guidance") if have.get(k) != want.get(k)]
+                            "guidance_interval", "class_guidance", "class_guidance_interval")
+                if have.get(k) != want.get(k)]
         if diff and not regenerate:
             raise ValueError(f"{meta_path.parent} holds clips made with other settings ({', '.join(diff)} differ: "
                              f"{[(k, have.get(k), want.get(k)) for k in diff]}); use another --out or --regenerate")
@@ -400,6 +416,8 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
             "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i"}
     if point.class_guidance:
         want["class_guidance"] = dict(point.class_guidance)
+    if point.class_intervals:
+        want["class_guidance_interval"] = {c: None if iv is None else list(iv) for c, iv in point.class_intervals}
     meta = _check_meta(d / "meta.json", want, regenerate)
     missing = _missing(clips_root, point, classes, n)
     made = 0
@@ -409,7 +427,7 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
             t0 = time.perf_counter()
             gen = pipe.generate(c, n=length, sampler=point.sampler, nfe=point.nfe, guidance=point.guidance_for(c),
                                 seed=noise_seed(seed, ci, start), batch_size=batch_size,
-                                guidance_interval=point.interval)
+                                guidance_interval=point.interval_for(c))
             meta["generation"]["seconds"] += time.perf_counter() - t0
             meta["generation"]["clips"] += length
             for j in range(length):
@@ -601,7 +619,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     pipe = EDMSoundPipeline(checkpoint, device=device)
     points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points,
                                guidance_interval=guidance_interval,
-                               class_guidance=pipe.preset.class_scales(pipe.classes))
+                               class_guidance=pipe.preset.class_scales(pipe.classes),
+                               class_intervals=pipe.preset.class_intervals(pipe.classes))
     for n in notes:
         log(f"note: {n}")
     out = Path(out_dir)

@@ -90,9 +90,14 @@ class EDMSoundPipeline:
         return x.to(self.dtype), gens
 
     @torch.no_grad()
-    def resolve_guidance_interval(self, interval=PRESET_DEFAULT) -> tuple[float, float] | None:
+    def resolve_guidance_interval(self, interval=PRESET_DEFAULT, class_name: str | None = None
+                                  ) -> tuple[float, float] | None:
+        """``"default"``: the shipped interval of ``class_name`` (its own if calibrated, else the preset's);
+        anything else is checked and returned as (lo, hi) or None."""
         if isinstance(interval, str) and interval.strip().lower() == PRESET_DEFAULT:
-            return self.preset.default_guidance_interval
+            if class_name is None:
+                return self.preset.default_guidance_interval
+            return self.preset.guidance_interval_for(class_name)
         return check_guidance_interval(interval)
 
     def sample_specs(self, class_name: str, seeds: list[int], sampler: str, nfe: int, guidance: float,
@@ -117,7 +122,7 @@ class EDMSoundPipeline:
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
                  callback=None, guidance_interval=PRESET_DEFAULT, **options) -> Generation:
-        """``guidance_interval``: ``"default"`` (the preset's shipped interval), None / "none" (guidance at every
+        """``guidance_interval``: ``"default"`` (the class's shipped interval), None / "none" (guidance at every
         noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi)."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
@@ -125,7 +130,7 @@ class EDMSoundPipeline:
         guidance = self.preset.guidance_for(class_name) if guidance is None else guidance
         get_sampler(sampler)
         nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
-        interval = self.resolve_guidance_interval(guidance_interval)
+        interval = self.resolve_guidance_interval(guidance_interval, class_name)
         if not 1 <= int(n) <= MAX_CLIPS:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
         seed = int(seed)

@@ -99,10 +99,35 @@ def class_guidance_pairs(mapping) -> tuple[tuple[str, float], ...] | None:
     return tuple(sorted((str(c), float(w)) for c, w in items))
 
 
-def format_class_guidance(pairs) -> str:
+def _interval_or_none(v) -> tuple[float, float] | None:
+    from .guidance import check_guidance_interval
+    return check_guidance_interval(v)
+
+
+def class_interval_pairs(mapping) -> tuple[tuple[str, tuple[float, float] | None], ...] | None:
+    """``{class: [lo, hi] | None}`` / ``[(class, (lo, hi)), ...]`` / None -> sorted ``((class, (lo, hi) | None), ...)``
+    (None if empty): classes whose guidance interval differs from the preset's ``default_guidance_interval``."""
+    if not mapping:
+        return None
+    items = mapping.items() if isinstance(mapping, dict) else mapping
+    return tuple(sorted((str(c), _interval_or_none(iv)) for c, iv in items))
+
+
+def format_class_guidance(pairs, intervals=None) -> str:
     """``((class, w), ...)`` -> ``"dog_bark=2 footstep=1.5 ..."`` (``""`` for None): the one text form of
-    per-class scales, shared by evaluation rows, the bars check and the speed record."""
-    return " ".join(f"{c}={w:g}" for c, w in pairs) if pairs else ""
+    per-class scales, shared by evaluation rows, the bars check and the speed record. ``intervals``: the classes
+    with their own guidance interval (``((class, (lo, hi) | None), ...)``), written ``class=w@LO:HI`` (``@all``:
+    guided at every noise level)."""
+    if not pairs:
+        return ""
+    own = dict(intervals or ())
+
+    def one(c, w):
+        if c not in own:
+            return f"{c}={w:g}"
+        iv = own[c]
+        return f"{c}={w:g}@" + ("all" if iv is None else f"{iv[0]:g}:{iv[1]:g}")
+    return " ".join(one(c, w) for c, w in pairs)
 
 
 @dataclass(frozen=True)
@@ -122,21 +147,39 @@ class Preset:
     # chosen on a trained checkpoint by `edmsound calibrate-guidance` (classes differ: some are recognisable
     # without guidance and only lose variety with it, others need it). None: default_guidance for every class.
     default_class_guidance: tuple[tuple[str, float], ...] | None = None
+    # Per-class guidance intervals that replace default_guidance_interval for those classes, as
+    # ((class, (lo, hi) | None), ...): a class whose variety collapses when guided at mid noise levels can be
+    # guided only at the highest ones (also chosen by calibrate-guidance). None: the preset interval for all.
+    default_class_guidance_interval: tuple[tuple[str, tuple[float, float] | None], ...] | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if self.default_class_guidance is not None:
             d["default_class_guidance"] = {c: w for c, w in self.default_class_guidance}
+        if self.default_class_guidance_interval is not None:
+            d["default_class_guidance_interval"] = {c: None if iv is None else list(iv)
+                                                    for c, iv in self.default_class_guidance_interval}
         return d
 
     def guidance_for(self, class_name: str) -> float:
         """The default guidance scale of ``class_name`` (its calibrated value, else ``default_guidance``)."""
         return dict(self.default_class_guidance or ()).get(class_name, self.default_guidance)
 
+    def guidance_interval_for(self, class_name: str) -> tuple[float, float] | None:
+        """The default guidance interval of ``class_name`` (its own, else ``default_guidance_interval``)."""
+        own = dict(self.default_class_guidance_interval or ())
+        return own[class_name] if class_name in own else self.default_guidance_interval
+
+    def class_intervals(self, classes) -> tuple[tuple[str, tuple[float, float] | None], ...] | None:
+        """The classes (of ``classes``, in that order) with their own guidance interval, or None."""
+        own = dict(self.default_class_guidance_interval or ())
+        out = tuple((c, own[c]) for c in classes if c in own)
+        return out or None
+
     def class_scales(self, classes) -> tuple[tuple[str, float], ...] | None:
         """Every class's default scale as ((class, w), ...) in the given (checkpoint) order, or None if the preset
-        has no per-class scales."""
-        if not self.default_class_guidance:
+        has no per-class scales (or intervals)."""
+        if not self.default_class_guidance and not self.default_class_guidance_interval:
             return None
         return tuple((c, self.guidance_for(c)) for c in classes)
 
@@ -164,6 +207,7 @@ class Preset:
             default_guidance_interval=(None if d.get("default_guidance_interval") is None
                                        else tuple(float(v) for v in d["default_guidance_interval"])),
             default_class_guidance=class_guidance_pairs(d.get("default_class_guidance")),
+            default_class_guidance_interval=class_interval_pairs(d.get("default_class_guidance_interval")),
         )
 
     def replace_train(self, **kw) -> "Preset":

@@ -325,7 +325,9 @@ class EDMSoundService:
                 "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K,
                 "guidance_interval": (None if p.default_guidance_interval is None
                                       else list(p.default_guidance_interval)),
-                "class_guidance": {c: p.guidance_for(c) for c in self.classes}}
+                "class_guidance": {c: p.guidance_for(c) for c in self.classes},
+                "class_guidance_interval": {c: (None if p.guidance_interval_for(c) is None
+                                                else list(p.guidance_interval_for(c))) for c in self.classes}}
 
     def valid_nfes(self, sampler: str) -> list[int]:
         return valid_nfes(self.check_sampler(sampler), self.max_nfe)
@@ -476,9 +478,9 @@ class EDMSoundService:
                  guidance_interval=PRESET_DEFAULT) -> GenerateResult:
         """``n`` clips of ``class_name`` (clip i uses seed + i). ``progress(done, total, desc)`` is called
         once per solver step; ``figures`` = a spectrogram view ('magphase' / 'realimag') renders them.
-        ``guidance_interval``: "default" (the checkpoint's shipped one), None or (lo, hi) noise levels."""
+        ``guidance_interval``: "default" (the class's shipped one), None or (lo, hi) noise levels."""
         class_name, sampler, nfe, guidance, seed = self._validate(class_name, sampler, nfe, guidance, seed)
-        interval = self.pipeline.resolve_guidance_interval(guidance_interval)
+        interval = self.pipeline.resolve_guidance_interval(guidance_interval, class_name)
         n = self.check_n(n)
         if seed + n - 1 > SEED_MAX:
             raise ValueError(f"seed + variations - 1 must be <= {SEED_MAX}; allowed seeds: [0, {SEED_MAX - n + 1}]")
@@ -510,8 +512,8 @@ class EDMSoundService:
         class_name = self.check_class(class_name)
         seed = self.check_seed(0 if seed is None else seed)
         nfe = as_int(d["nfe"] if nfe is None else nfe, "NFE", 1, self.max_nfe)
-        guidance = self.check_guidance(d["guidance"] if guidance is None else guidance)
-        interval = self.pipeline.resolve_guidance_interval(guidance_interval)
+        guidance = self.check_guidance(d["class_guidance"][class_name] if guidance is None else guidance)
+        interval = self.pipeline.resolve_guidance_interval(guidance_interval, class_name)
         if samplers is None:
             samplers = self.samplers
         if isinstance(samplers, str):

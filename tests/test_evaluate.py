@@ -333,6 +333,28 @@ def test_bars_read_off_the_evaluation(world, interval_sweep, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ per-class guidance
+def test_choose_rule_with_diversity_and_intervals():
+    from edmsound.calibrate import choose
+    iv, hi = [0.1, 10.0], [2.0, 10.0]
+
+    def row(w, fit, div, guided, interval=iv):
+        return {"guidance": w, "fit": fit, "diversity_ratio": div, "guided_nfe": guided, "guidance_interval": interval}
+    # the engine case: guided at mid noise levels it fits but loses variety; guided at the top level only it keeps
+    # variety and fits less. No setting meets both targets -> the best worst margin (w 6 on (2, 10]).
+    engine = [row(1, 0.25, 0.88, 0, None), row(2, 0.88, 0.60, 4), row(3, 1.0, 0.46, 4),
+              row(4, 0.81, 0.78, 1, hi), row(6, 0.88, 0.72, 1, hi), row(8, 0.94, 0.66, 1, hi)]
+    best = choose(engine, 0.9, 0.7)
+    assert (best["guidance"], best["guidance_interval"]) == (6, hi)
+    assert choose(engine, 0.9, None)["guidance"] == 8               # fit only: w 3 and w 8 fit; w 8 guides once
+    assert choose(engine, 0.8, 0.7)["guidance"] == 4                # w 4 and w 6 (same cost) meet both: more diverse
+    # feasible settings: the cheapest (fewest guided evaluations) wins over a more diverse, costlier one
+    sneeze = [row(1, 0.3, 1.0, 0, None), row(4, 0.95, 0.90, 4), row(8, 0.92, 0.95, 1, hi), row(6, 0.92, 0.97, 4)]
+    assert choose(sneeze, 0.9, 0.7)["guidance"] == 8
+    assert choose([row(1, 0.95, 0.9, 0, None), row(2, 1.0, 0.95, 4)], 0.9, 0.7)["guidance"] == 1
+    with pytest.raises(ValueError, match="no candidates"):
+        choose([], 0.9)
+
+
 def test_choose_scale_rule():
     from edmsound.calibrate import choose_scale
     rows = [{"guidance": 1.0, "fit": 0.6}, {"guidance": 2.0, "fit": 0.95}, {"guidance": 3.0, "fit": 1.0}]
@@ -352,30 +374,46 @@ def calibrated(world, tmp_path_factory):
     shutil.copytree(world / "model", d / "model")
     main(["calibrate-guidance", "--checkpoint", str(d / "model"), "--scales", "2,1", "--min-fit", "0.5",
           "--n-per-class", "4", "--classifier", str(world / "classifier"), "--encoder", str(world / "encoder"),
-          "--reference", str(world / "ref"), "--full-grid", "--out", str(d / "cal"), "--write", "--no-progress"])
+          "--reference", str(world / "ref"), "--full-grid", "--intervals", "default,1:10", "--out", str(d / "cal"),
+          "--write", "--no-progress"])
     return d
 
 
 def test_calibration_measures_fit_with_the_classifier_and_stores_the_rule(world, calibrated):
-    from edmsound.calibrate import choose_scale
+    from edmsound.calibrate import choose
     from edmsound.classifier import load_classifier
     from edmsound.pipeline import EDMSoundPipeline
     res = json.loads((calibrated / "cal" / "calibration.json").read_text())
-    assert res["settings"]["scales"] == [1.0, 2.0] and res["settings"]["seed"] == 1
-    assert {(r["class"], r["guidance"]) for r in res["rows"]} == {(c, w) for c in ("low", "high") for w in (1.0, 2.0)}
+    s = res["settings"]
+    assert s["scales"] == [1.0, 2.0] and s["seed"] == 1 and s["min_diversity"] == 0.7
+    assert s["intervals"] == [None, [1.0, 10.0]]           # the tiny preset guides at every sigma by default
+    # w = 1 (no guidance) once per class, w = 2 in both intervals
+    assert sorted((r["class"], r["guidance"], str(r["guidance_interval"])) for r in res["rows"]) == sorted(
+        (c, w, iv) for c in ("low", "high") for w, iv in ((1.0, "None"), (2.0, "None"), (2.0, "[1.0, 10.0]")))
     pipe = EDMSoundPipeline(calibrated / "model", device="cpu")
     clf = load_classifier(world / "classifier")
     for r in res["rows"]:
         ci = pipe.class_index(r["class"])
-        g = pipe.generate(r["class"], n=4, seed=noise_seed(1, ci, 0), guidance=r["guidance"])
+        g = pipe.generate(r["class"], n=4, seed=noise_seed(1, ci, 0), guidance=r["guidance"],
+                          guidance_interval=r["guidance_interval"])
         p = clf.predict_proba(E._pcm16(g.waves), pipe.sample_rate)
         assert r["fit"] == pytest.approx(float(np.mean(p.argmax(1) == clf.classes.index(r["class"]))))
-        assert r["diversity_ratio"] > 0 and r["guided_nfe"] == (0 if r["guidance"] == 1.0 else g.settings["guided_nfe"])
+        assert r["diversity_ratio"] > 0 and r["guided_nfe"] == g.settings["guided_nfe"]
+        nfe = pipe.preset.default_nfe
+        if r["guidance"] == 1.0 or r["guidance_interval"] is None:
+            assert r["guided_nfe"] == (0 if r["guidance"] == 1.0 else nfe)
+        else:
+            assert 0 < r["guided_nfe"] < nfe                    # sigma in (1, 10]: the first evaluations only
     for c in ("low", "high"):
-        want = choose_scale([r for r in res["rows"] if r["class"] == c], 0.5)
-        assert res["class_guidance"][c] == want and pipe.preset.guidance_for(c) == want
+        best = choose([r for r in res["rows"] if r["class"] == c], 0.5, 0.7)
+        assert [r for r in res["rows"] if r["class"] == c and r["chosen"]] == [best]
+        assert res["class_guidance"][c] == best["guidance"] and pipe.preset.guidance_for(c) == best["guidance"]
+        iv = pipe.preset.guidance_interval_for(c)
+        if best["guidance"] != 1.0:
+            assert iv == (None if best["guidance_interval"] is None else tuple(best["guidance_interval"]))
+        assert (c in res["class_guidance_interval"]) == (best["guidance"] != 1.0 and best["guidance_interval"] is not None)
     md = (calibrated / "cal" / "calibration.md").read_text()
-    assert "| class | w | category fit |" in md and "Chosen: " in md
+    assert "| class | w | guided for | category fit |" in md and "Chosen: " in md and "σ ∈ (1, 10]" in md
     png = (calibrated / "cal" / "calibration.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -420,3 +458,36 @@ def test_per_class_scales_drive_generation_service_and_evaluation(world, calibra
     with pytest.raises(ValueError, match="calibrate-guidance"):
         E.plan_sweep([], [], [], extra_points=[("dpmpp_2m", 3, "class")])
     assert E.parse_points("heun:51:class:0.1:10") == [("heun", 51, "class", (0.1, 10.0))]
+
+
+def test_per_class_interval_in_evaluation_and_bars(world, calibrated, tmp_path):
+    """A class calibrated with its own guidance interval: the 'class' point generates it there (same clips as a
+    fixed point with that interval), the rows and the bars name it, a speed record for it matches."""
+    import shutil
+
+    from edmsound.bars import issue_bars
+    from edmsound.calibrate import write_class_guidance
+    model = tmp_path / "model"
+    shutil.copytree(calibrated / "model", model)
+    write_class_guidance(model, {"low": 1.0, "high": 2.5}, {"high": (1.0, 10.0)})
+    out = tmp_path / "ev"
+    res = _run(world, out, model=model, samplers=[], nfes=[], guidances=[],
+               points=[("dpmpp_2m", 3, 2.5, (1.0, 10.0)), ("dpmpp_2m", 3, "class")])
+    keys = sorted(os.listdir(out / "clips"))
+    key = [k for k in keys if "cls" in k][0]
+    assert key.startswith("dpmpp_2m_nfe3_wcls-2p5-1_ci") and "dpmpp_2m_nfe3_w2p5_i1-10" in keys
+    a, _ = sf.read(str(out / "clips" / key / "high" / "high_0001.wav"), dtype="float32")
+    b, _ = sf.read(str(out / "clips" / "dpmpp_2m_nfe3_w2p5_i1-10" / "high" / "high_0001.wav"), dtype="float32")
+    np.testing.assert_array_equal(a, b)
+    meta = json.loads((out / "clips" / key / "meta.json").read_text())
+    assert meta["class_guidance_interval"] == {"high": [1.0, 10.0]}
+    rows = [r for r in res["rows"] if r["kind"] == "generated" and r["guidance"] == "class"]
+    assert {r["guidance_per_class"] for r in rows} == {"high=2.5@1:10 low=1"}
+    speed = {"sampler": "dpmpp_2m", "nfe": 3, "guidance": 2.5, "class": "high", "guidance_interval": [1.0, 10.0],
+             "base_guidance_interval": None, "class_guidance": "high=2.5@1:10 low=1", "guided_nfe": 1,
+             "median_sec_per_clip": 0.4, "cpu": "test", "date": "today"}
+    bars = {b["bar"]: b for b in issue_bars(res, "dpmpp_2m", 3, "class", None, speed)}
+    assert bars["speed: one clip, median of 10"]["met"] is True
+    assert "high at w 2.5, 1 guided evaluations" in bars["speed: one clip, median of 10"]["value"]
+    stale = issue_bars(res, "dpmpp_2m", 3, "class", None, dict(speed, class_guidance="high=2.5 low=1"))
+    assert [b for b in stale if b["bar"].startswith("speed")][0]["met"] is None

@@ -194,3 +194,69 @@ def test_cli_export_and_generate_with_interval(tiny_ckpt, tmp_path):
     r = _cli("generate", "--checkpoint", str(tmp_path / "m"), "--class", "low", "--out", str(tmp_path / "o3"),
              "--guidance-interval", "x")
     assert r.returncode == 2 and "LO,HI" in r.stderr
+
+
+def test_per_class_intervals_round_trip_and_drive_pipeline_service_and_app(tiny_ckpt, tmp_path):
+    """A class with its own guidance interval (calibrate-guidance --intervals): the preset stores it, the
+    pipeline, service and the app's guidance note use it by default, an explicit interval still wins."""
+    from edmsound.app_ui import guidance_info
+    from edmsound.calibrate import write_class_guidance
+    from edmsound.checkpoint import load_safetensors, read_config, write_model_dir
+    from edmsound.presets import format_class_guidance
+    from edmsound.service import EDMSoundService
+    preset, classes = read_config(tiny_ckpt)
+    write_model_dir(tmp_path / "m", preset, classes, load_safetensors(tiny_ckpt / "ema.safetensors"))
+    write_class_guidance(tmp_path / "m", {"low": 2.0, "high": 2.0}, {"high": (1.0, 10.0)})
+    p2, _ = read_config(tmp_path / "m")
+    assert p2.guidance_interval_for("high") == (1.0, 10.0) and p2.guidance_interval_for("low") is None
+    assert Preset.from_dict(json.loads(json.dumps(p2.to_dict()))) == p2
+    assert p2.class_intervals(["low", "high"]) == (("high", (1.0, 10.0)),)
+    assert format_class_guidance(p2.class_scales(classes), p2.class_intervals(classes)) in (
+        "high=2@1:10 low=2", "low=2 high=2@1:10")
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        write_class_guidance(tmp_path / "m", {"low": 2.0}, {"nope": (1.0, 10.0)})
+    with pytest.raises(ValueError, match="0 <= lo < hi"):
+        write_class_guidance(tmp_path / "m", {"low": 2.0}, {"low": (3.0, 1.0)})
+
+    pipe = EDMSoundPipeline(tmp_path / "m", device="cpu")
+    kw = dict(n=1, sampler="dpmpp_2m", nfe=6, seed=2)
+    high, low = pipe.generate("high", **kw), pipe.generate("low", **kw)
+    sig = [float(s) for s in _sigmas(pipe, "dpmpp_2m", 6)[:-1]]
+    assert high.settings["guidance_interval"] == [1.0, 10.0] and low.settings["guidance_interval"] is None
+    assert high.settings["guided_nfe"] == sum(1.0 < s <= 10.0 for s in sig) < low.settings["guided_nfe"] == 6
+    torch.testing.assert_close(high.specs, pipe.generate("high", guidance_interval=(1.0, 10.0), **kw).specs)
+    assert not torch.allclose(high.specs, pipe.generate("high", guidance_interval=None, **kw).specs)
+
+    svc = EDMSoundService(pipe, index=None)
+    d = svc.defaults
+    assert d["class_guidance_interval"] == {"low": None, "high": [1.0, 10.0]}
+    r = svc.generate("high", seed=2, nfe=6, write_files=False)
+    assert r.settings["guidance_interval"] == [1.0, 10.0]
+    c = svc.compare("high", seed=2, nfe=6, samplers=["dpmpp_2m"], write_files=False)
+    assert c.settings["guidance_interval"] == [1.0, 10.0] and c.settings["guidance"] == 2.0
+    assert "σ ∈ (1, 10]" in guidance_info(d, "high") and "σ" not in guidance_info(d, "low")
+    assert "the default follows the class" in guidance_info(d, "low")
+    svc.close()
+    write_class_guidance(tmp_path / "m", None, {"high": (1.0, 10.0)})        # clearing clears both
+    p3, _ = read_config(tmp_path / "m")
+    assert p3.default_class_guidance is None and p3.default_class_guidance_interval is None
+
+
+def test_speed_benchmark_times_the_class_with_the_most_guided_evaluations(tiny_ckpt, tmp_path):
+    """benchmarks/samplers.py --shipped-only must time the slowest class: with per-class intervals that is the
+    one with the most guided (double-batch) evaluations, not the one with the largest scale."""
+    import importlib.util
+
+    from edmsound.calibrate import write_class_guidance
+    from edmsound.checkpoint import load_safetensors, read_config, write_model_dir
+    spec = importlib.util.spec_from_file_location("bench_samplers", ROOT / "benchmarks" / "samplers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    preset, classes = read_config(tiny_ckpt)
+    write_model_dir(tmp_path / "m", preset, classes, load_safetensors(tiny_ckpt / "ema.safetensors"))
+    write_class_guidance(tmp_path / "m", {"low": 2.0, "high": 6.0}, {"high": (1.0, 10.0)})
+    pipe = EDMSoundPipeline(tmp_path / "m", device="cpu")
+    assert bench.slowest_class(pipe) == "low"              # w 2 at every sigma beats w 6 at the top levels only
+    rec = bench.shipped_timing(pipe, repeats=2)
+    assert rec["class"] == "low" and rec["guided_nfe"] == preset.default_nfe and rec["base_guidance_interval"] is None
+    assert rec["class_guidance"] == "high=6@1:10 low=2" and rec["median_sec_per_clip"] > 0
