@@ -40,9 +40,10 @@ DEFAULT_MIN_FIT = 0.9
 DEFAULT_MIN_DIVERSITY = 0.7
 
 
-def _key(r) -> tuple:
-    iv = r.get("guidance_interval")
-    return (r["guidance"], None if iv is None else tuple(iv))
+def _feasible(r: dict, min_fit: float, min_diversity: float | None) -> bool:
+    d = r.get("diversity_ratio", float("nan"))
+    measured = isinstance(d, (int, float)) and np.isfinite(d)
+    return r["fit"] >= min_fit and (min_diversity is None or not measured or d >= min_diversity)
 
 
 def choose(results: list[dict], min_fit: float, min_diversity: float | None = None) -> dict:
@@ -52,9 +53,8 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
     A candidate is *feasible* when fit >= ``min_fit`` and (if ``min_diversity`` is given and the row's diversity
     was measured) diversity >= ``min_diversity``. Among feasible candidates: the cheapest (fewest guided, i.e.
     double-batch, network evaluations ``guided_nfe``), then the most diverse, then the smallest scale. If none
-    is: the best worst margin,
-    max(min(fit - min_fit, diversity - min_diversity)), i.e. the best fit when diversity is not a target
-    (ties: the smaller scale, then grid order)."""
+    is: the best worst margin, max(min(fit - min_fit, diversity - min_diversity)), i.e. the best fit when
+    diversity is not a target (ties: the smaller scale, then grid order)."""
     if not results:
         raise ValueError("no candidates to choose from")
 
@@ -66,7 +66,7 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
         return float("inf") if min_diversity is None or div(r) is None else div(r) - min_diversity
 
     order = {id(r): i for i, r in enumerate(results)}
-    feasible = [r for r in results if r["fit"] >= min_fit and div_margin(r) >= 0]
+    feasible = [r for r in results if _feasible(r, min_fit, min_diversity)]
     if feasible:
         return min(feasible, key=lambda r: (r.get("guided_nfe", 0), -(div(r) if div(r) is not None else 0.0),
                                             r["guidance"], order[id(r)]))
@@ -144,11 +144,14 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
             if c in classes:
                 ref_div[c] = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, ref.waves[ref.labels == i],
                                                                               ref.sample_rate))
+    target_div = None if enc is None else min_diversity
     rows, chosen, chosen_iv = [], {}, {}
     for c in classes:
         ci, k = pipe.class_index(c), clf.classes.index(c)
         per, unguided = [], None
         for iv in grid_intervals:
+            if stop_at_first and unguided is not None and _feasible(unguided, min_fit, target_div):
+                break                                      # w = 1 meets both targets: nothing is cheaper
             for w in scales:
                 if w == 1.0 and unguided is not None:        # no guidance: the interval changes nothing
                     continue
@@ -170,7 +173,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                     f"fit {fit:.2f}  diversity {div:.2f}")
                 if stop_at_first and fit >= min_fit:
                     break
-        best = choose(per, min_fit, None if enc is None else min_diversity)
+        best = choose(per, min_fit, target_div)
         chosen[c] = best["guidance"]
         iv = None if best["guidance_interval"] is None else tuple(best["guidance_interval"])
         if best["guidance"] != 1.0 and iv != p.default_guidance_interval:

@@ -460,6 +460,21 @@ def test_per_class_scales_drive_generation_service_and_evaluation(world, calibra
     assert E.parse_points("heun:51:class:0.1:10") == [("heun", 51, "class", (0.1, 10.0))]
 
 
+def test_calibration_stops_at_an_unguided_setting_that_meets_both_targets(world, calibrated):
+    """'low' is recognised without guidance and keeps its variety: nothing is cheaper than w = 1, so no guided
+    setting of either interval is generated (and its diversity really is measured)."""
+    from edmsound.calibrate import calibrate_class_guidance
+    res = calibrate_class_guidance(calibrated / "model", scales=(1, 2), min_fit=0.5, min_diversity=0.7,
+                                   intervals=["default", "1:10"], n_per_class=4, classes=["low"],
+                                   classifier=world / "classifier", encoder=world / "encoder",
+                                   reference=world / "ref", progress=False, log=lambda *_: None)
+    [row] = res["rows"]
+    assert row["guidance"] == 1.0 and row["fit"] >= 0.5 and row["diversity_ratio"] >= 0.7 and row["chosen"]
+    assert res["class_guidance"] == {"low": 1.0} and res["class_guidance_interval"] == {}
+    with pytest.raises(ValueError, match="min_diversity"):
+        calibrate_class_guidance(calibrated / "model", min_diversity=5, classifier=world / "classifier")
+
+
 def test_per_class_interval_in_evaluation_and_bars(world, calibrated, tmp_path):
     """A class calibrated with its own guidance interval: the 'class' point generates it there (same clips as a
     fixed point with that interval), the rows and the bars name it, a speed record for it matches."""
