@@ -291,6 +291,7 @@ def calibration_plot(result: dict) -> bytes:
         title = c if chosen is None else f"{c} (w {chosen:g}" + (f", {_iv_text(own[c])})" if c in own else ")")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("guidance w", fontsize=8)
+        ax.set_xlim(min(s["scales"]) - 0.3, max(s["scales"]) + 0.3)     # one w axis for every panel
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(classes):]:
         ax.axis("off")
