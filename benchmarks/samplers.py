@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edmsound.launch import jemalloc_loaded  # noqa: E402
-from edmsound.guidance import GuidedDenoiser, format_guidance_interval  # noqa: E402
+from edmsound.guidance import GuidedDenoiser, format_guidance_interval, interval_list  # noqa: E402
 from edmsound.pipeline import EDMSoundPipeline  # noqa: E402
 from edmsound.presets import format_class_guidance  # noqa: E402
 from edmsound.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
@@ -85,11 +85,10 @@ def shipped_timing(pipe, repeats=10, class_name=None):
         pipe.generate(cls, n=1, seed=i)
         times.append(time.perf_counter() - t)
     per_class = format_class_guidance(p.class_scales(pipe.classes), p.class_intervals(pipe.classes)) or None
-    base = p.default_guidance_interval
     return {"sampler": p.default_sampler, "nfe": p.default_nfe, "guidance": p.guidance_for(cls),
             "class_guidance": per_class,
             "guidance_interval": gen.settings["guidance_interval"], "guided_nfe": gen.settings["guided_nfe"],
-            "base_guidance_interval": None if base is None else list(base),
+            "base_guidance_interval": interval_list(p.default_guidance_interval),
             "median_sec_per_clip": statistics.median(times), "min": min(times), "max": max(times),
             "repeats": repeats, "class": cls, "audio_seconds": pipe.codec.num_samples / pipe.sample_rate,
             "threads": torch.get_num_threads(), "jemalloc": jemalloc_loaded()}

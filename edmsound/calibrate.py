@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .guidance import check_guidance, format_guidance_interval
+from .guidance import check_guidance, format_guidance_interval, interval_list
 from .presets import class_guidance_pairs
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0)
@@ -40,10 +40,15 @@ DEFAULT_MIN_FIT = 0.9
 DEFAULT_MIN_DIVERSITY = 0.7
 
 
-def _feasible(r: dict, min_fit: float, min_diversity: float | None) -> bool:
+def _diversity(r: dict) -> float | None:
+    """A candidate's diversity ratio, None where it was not measured."""
     d = r.get("diversity_ratio", float("nan"))
-    measured = isinstance(d, (int, float)) and np.isfinite(d)
-    return r["fit"] >= min_fit and (min_diversity is None or not measured or d >= min_diversity)
+    return float(d) if isinstance(d, (int, float)) and np.isfinite(d) else None
+
+
+def _feasible(r: dict, min_fit: float, min_diversity: float | None) -> bool:
+    d = _diversity(r)
+    return r["fit"] >= min_fit and (min_diversity is None or d is None or d >= min_diversity)
 
 
 def choose(results: list[dict], min_fit: float, min_diversity: float | None = None) -> dict:
@@ -58,17 +63,14 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
     if not results:
         raise ValueError("no candidates to choose from")
 
-    def div(r):
-        v = r.get("diversity_ratio", float("nan"))
-        return v if isinstance(v, (int, float)) and np.isfinite(v) else None
-
     def div_margin(r):
-        return float("inf") if min_diversity is None or div(r) is None else div(r) - min_diversity
+        d = _diversity(r)
+        return float("inf") if min_diversity is None or d is None else d - min_diversity
 
     order = {id(r): i for i, r in enumerate(results)}
     feasible = [r for r in results if _feasible(r, min_fit, min_diversity)]
     if feasible:
-        return min(feasible, key=lambda r: (r.get("guided_nfe", 0), -(div(r) if div(r) is not None else 0.0),
+        return min(feasible, key=lambda r: (r.get("guided_nfe", 0), -(_diversity(r) or 0.0),
                                             r["guidance"], order[id(r)]))
     return min(results, key=lambda r: (-min(r["fit"] - min_fit, div_margin(r)), r["guidance"], order[id(r)]))
 
@@ -163,7 +165,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                 div = float("nan")
                 if enc is not None and ref_div.get(c, 0) > 0:
                     div = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, waves, pipe.sample_rate)) / ref_div[c]
-                r = {"class": c, "guidance": w, "guidance_interval": None if iv is None else list(iv),
+                r = {"class": c, "guidance": w, "guidance_interval": interval_list(iv),
                      "fit": fit, "diversity_ratio": div,
                      "guided_nfe": g.settings["guided_nfe"], "seconds": round(g.settings["seconds"], 2)}
                 per.append(r)
@@ -177,7 +179,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
         chosen[c] = best["guidance"]
         iv = None if best["guidance_interval"] is None else tuple(best["guidance_interval"])
         if best["guidance"] != 1.0 and iv != p.default_guidance_interval:
-            chosen_iv[c] = None if iv is None else list(iv)
+            chosen_iv[c] = interval_list(iv)
         for r in per:
             r["chosen"] = r is best
         rows += per
@@ -185,9 +187,8 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                 "min_diversity": None if min_diversity is None or enc is None else float(min_diversity),
                 "n_per_class": n_per_class, "seed": int(seed),
                 "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i", "sampler": p.default_sampler,
-                "nfe": p.default_nfe, "guidance_interval": (None if p.default_guidance_interval is None
-                                                            else list(p.default_guidance_interval)),
-                "intervals": [None if iv is None else list(iv) for iv in grid_intervals],
+                "nfe": p.default_nfe, "guidance_interval": interval_list(p.default_guidance_interval),
+                "intervals": [interval_list(iv) for iv in grid_intervals],
                 "classifier": clf_desc, "encoder": None if enc is None else enc.name,
                 "reference": reference, "stop_at_first": stop_at_first,
                 "wall_seconds": round(time.perf_counter() - t0, 1)}
@@ -202,15 +203,11 @@ def _clip_embeddings(encoder, waves: np.ndarray, sr: int) -> np.ndarray:
     return clips / np.maximum(np.linalg.norm(clips, axis=1, keepdims=True), 1e-12)
 
 
-def _iv_text(iv) -> str:
-    return format_guidance_interval(None if iv is None else tuple(iv))
-
-
 def chosen_text(result: dict) -> str:
     """"dog_bark 2, ..., moving_motor_vehicle 4 (σ ∈ (2, 10])": the chosen scale of each class, with its
     interval where it is the class's own."""
     own = result.get("class_guidance_interval") or {}
-    return ", ".join(f"{c} {w:g}" + (f" ({_iv_text(own[c])})" if c in own else "")
+    return ", ".join(f"{c} {w:g}" + (f" ({format_guidance_interval(own[c])})" if c in own else "")
                      for c, w in result["class_guidance"].items())
 
 
@@ -224,8 +221,8 @@ def calibration_markdown(result: dict) -> str:
     else:
         rule = "the fewest guided evaluations (then the smallest scale) with " + rule
     lines = [f"# Per-class guidance calibration: `{s['checkpoint']}`", "",
-             f"{s['sampler']}, NFE {s['nfe']}, guidance intervals tried: {', '.join(_iv_text(iv) for iv in ivs)} "
-             f"(shipped: {_iv_text(s['guidance_interval'])}); "
+             f"{s['sampler']}, NFE {s['nfe']}, guidance intervals tried: {', '.join(format_guidance_interval(iv) for iv in ivs)} "
+             f"(shipped: {format_guidance_interval(s['guidance_interval'])}); "
              f"{s['n_per_class']} clips per class and setting from noise seed {s['seed']} (not the evaluation's seed 0); "
              f"rule: {rule} (classifier: {s['classifier']}). "
              f"Diversity = mean pairwise cosine distance of the clips' embeddings ({s['encoder']}) over that of "
@@ -234,7 +231,7 @@ def calibration_markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         d = "–" if not np.isfinite(r["diversity_ratio"]) else f"{r['diversity_ratio']:.2f}"
-        where = "– (unguided)" if r["guidance"] == 1.0 else _iv_text(r.get("guidance_interval", s["guidance_interval"]))
+        where = "– (unguided)" if r["guidance"] == 1.0 else format_guidance_interval(r.get("guidance_interval", s["guidance_interval"]))
         lines.append(f"| {r['class']} | {r['guidance']:g} | {where} | {r['fit']:.2f} | {d} | {r['guided_nfe']} | "
                      f"{'**✔**' if r['chosen'] else ''} |")
     lines += ["", "Chosen: " + chosen_text(result)]
@@ -277,7 +274,7 @@ def calibration_plot(result: dict) -> bytes:
             if not rows:
                 continue
             w = [r["guidance"] for r in rows]
-            tag = "" if len(ivs) == 1 else f", {_iv_text(iv)}"
+            tag = "" if len(ivs) == 1 else f", {format_guidance_interval(iv)}"
             col = colors[j % len(colors)]
             ax.plot(w, [r["fit"] for r in rows], "o-", color=col, label="category fit" + tag)
             ax.plot(w, [r["diversity_ratio"] for r in rows], "s--", color=col, alpha=0.7, label="diversity ratio" + tag)
@@ -288,7 +285,7 @@ def calibration_plot(result: dict) -> bytes:
         chosen = result["class_guidance"].get(c)
         if best is not None:
             ax.plot([best["guidance"]], [best["fit"]], "*", ms=14, color="tab:green", zorder=5)
-        title = c if chosen is None else f"{c} (w {chosen:g}" + (f", {_iv_text(own[c])})" if c in own else ")")
+        title = c if chosen is None else f"{c} (w {chosen:g}" + (f", {format_guidance_interval(own[c])})" if c in own else ")")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("guidance w", fontsize=8)
         ax.set_xlim(min(s["scales"]) - 0.3, max(s["scales"]) + 0.3)     # one w axis for every panel
@@ -323,6 +320,6 @@ def write_class_guidance(checkpoint, class_guidance: dict | None, class_interval
     ivs = class_interval_pairs({c: check_guidance_interval(iv) for c, iv in (class_intervals or {}).items()})
     cfg["preset"]["default_class_guidance"] = None if pairs is None else dict(pairs)
     cfg["preset"]["default_class_guidance_interval"] = (None if ivs is None else
-                                                        {c: None if iv is None else list(iv) for c, iv in ivs})
+                                                        {c: interval_list(iv) for c, iv in ivs})
     atomic_write_json(path, cfg)
     return path

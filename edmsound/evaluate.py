@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .data import AudioSet, fit_length, load_audio, scan_folder
+from .guidance import interval_list
 from .presets import format_class_guidance
 
 __all__ = ["SweepPoint", "plan_sweep", "synth_audioset", "load_reference", "load_train_subset", "noise_seed",
@@ -412,12 +413,12 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
     want = {"checkpoint": pipe.checkpoint, "ema_sha256": fingerprint, "seed": int(seed),
             "sample_rate": pipe.sample_rate, "num_samples": pipe.codec.num_samples, "sampler": point.sampler,
             "nfe": point.nfe, "requested_nfe": point.requested_nfe, "guidance": point.guidance,
-            "guidance_interval": None if point.interval is None else list(point.interval),
+            "guidance_interval": interval_list(point.interval),
             "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i"}
     if point.class_guidance:
         want["class_guidance"] = dict(point.class_guidance)
     if point.class_intervals:
-        want["class_guidance_interval"] = {c: None if iv is None else list(iv) for c, iv in point.class_intervals}
+        want["class_guidance_interval"] = {c: interval_list(iv) for c, iv in point.class_intervals}
     meta = _check_meta(d / "meta.json", want, regenerate)
     missing = _missing(clips_root, point, classes, n)
     made = 0

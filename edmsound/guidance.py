@@ -63,6 +63,11 @@ def format_guidance_interval(interval) -> str:
     return "all σ" if interval is None else f"σ ∈ ({interval[0]:g}, {interval[1]:g}]"
 
 
+def interval_list(interval) -> list[float] | None:
+    """For JSON (settings, configs, records): None or [lo, hi]."""
+    return None if interval is None else [float(interval[0]), float(interval[1])]
+
+
 def interval_text(interval) -> str:
     """For tables and the ``--points`` syntax: "" (every σ) or "LO:HI"."""
     return "" if interval is None else f"{float(interval[0]):g}:{float(interval[1]):g}"

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .codec import SpectrogramCodec
-from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval
+from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
 from .model import load_denoiser
 from .samplers import SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
@@ -149,7 +149,7 @@ class EDMSoundPipeline:
         if any(c != nfe for c in counts):
             raise RuntimeError(f"{sampler} made {counts} network evaluations per batch, expected {nfe}")
         settings = {"class": class_name, "sampler": sampler, "nfe": counts[0], "guidance": guidance,
-                    "guidance_interval": None if interval is None else list(interval),
+                    "guidance_interval": interval_list(interval),
                     "guided_nfe": guided,      # evaluations that ran the double (guided) batch
                     "seed": seed, "n": int(n), "sample_rate": self.sample_rate,
                     "seconds": round(wall, 4), "seconds_per_clip": round(wall / len(seeds), 4),

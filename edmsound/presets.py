@@ -99,18 +99,14 @@ def class_guidance_pairs(mapping) -> tuple[tuple[str, float], ...] | None:
     return tuple(sorted((str(c), float(w)) for c, w in items))
 
 
-def _interval_or_none(v) -> tuple[float, float] | None:
-    from .guidance import check_guidance_interval
-    return check_guidance_interval(v)
-
-
 def class_interval_pairs(mapping) -> tuple[tuple[str, tuple[float, float] | None], ...] | None:
     """``{class: [lo, hi] | None}`` / ``[(class, (lo, hi)), ...]`` / None -> sorted ``((class, (lo, hi) | None), ...)``
     (None if empty): classes whose guidance interval differs from the preset's ``default_guidance_interval``."""
+    from .guidance import check_guidance_interval
     if not mapping:
         return None
     items = mapping.items() if isinstance(mapping, dict) else mapping
-    return tuple(sorted((str(c), _interval_or_none(iv)) for c, iv in items))
+    return tuple(sorted((str(c), check_guidance_interval(iv)) for c, iv in items))
 
 
 def format_class_guidance(pairs, intervals=None) -> str:
@@ -157,8 +153,8 @@ class Preset:
         if self.default_class_guidance is not None:
             d["default_class_guidance"] = {c: w for c, w in self.default_class_guidance}
         if self.default_class_guidance_interval is not None:
-            d["default_class_guidance_interval"] = {c: None if iv is None else list(iv)
-                                                    for c, iv in self.default_class_guidance_interval}
+            from .guidance import interval_list
+            d["default_class_guidance_interval"] = {c: interval_list(iv) for c, iv in self.default_class_guidance_interval}
         return d
 
     def guidance_for(self, class_name: str) -> float:

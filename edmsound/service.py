@@ -36,7 +36,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .guidance import GUIDANCE_RANGE, check_guidance
+from .guidance import GUIDANCE_RANGE, check_guidance, interval_list
 from .pipeline import PRESET_DEFAULT, EDMSoundPipeline, clip_stem, to_pcm16
 from .plotting import MODES
 from .samplers import SAMPLERS, steps_for_nfe, valid_nfes
@@ -323,11 +323,9 @@ class EDMSoundService:
         sampler = p.default_sampler if p.default_sampler in SAMPLERS else "dpmpp_2m"
         return {"sampler": sampler, "nfe": snap_nfe(sampler, min(p.default_nfe, self.max_nfe), self.max_nfe),
                 "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K,
-                "guidance_interval": (None if p.default_guidance_interval is None
-                                      else list(p.default_guidance_interval)),
+                "guidance_interval": interval_list(p.default_guidance_interval),
                 "class_guidance": {c: p.guidance_for(c) for c in self.classes},
-                "class_guidance_interval": {c: (None if p.guidance_interval_for(c) is None
-                                                else list(p.guidance_interval_for(c))) for c in self.classes}}
+                "class_guidance_interval": {c: interval_list(p.guidance_interval_for(c)) for c in self.classes}}
 
     def valid_nfes(self, sampler: str) -> list[int]:
         return valid_nfes(self.check_sampler(sampler), self.max_nfe)
@@ -550,7 +548,7 @@ class EDMSoundService:
             clip = self._clips(gen, out_dir)[0]
             entries.append(CompareEntry(sampler=s, nfe_requested=nfe, nfe=eff, note=note, clip=clip))
         settings = {"class": class_name, "seed": seed, "nfe": nfe, "guidance": guidance,
-                    "guidance_interval": None if interval is None else list(interval), "sample_rate": self.sample_rate, "seconds": round(time.perf_counter() - t0, 4),
+                    "guidance_interval": interval_list(interval), "sample_rate": self.sample_rate, "seconds": round(time.perf_counter() - t0, 4),
                     "checkpoint": self.pipeline.checkpoint, "device": str(self.pipeline.device)}
         result = CompareResult(entries=entries, settings=settings)
         if figures is not None:
