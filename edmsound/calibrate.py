@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .guidance import check_guidance, format_guidance_interval, interval_list
+from .guidance import check_guidance, check_guidance_interval, format_guidance_interval, interval_list
 from .presets import class_guidance_pairs
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0)
@@ -84,7 +84,6 @@ def choose_scale(results: list[dict], min_fit: float) -> float:
 
 def _parse_intervals(intervals, default):
     """A list of guidance intervals ((lo, hi) / "LO:HI" / "none" / "default") -> unique checked intervals."""
-    from .guidance import check_guidance_interval
     if intervals is None:
         return [default]
     out = []
@@ -177,7 +176,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                     break
         best = choose(per, min_fit, target_div)
         chosen[c] = best["guidance"]
-        iv = None if best["guidance_interval"] is None else tuple(best["guidance_interval"])
+        iv = check_guidance_interval(best["guidance_interval"])
         if best["guidance"] != 1.0 and iv != p.default_guidance_interval:
             chosen_iv[c] = interval_list(iv)
         for r in per:
@@ -306,7 +305,6 @@ def write_class_guidance(checkpoint, class_guidance: dict | None, class_interval
     """Store per-class default scales (and the classes' own guidance intervals, ``{class: (lo, hi) | None}``) in a
     model directory's config.json (atomically); ``class_guidance=None`` clears both."""
     from .checkpoint import resolve_model_dir
-    from .guidance import check_guidance_interval
     from .presets import class_interval_pairs
     model_dir = resolve_model_dir(checkpoint)
     path = model_dir / "config.json"
