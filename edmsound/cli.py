@@ -21,6 +21,16 @@ def _cmd_data_info(a):
     load_folder(a.data, a.sample_rate, int(a.seconds * a.sample_rate))
 
 
+def _positive_steps(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of steps > 0, got {text!r}")
+    return v
+
+
 def _cmd_train(a):
     import torch
     from .launch import reexec_with_jemalloc
@@ -35,7 +45,8 @@ def _cmd_train(a):
         import os
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
-                                                 checkpoint_every=a.checkpoint_every)
+                                                 checkpoint_every=a.checkpoint_every,
+                                                 ema_halflife_steps=a.ema_halflife)
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
@@ -138,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--ema-halflife", type=_positive_steps, default=None, metavar="STEPS",
+                   help="EMA half-life in optimizer steps (default: the preset's); may change on --resume")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")

@@ -190,16 +190,21 @@ class Trainer:
              "info": self.info()})
 
     def all_segments(self) -> list[dict]:
-        """Where the training happened: one entry per stretch on one machine (consecutive runs on the same
-        machine are merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7}``."""
+        """Where and how the training happened: one entry per stretch on one machine with one learning rate and
+        EMA half-life (consecutive runs that share all three are merged), e.g. ``{"machine": ..., "steps":
+        [0, 1966], "seconds": 8732.7, "lr": 0.0002, "ema_halflife_steps": 500.0}`` (older entries lack the knobs)."""
         segs = [dict(s) for s in self.segments]
         start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
         if self.step > start_step:
+            tc = self.preset.train
+            knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
-                   "seconds": round(self.wall_time - start_wall, 1)}
-            if segs and segs[-1]["machine"] == cur["machine"] and segs[-1]["steps"][1] == start_step:
-                segs[-1] = {"machine": cur["machine"], "steps": [segs[-1]["steps"][0], self.step],
-                            "seconds": round(segs[-1]["seconds"] + cur["seconds"], 1)}
+                   "seconds": round(self.wall_time - start_wall, 1), **knobs}
+            last = segs[-1] if segs else None
+            if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
+                    and all(last.get(k) == v for k, v in knobs.items())):
+                segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
+                            "seconds": round(last["seconds"] + cur["seconds"], 1)}
             else:
                 segs.append(cur)
         return segs

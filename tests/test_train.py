@@ -62,6 +62,35 @@ def test_resume_continues_from_the_same_state(tone_tree, tmp_path):
     assert segs[0]["seconds"] == pytest.approx(resumed.wall_time, abs=0.2)
 
 
+def test_resume_with_a_new_ema_halflife_starts_a_new_stretch(tone_tree, tmp_path):
+    base = get_preset("tiny").replace_train(checkpoint_every=100, ema_halflife_steps=2.0, ema_rampup=1.0)
+    Trainer(base, tone_tree, tmp_path / "r", steps=8, progress=False).run()
+    longer = base.replace_train(ema_halflife_steps=50.0)
+    tr = Trainer(longer, tone_tree, tmp_path / "r", steps=12, resume=True, progress=False)
+    # the EMA decay follows the new half-life (capped by the ramp-up: step * 1.0 = 8 < 50)
+    assert tr._ema_beta() == pytest.approx(0.5 ** (1 / 8))
+    ema_before = [p.clone() for p in tr.ema.net.parameters()]
+    tr.run()
+    segs = tr.info()["segments"]
+    assert [(s["steps"], s["ema_halflife_steps"], s["lr"]) for s in segs] == \
+        [([0, 8], 2.0, base.train.lr), ([8, 12], 50.0, base.train.lr)]
+    # same knobs on the next resume: the stretch is extended, not split
+    tr2 = Trainer(longer, tone_tree, tmp_path / "r", steps=14, resume=True, progress=False)
+    tr2.run()
+    assert [s["steps"] for s in tr2.info()["segments"]] == [[0, 8], [8, 14]]
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, tr.ema.net.parameters()))
+
+
+def test_cli_rejects_a_bad_ema_halflife(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for bad in ("0", "-5", "abc", "inf"):
+        r = subprocess.run([sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data",
+                            str(tone_tree), "--out", str(tmp_path / "run"), "--ema-halflife", bad],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "--ema-halflife" in r.stderr and "> 0" in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()
+
+
 def test_warm_start_keeps_the_history_of_older_model_dirs(tone_tree, tmp_path):
     preset = get_preset("tiny").replace_train(checkpoint_every=100)
     tr = Trainer(preset, tone_tree, tmp_path / "a", steps=6, progress=False)
