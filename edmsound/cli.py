@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -25,8 +26,8 @@ def _positive_steps(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        v = float("nan")
-    if not v > 0 or v == float("inf"):
+        v = 0.0
+    if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"must be a number of steps > 0, got {text!r}")
     return v
 
