@@ -32,6 +32,26 @@ def _positive_steps(text: str) -> float:
     return v
 
 
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return v
+
+
 def _cmd_train(a):
     import torch
     from .launch import reexec_with_jemalloc
@@ -47,7 +67,8 @@ def _cmd_train(a):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
                                                  checkpoint_every=a.checkpoint_every,
-                                                 ema_halflife_steps=a.ema_halflife)
+                                                 ema_halflife_steps=a.ema_halflife
+                                                 ).replace_noise(p_mean=a.p_mean, p_std=a.p_std)
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
@@ -152,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--ema-halflife", type=_positive_steps, default=None, metavar="STEPS",
                    help="EMA half-life in optimizer steps (default: the preset's); may change on --resume")
+    t.add_argument("--p-mean", type=_finite, default=None, metavar="LN_SIGMA",
+                   help="training noise: ln(sigma) ~ N(P_MEAN, P_STD^2) (default: the preset's, -3 for `default`); "
+                        "may change on --resume or --init")
+    t.add_argument("--p-std", type=_positive, default=None, metavar="STD", help="see --p-mean (default: the preset's)")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")

@@ -210,6 +210,12 @@ class Preset:
         kw = {k: v for k, v in kw.items() if v is not None}
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **kw))
 
+    def replace_noise(self, p_mean: float | None = None, p_std: float | None = None) -> "Preset":
+        """The training noise distribution ln(sigma) ~ N(p_mean, p_std^2) replaced (None keeps the preset's).
+        A training knob: the network, codec and preconditioning stay the same, so a run may change it on resume."""
+        kw = {k: float(v) for k, v in (("p_mean", p_mean), ("p_std", p_std)) if v is not None}
+        return dataclasses.replace(self, edm=dataclasses.replace(self.edm, **kw)) if kw else self
+
 
 PRESETS: dict[str, Preset] = {
     # The paper's DCASE2023 Task 7 configuration (~37M parameters at dim 128).

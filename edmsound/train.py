@@ -36,10 +36,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def same_model(a: Preset, b: Preset) -> bool:
-    """Same architecture, codec and EDM settings (memory layout and training knobs may differ)."""
+    """Same architecture, codec and EDM settings (memory layout and training knobs, including the training noise
+    distribution P_mean / P_std, may differ)."""
     import dataclasses
+    knobs = dict(p_mean=0.0, p_std=1.0)
     return (dataclasses.replace(a.net, channels_last=False) == dataclasses.replace(b.net, channels_last=False)
-            and a.codec == b.codec and a.edm == b.edm)
+            and a.codec == b.codec and dataclasses.replace(a.edm, **knobs) == dataclasses.replace(b.edm, **knobs))
 
 
 def _dist_info():
@@ -190,19 +192,23 @@ class Trainer:
              "info": self.info()})
 
     def all_segments(self) -> list[dict]:
-        """Where and how the training happened: one entry per stretch on one machine with one learning rate and
-        EMA half-life (consecutive runs that share all three are merged), e.g. ``{"machine": ..., "steps":
-        [0, 1966], "seconds": 8732.7, "lr": 0.0002, "ema_halflife_steps": 500.0}`` (older entries lack the knobs)."""
+        """Where and how the training happened: one entry per stretch on one machine with one learning rate, EMA
+        half-life and training noise distribution (consecutive runs that share all of them are merged), e.g.
+        ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002, "ema_halflife_steps": 500.0,
+        "p_mean": -3.0, "p_std": 1.0}`` (older entries lack some knobs; a missing P_mean / P_std was the preset's
+        -3 / 1)."""
         segs = [dict(s) for s in self.segments]
         start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
         if self.step > start_step:
             tc = self.preset.train
-            knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps}
+            knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps,
+                     "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
+            legacy = {"p_mean": -3.0, "p_std": 1.0}     # stretches recorded before the noise knobs were
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
-                    and all(last.get(k) == v for k, v in knobs.items())):
+                    and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
                             "seconds": round(last["seconds"] + cur["seconds"], 1)}
             else:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -79,6 +80,41 @@ def test_resume_with_a_new_ema_halflife_starts_a_new_stretch(tone_tree, tmp_path
     tr2 = Trainer(longer, tone_tree, tmp_path / "r", steps=14, resume=True, progress=False)
     tr2.run()
     assert [s["steps"] for s in tr2.info()["segments"]] == [[0, 8], [8, 14]]
+
+
+def test_resume_and_init_with_a_new_training_noise_distribution(tone_tree, tmp_path):
+    base = get_preset("tiny").replace_train(checkpoint_every=100)
+    Trainer(base, tone_tree, tmp_path / "r", steps=6, progress=False).run()
+    wide = base.replace_noise(p_mean=-1.0, p_std=1.5)
+    assert (wide.edm.p_mean, wide.edm.p_std, wide.net) == (-1.0, 1.5, base.net)
+    tr = Trainer(wide, tone_tree, tmp_path / "r", steps=10, resume=True, progress=False)   # same model: resumes
+    assert (tr.preset.edm.p_mean, tr.preset.edm.p_std) == (-1.0, 1.5) and tr.step == 6
+    tr.run()
+    segs = tr.info()["segments"]
+    assert [(s["steps"], s["p_mean"], s["p_std"]) for s in segs] == [([0, 6], -3.0, 1.0), ([6, 10], -1.0, 1.5)]
+    cfg = json.loads((latest_checkpoint(tmp_path / "r") / "config.json").read_text())
+    assert (cfg["preset"]["edm"]["p_mean"], cfg["preset"]["edm"]["p_std"]) == (-1.0, 1.5)
+    # a warm start from the exported model with the preset's own distribution again is the same model too
+    tr.export(tmp_path / "m")
+    warm = Trainer(base, tone_tree, tmp_path / "w", steps=12, init=tmp_path / "m", progress=False)
+    warm.run()
+    assert [(s["steps"], s["p_mean"]) for s in warm.info()["segments"]] == [([0, 6], -3.0), ([6, 10], -1.0),
+                                                                            ([10, 12], -3.0)]
+    # a different network is still refused
+    other = dataclasses.replace(base, net=dataclasses.replace(base.net, dim=base.net.dim * 2))
+    with pytest.raises(ValueError, match="different preset"):
+        Trainer(other, tone_tree, tmp_path / "r", steps=14, resume=True, progress=False)
+
+
+def test_cli_rejects_a_bad_training_noise_distribution(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for flag, bad, why in (("--p-std", "0", "> 0"), ("--p-std", "-1", "> 0"), ("--p-mean", "nan", "finite"),
+                           ("--p-mean", "abc", "finite")):
+        r = subprocess.run([sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data",
+                            str(tone_tree), "--out", str(tmp_path / "run"), flag, bad],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and flag in r.stderr and why in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()
 
 
 def test_cli_rejects_a_bad_ema_halflife(tone_tree, tmp_path):
