@@ -455,7 +455,7 @@ def _load_point(clips_root: Path, point: SweepPoint, classes, n: int, sample_rat
 
 # ------------------------------------------------------------------------------------------ scoring
 METRIC_COLUMNS = ["fad", "fad_vs_baseline", "kid", "kid_std", "accuracy", "map_at_10", "inception_score",
-                  "diversity", "diversity_real", "diversity_ratio", "copy_share", "copy_top1_mean"]
+                  "diversity", "diversity_real", "diversity_ratio", "level_gap_db", "copy_share", "copy_top1_mean"]
 
 
 class _Scorer:
@@ -469,6 +469,7 @@ class _Scorer:
         ref = {c: reference.waves[reference.labels == i] for i, c in enumerate(reference.classes)}
         self.ref_emb = {c: self.embed(ref[c], reference.sample_rate) for c in self.classes}
         self.ref_div = {c: M.mean_pairwise_cosine_distance(self.ref_emb[c][1]) for c in self.classes}
+        self.ref_level = {c: float(np.mean(M.rms_dbfs(ref[c]))) for c in self.classes}
         self.thresholds = {}
         if index is not None:
             for c in self.classes:
@@ -509,6 +510,13 @@ class _Scorer:
         rows["overall"].update(diversity=float(np.nanmean([rows[c]["diversity"] for c in self.classes])),
                                diversity_real=float(np.nanmean(list(self.ref_div.values()))),
                                diversity_ratio=float(np.nanmean(ratios)) if np.any(np.isfinite(ratios)) else float("nan"))
+        # level: mean RMS dBFS against the reference's (a gain-invariant encoder does not see it)
+        gaps = []
+        for c in self.classes:
+            gap = (float(np.mean(M.rms_dbfs(sets[c]))) - self.ref_level[c]) if len(sets[c]) else float("nan")
+            rows[c]["level_gap_db"] = gap
+            gaps.append(gap)
+        rows["overall"]["level_gap_db"] = float(np.nanmean(gaps)) if np.any(np.isfinite(gaps)) else float("nan")
         # classifier
         if self.classifier is not None:
             probs = {c: self.classifier.predict_proba(sets[c], sr) for c in self.classes}
@@ -761,7 +769,8 @@ def _md_metrics(rows):
             ("KID ×10³", "kid", None), ("accuracy", "accuracy", "{:.3f}")]
     cols += [(f"top-{k[3:-9]}", k, "{:.3f}") for k in tops]
     cols += [("mAP@10", "map_at_10", "{:.3f}"), ("IS", "inception_score", "{:.2f}"),
-             ("diversity ratio", "diversity_ratio", "{:.2f}"), ("copy %", "copy_share", None)]
+             ("diversity ratio", "diversity_ratio", "{:.2f}"), ("level gap dB", "level_gap_db", "{:+.1f}"),
+             ("copy %", "copy_share", None)]
     return cols
 
 
@@ -814,7 +823,8 @@ def _markdown(result) -> str:
         L.append(f"- note: {n}")
     L += ["", "Lower is better for FAD, FAD / baseline (issue target: ≤ 3) and KID; higher is better for accuracy, "
           "top-k and mAP@10; IS is at most the number of classes; a diversity ratio near 1 means as diverse as "
-          "real clips; copy % is the share above the training set's own 95th percentile (≈ 5 % for real "
+          "real clips; the level gap is the mean RMS level (dBFS) of the clips minus the real clips' (0 = as loud); "
+          "copy % is the share above the training set's own 95th percentile (≈ 5 % for real "
           "held-out clips). See docs/evaluation.md.", "", "## Overall", ""]
     head = ["sampler", "NFE", "w"] + [c[0] for c in cols] + ["s / clip"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

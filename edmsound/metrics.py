@@ -12,6 +12,9 @@
   Score analogue ``exp(E_x[KL(p(y|x) || p(y))])`` (Salimans et al. 2016; seed 003, eq. 2).
 * **Diversity**: mean pairwise cosine distance between clips of one class in an embedding space; the
   evaluation reports it for generated clips as a ratio to the same figure on real clips.
+* **Level**: each clip's RMS level in dB full scale; the evaluation reports the mean of the generated clips'
+  levels minus the mean of the real clips' (0 dB = as loud as real clips). Embedding metrics can miss it: an
+  encoder trained with gain augmentation is nearly gain-invariant.
 
 All functions take numpy arrays (or anything ``np.asarray`` accepts) and return Python floats / dicts.
 """
@@ -25,7 +28,7 @@ import scipy.linalg
 
 __all__ = ["gaussian_stats", "frechet_distance", "fad", "imq_kernel", "mmd2_unbiased", "kid",
            "top_k_accuracy", "map_at_k", "class_ranks", "inception_score", "mean_pairwise_cosine_distance",
-           "diversity_ratio", "KID_GAMMA2"]
+           "diversity_ratio", "rms_dbfs", "level_gap_db", "KID_GAMMA2"]
 
 KID_GAMMA2 = 8.0
 
@@ -222,3 +225,19 @@ def diversity_ratio(generated, real) -> dict:
     dg, dr = mean_pairwise_cosine_distance(generated), mean_pairwise_cosine_distance(real)
     ratio = dg / dr if (np.isfinite(dg) and np.isfinite(dr) and dr > 0) else float("nan")
     return {"generated": dg, "real": dr, "ratio": ratio}
+
+
+# ------------------------------------------------------------------------------------- level
+def rms_dbfs(waves, floor_db: float = -120.0) -> np.ndarray:
+    """RMS level of each clip (rows of ``waves``) in dB full scale (a full-scale sine is -3.01 dB), floored at
+    ``floor_db`` so silent clips stay finite."""
+    w = _as_2d(waves, "waves")
+    if w.size == 0:
+        raise ValueError(f"waves must hold at least one non-empty clip, got shape {w.shape}")
+    rms = np.sqrt(np.mean(w * w, axis=1))
+    return np.maximum(20.0 * np.log10(np.maximum(rms, 1e-300)), floor_db)
+
+
+def level_gap_db(generated, real) -> float:
+    """Mean RMS level (dBFS) of the generated clips minus that of the real clips (negative: quieter)."""
+    return float(np.mean(rms_dbfs(generated)) - np.mean(rms_dbfs(real)))

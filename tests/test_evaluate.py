@@ -139,13 +139,14 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
         assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["copy_share"]) <= 1
         assert 1 - 1e-6 <= float(r["inception_score"]) <= 2 + 1e-6
         assert float(r["diversity_ratio"]) > 0
+        assert -60 < float(r["level_gap_db"]) < 30
     base = [r for r in rows if r["kind"] == "baseline: training subset"]
     assert len(base) == 3 and all(float(r["fad_vs_baseline"]) == pytest.approx(1.0) for r in base)
     refrow = [r for r in rows if r["kind"] == "baseline: reference" and r["class"] == "overall"][0]
     assert refrow["fad"] == "" and float(refrow["accuracy"]) >= 0
     md = (out / "results.md").read_text()
     assert "## Overall" in md and "test-encoder" in md and "only comparable with the same encoder" in md
-    assert "## Per class: FAD" in md and "| heun | 1 (asked 2) | 1 |" in md and "note: heun: NFE 2" in md
+    assert "## Per class: FAD" in md and "## Per class: level gap dB" in md and "| heun | 1 (asked 2) | 1 |" in md and "note: heun: NFE 2" in md
     for m in ("fad", "kid", "accuracy", "map_at_10", "inception_score", "diversity_ratio", "copy_share"):
         p = out / "plots" / f"{m}.png"
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"

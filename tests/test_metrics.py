@@ -147,3 +147,17 @@ def test_diversity():
     r = M.diversity_ratio(np.vstack([np.eye(3)[:1]] * 3 + [np.eye(3)[1:2]]), np.eye(3))
     # generated: 3 identical + 1 orthogonal -> 3 of 6 pairs at distance 1 -> 0.5; real: 1
     assert r["generated"] == pytest.approx(0.5) and r["ratio"] == pytest.approx(0.5)
+
+
+def test_rms_level_and_level_gap():
+    t = np.arange(16000) / 16000
+    sine = np.sin(2 * np.pi * 440 * t)
+    lv = M.rms_dbfs(np.stack([sine, 0.5 * sine, np.zeros_like(sine)]))
+    assert lv[0] == pytest.approx(-3.0103, abs=1e-3)                   # full-scale sine: 1/sqrt(2)
+    assert lv[0] - lv[1] == pytest.approx(6.0206, abs=1e-3)            # half the amplitude: 6 dB down
+    assert lv[2] == -120.0                                             # silence is floored, not -inf
+    real = np.stack([sine, 0.5 * sine])
+    assert M.level_gap_db(0.1 * real, real) == pytest.approx(-20.0, abs=1e-6)
+    assert M.level_gap_db(real, real) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        M.rms_dbfs(np.zeros((0, 10)))
