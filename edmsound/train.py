@@ -116,6 +116,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         self.gen = torch.Generator().manual_seed(seed * 1000 + self.rank)
         self.step = 0
+        self.warmup_start = 0               # the learning-rate warm-up counts from here (a warm start's step)
         self.wall_time = 0.0
         self.segments: list[dict] = []     # earlier stretches of this model's training (machine, steps, time)
         self.seed = seed
@@ -148,6 +149,7 @@ class Trainer:
         self.gen.set_state(load_safetensors(ckpt / "rng.safetensors")["generator"])
         torch.set_rng_state(load_safetensors(ckpt / "rng.safetensors")["torch"])
         self.step = int(state["step"])
+        self.warmup_start = int(state.get("warmup_start", 0))
         self.wall_time = float(state["wall_time"])
         self.segments = list(state.get("segments") or (   # checkpoints from before segment tracking
             [{"machine": "unknown", "steps": [0, self.step], "seconds": round(self.wall_time, 1)}]
@@ -170,6 +172,7 @@ class Trainer:
         if info_path.is_file():
             info = json.loads(info_path.read_text())
             self.step = int(info.get("steps", 0))
+            self.warmup_start = self.step       # fresh optimizer: warm the learning rate up again
             self.wall_time = float(info.get("train_seconds", 0.0))
             self.segments = list(info.get("segments") or (
                 [{"machine": info.get("machine", "unknown"), "steps": [0, self.step],
@@ -182,6 +185,7 @@ class Trainer:
             return
         opt_t, opt_meta = optimizer_to_flat(self.opt)
         state = {"step": self.step, "wall_time": self.wall_time, "optimizer": opt_meta,
+                 "warmup_start": self.warmup_start,
                  "segments": self.all_segments(),
                  "total_steps": self.total_steps, "val_loss": self.last_val}
         save_training_checkpoint(
@@ -229,7 +233,7 @@ class Trainer:
     # --- loop ---------------------------------------------------------------------------------------
     def _lr(self) -> float:
         tc = self.preset.train
-        return tc.lr * min(1.0, (self.step + 1) / max(1, tc.warmup_steps))
+        return tc.lr * min(1.0, (self.step - self.warmup_start + 1) / max(1, tc.warmup_steps))
 
     def _ema_beta(self) -> float:
         tc = self.preset.train

@@ -138,6 +138,8 @@ def test_warm_start_keeps_the_history_of_older_model_dirs(tone_tree, tmp_path):
     info["machine"] = "old box"
     info_path.write_text(json.dumps(info))
     warm = Trainer(preset, tone_tree, tmp_path / "b", steps=10, init=tmp_path / "m", progress=False)
+    # the fresh optimizer warms its learning rate up again from the warm start's step
+    assert warm.step == 6 and warm._lr() == pytest.approx(preset.train.lr / preset.train.warmup_steps)
     warm.run()
     segs = warm.info()["segments"]
     assert [(s["machine"], s["steps"]) for s in segs] == [("old box", [0, 6]), (warm.info()["machine"], [6, 10])]
