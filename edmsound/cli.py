@@ -22,34 +22,27 @@ def _cmd_data_info(a):
     load_folder(a.data, a.sample_rate, int(a.seconds * a.sample_rate))
 
 
-def _positive_steps(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of steps > 0, got {text!r}")
-    return v
-
-
-def _finite(text: str) -> float:
+def _number(text: str, ok, need: str) -> float:
+    """argparse type: ``float(text)`` if ``ok`` of it, else an error saying what was ``need``-ed."""
     try:
         v = float(text)
     except ValueError:
         v = math.nan
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if not (math.isfinite(v) and ok(v)):
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
     return v
+
+
+def _positive_steps(text: str) -> float:
+    return _number(text, lambda v: v > 0, "a number of steps > 0")
+
+
+def _finite(text: str) -> float:
+    return _number(text, lambda v: True, "a finite number")
 
 
 def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return v
+    return _number(text, lambda v: v > 0, "a number > 0")
 
 
 def _cmd_train(a):
