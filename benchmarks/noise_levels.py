@@ -52,11 +52,10 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
                seed: int, batch: int = 16) -> np.ndarray:
     """Noise ``waves`` to ``sigma_s`` (None: pure noise at sigma_max, the real clips unused) and denoise them."""
     e = pipe.preset.edm
-    x0 = pipe.codec.encode(torch.from_numpy(waves)).float()
     g = torch.Generator().manual_seed(int(seed))
-    n = torch.randn(x0.shape, generator=g)
+    n = torch.randn((len(waves),) + tuple(pipe.codec.shape), generator=g)
     top = e.sigma_max if sigma_s is None else float(sigma_s)
-    x = top * n if sigma_s is None else x0 + top * n
+    x = top * n if sigma_s is None else pipe.codec.encode(torch.from_numpy(waves)).float() + top * n
     sig = karras_sigmas(steps, e.sigma_min, top, e.rho)
     fn = get_sampler(sampler)
     out = []

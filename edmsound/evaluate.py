@@ -469,7 +469,7 @@ class _Scorer:
         ref = {c: reference.waves[reference.labels == i] for i, c in enumerate(reference.classes)}
         self.ref_emb = {c: self.embed(ref[c], reference.sample_rate) for c in self.classes}
         self.ref_div = {c: M.mean_pairwise_cosine_distance(self.ref_emb[c][1]) for c in self.classes}
-        self.ref_level = {c: float(np.mean(M.rms_dbfs(ref[c]))) for c in self.classes}
+        self.ref_level = {c: M.mean_level_db(ref[c]) for c in self.classes}
         self.thresholds = {}
         if index is not None:
             for c in self.classes:
@@ -513,7 +513,7 @@ class _Scorer:
         # level: mean RMS dBFS against the reference's (a gain-invariant encoder does not see it)
         gaps = []
         for c in self.classes:
-            gap = (float(np.mean(M.rms_dbfs(sets[c]))) - self.ref_level[c]) if len(sets[c]) else float("nan")
+            gap = (M.mean_level_db(sets[c]) - self.ref_level[c]) if len(sets[c]) else float("nan")
             rows[c]["level_gap_db"] = gap
             gaps.append(gap)
         rows["overall"]["level_gap_db"] = float(np.nanmean(gaps)) if np.any(np.isfinite(gaps)) else float("nan")

@@ -28,7 +28,7 @@ import scipy.linalg
 
 __all__ = ["gaussian_stats", "frechet_distance", "fad", "imq_kernel", "mmd2_unbiased", "kid",
            "top_k_accuracy", "map_at_k", "class_ranks", "inception_score", "mean_pairwise_cosine_distance",
-           "diversity_ratio", "rms_dbfs", "level_gap_db", "KID_GAMMA2"]
+           "diversity_ratio", "rms_dbfs", "mean_level_db", "level_gap_db", "KID_GAMMA2"]
 
 KID_GAMMA2 = 8.0
 
@@ -238,6 +238,11 @@ def rms_dbfs(waves, floor_db: float = -120.0) -> np.ndarray:
     return np.maximum(20.0 * np.log10(np.maximum(rms, 1e-300)), floor_db)
 
 
+def mean_level_db(waves) -> float:
+    """Mean of the clips' RMS levels in dBFS (the quantity the level gap compares)."""
+    return float(np.mean(rms_dbfs(waves)))
+
+
 def level_gap_db(generated, real) -> float:
     """Mean RMS level (dBFS) of the generated clips minus that of the real clips (negative: quieter)."""
-    return float(np.mean(rms_dbfs(generated)) - np.mean(rms_dbfs(real)))
+    return mean_level_db(generated) - mean_level_db(real)

@@ -26,7 +26,7 @@ from .codec import SpectrogramCodec
 from .data import load_folder, split_indices
 from .edm import edm_loss
 from .model import build_denoiser
-from .presets import Preset
+from .presets import EDMConfig, Preset
 
 LOG_FIELDS = ["step", "loss", "val_loss", "lr", "grad_norm", "steps_per_hour", "wall_time"]
 
@@ -210,7 +210,8 @@ class Trainer:
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
-            legacy = {"p_mean": -3.0, "p_std": 1.0}     # stretches recorded before the noise knobs were
+            # stretches recorded before the noise knobs were trained with the EDMConfig defaults
+            legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
                     and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
