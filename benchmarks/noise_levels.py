@@ -9,12 +9,19 @@ distance between generated and real clips the model adds *below* sigma_s:
   * the sigma_s where FAD starts to climb is where the model's errors begin;
   * the last row starts from pure noise at the preset's sigma_max, i.e. ordinary generation.
 
-Also reported: the level gap (mean RMS dBFS minus the reference's; the default encoder is gain-invariant).
+Also reported, because the default encoder is gain-invariant and cannot hear a quiet or dull clip: the level gap
+(mean RMS dBFS minus the reference's) and the spectral-envelope gap in 12 log-spaced bands
+(:mod:`edmsound.fidelity`), per row — so the table shows *where along sigma and in which bands* energy is lost.
+``--sigma-max`` adds pure-noise starts at other noise levels than the preset's (the sampler's start), and
+``--data-scale`` a table of the data's own scale per frequency against the starting noise level.
 
     python benchmarks/noise_levels.py                                     # the shipped model
     python benchmarks/noise_levels.py --checkpoint checkpoints/default --checkpoint runs/x/export --label old,new
+    python benchmarks/noise_levels.py --sigmas 0.3,1.2,3 --sigma-max 3,10,20,40,80 --data-scale --out DIR
 
-Writes ``<out>/noise_levels.md`` (table), ``noise_levels.json`` and ``noise_levels.png`` (FAD against sigma_s).
+Writes ``<out>/noise_levels.md`` (table), ``noise_levels.json``, ``noise_levels.png`` (FAD and level gap against
+sigma_s) and ``bands.png`` (band gaps per start), plus ``data_scale.md`` / ``data_scale.png`` with
+``--data-scale``.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from edmsound import fidelity as F  # noqa: E402
 from edmsound import metrics as M  # noqa: E402
 from edmsound.evaluate import _pcm16, synth_audioset  # noqa: E402
 from edmsound.guidance import GuidedDenoiser  # noqa: E402
@@ -49,14 +57,15 @@ def _embed(enc, waves, sr):
 
 
 def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampler: str, steps: int,
-               seed: int, batch: int = 16) -> np.ndarray:
-    """Noise ``waves`` to ``sigma_s`` (None: pure noise at sigma_max, the real clips unused) and denoise them."""
+               seed: int, batch: int = 16, sigma_max: float | None = None, rho: float | None = None) -> np.ndarray:
+    """Noise ``waves`` to ``sigma_s`` (None: pure noise at ``sigma_max``, default the preset's; the real clips
+    unused) and denoise them."""
     e = pipe.preset.edm
     g = torch.Generator().manual_seed(int(seed))
     n = torch.randn((len(waves),) + tuple(pipe.codec.shape), generator=g)
-    top = e.sigma_max if sigma_s is None else float(sigma_s)
+    top = (sigma_max or e.sigma_max) if sigma_s is None else float(sigma_s)
     x = top * n if sigma_s is None else pipe.codec.encode(torch.from_numpy(waves)).float() + top * n
-    sig = karras_sigmas(steps, e.sigma_min, top, e.rho)
+    sig = karras_sigmas(steps, e.sigma_min, top, rho or e.rho)
     fn = get_sampler(sampler)
     out = []
     for i in range(0, len(x), batch):
@@ -66,7 +75,8 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
     return _pcm16(pipe.codec.decode(torch.cat(out).float()).numpy())
 
 
-def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, ref_seed, ref_per_class):
+def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, ref_seed, ref_per_class,
+        sigma_maxes=(None,), rho=None):
     from edmsound.encoders import load_encoder
     enc = load_encoder(ROOT / "checkpoints" / "encoder")
     first = EDMSoundPipeline(checkpoints[0], device="cpu")
@@ -76,25 +86,31 @@ def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, re
     ref_e = {c: _embed(enc, ref[c], sr) for c in classes}
     all_ref = np.concatenate([ref_e[c] for c in classes])
 
+    ref_bands = {c: F.band_power(ref[c], sr) for c in classes}
+
     def score(sets):
         emb = {c: _embed(enc, sets[c], sr) for c in classes}
         row = {"fad": M.fad(np.concatenate([emb[c] for c in classes]), all_ref),
                "per_class": {c: M.fad(emb[c], ref_e[c]) for c in classes},
-               "level_gap_db": {c: M.level_gap_db(sets[c], ref[c]) for c in classes}}
+               "level_gap_db": {c: M.level_gap_db(sets[c], ref[c]) for c in classes},
+               "band_gap_db": {c: list(10 * np.log10(F.band_power(sets[c], sr) / ref_bands[c])) for c in classes}}
         row["level_gap_db"]["overall"] = float(np.mean(list(row["level_gap_db"].values())))
+        row["band_gap_db"]["overall"] = list(np.mean([row["band_gap_db"][c] for c in classes], axis=0))
         return row
 
     rows = [{"model": "real clips", "sigma_s": 0.0, **score(start)}]
     for ck, lab in zip(checkpoints, labels):
         pipe = first if ck == checkpoints[0] else EDMSoundPipeline(ck, device="cpu")
-        for s in tqdm(list(sigmas) + [None], desc=lab, unit="level"):
+        starts = [(s, None) for s in sigmas] + [(None, m) for m in sigma_maxes]
+        for s, m in tqdm(starts, desc=lab, unit="level"):
             t0 = time.perf_counter()
-            sets = {c: round_trip(pipe, start[c], i, s, sampler, steps, seed=1000 * (s is None) + i)
-                    for i, c in enumerate(classes)}
+            sets = {c: round_trip(pipe, start[c], i, s, sampler, steps, seed=1000 * (s is None) + i, sigma_max=m,
+                                  rho=rho) for i, c in enumerate(classes)}
             rows.append({"model": lab, "sigma_s": NOISE if s is None else float(s),
-                         "sigma_max": pipe.preset.edm.sigma_max, "seconds": round(time.perf_counter() - t0, 1),
-                         **score(sets)})
+                         "sigma_max": m or pipe.preset.edm.sigma_max, "rho": rho or pipe.preset.edm.rho,
+                         "seconds": round(time.perf_counter() - t0, 1), **score(sets)})
     return {"settings": {"checkpoints": [str(c) for c in checkpoints], "labels": labels, "classes": classes,
+                         "sample_rate": sr, "band_edges_hz": [float(x) for x in F.band_edges(sr)],
                          "sampler": sampler, "steps": steps, "n_per_class": n_per_class, "start_seed": start_seed,
                          "reference": f"built-in synth, base seed {ref_seed}, {ref_per_class} clips/class",
                          "encoder": enc.name}, "rows": rows}
@@ -111,10 +127,28 @@ def markdown(res) -> str:
          "- `real clips`: the undisturbed starting clips — the floor at this sample size", "",
          "| model | σ_s | FAD (all classes) | " + " | ".join(cls) + " | level gap dB |",
          "|" + "---|" * (len(cls) + 4)]
+
+    def start(r):
+        if r["sigma_s"] != NOISE:
+            return f"{r['sigma_s']:g}"
+        return f"pure noise at σ_max {r['sigma_max']:g}" + (f" (ρ {r['rho']:g})" if "rho" in r else "")
     for r in rows:
-        sig = ("pure noise at σ_max " + f"{r['sigma_max']:g}") if r["sigma_s"] == NOISE else f"{r['sigma_s']:g}"
-        L.append(f"| {r['model']} | {sig} | {r['fad']:.4f} | "
+        L.append(f"| {r['model']} | {start(r)} | {r['fad']:.4f} | "
                  + " | ".join(f"{r['per_class'][c]:.3f}" for c in cls) + f" | {r['level_gap_db']['overall']:+.1f} |")
+    if all("band_gap_db" in r for r in rows):
+        L += ["", "## Level gap per class (dB, mean RMS dBFS minus the reference's)", "",
+              "| model | σ_s | " + " | ".join(cls) + " |", "|" + "---|" * (len(cls) + 2)]
+        for r in rows:
+            L.append(f"| {r['model']} | {start(r)} | " + " | ".join(f"{r['level_gap_db'][c]:+.1f}" for c in cls) + " |")
+        edges = np.asarray(s["band_edges_hz"])
+        centres = np.sqrt(edges[:-1] * edges[1:])
+        hz = [f"{c:.0f}" if c < 1000 else f"{c / 1000:.1f}k" for c in centres]
+        L += ["", "## Band gaps (dB, mean over classes of each class's gap; band centres in Hz)", "",
+              "| model | σ_s | " + " | ".join(hz) + " | worst class-band |", "|" + "---|" * (len(hz) + 3)]
+        for r in rows:
+            worst = max(((c, b, g) for c in cls for b, g in enumerate(r["band_gap_db"][c])), key=lambda t: abs(t[2]))
+            L.append(f"| {r['model']} | {start(r)} | " + " | ".join(f"{g:+.1f}" for g in r["band_gap_db"]["overall"])
+                     + f" | {worst[2]:+.1f} ({worst[0]}, {hz[worst[1]]}) |")
     return "\n".join(L) + "\n"
 
 
@@ -122,7 +156,8 @@ def plot(res, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.0))
+    ax = axes[0]
     real = res["rows"][0]["fad"]
     ax.axhline(real, color="k", ls=":", label="real clips (floor)")
     for lab in res["settings"]["labels"]:
@@ -137,10 +172,97 @@ def plot(res, path: Path):
     ax.set_xlabel("start noise level σ_s")
     ax.set_ylabel("FAD vs held-out real (all classes)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    ax2 = axes[1]
+    ax2.axhline(res["rows"][0]["level_gap_db"]["overall"], color="k", ls=":", label="real clips (floor)")
+    for lab in res["settings"]["labels"]:
+        rs = [r for r in res["rows"] if r["model"] == lab]
+        pts = [(r["sigma_s"], r["level_gap_db"]["overall"]) for r in rs if r["sigma_s"] != NOISE]
+        line, = ax2.plot(*zip(*pts), marker="o", label=f"{lab}: round trip from σ_s")
+        noise = sorted((r["sigma_max"], r["level_gap_db"]["overall"]) for r in rs if r["sigma_s"] == NOISE)
+        ax2.plot(*zip(*noise), marker="*", ms=11, ls="--", color=line.get_color(),
+                 label=f"{lab}: from pure noise at σ_max")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("start noise level σ_s or σ_max")
+    ax2.set_ylabel("level gap dB (mean over classes)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_bands(res, path: Path):
+    """Band gap (mean over classes) against band, one line per start."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    edges = np.asarray(res["settings"]["band_edges_hz"])
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    labels = res["settings"]["labels"]
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.2 * len(labels), 3.8), squeeze=False, sharey=True)
+    for ax, lab in zip(axes[0], labels):
+        ax.plot(centres, res["rows"][0]["band_gap_db"]["overall"], color="k", ls=":", label="real clips (floor)")
+        for r in (r for r in res["rows"] if r["model"] == lab):
+            name = (f"round trip from σ {r['sigma_s']:g}" if r["sigma_s"] != NOISE else
+                    f"pure noise at σ_max {r['sigma_max']:g}")
+            ax.plot(centres, r["band_gap_db"]["overall"], marker=".", ls="-" if r["sigma_s"] != NOISE else "--",
+                    label=name)
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_xlabel("band centre (Hz)")
+        ax.set_title(lab, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("band gap dB (mean over classes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def data_scale(checkpoint, n_per_class: int, seed: int, out: Path) -> str:
+    """The compressed spectrograms' own scale per frequency (std, 99.9th percentile and max of |Y| over clips and
+    frames) against the sampler's starting noise level: where sigma_max does not dominate the data, pure noise
+    at sigma_max is not the distribution the model was trained to start from."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pipe = EDMSoundPipeline(checkpoint, device="cpu")
+    sr, ns = pipe.sample_rate, pipe.codec.num_samples
+    e = pipe.preset.edm
+    L = ["# The data's scale per frequency against the sampler's start", "",
+         f"- built-in clips, base seed {seed}, {n_per_class} per class, encoded with the checkpoint's codec "
+         f"(α {pipe.preset.codec.alpha:g}, β {pipe.preset.codec.beta:g}); σ_data {e.sigma_data:g}, "
+         f"preset σ_max {e.sigma_max:g}",
+         "- per class: the real/imaginary parts' std over all bins and frames; the largest |Y| of a bin; and the "
+         "*loudest event*: the largest energy in any 8 × 8 (bins × frames) patch, as an equivalent noise level "
+         "√(patch energy / 2·64) — a start at σ_max hides such an event only when σ_max is well above it", "",
+         "| class | std (all bins) | std, lowest / highest bin | max |Y| | loudest 8×8 event (σ-equivalent), median / max over clips |",
+         "|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    freqs = np.linspace(0, sr / 2, pipe.codec.shape[1])
+    for i, c in enumerate(pipe.classes):
+        waves = synth_audioset([c], n_per_class, seed, sr, ns).waves
+        Y = pipe.codec.encode(torch.from_numpy(waves)).double()                  # (n, 2, F, T)
+        std_f = Y.permute(2, 0, 1, 3).reshape(Y.shape[2], -1).std(dim=1).numpy()
+        mag = (Y[:, 0] ** 2 + Y[:, 1] ** 2)                                      # (n, F, T) energy of both parts
+        patch = torch.nn.functional.avg_pool2d(mag[:, None], 8, stride=4)[:, 0] * 64
+        ev = (patch.flatten(1).max(dim=1).values / (2 * 64)).sqrt().numpy()
+        L.append(f"| {c} | {Y.std().item():.3f} | {std_f.min():.3f} / {std_f.max():.3f} | "
+                 f"{mag.sqrt().max().item():.2f} | {np.median(ev):.2f} / {ev.max():.2f} |")
+        ax.plot(freqs, std_f, label=c)
+    ax.axhline(e.sigma_data, color="k", ls=":", label=f"σ_data {e.sigma_data:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency (Hz)")
+    ax.set_ylabel("std of Re/Im (compressed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "data_scale.png", dpi=110)
+    plt.close(fig)
+    text = "\n".join(L) + "\n"
+    (out / "data_scale.md").write_text(text)
+    return text
 
 
 def main(argv=None):
@@ -151,6 +273,10 @@ def main(argv=None):
     ap.add_argument("--n-per-class", type=int, default=32)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--sigma-max", default=None,
+                    help="comma-separated starting noise levels for the pure-noise rows (default: the preset's)")
+    ap.add_argument("--rho", type=float, default=None, help="Karras rho (default: the preset's)")
+    ap.add_argument("--data-scale", action="store_true", help="also write the data's scale per frequency")
     ap.add_argument("--start-seed", type=int, default=9, help="built-in base seed of the clips that are noised")
     ap.add_argument("--reference-seed", type=int, default=7)
     ap.add_argument("--reference-per-class", type=int, default=200)
@@ -171,13 +297,22 @@ def main(argv=None):
         ap.error(f"--sigmas must be noise levels > 0, got {a.sigmas!r}")
     if a.start_seed in (0, a.reference_seed):
         ap.error("--start-seed must differ from the training set's base seed 0 and from --reference-seed")
-    res = run(cks, labels, sorted(sigmas), a.n_per_class, a.sampler, a.steps, a.start_seed, a.reference_seed,
-              a.reference_per_class)
+    try:
+        sigma_maxes = [float(v) for v in a.sigma_max.split(",")] if a.sigma_max else [None]
+    except ValueError:
+        ap.error(f"--sigma-max must be comma-separated numbers, got {a.sigma_max!r}")
+    if any(m is not None and not m > 0 for m in sigma_maxes):
+        ap.error(f"--sigma-max must be noise levels > 0, got {a.sigma_max!r}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.data_scale:
+        print(data_scale(cks[0], a.n_per_class, a.start_seed, out))
+    res = run(cks, labels, sorted(sigmas), a.n_per_class, a.sampler, a.steps, a.start_seed, a.reference_seed,
+              a.reference_per_class, sigma_maxes, a.rho)
     (out / "noise_levels.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "noise_levels.md").write_text(markdown(res))
     plot(res, out / "noise_levels.png")
+    plot_bands(res, out / "bands.png")
     print(markdown(res))
     print(f"wrote {out}/noise_levels.md, .json, .png")
 

@@ -44,6 +44,8 @@ NB_HEADERS = ("rank", "similarity", "percentile", "class", "training clip", "gen
 WIN_HEADERS = ("generated window (s)", "best training clip", "training window (s)", "similarity", "≥ p95",
                "neighbour #")
 PAIR_HEADERS = ("pair", "generated window (s)", "neighbour window (s)", "similarity", "≥ p95")
+LEVEL_CHOICES = (("as generated", "off"), ("peak (dBFS)", "peak"), ("loudness (LUFS)", "lufs"))
+LEVEL_DEFAULT_TARGET = {"off": -1.0, "peak": -1.0, "lufs": -14.0}
 RISK_STYLE = MappingProxyType({"high": ("#7f1d1d", "#fee2e2", "#dc2626", "⚠ copy risk"),
                                "low": ("#14532d", "#dcfce7", "#16a34a", "✓ no sign of copying"),
                                "unknown": ("#374151", "#f3f4f6", "#9ca3af", "? copy risk unknown")})
@@ -135,8 +137,10 @@ class Handlers:
 
     # --- generate --------------------------------------------------------------------------------
     @_guard
-    def generate(self, class_name, sampler, nfe, guidance, seed, n, progress=gr.Progress()):
-        res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n, progress=_progress_adapter(progress))
+    def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None,
+                 progress=gr.Progress()):
+        res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n, progress=_progress_adapter(progress),
+                                normalize=level, target=target)
         session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
         return session, res.to_dict(), res.paths
 
@@ -147,7 +151,8 @@ class Handlers:
             if i < len(clips):
                 c = clips[i]
                 groups.append(gr.update(visible=True))
-                audios.append(gr.update(value=str(c.path), label=f"Clip {i + 1} · seed {c.seed} · 16-bit WAV"))
+                audios.append(gr.update(value=str(c.path),
+                                        label=f"Clip {i + 1} · seed {c.seed} · {c.level_text or '16-bit WAV'}"))
                 images.append(gr.update(value=self.svc.spectrogram_image(c.spec, mode, f"clip {i + 1}: {c.name}"),
                                         label=f"Clip {i + 1} · {MODE_LABELS[mode]}"))
             else:
@@ -306,6 +311,13 @@ class Handlers:
         return gr.update() if w is None else gr.update(value=w, info=guidance_info(self.svc.defaults, class_name))
 
     @staticmethod
+    def level_changed(level):
+        """The target box follows the normalisation mode (hidden when off)."""
+        mode = level if level in LEVEL_DEFAULT_TARGET else "off"
+        unit = {"peak": "Target peak (dBFS, -60…0)", "lufs": "Target loudness (LUFS, -60…-5)"}.get(mode, "")
+        return gr.update(visible=mode != "off", value=LEVEL_DEFAULT_TARGET[mode], label=unit or "Target")
+
+    @staticmethod
     def random_seed():
         return secrets.randbelow(SEED_MAX + 1)
 
@@ -358,6 +370,12 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                         dice = gr.Button("Random seed", scale=1, min_width=80, elem_id="seed-random")
                     n = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations (seed, seed+1, …)",
                                   elem_id="variations")
+                    with gr.Row(equal_height=True):
+                        level = gr.Radio(list(LEVEL_CHOICES), value="off", label="Level",
+                                         info="each clip's LUFS and true peak are shown; normalise only if you ask",
+                                         elem_id="level-mode", scale=2)
+                        target = gr.Number(value=LEVEL_DEFAULT_TARGET["off"], label="Target", visible=False,
+                                           elem_id="level-target", scale=1)
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
                 with gr.Column(scale=3):
@@ -460,13 +478,17 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         sampler.change(h.sampler_changed, [sampler, nfe], [nfe], api_visibility="private", queue=False,
                        preprocess=False)
         dice.click(h.random_seed, None, [seed], api_visibility="private", queue=False)
+        level.change(h.level_changed, [level], [target], api_visibility="private", queue=False, preprocess=False)
         cls.change(h.class_changed, [cls], [guidance], api_visibility="private", queue=False, preprocess=False)
         c_cls.change(h.class_changed, [c_cls], [c_guid], api_visibility="private", queue=False, preprocess=False)
 
         gen_event = go.click(
-            h.generate, [cls, sampler, nfe, guidance, seed, n], [session, settings, files], api_name="generate",
+            h.generate, [cls, sampler, nfe, guidance, seed, n, level, target], [session, settings, files],
+            api_name="generate",
             api_description="Generate 1-4 clips: returns the settings used (NFE counted, wall time, real-time "
-                            "factor, per-clip names) and the 16-bit WAV files.",
+                            "factor; per clip its name, LUFS and true peak) and the 16-bit WAV files. `level`: "
+                            "'off' (default, the clips as the model made them), 'peak' or 'lufs' with `target` "
+                            "(dBFS or LUFS).",
             preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
         rendered = gen_event.success(h.render_after_generate, [session, view], clip_outputs + [pick], preprocess=False,
                                      **ui_only)

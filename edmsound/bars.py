@@ -1,4 +1,4 @@
-"""The embedded default's quality bars (issue 6), read off an evaluation and the shipped-speed benchmark.
+"""The embedded default's quality bars, read off an evaluation and the shipped-speed benchmark.
 
 ``edmsound bars --results eval/ --checkpoint checkpoints/default --speed benchmarks/results/samplers_shipped.json``
 prints (and with ``--out`` writes) one markdown table: every bar, its target, the measured value at the
@@ -17,6 +17,9 @@ from .guidance import interval_text as _interval_text
 __all__ = ["shipped_rows", "issue_bars", "bars_markdown", "load_results"]
 
 HEUN_REFERENCE_MIN_NFE = 49       # "Heun at NFE 50": Heun spends odd budgets, so 49 or 51 both count
+FAD_RATIO_MAX = 2.5               # FAD / FAD of a training subset of the same size
+LEVEL_GAP_MAX_DB = 1.5            # |mean RMS dBFS of generated - real|, every class
+BAND_GAP_MAX_DB = 4.0             # |mean power gap| in every one of the 12 log-spaced bands, every class
 
 
 def load_results(path) -> dict:
@@ -63,6 +66,28 @@ def _bar(name, target, value, met):
     return {"bar": name, "target": target, "value": value, "met": met}
 
 
+def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
+    """Level and spectral-envelope gaps (no learned encoder), the worst class / band, with the floor: the same
+    figure for the training subset (real clips) against the same reference."""
+    floor = {r["class"]: r for r in results["rows"] if r["kind"] == "baseline: training subset"}
+    out = []
+    lv = {c: rows[c].get("level_gap_db") for c in classes}
+    if lv and all(_finite(v) for v in lv.values()):
+        worst = max(lv, key=lambda c: abs(lv[c]))
+        fl = [abs(floor[c]["level_gap_db"]) for c in classes if _finite(floor.get(c, {}).get("level_gap_db"))]
+        note = f"; floor {max(fl):.1f}" if fl else ""
+        out.append(_bar("level gap, every class", f"|gap| ≤ {LEVEL_GAP_MAX_DB:g} dB",
+                        f"{lv[worst]:+.1f} dB ({worst}{note})", abs(lv[worst]) <= LEVEL_GAP_MAX_DB))
+    bands = {c: rows[c].get("band_gap_db") for c in classes}
+    if bands and all(isinstance(v, list) and v for v in bands.values()):
+        c, b, g = max(((c, b, g) for c in classes for b, g in enumerate(bands[c])), key=lambda t: abs(t[2]))
+        fl = [abs(x) for k in classes for x in (floor.get(k, {}).get("band_gap_db") or [])]
+        note = f"; floor {max(fl):.1f}" if fl else ""
+        out.append(_bar(f"band gap, every class and band ({len(bands[c])} bands)", f"|gap| ≤ {BAND_GAP_MAX_DB:g} dB",
+                        f"{g:+.1f} dB ({c}, band {b + 1}{note})", abs(g) <= BAND_GAP_MAX_DB))
+    return out
+
+
 def issue_bars(results: dict, sampler: str, nfe: int, guidance, interval=None,
                speed: dict | None = None) -> list[dict]:
     """One dict per bar: ``bar``, ``target``, ``value`` (a string), ``met`` (True/False/None = not measured).
@@ -83,8 +108,9 @@ def issue_bars(results: dict, sampler: str, nfe: int, guidance, interval=None,
     out.append(_bar("classifier on held-out real clips", "≥ 0.95", f"{racc:.3f}" if _finite(racc) else "–",
                     (racc >= 0.95) if _finite(racc) else None))
     fvb = overall.get("fad_vs_baseline")
-    out.append(_bar("FAD / FAD(training subset)", "≤ 3", f"{fvb:.2f}" if _finite(fvb) else "–",
-                    (fvb <= 3.0) if _finite(fvb) else None))
+    out.append(_bar("FAD / FAD(training subset)", f"≤ {FAD_RATIO_MAX:g}", f"{fvb:.2f}" if _finite(fvb) else "–",
+                    (fvb <= FAD_RATIO_MAX) if _finite(fvb) else None))
+    out += _fidelity_bars(results, rows, classes)
     # few steps: Heun at ~50 evaluations with the same guidance (and interval, if the sweep has it)
     heun = [r for r in results["rows"] if r["kind"] == "generated" and r["class"] == "overall"
             and r["sampler"] == "heun" and r["nfe"] >= HEUN_REFERENCE_MIN_NFE and _same_guidance(r["guidance"], guidance)

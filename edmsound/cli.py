@@ -45,6 +45,14 @@ def _positive(text: str) -> float:
     return _number(text, lambda v: v > 0, "a number > 0")
 
 
+def _peak_target(text: str) -> float:
+    return _number(text, lambda v: -60 <= v <= 0, "a peak level in [-60, 0] dBFS")
+
+
+def _lufs_target(text: str) -> float:
+    return _number(text, lambda v: -60 <= v <= -5, "a loudness in [-60, -5] LUFS")
+
+
 def _cmd_train(a):
     import torch
     from .launch import reexec_with_jemalloc
@@ -61,7 +69,8 @@ def _cmd_train(a):
     preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
                                                  checkpoint_every=a.checkpoint_every,
                                                  ema_halflife_steps=a.ema_halflife
-                                                 ).replace_noise(p_mean=a.p_mean, p_std=a.p_std)
+                                                 ).replace_noise(p_mean=a.p_mean, p_std=a.p_std
+                                                 ).replace_sampling(sigma_max=a.sigma_max, rho=a.rho)
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
@@ -123,12 +132,15 @@ def _cmd_samplers(a):
 
 def _cmd_generate(a):
     from .guidance import format_guidance_interval
+    from .loudness import describe
     from .pipeline import EDMSoundPipeline, save_generation
+    norm, target = (("peak", a.normalize_peak) if a.normalize_peak is not None else
+                    ("lufs", a.normalize_lufs) if a.normalize_lufs is not None else (None, None))
     pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
     try:
         gen = pipe.generate(a.class_name, n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
                             seed=a.seed, batch_size=a.batch_size, progress=True,
-                            guidance_interval=a.guidance_interval)
+                            guidance_interval=a.guidance_interval, normalize=norm, target=target)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -136,6 +148,8 @@ def _cmd_generate(a):
     s = gen.settings
     print(f"{len(paths)} clip(s) of {s['class']} with {s['sampler']} at NFE {s['nfe']} (counted), guidance "
           f"{s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}): {s['seconds']:.2f} s ({s['real_time_factor']:.2f}x real time) -> {a.out}")
+    for p, lv, rep in zip(paths, gen.levels, gen.normalization):
+        print(f"  {p.name}: {describe(lv, rep)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training noise: ln(sigma) ~ N(P_MEAN, P_STD^2) (default: the preset's, -3 for `default`); "
                         "may change on --resume or --init")
     t.add_argument("--p-std", type=_positive, default=None, metavar="STD", help="see --p-mean (default: the preset's)")
+    t.add_argument("--sigma-max", type=_positive, default=None, metavar="SIGMA",
+                   help="the sampler's starting noise level recorded in the exported model (default: the preset's); "
+                        "train at it too (see --p-mean)")
+    t.add_argument("--rho", type=_positive, default=None, help="the sampler's Karras rho recorded in the export")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
@@ -198,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None)
     g.add_argument("--out", required=True)
     g.add_argument("--no-figures", action="store_true")
+    norm = g.add_mutually_exclusive_group()
+    norm.add_argument("--normalize-peak", type=_peak_target, default=None, metavar="DBFS",
+                      help="scale each clip so its sample peak reads DBFS (in [-60, 0]); default: no normalisation, "
+                           "the clips as the model made them (their LUFS and true peak are printed either way)")
+    norm.add_argument("--normalize-lufs", type=_lufs_target, default=None, metavar="LUFS",
+                      help="scale each clip to LUFS integrated loudness (in [-60, -5]), true peak held at or below "
+                           "-1 dBTP; recorded in the sidecar")
     g.set_defaults(func=_cmd_generate)
 
     sm = sub.add_parser("samplers", help="list samplers and their valid NFE budgets")

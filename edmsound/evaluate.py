@@ -40,6 +40,8 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from . import fidelity as F
+from .bars import FAD_RATIO_MAX
 from . import metrics as M
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .data import AudioSet, fit_length, load_audio, scan_folder
@@ -455,7 +457,7 @@ def _load_point(clips_root: Path, point: SweepPoint, classes, n: int, sample_rat
 
 # ------------------------------------------------------------------------------------------ scoring
 METRIC_COLUMNS = ["fad", "fad_vs_baseline", "kid", "kid_std", "accuracy", "map_at_10", "inception_score",
-                  "diversity", "diversity_real", "diversity_ratio", "level_gap_db", "copy_share", "copy_top1_mean"]
+                  "diversity", "diversity_real", "diversity_ratio", *F.FIDELITY_COLUMNS, "copy_share", "copy_top1_mean"]
 
 
 class _Scorer:
@@ -469,7 +471,9 @@ class _Scorer:
         ref = {c: reference.waves[reference.labels == i] for i, c in enumerate(reference.classes)}
         self.ref_emb = {c: self.embed(ref[c], reference.sample_rate) for c in self.classes}
         self.ref_div = {c: M.mean_pairwise_cosine_distance(self.ref_emb[c][1]) for c in self.classes}
-        self.ref_level = {c: M.mean_level_db(ref[c]) for c in self.classes}
+        sr = reference.sample_rate
+        self.ref_levels = {c: F.clip_levels(ref[c], sr) for c in self.classes}      # encoder-free fidelity
+        self.ref_bands = {c: F.band_power(ref[c], sr) for c in self.classes}
         self.thresholds = {}
         if index is not None:
             for c in self.classes:
@@ -510,13 +514,19 @@ class _Scorer:
         rows["overall"].update(diversity=float(np.nanmean([rows[c]["diversity"] for c in self.classes])),
                                diversity_real=float(np.nanmean(list(self.ref_div.values()))),
                                diversity_ratio=float(np.nanmean(ratios)) if np.any(np.isfinite(ratios)) else float("nan"))
-        # level: mean RMS dBFS against the reference's (a gain-invariant encoder does not see it)
-        gaps = []
-        for c in self.classes:
-            gap = (M.mean_level_db(sets[c]) - self.ref_level[c]) if len(sets[c]) else float("nan")
-            rows[c]["level_gap_db"] = gap
-            gaps.append(gap)
-        rows["overall"]["level_gap_db"] = float(np.nanmean(gaps)) if np.any(np.isfinite(gaps)) else float("nan")
+        # fidelity without a learned encoder: level, loudness, true peak, spectral envelope (a gain-invariant
+        # encoder does not see a quiet or dull clip)
+        fid = {c: F.compare(F.clip_levels(sets[c], sr), self.ref_levels[c], F.band_power(sets[c], sr),
+                            self.ref_bands[c]) for c in self.classes if len(sets[c])}
+        for c, r in fid.items():
+            rows[c].update(r)
+        if fid:
+            for k in ("level_gap_db", "lufs_gap", "true_peak_gap"):
+                rows["overall"][k] = float(np.mean([r[k] for r in fid.values()]))
+            worst = max(fid, key=lambda c: abs(fid[c]["band_gap_worst_db"]))
+            rows["overall"].update(band_gap_worst_db=fid[worst]["band_gap_worst_db"],
+                                   band_gap_worst_band=fid[worst]["band_gap_worst_band"],
+                                   band_gap_worst_class=worst)
         # classifier
         if self.classifier is not None:
             probs = {c: self.classifier.predict_proba(sets[c], sr) for c in self.classes}
@@ -749,6 +759,8 @@ def _csv(rows) -> str:
         vals = []
         for c in cols:
             v = r.get(c, "")
+            if isinstance(v, list):
+                v = ";".join(f"{x:.4g}" for x in v)
             vals.append("" if (isinstance(v, float) and not math.isfinite(v)) else
                         (f"{v:.6g}" if isinstance(v, float) else v))
         w.writerow(vals)
@@ -770,6 +782,7 @@ def _md_metrics(rows):
     cols += [(f"top-{k[3:-9]}", k, "{:.3f}") for k in tops]
     cols += [("mAP@10", "map_at_10", "{:.3f}"), ("IS", "inception_score", "{:.2f}"),
              ("diversity ratio", "diversity_ratio", "{:.2f}"), ("level gap dB", "level_gap_db", "{:+.1f}"),
+             ("LUFS gap", "lufs_gap", "{:+.1f}"), ("worst band dB", "band_gap_worst_db", "{:+.1f}"),
              ("copy %", "copy_share", None)]
     return cols
 
@@ -821,7 +834,7 @@ def _markdown(result) -> str:
           f"- KID: IMQ kernel, γ² = {s['kid']['gamma2']:g}, mean ± std over {s['kid']['subsets']} subsets"]
     for n in s["notes"]:
         L.append(f"- note: {n}")
-    L += ["", "Lower is better for FAD, FAD / baseline (issue target: ≤ 3) and KID; higher is better for accuracy, "
+    L += ["", "Lower is better for FAD, FAD / baseline (target: ≤ 2.5) and KID; higher is better for accuracy, "
           "top-k and mAP@10; IS is at most the number of classes; a diversity ratio near 1 means as diverse as "
           "real clips; the level gap is the mean RMS level (dBFS) of the clips minus the real clips' (0 = as loud); "
           "copy % is the share above the training set's own 95th percentile (≈ 5 % for real "
@@ -840,15 +853,81 @@ def _markdown(result) -> str:
         L += ["", f"## Per class: {title}", ""]
         head = ["sampler", "NFE", "w"] + classes + ["overall"]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        groups = {}
-        for r in rows:
-            groups.setdefault((r["kind"], r["sampler"], r["nfe"], r["guidance"], r.get("guidance_interval", "")),
-                              {})[r["class"]] = r
-        for g in groups.values():
+        for g in _groups(rows):
             first = next(iter(g.values()))
             L.append("| " + " | ".join(_label(first) + [_cell(g[c], key, fmt) if c in g else "–"
                                                         for c in classes + ["overall"]]) + " |")
+    L += _md_fidelity(result)
     return "\n".join(L) + "\n"
+
+
+def _groups(rows) -> list[dict]:
+    """Rows grouped by configuration (kind, sampler, NFE, guidance, interval): ``{class: row}`` each, in order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["sampler"], r["nfe"], r["guidance"], r.get("guidance_interval", "")),
+                          {})[r["class"]] = r
+    return list(groups.values())
+
+
+def _md_fidelity(result) -> list[str]:
+    """The encoder-free fidelity tables: each gap beside its noise floor (the training subset, real clips of the
+    same size, measured against the same reference)."""
+    s, rows = result["settings"], result["rows"]
+    if not any("band_gap_db" in r for r in rows):
+        return []
+    classes = s["classes"]
+    groups = _groups(rows)
+    floor = next((g for g in groups if next(iter(g.values()))["kind"] == "baseline: training subset"), {})
+    ref = next((g for g in groups if next(iter(g.values()))["kind"] == "baseline: reference"), {})
+    edges = F.band_edges(s["sample_rate"], len(next(r["band_gap_db"] for r in rows if "band_gap_db" in r)))
+    L = ["", "## Fidelity without a learned encoder", "",
+         "Gaps of the generated clips against the reference, each beside its **floor**: the same gap for the "
+         "training subset (real clips, as many per class, disjoint from the reference). Level = mean RMS dBFS; "
+         "LUFS = median BS.1770 integrated loudness; TP = median true peak (dBTP); worst band = the largest "
+         f"|gap| of {len(edges) - 1} log-spaced bands ({edges[0]:.0f} Hz – {edges[-1] / 1000:g} kHz) of mean power. "
+         "Reference LUFS / TP: the real clips' medians."]
+    head = ["class", "level gap", "floor", "LUFS gap", "floor", "LUFS p10–p90", "TP gap", "floor", "TP p90",
+            "worst band", "floor", "ref LUFS / TP"]
+
+    def v(g, c, k, fmt="{:+.1f}"):
+        return _f(g.get(c, {}).get(k), fmt)
+
+    def band(g, c):
+        r = g.get(c, {})
+        if "band_gap_worst_db" not in r:
+            return "–"
+        b = r["band_gap_worst_band"]
+        return f"{r['band_gap_worst_db']:+.1f} ({edges[b]:.0f}–{edges[b + 1]:.0f} Hz)" if isinstance(b, int) else "–"
+
+    for g in groups:
+        first = next(iter(g.values()))
+        if first["kind"] != "generated":
+            continue
+        L += ["", f"### {' '.join(x for x in _label(first) if x)}", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in classes + ["overall"]:
+            spread = (f"{g[c]['lufs_p10']:.1f} … {g[c]['lufs_p90']:.1f}" if c in g and "lufs_p10" in g[c] else "–")
+            refl = (f"{ref[c]['lufs_median']:.1f} / {ref[c]['true_peak_median']:.1f}"
+                    if c in ref and "lufs_median" in ref[c] else "–")
+            L.append("| " + " | ".join([c, v(g, c, "level_gap_db"), v(floor, c, "level_gap_db"), v(g, c, "lufs_gap"),
+                                        v(floor, c, "lufs_gap"), spread, v(g, c, "true_peak_gap"),
+                                        v(floor, c, "true_peak_gap"), v(g, c, "true_peak_p90", "{:.1f}"),
+                                        band(g, c), band(floor, c), refl]) + " |")
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    hz = [f"{c:.0f}" if c < 1000 else f"{c / 1000:.1f}k" for c in centres]
+    L += ["", "### Band gaps (dB) per class", "", "Band centres in Hz. *floor*: the training subset's gaps.", ""]
+    head = ["configuration", "class"] + hz
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        first = next(iter(g.values()))
+        if first["kind"] == "baseline: reference":
+            continue
+        name = "*floor*" if first["kind"] != "generated" else " ".join(x for x in _label(first) if x)
+        for c in classes:
+            if c in g and "band_gap_db" in g[c]:
+                L.append("| " + " | ".join([name, c] + [f"{x:+.1f}" for x in g[c]["band_gap_db"]]) + " |")
+    return L
 
 
 PLOT_METRICS = [("fad", "FAD"), ("fad_vs_baseline", "FAD / training baseline"), ("kid", "KID"),
@@ -861,7 +940,7 @@ OVERVIEW_METRICS = ["fad_vs_baseline", "accuracy", "diversity_ratio", "copy_shar
 
 
 def _draw_metric(ax, key, g, gen, base, samplers):
-    """One panel: ``key`` vs NFE for every sampler at guidance ``g``, with the baselines and issue bars."""
+    """One panel: ``key`` vs NFE for every sampler at guidance ``g``, with the baselines and the targets."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
     for s in samplers:
         rs = sorted((r for r in gen if _series(r) == s and r["guidance"] == g), key=lambda r: r["nfe"])
@@ -874,11 +953,11 @@ def _draw_metric(ax, key, g, gen, base, samplers):
     b = base.get("baseline: training subset", {}).get(key, np.nan)
     if key == "fad_vs_baseline":
         ax.axhline(1.0, color="gray", ls="--", lw=1, label="training subset")
-        ax.axhline(3.0, color="red", ls=":", lw=1, label="3 × baseline")
+        ax.axhline(FAD_RATIO_MAX, color="red", ls=":", lw=1, label=f"{FAD_RATIO_MAX:g} × baseline")
     elif np.isfinite(b):
         ax.axhline(b, color="gray", ls="--", lw=1, label="training subset")
         if key == "fad":
-            ax.axhline(3 * b, color="red", ls=":", lw=1, label="3 × baseline")
+            ax.axhline(FAD_RATIO_MAX * b, color="red", ls=":", lw=1, label=f"{FAD_RATIO_MAX:g} × baseline")
     r = base.get("baseline: reference", {}).get(key, np.nan)
     if key in ("accuracy", "copy_share") and np.isfinite(r):
         ax.axhline(r, color="green", ls="-.", lw=1, label="held-out real")
@@ -900,7 +979,7 @@ def _save_fig(fig, path: Path):
 
 
 def _plots(result, out: Path) -> list[Path]:
-    """``plots/<metric>.png`` (one panel per guidance scale) and ``plots/overview.png`` (the issue's key
+    """``plots/<metric>.png`` (one panel per guidance scale) and ``plots/overview.png`` (the key
     metrics, one row each, one column per guidance scale)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -937,6 +1016,10 @@ def _plots(result, out: Path) -> list[Path]:
         _save_fig(fig, out / "plots" / f"{key}.png")
         paths.append(out / "plots" / f"{key}.png")
 
+    bands = _band_plot(result, out / "plots" / "bands.png")
+    if bands is not None:
+        paths.append(bands)
+
     keys = [k for k in OVERVIEW_METRICS if has(k)]
     if keys:
         fig, axes = plt.subplots(len(keys), len(guid), figsize=(3.6 * len(guid) + 0.8, 2.6 * len(keys)),
@@ -955,6 +1038,44 @@ def _plots(result, out: Path) -> list[Path]:
         _save_fig(fig, out / "plots" / "overview.png")
         paths.append(out / "plots" / "overview.png")
     return paths
+
+
+def _band_plot(result, path: Path) -> Path | None:
+    """Per class: the band gaps (dB) of every generated configuration against the reference, with the floor
+    (the training subset's gaps) in grey."""
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if "band_gap_db" in r and r["class"] != "overall"]
+    if not rows:
+        return None
+    classes = result["settings"]["classes"]
+    edges = F.band_edges(result["settings"]["sample_rate"], len(rows[0]["band_gap_db"]))
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    cols = min(4, len(classes))
+    nrow = math.ceil(len(classes) / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.3 * cols, 2.6 * nrow), squeeze=False, sharex=True, sharey=True)
+    for ax, c in zip(axes.flat, classes):
+        for r in rows:
+            if r["class"] != c or r["kind"] == "baseline: reference":
+                continue
+            if r["kind"] == "generated":
+                ax.plot(centres, r["band_gap_db"], marker=".", label=" ".join(x for x in _label(r) if x))
+            else:
+                ax.plot(centres, r["band_gap_db"], color="gray", ls="--", label="floor (training subset)")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xscale("log")
+        ax.set_title(c, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("band gap dB")
+    for ax in axes[-1]:
+        ax.set_xlabel("Hz")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("mean power per band, generated minus real (dB)", fontsize=10)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return path
 
 
 def write_outputs(result: dict, out_dir) -> dict:

@@ -1,5 +1,9 @@
 """From a checkpoint to audio: load once, then ``generate(class, n, sampler, nfe, guidance, seed)``.
 
+Level: every clip's integrated loudness (LUFS) and true peak are measured and reported (``Generation.levels``,
+the sidecar). Nothing is normalised unless asked: ``normalize="peak"`` / ``"lufs"`` with a target applies one gain
+per clip (:mod:`edmsound.loudness`), recorded per clip in ``Generation.normalization`` and the sidecar.
+
 Reproducibility: clip i of a call with seed s uses its own generator seeded with s + i for its initial
 noise (and, for the stochastic sampler, its churn noise), so a batch reproduces the clips of single
 calls. The sampler state is float32 (float64 on request) whatever autocast the network uses.
@@ -18,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .codec import SpectrogramCodec
+from . import loudness
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
 from .model import load_denoiser
 from .samplers import SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
@@ -34,6 +39,8 @@ class Generation:
     specs: torch.Tensor                # (n, 2, F, T) float32 complex spectrograms (compressed)
     seeds: list[int]
     settings: dict = field(default_factory=dict)
+    levels: list[dict] = field(default_factory=list)          # per clip: loudness.ClipLevel.to_dict() as written
+    normalization: list[dict | None] = field(default_factory=list)   # per clip: what was done (None: nothing)
 
     @property
     def sample_rate(self) -> int:
@@ -121,9 +128,12 @@ class EDMSoundPipeline:
 
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
-                 callback=None, guidance_interval=PRESET_DEFAULT, **options) -> Generation:
+                 callback=None, guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
+                 target: float | None = None, **options) -> Generation:
         """``guidance_interval``: ``"default"`` (the class's shipped interval), None / "none" (guidance at every
-        noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi)."""
+        noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi). ``normalize``: None / "off"
+        (default: the clips as the model made them), "peak" (``target`` dBFS sample peak) or "lufs" (``target``
+        LUFS integrated loudness, true peak held at or below -1 dBTP); each clip's level is measured either way."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
         self.class_index(class_name)
@@ -131,6 +141,7 @@ class EDMSoundPipeline:
         get_sampler(sampler)
         nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
         interval = self.resolve_guidance_interval(guidance_interval, class_name)
+        norm_mode, norm_target = loudness.check_target(normalize, target)
         if not 1 <= int(n) <= MAX_CLIPS:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
         seed = int(seed)
@@ -148,6 +159,12 @@ class EDMSoundPipeline:
         wall = time.perf_counter() - t0
         if any(c != nfe for c in counts):
             raise RuntimeError(f"{sampler} made {counts} network evaluations per batch, expected {nfe}")
+        reports: list[dict | None] = [None] * len(seeds)
+        if norm_mode is not None:
+            for i in range(len(waves)):
+                waves[i], rep = loudness.normalize(waves[i], self.sample_rate, norm_mode, norm_target)
+                reports[i] = rep.to_dict()
+        levels = [loudness.measure(w, self.sample_rate).to_dict() for w in waves]
         settings = {"class": class_name, "sampler": sampler, "nfe": counts[0], "guidance": guidance,
                     "guidance_interval": interval_list(interval),
                     "guided_nfe": guided,      # evaluations that ran the double (guided) batch
@@ -155,8 +172,10 @@ class EDMSoundPipeline:
                     "seconds": round(wall, 4), "seconds_per_clip": round(wall / len(seeds), 4),
                     "audio_seconds": round(self.codec.num_samples / self.sample_rate, 4),
                     "real_time_factor": round(wall / (len(seeds) * self.codec.num_samples / self.sample_rate), 4),
+                    "normalize": None if norm_mode is None else {"mode": norm_mode, "target": norm_target},
                     "checkpoint": self.checkpoint, "device": str(self.device)}
-        return Generation(waves=waves, specs=specs, seeds=seeds, settings=settings)
+        return Generation(waves=waves, specs=specs, seeds=seeds, settings=settings, levels=levels,
+                          normalization=reports)
 
 
 def to_pcm16(wave: np.ndarray) -> np.ndarray:
@@ -186,7 +205,9 @@ def save_generation(gen: Generation, out_dir, codec, figures: bool = True) -> li
         if figures:
             save_figure(spectrogram_figure(gen.specs[i], codec, title=stem), out_dir / f"{stem}.png")
         side = dict(gen.settings, seed=seed, file=wav.name, peak=float(np.abs(gen.waves[i]).max()),
-                    clipped=bool(np.abs(gen.waves[i]).max() > 1.0))
+                    clipped=bool(np.abs(gen.waves[i]).max() > 1.0),
+                    level=gen.levels[i] if gen.levels else None,
+                    normalization=gen.normalization[i] if gen.normalization else None)
         (out_dir / f"{stem}.json").write_text(json.dumps(side, indent=2) + "\n")
         paths.append(wav)
     return paths

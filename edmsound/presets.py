@@ -216,6 +216,12 @@ class Preset:
         kw = {k: float(v) for k, v in (("p_mean", p_mean), ("p_std", p_std)) if v is not None}
         return dataclasses.replace(self, edm=dataclasses.replace(self.edm, **kw)) if kw else self
 
+    def replace_sampling(self, sigma_max: float | None = None, rho: float | None = None) -> "Preset":
+        """The sampler's default noise range top ``sigma_max`` and Karras ``rho`` replaced (None keeps the preset's).
+        Sampling defaults, not part of the network: a run may change them on resume; the export records them."""
+        kw = {k: float(v) for k, v in (("sigma_max", sigma_max), ("rho", rho)) if v is not None}
+        return dataclasses.replace(self, edm=dataclasses.replace(self.edm, **kw)) if kw else self
+
 
 PRESETS: dict[str, Preset] = {
     # The paper's DCASE2023 Task 7 configuration (~37M parameters at dim 128).

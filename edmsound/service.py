@@ -36,6 +36,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from . import loudness
 from .guidance import GUIDANCE_RANGE, check_guidance, interval_list
 from .pipeline import PRESET_DEFAULT, EDMSoundPipeline, clip_stem, to_pcm16
 from .plotting import MODES
@@ -132,6 +133,8 @@ class Clip:
     settings: dict            # settings of the request, with this clip's seed
     name: str                 # file stem: class_sampler_nfeN_wG_seedS
     path: Path | None = None  # its 16-bit WAV in the service's temp dir
+    level: dict | None = None          # LUFS, true peak, sample peak, RMS of the clip as delivered
+    normalization: dict | None = None  # what the opt-in normalisation did (None: nothing)
 
     @property
     def pcm16(self) -> np.ndarray:
@@ -148,7 +151,13 @@ class Clip:
     def to_dict(self) -> dict:
         return {"name": self.name, "class": self.class_name, "seed": self.seed,
                 "peak": round(float(np.abs(self.wave).max()), 4) if self.wave.size else 0.0,
+                "level": self.level, "normalization": self.normalization,
                 "file": self.path.name if self.path else None}
+
+    @property
+    def level_text(self) -> str:
+        """e.g. ``-18.2 LUFS · true peak -3.1 dBTP`` (+ what normalisation did, if any)."""
+        return loudness.describe(self.level, self.normalization) if self.level else ""
 
 
 @dataclass
@@ -465,7 +474,9 @@ class EDMSoundService:
             name = clip_stem(settings, s)
             clip = Clip(wave=np.ascontiguousarray(gen.waves[i], np.float32),
                         spec=gen.specs[i].numpy().astype(np.float32), sample_rate=gen.sample_rate,
-                        class_name=settings["class"], seed=int(s), settings=settings, name=name)
+                        class_name=settings["class"], seed=int(s), settings=settings, name=name,
+                        level=gen.levels[i] if gen.levels else None,
+                        normalization=gen.normalization[i] if gen.normalization else None)
             if out_dir is not None:
                 clip.path = self._write(out_dir / f"{name}.wav", clip.wave, clip.sample_rate)
             clips.append(clip)
@@ -473,11 +484,15 @@ class EDMSoundService:
 
     def generate(self, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *, progress=None,
                  figures: str | None = None, write_files: bool = True,
-                 guidance_interval=PRESET_DEFAULT) -> GenerateResult:
+                 guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
+                 target: float | None = None) -> GenerateResult:
         """``n`` clips of ``class_name`` (clip i uses seed + i). ``progress(done, total, desc)`` is called
         once per solver step; ``figures`` = a spectrogram view ('magphase' / 'realimag') renders them.
-        ``guidance_interval``: "default" (the class's shipped one), None or (lo, hi) noise levels."""
+        ``guidance_interval``: "default" (the class's shipped one), None or (lo, hi) noise levels.
+        ``normalize``: None / "off" (default), "peak" (``target`` dBFS) or "lufs" (``target`` LUFS); every clip's
+        loudness and true peak are reported either way (``Clip.level``)."""
         class_name, sampler, nfe, guidance, seed = self._validate(class_name, sampler, nfe, guidance, seed)
+        normalize, target = loudness.check_target(normalize, target)
         interval = self.pipeline.resolve_guidance_interval(guidance_interval, class_name)
         n = self.check_n(n)
         if seed + n - 1 > SEED_MAX:
@@ -492,7 +507,8 @@ class EDMSoundService:
             def callback(info):
                 progress(int(info["i"]) + 1, steps, f"sampling {class_name} with {sampler}")
         gen = self.pipeline.generate(class_name, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed,
-                                     callback=callback, guidance_interval=interval)
+                                     callback=callback, guidance_interval=interval, normalize=normalize,
+                                     target=target)
         settings = dict(gen.settings)
         settings["wall_seconds"] = settings["seconds"]
         clips = self._clips(gen, self._request_dir() if write_files else None)

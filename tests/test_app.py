@@ -282,8 +282,27 @@ def test_api_has_exactly_the_named_endpoints(client):
     named = api["named_endpoints"]
     assert set(named) == {"/generate", "/neighbours", "/compare"} and not api["unnamed_endpoints"]
     assert [p["parameter_name"] for p in named["/generate"]["parameters"]] == \
-        ["class_name", "sampler", "nfe", "guidance", "seed", "n"]
+        ["class_name", "sampler", "nfe", "guidance", "seed", "n", "level", "target"]
     assert [p["parameter_name"] for p in named["/neighbours"]["parameters"]] == ["clip_number", "k"]
+
+
+def test_client_sees_each_clips_level_and_normalises_only_when_asked(client):
+    from edmsound import loudness
+    settings, files = client.predict("low", "euler", 3, 1.0, 7, 2, api_name="/generate")   # level defaults: off
+    assert settings["normalize"] is None
+    for c, f in zip(settings["clips"], files):
+        wave, sr = sf.read(f, dtype="float64")
+        assert c["normalization"] is None
+        assert c["level"]["lufs"] == pytest.approx(loudness.integrated_lufs(wave, sr), abs=0.1)   # 16-bit rounding
+        assert c["level"]["true_peak_dbtp"] == pytest.approx(loudness.true_peak_dbtp(wave, sr), abs=0.1)
+    settings, files = client.predict("low", "euler", 3, 1.0, 7, 2, "peak", -3.0, api_name="/generate")
+    assert settings["normalize"] == {"mode": "peak", "target": -3.0}
+    for c, f in zip(settings["clips"], files):
+        wave, _ = sf.read(f, dtype="float64")
+        assert loudness.sample_peak_dbfs(wave) == pytest.approx(-3.0, abs=0.01)
+        assert c["normalization"]["mode"] == "peak" and c["normalization"]["before"]["sample_peak_dbfs"] != -3.0
+    with pytest.raises(Exception, match=r"peak target must be in \[-60, 0\] dBFS"):
+        client.predict("low", "euler", 3, 1.0, 7, 1, "peak", 6.0, api_name="/generate")
 
 
 def test_client_generate_neighbours_compare(client):

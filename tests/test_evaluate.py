@@ -157,6 +157,18 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
     assert ov[:4] == b"\x89PNG" and height == round(4 * 2.6 * 90) and width == round((3.6 * n_guid + 0.8) * 90)
     js = json.loads((out / "results.json").read_text())
     assert js["settings"]["encoder"]["name"] == "test-encoder" and len(js["rows"]) == len(rows)
+    # encoder-free fidelity: the reference against itself has no gap at all; every other set has 12 band gaps
+    for r in js["rows"]:
+        if r["class"] == "overall":
+            continue
+        assert len(r["band_gap_db"]) == 12
+        if r["kind"] == "baseline: reference":
+            assert r["level_gap_db"] == 0 and r["lufs_gap"] == 0 and r["true_peak_gap"] == 0
+            assert max(abs(x) for x in r["band_gap_db"]) == 0
+        assert r["lufs_p10"] <= r["lufs_median"] <= r["lufs_p90"]
+        assert abs(r["band_gap_worst_db"]) == pytest.approx(max(abs(x) for x in r["band_gap_db"]))
+    assert "## Fidelity without a learned encoder" in md and "| floor |" in md and "### Band gaps (dB) per class" in md
+    assert (out / "plots" / "bands.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_caches_clips_with_fixed_noise_seeds(world, swept):
@@ -308,6 +320,17 @@ def test_bars_read_off_the_evaluation(world, interval_sweep, tmp_path, capsys):
     cs = overall["copy_share"]
     assert bars["copying: share above the training p95"]["met"] == (cs <= 0.10)
     assert bars["speed: one clip, median of 10"]["met"] is True
+    assert bars["FAD / FAD(training subset)"]["met"] == (overall["fad_vs_baseline"] <= 2.5)
+    # fidelity without an encoder: the worst class's level gap and the worst class-band, each with its floor
+    gen = {r["class"]: r for r in res["rows"] if r["kind"] == "generated" and r["guidance_interval"] == "0.05:1"
+           and r["class"] != "overall"}
+    worst = max(gen.values(), key=lambda r: abs(r["level_gap_db"]))
+    lv = bars["level gap, every class"]
+    assert lv["met"] == (abs(worst["level_gap_db"]) <= 1.5) and f"{worst['level_gap_db']:+.1f} dB" in lv["value"]
+    assert "floor" in lv["value"]
+    band = bars["band gap, every class and band (12 bands)"]
+    g = max((abs(x) for r in gen.values() for x in r["band_gap_db"]))
+    assert band["met"] == (g <= 4.0) and f"{g:.1f} dB" in band["value"] and "floor" in band["value"]
     heun = [b for k, b in bars.items() if k.startswith("FAD at")]
     assert heun[0]["met"] is None and "heun:51:2" in heun[0]["value"]       # the sweep has no Heun-50 row
     other = issue_bars(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), dict(speed, nfe=10))

@@ -115,3 +115,35 @@ def test_cli_generate_writes_wav_png_json(tiny_ckpt, tmp_path):
                           "--class", "high", "--sampler", "heun", "--nfe", "4", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "nearest valid budgets: 3, 5" in bad.stderr
+    # each clip's level is printed and kept in its sidecar; nothing was normalised
+    side = json.loads(wavs[0].with_suffix(".json").read_text())
+    assert side["normalization"] is None and side["normalize"] is None
+    assert f"{wavs[0].name}: " in r.stdout and "LUFS" in r.stdout and "dBTP" in r.stdout
+
+
+def test_cli_generate_normalises_only_when_asked_and_records_it(tiny_ckpt, tmp_path):
+    from edmsound import loudness
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "norm"
+    r = subprocess.run([sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tiny_ckpt),
+                        "--class", "low", "--n", "2", "--sampler", "euler", "--nfe", "3", "--normalize-lufs", "-20",
+                        "--no-figures", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for w in sorted(out.glob("*.wav")):
+        side = json.loads(w.with_suffix(".json").read_text())
+        wave, sr = sf.read(str(w), dtype="float64")
+        n = side["normalization"]
+        assert side["normalize"] == {"mode": "lufs", "target": -20.0} and n["mode"] == "lufs"
+        got = loudness.integrated_lufs(wave, sr)
+        if n["limited_by"] is None:             # on target, or held at the -1 dBTP ceiling (and said so)
+            assert got == pytest.approx(-20.0, abs=0.1)
+        else:
+            assert loudness.true_peak_dbtp(wave, sr) == pytest.approx(-1.0, abs=0.1) and got < -20.0
+        assert side["level"]["lufs"] == pytest.approx(got, abs=0.1)
+        assert n["after"]["lufs"] - n["before"]["lufs"] == pytest.approx(n["gain_db"], abs=0.02)
+    for flag, value, msg in (("--normalize-lufs", "0", "a loudness in [-60, -5] LUFS"),
+                             ("--normalize-peak", "3", "a peak level in [-60, 0] dBFS")):
+        bad = subprocess.run([sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tiny_ckpt),
+                              "--class", "low", flag, value, "--out", str(out)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr
