@@ -117,6 +117,51 @@ def write_shipped(shipped, checkpoint, out_dir):
     print("\n".join(lines))
 
 
+def compare_shipped(checkpoints, labels, repeats, out_dir):
+    """Several checkpoints at their own shipped settings, timed in one run and interleaved (round r times every
+    class of every checkpoint once), so machine load affects all alike: the median seconds per clip over all
+    classes, the slowest class's median, and each against the first checkpoint."""
+    pipes = [EDMSoundPipeline(c, device="cpu") for c in checkpoints]
+    for p in pipes:
+        for c in p.classes:
+            p.generate(c, n=1, seed=0)                                     # warm-up
+    times = [{c: [] for c in p.classes} for p in pipes]
+    guided = [{c: p.generate(c, n=1, seed=0).settings["guided_nfe"] for c in p.classes} for p in pipes]
+    for r in range(repeats):
+        for p, t in zip(pipes, times):
+            for c in p.classes:
+                t0 = time.perf_counter()
+                p.generate(c, n=1, seed=1 + r)
+                t[c].append(time.perf_counter() - t0)
+    rows = []
+    for lab, ck, p, t, g in zip(labels, checkpoints, pipes, times, guided):
+        med = {c: statistics.median(v) for c, v in t.items()}
+        slow = max(med, key=med.get)
+        rows.append({"label": lab, "checkpoint": ck, "sampler": p.preset.default_sampler, "nfe": p.preset.default_nfe,
+                     "sigma_max": p.preset.edm.sigma_max, "guided_nfe": g,
+                     "median_all_classes": statistics.median([x for v in t.values() for x in v]),
+                     "slowest_class": slow, "slowest_median": med[slow], "per_class_median": med})
+    base = rows[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"Shipped settings of each checkpoint, timed side by side in one run on {time.strftime('%Y-%m-%d')}, "
+             f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+             f"{'jemalloc' if jemalloc_loaded() else 'default allocator'}), torch {torch.__version__}. One clip per "
+             f"`generate` call (noise, sampling, iSTFT, level measurement), {repeats} rounds × every class, interleaved.",
+             "", "| model | sampler | NFE | σ_max | guided evaluations per class | median s / clip (all classes) | "
+             "× first | slowest class: median s | × first |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gtxt = ", ".join(f"{c} {n}" for c, n in r["guided_nfe"].items() if n) or "none"
+        lines.append(f"| {r['label']} | {r['sampler']} | {r['nfe']} | {r['sigma_max']:g} | {gtxt} | "
+                     f"**{r['median_all_classes']:.3f}** | {r['median_all_classes'] / base['median_all_classes']:.2f} | "
+                     f"{r['slowest_median']:.3f} ({r['slowest_class']}) | "
+                     f"{r['slowest_median'] / base['slowest_median']:.2f} |")
+    (out_dir / "samplers_shipped_compare.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "samplers_shipped_compare.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(), "repeats": repeats,
+         "rows": rows}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def checkpoint_table(checkpoint, guidance, clips, repeats, class_name=None):
     pipe = EDMSoundPipeline(checkpoint, device="cpu")
     cls = class_name or pipe.classes[0]
@@ -187,6 +232,11 @@ def main():
     ap.add_argument("--skip-analytic", action="store_true")
     ap.add_argument("--shipped-only", action="store_true",
                     help="only the speed of the shipped settings (median of 10 clips) -> samplers_shipped.md")
+    ap.add_argument("--versus", action="append", default=None, metavar="CHECKPOINT",
+                    help="time --checkpoint and these side by side at their shipped settings, interleaved "
+                         "-> samplers_shipped_compare.md (repeatable)")
+    ap.add_argument("--rounds", type=int, default=10, help="with --versus: rounds of every class of every model")
+    ap.add_argument("--labels", default=None, help="comma-separated names for --checkpoint and the --versus ones")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--no-jemalloc", action="store_true",
                     help="time with the default allocator (by default it re-executes under jemalloc, as the app does)")
@@ -197,6 +247,13 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     rel = os.path.relpath(a.checkpoint, ROOT)
+    if a.versus:
+        cks = [a.checkpoint] + a.versus
+        labels = a.labels.split(",") if a.labels else [os.path.relpath(c, ROOT) for c in cks]
+        if len(labels) != len(cks):
+            ap.error(f"--labels names {len(labels)} models, there are {len(cks)}")
+        compare_shipped(cks, labels, a.rounds, Path(a.out))
+        return
     if a.shipped_only:
         write_shipped(shipped_timing(EDMSoundPipeline(a.checkpoint, device="cpu")), rel, Path(a.out))
         return

@@ -100,6 +100,16 @@ def test_resume_and_init_with_a_new_training_noise_distribution(tone_tree, tmp_p
     warm.run()
     assert [(s["steps"], s["p_mean"]) for s in warm.info()["segments"]] == [([0, 6], -3.0), ([6, 10], -1.0),
                                                                             ([10, 12], -3.0)]
+    # the sampler's start (sigma_max, rho) is a sampling default, not the network: a warm start may change it,
+    # and the export records it for generation
+    loud = base.replace_sampling(sigma_max=80.0, rho=7.0)
+    assert (loud.edm.sigma_max, loud.edm.rho, loud.edm.sigma_data) == (80.0, 7.0, base.edm.sigma_data)
+    wl = Trainer(loud, tone_tree, tmp_path / "wl", steps=12, init=tmp_path / "m", progress=False)
+    wl.run()
+    wl.export(tmp_path / "m80")
+    from edmsound.pipeline import EDMSoundPipeline
+    pipe = EDMSoundPipeline(tmp_path / "m80", device="cpu")
+    assert (pipe.preset.edm.sigma_max, pipe.preset.edm.rho) == (80.0, 7.0)
     # a different network is still refused
     other = dataclasses.replace(base, net=dataclasses.replace(base.net, dim=base.net.dim * 2))
     with pytest.raises(ValueError, match="different preset"):
@@ -109,7 +119,7 @@ def test_resume_and_init_with_a_new_training_noise_distribution(tone_tree, tmp_p
 def test_cli_rejects_a_bad_training_noise_distribution(tone_tree, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for flag, bad, why in (("--p-std", "0", "> 0"), ("--p-std", "-1", "> 0"), ("--p-mean", "nan", "finite"),
-                           ("--p-mean", "abc", "finite")):
+                           ("--p-mean", "abc", "finite"), ("--sigma-max", "0", "> 0"), ("--rho", "inf", "> 0")):
         r = subprocess.run([sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data",
                             str(tone_tree), "--out", str(tmp_path / "run"), flag, bad],
                            env=env, capture_output=True, text=True, timeout=120)
