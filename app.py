@@ -54,12 +54,12 @@ def _stop(signum, frame):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if argv is None:              # started as a script: serve under jemalloc when installed (faster generation;
-        from edmsound.launch import reexec_with_jemalloc  # EDMSOUND_NO_JEMALLOC=1 turns it off)
+        from edmsound.core.runtime import reexec_with_jemalloc  # EDMSOUND_NO_JEMALLOC=1 turns it off)
         reexec_with_jemalloc(sys.argv[1:], script=__file__)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("edmsound").setLevel(logging.INFO)
-    from edmsound.app_ui import build_demo, launch_kwargs
-    from edmsound.service import EDMSoundService
+    from edmsound.app.ui import build_demo, launch_kwargs
+    from edmsound.app.service import EDMSoundService
 
     if not Path(args.checkpoint).is_dir():
         sys.exit(f"error: checkpoint directory {args.checkpoint} not found")
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     if not service.has_index:
         print(f"note: neighbours panel off: {service.index_note}", file=sys.stderr)
-    from edmsound.launch import jemalloc_loaded
+    from edmsound.core.runtime import jemalloc_loaded
     log = logging.getLogger("edmsound.app")
     log.info("memory allocator: %s", "jemalloc" if jemalloc_loaded() else "default (jemalloc not found or disabled)")
     log.info("generated audio is kept in %s (removed at exit)", service.workdir)

@@ -11,7 +11,7 @@ distance between generated and real clips the model adds *below* sigma_s:
 
 Also reported, because the default encoder is gain-invariant and cannot hear a quiet or dull clip: the level gap
 (mean RMS dBFS minus the reference's) and the spectral-envelope gap in 12 log-spaced bands
-(:mod:`edmsound.fidelity`), per row — so the table shows *where along sigma and in which bands* energy is lost.
+(:mod:`edmsound.evaluation.fidelity`), per row — so the table shows *where along sigma and in which bands* energy is lost.
 ``--sigma-max`` adds pure-noise starts at other noise levels than the preset's (the sampler's start), and
 ``--data-scale`` a table of the data's own scale per frequency against the starting noise level.
 
@@ -39,13 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edmsound import fidelity as F  # noqa: E402
-from edmsound import metrics as M  # noqa: E402
-from edmsound.evaluate import _pcm16, synth_audioset  # noqa: E402
-from edmsound.guidance import GuidedDenoiser  # noqa: E402
-from edmsound.pipeline import EDMSoundPipeline  # noqa: E402
-from edmsound.samplers import get_sampler  # noqa: E402
-from edmsound.schedules import karras_sigmas  # noqa: E402
+from edmsound.evaluation import fidelity as F  # noqa: E402
+from edmsound.evaluation import metrics as M  # noqa: E402
+from edmsound.evaluation.sweep import _pcm16, synth_audioset  # noqa: E402
+from edmsound.core.guidance import GuidedDenoiser  # noqa: E402
+from edmsound.core.pipeline import EDMSoundPipeline  # noqa: E402
+from edmsound.core.samplers import get_sampler  # noqa: E402
+from edmsound.core.schedules import karras_sigmas  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "noise_levels"
 NOISE = "noise"        # the row that starts from pure noise at the preset's sigma_max
@@ -77,7 +77,7 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
 
 def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, ref_seed, ref_per_class,
         sigma_maxes=(None,), rho=None):
-    from edmsound.encoders import load_encoder
+    from edmsound.copydetect.encoders import load_encoder
     enc = load_encoder(ROOT / "checkpoints" / "encoder")
     first = EDMSoundPipeline(checkpoints[0], device="cpu")
     classes, sr, ns = first.classes, first.sample_rate, first.codec.num_samples

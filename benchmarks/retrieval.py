@@ -26,8 +26,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from edmsound.encoders import load_encoder  # noqa: E402
-from edmsound.synth import CLASSES, clip_seed, synthesize  # noqa: E402
+from edmsound.copydetect.encoders import load_encoder  # noqa: E402
+from edmsound.data.synth import CLASSES, clip_seed, synthesize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "retrieval.md"
 
@@ -124,7 +124,7 @@ def main():
         print(rows[-1])
     real = ROOT / "checkpoints" / "index" / "index.faiss"
     if real.is_file():
-        from edmsound.index import CopyIndex
+        from edmsound.copydetect.index import CopyIndex
         idx = CopyIndex.load(real.parent)
         x = idx.index.reconstruct_n(0, idx.ntotal)
         sel = rng.choice(len(x), 1000, replace=False)

@@ -26,13 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edmsound.launch import jemalloc_loaded  # noqa: E402
-from edmsound.guidance import GuidedDenoiser, format_guidance_interval, interval_list  # noqa: E402
-from edmsound.pipeline import EDMSoundPipeline  # noqa: E402
-from edmsound.presets import format_class_guidance  # noqa: E402
-from edmsound.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
-from edmsound.schedules import karras_sigmas  # noqa: E402
-from edmsound.train import cpu_model  # noqa: E402
+from edmsound.core.runtime import jemalloc_loaded  # noqa: E402
+from edmsound.core.guidance import GuidedDenoiser, format_guidance_interval, interval_list  # noqa: E402
+from edmsound.core.pipeline import EDMSoundPipeline  # noqa: E402
+from edmsound.core.presets import format_class_guidance  # noqa: E402
+from edmsound.core.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
+from edmsound.core.schedules import karras_sigmas  # noqa: E402
+from edmsound.training.trainer import cpu_model  # noqa: E402
 
 NFES = (4, 6, 8, 10, 15, 20, 35, 50)
 RESULTS = ROOT / "benchmarks" / "results"
@@ -242,7 +242,7 @@ def main():
                     help="time with the default allocator (by default it re-executes under jemalloc, as the app does)")
     a = ap.parse_args()
     if not a.no_jemalloc:
-        from edmsound.launch import reexec_with_jemalloc
+        from edmsound.core.runtime import reexec_with_jemalloc
         reexec_with_jemalloc(sys.argv[1:], script=__file__)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -260,7 +260,7 @@ def main():
     if not a.skip_analytic:
         import samplers_analytic
         samplers_analytic.main(["--out", a.out])
-    from edmsound.checkpoint import read_config, resolve_model_dir
+    from edmsound.core.storage import read_config, resolve_model_dir
     preset, _ = read_config(resolve_model_dir(a.checkpoint))
     guidance = preset.default_guidance if a.guidance is None else a.guidance
     rows, shipped = checkpoint_table(a.checkpoint, guidance, a.clips, a.repeats)

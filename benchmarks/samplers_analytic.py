@@ -32,8 +32,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from edmsound import samplers as S  # noqa: E402
-from edmsound.testing import edm_mixture, edmsound_mixture, reference_solution  # noqa: E402
+from edmsound.core import samplers as S  # noqa: E402
+from edmsound.core.analytic import edm_mixture, edmsound_mixture, reference_solution  # noqa: E402
 
 SETTINGS = {
     "edmsound": dict(mixture=edmsound_mixture, sigma_min=1e-4, sigma_max=3.0, rho=9.0),

@@ -38,10 +38,10 @@ def worker(preset_name: str, batch: int | None, bf16: bool, channels_last: bool,
 
     import torch
 
-    from edmsound.edm import edm_loss
-    from edmsound.model import build_denoiser
-    from edmsound.presets import get_preset
-    from edmsound.unet import count_parameters
+    from edmsound.core.edm import edm_loss
+    from edmsound.core.model import build_denoiser
+    from edmsound.core.presets import get_preset
+    from edmsound.core.unet import count_parameters
 
     p = get_preset(preset_name)
     p = dataclasses.replace(p, net=dataclasses.replace(p.net, channels_last=channels_last))
@@ -88,7 +88,7 @@ def main():
     if a.worker:
         print(json.dumps(worker(**json.loads(a.worker))))
         return
-    from edmsound.launch import find_jemalloc, jemalloc_env
+    from edmsound.core.runtime import find_jemalloc, jemalloc_env
     wanted = set(a.presets.split(",")) if a.presets else None
     rows = []
     for preset, batch, bf16, jem, cl in CONFIGS:

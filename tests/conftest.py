@@ -32,8 +32,8 @@ def tone_tree(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A model directory of the ``tiny`` preset trained 20 steps on a tone tree (shared, read-only)."""
-    from edmsound.presets import get_preset
-    from edmsound.train import Trainer
+    from edmsound.core.presets import get_preset
+    from edmsound.training.trainer import Trainer
     d = tmp_path_factory.mktemp("ckpt")
     write_tone_tree(d / "data")
     tr = Trainer(get_preset("tiny"), d / "data", d / "run", steps=20, progress=False)
@@ -44,5 +44,5 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipe(tiny_ckpt):
-    from edmsound.pipeline import EDMSoundPipeline
+    from edmsound.core.pipeline import EDMSoundPipeline
     return EDMSoundPipeline(tiny_ckpt, device="cpu")

@@ -1,0 +1,527 @@
+"""The Gradio app over :class:`edmsound.service.EDMSoundService`: ``build_demo(service) -> gr.Blocks``.
+
+Tabs: **Generate** (controls, one player + spectrogram per clip, settings / NFE counted / wall time /
+real-time factor, and the **training neighbours** panel with a copy-risk badge and a side-by-side view of
+matching windows) and **Compare samplers** (one class, seed, NFE and guidance across samplers).
+
+Named API endpoints (``gradio_client``): ``/generate``, ``/neighbours`` (for a clip of the caller's last
+``/generate``: the session state travels with the client) and ``/compare``. Every other event is
+private (UI only). Handlers receive raw values (``preprocess=False``) and the service validates them, so
+a bad value is a ``gr.Error`` naming the allowed range whether it comes from the UI or the API.
+
+State: the clips a user generated live in ``gr.State`` (per session); the module keeps no mutable state.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported
+
+import functools  # noqa: E402
+import html  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import secrets  # noqa: E402
+from types import MappingProxyType  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from .. import format_guidance_interval  # noqa: E402
+from .service import (DEFAULT_K, MAX_K, MAX_VARIATIONS, MODE_LABELS, SEED_MAX, EDMSoundService, as_int, nfe_rule,
+    nfe_slider_spec, snap_nfe)
+
+__all__ = ["build_demo", "Handlers", "launch_kwargs", "QUEUE_SIZE", "CONCURRENCY"]
+
+log = logging.getLogger("edmsound.app")
+
+QUEUE_SIZE = 32          # requests waiting at most (more are refused: "queue is full")
+CONCURRENCY = 2          # model / index / plotting jobs running at once, all events together
+MAX_UPLOAD = "1mb"       # the app takes no uploads; anything posted to /upload is capped
+STATE_TTL_S = 3600       # a session's clips are dropped an hour after they were made
+VIEW_CHOICES = tuple((label, mode) for mode, label in MODE_LABELS.items())
+NB_HEADERS = ("rank", "similarity", "percentile", "class", "training clip", "generated window (s)",
+              "training window (s)", "> p95")
+WIN_HEADERS = ("generated window (s)", "best training clip", "training window (s)", "similarity", "≥ p95",
+               "neighbour #")
+PAIR_HEADERS = ("pair", "generated window (s)", "neighbour window (s)", "similarity", "≥ p95")
+LEVEL_CHOICES = (("as generated", "off"), ("peak (dBFS)", "peak"), ("loudness (LUFS)", "lufs"))
+LEVEL_DEFAULT_TARGET = {"off": -1.0, "peak": -1.0, "lufs": -14.0}
+RISK_STYLE = MappingProxyType({"high": ("#7f1d1d", "#fee2e2", "#dc2626", "⚠ copy risk"),
+                               "low": ("#14532d", "#dcfce7", "#16a34a", "✓ no sign of copying"),
+                               "unknown": ("#374151", "#f3f4f6", "#9ca3af", "? copy risk unknown")})
+
+
+def launch_kwargs(**overrides) -> dict:
+    """The settings ``app.py`` and the tests launch with (no uploads, system fonts, no SSR)."""
+    kw = dict(max_file_size=MAX_UPLOAD, ssr_mode=False, show_error=True, footer_links=["api", "settings"],
+              theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                   font_mono=["ui-monospace", "monospace"]))
+    kw.update(overrides)
+    return kw
+
+
+def _guard(fn):
+    """ValueError -> gr.Error with the message (the allowed range); anything else -> logged + gr.Error."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - the app must keep serving
+            log.exception("handler %s failed", fn.__name__)
+            raise gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False) from None
+    return wrapper
+
+
+def _progress_adapter(progress):
+    def report(done, total, desc):
+        try:
+            progress((int(done), int(total)), desc=desc, unit="steps")
+        except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a generation because of it
+            pass
+    return report
+
+
+def _player(label: str, elem_id: str, **kw) -> gr.Audio:
+    """A read-only player of a WAV file the service wrote (with a download button)."""
+    return gr.Audio(label=label, type="filepath", interactive=False, buttons=["download"], elem_id=elem_id, **kw)
+
+
+def _figure(label: str, elem_id: str, **kw) -> gr.Image:
+    """A rendered spectrogram figure (PNG; the figure carries its own titles)."""
+    return gr.Image(label=label, show_label=False, type="numpy", format="png", interactive=False,
+                    buttons=["download", "fullscreen"], elem_id=elem_id, **kw)
+
+
+def _mode(mode) -> str:
+    return mode if mode in MODE_LABELS else "magphase"
+
+
+def _fmt(x, nd=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def _risk_html(risk: dict | None, note: str = "") -> str:
+    if not risk:
+        msg = note or "Generate a clip to see its nearest training clips."
+        return f"<div class='copy-risk-empty' style='padding:10px;color:#6b7280'>{html.escape(msg)}</div>"
+    fg, bg, border, title = RISK_STYLE.get(risk.get("level"), RISK_STYLE["unknown"])
+    return (f"<div class='copy-risk copy-risk-{html.escape(str(risk.get('level')))}' style='padding:10px 14px;"
+            f"border-radius:8px;border:2px solid {border};background:{bg};color:{fg}'>"
+            f"<b style='font-size:1.05em'>{title}</b> &nbsp;{html.escape(risk.get('text', ''))}</div>")
+
+
+def _settings_md(settings: dict) -> str:
+    seeds = str(settings["seed"]) if settings.get("n", 1) == 1 else \
+        f"{settings['seed']}–{settings['seed'] + settings['n'] - 1}"
+    interval = settings.get("guidance_interval")
+    guided = "" if interval is None or settings["guidance"] == 1.0 else \
+        f" for {format_guidance_interval(interval)} ({settings.get('guided_nfe', '?')} of the evaluations)"
+    return (f"**{settings['class']}** · {settings['sampler']} · NFE counted **{settings['nfe']}** · "
+            f"guidance {settings['guidance']:g}{guided} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
+            f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']})")
+
+
+class Handlers:
+    """The event handlers of the app, as plain methods over one service (the tests call them directly).
+
+    Each returns the values of its outputs; a bad value raises ``gr.Error`` naming the allowed range.
+    ``session`` is the per-user ``gr.State``: ``{"clips": [Clip], "settings": dict, "neighbours":
+    NeighbourResult | None}``; compare results live in a second state."""
+
+    def __init__(self, service: EDMSoundService):
+        self.svc = service
+
+    # --- generate --------------------------------------------------------------------------------
+    @_guard
+    def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None,
+                 progress=gr.Progress()):
+        res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n, progress=_progress_adapter(progress),
+                                normalize=level, target=target)
+        session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
+        return session, res.to_dict(), res.paths
+
+    def _clip_slots(self, session, mode):
+        clips = (session or {}).get("clips") or []
+        groups, audios, images = [], [], []
+        for i in range(MAX_VARIATIONS):
+            if i < len(clips):
+                c = clips[i]
+                groups.append(gr.update(visible=True))
+                audios.append(gr.update(value=str(c.path),
+                                        label=f"Clip {i + 1} · seed {c.seed} · {c.level_text or '16-bit WAV'}"))
+                images.append(gr.update(value=self.svc.spectrogram_image(c.spec, mode, f"clip {i + 1}: {c.name}"),
+                                        label=f"Clip {i + 1} · {MODE_LABELS[mode]}"))
+            else:
+                groups.append(gr.update(visible=i == 0))
+                audios.append(None)
+                images.append(None)
+        return groups + audios + images
+
+    @_guard
+    def render_clips(self, session, mode):
+        """Players + spectrograms of the session's clips (4 groups, 4 audios, 4 images) + the summary."""
+        mode = _mode(mode)
+        clips = (session or {}).get("clips") or []
+        summary = _settings_md(session["settings"]) if clips else ""
+        return self._clip_slots(session, mode) + [summary]
+
+    @_guard
+    def render_after_generate(self, session, mode):
+        clips = (session or {}).get("clips") or []
+        pick = gr.update(choices=[(f"Clip {i + 1} (seed {c.seed})", i + 1) for i, c in enumerate(clips)], value=1)
+        return self.render_clips(session, mode) + [pick]
+
+    # --- neighbours ------------------------------------------------------------------------------
+    @_guard
+    def neighbours(self, clip_number, k, session):
+        clips = (session or {}).get("clips") or []
+        if not self.svc.has_index:
+            raise ValueError(f"the neighbours panel is unavailable: {self.svc.index_note}")
+        if not clips:
+            raise ValueError("no generated clips in this session: call generate first (neighbours are searched "
+                             "for the clips of your last generation)")
+        i = as_int(1 if clip_number is None else clip_number, "clip number", 1, len(clips))
+        res = self.svc.neighbours(clips[i - 1], DEFAULT_K if k is None else k, clip_number=i)
+        session = dict(session, neighbours=res)
+        return session, res.to_dict(), [str(nb.path) for nb in res.neighbours if nb.path is not None]
+
+    def _nb_slots(self, res, mode):
+        vis, infos, audios, images = [], [], [], []
+        nbs = res.neighbours if res is not None else []
+        for j in range(MAX_K):
+            if j < len(nbs):
+                nb = nbs[j]
+                vis.append(gr.update(visible=True))
+                flag = " · **above p95**" if nb.above_p95 else ""
+                infos.append(f"**#{nb.rank}** · similarity **{nb.similarity:.3f}** · percentile "
+                             f"{_fmt(nb.percentile, 1)}{flag}  \n{nb.class_name} · `{nb.source}`"
+                             + (f"  \n_{nb.note}_" if nb.note else ""))
+                audios.append(str(nb.path) if nb.path is not None else None)
+                images.append(self.svc.neighbour_image(nb, mode))
+            else:
+                vis.append(gr.update(visible=False))
+                infos.append("")
+                audios.append(None)
+                images.append(None)
+        return vis + infos + audios + images
+
+    @_guard
+    def render_neighbours(self, session, mode, pair=None):
+        """Badge, neighbour table, window table, MAX_K neighbour slots (row, info, audio, image), pair choices
+        (``pair`` kept when it is one of the neighbours, else the top-1)."""
+        mode = _mode(mode)
+        res = (session or {}).get("neighbours")
+        if res is None:
+            return [_risk_html(None), None, None] + self._nb_slots(None, mode) + [gr.update(choices=[], value=None)]
+        rows = [[nb.rank, round(nb.similarity, 4), _fmt(nb.percentile, 1), nb.class_name, nb.source,
+                 f"{nb.query_offset:.2f}", f"{nb.train_offset:.2f}", "yes" if nb.above_p95 else ""]
+                for nb in res.neighbours]
+        wins = [[f"{w['query_offset']:.2f}", w["source"], f"{w['train_offset']:.2f}", round(w["similarity"], 4),
+                 "yes" if w["matched"] else "", w.get("neighbour_rank") or ""] for w in res.windows]
+        ranks = [nb.rank for nb in res.neighbours]
+        pair = gr.update(choices=[(f"#{nb.rank} {nb.source} ({nb.similarity:.3f})", nb.rank)
+                                  for nb in res.neighbours],
+                         value=pair if pair in ranks else (ranks[0] if ranks else None))
+        head = (f"Clip {res.clip_number} ({res.query.name}): top-{len(res.neighbours)} training clips of "
+                f"{res.scope}; similarity = cosine, max over {res.window_seconds:g} s windows; percentile within "
+                f"the training set's own top-1 distribution; training p95 = {_fmt(res.threshold)}")
+        badge = _risk_html(res.risk) + f"<div style='margin-top:6px;font-size:0.9em'>{html.escape(head)}</div>"
+        return [badge, rows, wins] + self._nb_slots(res, mode) + [pair]
+
+    @_guard
+    def side_by_side(self, session, rank, mode):
+        """Generated + neighbour players, spectrograms with matching windows, pair table, similarity matrix."""
+        mode = _mode(mode)
+        res = (session or {}).get("neighbours")
+        if res is None or not res.neighbours:
+            return [None, None, None, None, None, ""]
+        sbs = self.svc.side_by_side(res, res.neighbours[0].rank if rank is None else rank, mode)
+        nb = sbs["neighbour"]
+        w = res.window_seconds
+        rows = [[p["label"], f"{p['query_offset']:.2f}–{p['query_offset'] + w:.2f}",
+                 f"{p['train_offset']:.2f}–{p['train_offset'] + w:.2f}", p["similarity"],
+                 "yes" if p["above_p95"] else ("best pair" if p["best"] else "")] for p in sbs["pairs"]]
+        m = sbs["matrix"]
+        if m is not None:
+            heads = " | ".join(f"{o:.2f}s" for o in sbs["train_offsets"])
+            lines = [f"| generated \\ neighbour | {heads} |", "|---" * (m.shape[1] + 1) + "|"]
+            lines += [f"| {sbs['query_offsets'][i]:.2f}s | " + " | ".join(f"{v:.3f}" for v in m[i]) + " |"
+                      for i in range(m.shape[0])]
+            matrix_md = "Window-pair cosine similarity (rows: generated windows, columns: neighbour windows):\n\n" \
+                + "\n".join(lines)
+        else:
+            matrix_md = f"_{nb.note}_"
+        return [str(res.query.path) if res.query.path else None, str(nb.path) if nb.path else None,
+                sbs["query_image"], sbs["neighbour_image"], rows, matrix_md]
+
+    @_guard
+    def rerender(self, session, mode, pair=None):
+        """Everything the spectrogram view shows, in one event (so the last toggle always wins): the clip
+        slots + summary, the neighbours panel and the side-by-side view."""
+        clips = self.render_clips(session, mode)
+        nbs = self.render_neighbours(session, mode, pair)
+        pair_now = nbs[-1].get("value") if isinstance(nbs[-1], dict) else None
+        return clips + nbs + self.side_by_side(session, pair_now, mode)
+
+    # --- compare ---------------------------------------------------------------------------------
+    @_guard
+    def compare(self, class_name, seed, nfe, guidance, samplers, progress=gr.Progress()):
+        res = self.svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress))
+        return res, res.to_dict(), res.paths
+
+    @_guard
+    def render_compare(self, result, mode):
+        """For each registry sampler slot: column visibility, title, audio, image."""
+        mode = _mode(mode)
+        entries = result.entries if result is not None else []
+        vis, titles, audios, images = [], [], [], []
+        for j in range(len(self.svc.samplers)):
+            if j < len(entries):
+                e = entries[j]
+                s = e.clip.settings
+                vis.append(gr.update(visible=True))
+                titles.append(f"### {e.sampler}\nNFE counted **{s['nfe']}** · {s['seconds']:.2f} s · RTF "
+                              f"{s['real_time_factor']:.2f}" + (f"  \n_{e.note}_" if e.note else ""))
+                audios.append(str(e.clip.path))
+                images.append(self.svc.spectrogram_image(e.clip.spec, mode, f"{e.sampler} · NFE {s['nfe']}"))
+            else:
+                vis.append(gr.update(visible=False))
+                titles.append("")
+                audios.append(None)
+                images.append(None)
+        return vis + titles + audios + images
+
+    # --- small UI helpers ------------------------------------------------------------------------
+    def sampler_changed(self, sampler, nfe):
+        """The NFE slider for ``sampler``: its min/step/max allow valid budgets only (Heun: odd values)."""
+        if sampler not in self.svc.samplers:
+            return gr.update()
+        spec = nfe_slider_spec(sampler, self.svc.max_nfe)
+        return gr.update(value=snap_nfe(sampler, nfe, self.svc.max_nfe),
+                         info=f"{sampler}: {nfe_rule(sampler, self.svc.max_nfe)}", **spec)
+
+    def class_changed(self, class_name):
+        """The guidance slider moves to the class's default scale (calibrated per class, if the checkpoint is)
+        and its note names the class's guidance interval."""
+        w = self.svc.defaults["class_guidance"].get(class_name)
+        return gr.update() if w is None else gr.update(value=w, info=guidance_info(self.svc.defaults, class_name))
+
+    @staticmethod
+    def level_changed(level):
+        """The target box follows the normalisation mode (hidden when off)."""
+        mode = level if level in LEVEL_DEFAULT_TARGET else "off"
+        unit = {"peak": "Target peak (dBFS, -60…0)", "lufs": "Target loudness (LUFS, -60…-5)"}.get(mode, "")
+        return gr.update(visible=mode != "off", value=LEVEL_DEFAULT_TARGET[mode], label=unit or "Target")
+
+    @staticmethod
+    def random_seed():
+        return secrets.randbelow(SEED_MAX + 1)
+
+
+def guidance_info(defaults: dict, class_name: str) -> str:
+    """The guidance slider's note: what the scale means, where (noise levels) it applies for ``class_name``,
+    and whether the default follows the class."""
+    gi = defaults["class_guidance_interval"][class_name]
+    per_class = (len(set(defaults["class_guidance"].values())) > 1
+                 or len({None if v is None else tuple(v) for v in defaults["class_guidance_interval"].values()}) > 1)
+    return ("1 = conditional, 0 = unconditional" + ("" if gi is None else f"; applied for {format_guidance_interval(gi)}")
+            + ("; the default follows the class" if per_class else ""))
+
+
+def build_demo(service: EDMSoundService) -> gr.Blocks:
+    """The whole app for one loaded service. Queue: CONCURRENCY jobs at once, QUEUE_SIZE waiting."""
+    svc = service
+    h = Handlers(service)
+    d = svc.defaults
+    classes, samplers = svc.classes, svc.samplers
+    nfe0 = nfe_slider_spec(d["sampler"], svc.max_nfe)
+    heavy = dict(concurrency_limit=CONCURRENCY, concurrency_id="compute")
+    ui_only = dict(api_visibility="private", **heavy)
+    info = svc.info()
+
+    # ------------------------------------------------------------------------------ layout
+    with gr.Blocks(title="EDMSound", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        session = gr.State(None, time_to_live=STATE_TTL_S)         # this user's clips + neighbours
+        compare_state = gr.State(None, time_to_live=STATE_TTL_S)   # this user's last comparison
+        idx_line = (f"copy index: {info['index']['clips']} training clips / {info['index']['windows']} windows, "
+                    f"encoder `{info['index']['encoder']}`" if info["index"] else
+                    f"copy index: none ({svc.index_note}) — neighbours panel off")
+        gr.Markdown(f"# EDMSound\nClass-conditional diffusion on complex STFT spectrograms (Zhu et al. 2023). "
+                    f"Checkpoint `{os.path.basename(os.path.normpath(info['checkpoint']))}` on **{info['device']}**, "
+                    f"{info['sample_rate']} Hz, {info['seconds']:g} s clips, {len(classes)} classes · {idx_line}.")
+
+        with gr.Tab("Generate", id="generate"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    cls = gr.Dropdown(classes, value=classes[0], label="Class", elem_id="class-dropdown")
+                    sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler-dropdown")
+                    nfe = gr.Slider(value=d["nfe"], label="NFE (network evaluations)", elem_id="nfe-slider",
+                                    info=f"{d['sampler']}: {nfe_rule(d['sampler'], svc.max_nfe)}", **nfe0)
+                    guidance = gr.Slider(*info["guidance_range"], value=d["class_guidance"][classes[0]], step=0.1,
+                                         label="Guidance scale", info=guidance_info(d, classes[0]),
+                                         elem_id="guidance-slider")
+                    with gr.Row(equal_height=True):
+                        seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",
+                                         elem_id="seed", scale=3)
+                        dice = gr.Button("Random seed", scale=1, min_width=80, elem_id="seed-random")
+                    n = gr.Slider(1, MAX_VARIATIONS, value=1, step=1, label="Variations (seed, seed+1, …)",
+                                  elem_id="variations")
+                    with gr.Row(equal_height=True):
+                        level = gr.Radio(list(LEVEL_CHOICES), value="off", label="Level",
+                                         info="each clip's LUFS and true peak are shown; normalise only if you ask",
+                                         elem_id="level-mode", scale=2)
+                        target = gr.Number(value=LEVEL_DEFAULT_TARGET["off"], label="Target", visible=False,
+                                           elem_id="level-target", scale=1)
+                    go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                    view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
+                with gr.Column(scale=3):
+                    summary = gr.Markdown("", elem_id="settings-summary")
+                    groups, audios, images = [], [], []
+                    for i in range(MAX_VARIATIONS):
+                        with gr.Group(visible=i == 0) as g:
+                            audios.append(_player(f"Clip {i + 1}", f"clip-audio-{i}"))
+                            images.append(_figure(f"Clip {i + 1} spectrogram", f"clip-spec-{i}"))
+                        groups.append(g)
+                    with gr.Accordion("Settings used and WAV files", open=False):
+                        settings = gr.JSON(label="Settings used", elem_id="settings-json")
+                        files = gr.File(label="16-bit WAV files", file_count="multiple", interactive=False,
+                                        elem_id="wav-files")
+
+            with gr.Column(elem_id="neighbours-panel"):
+                gr.Markdown("## Training neighbours\nThe nearest clips of the training set (FAISS index of "
+                            "window embeddings, as in the paper's copy detection). A clip whose top-1 similarity "
+                            "exceeds what training clips reach with each other (their 95th percentile) deserves a "
+                            "listen; windows matching different training clips hint at a *stitching copy*.")
+                if not svc.has_index:
+                    gr.Markdown(f"**Neighbours panel unavailable:** {html.escape(svc.index_note)}. Start the app "
+                                "with `--index DIR` (an index built by `edmsound index build`).",
+                                elem_id="neighbours-unavailable")
+                with gr.Row(visible=svc.has_index):
+                    pick = gr.Radio([("Clip 1", 1)], value=1, label="Generated clip", elem_id="neighbour-clip",
+                                    scale=2)
+                    k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="k (neighbours)", elem_id="neighbour-k",
+                                  scale=2)
+                    find = gr.Button("Find neighbours", elem_id="neighbours-btn", scale=1)
+                badge = gr.HTML(_risk_html(None, "" if svc.has_index else "no copy index loaded"),
+                                elem_id="risk-badge", visible=svc.has_index)
+                with gr.Column(visible=svc.has_index):
+                    nb_table = gr.Dataframe(headers=list(NB_HEADERS), interactive=False, wrap=True,
+                                            label="Top-k training neighbours", elem_id="neighbour-table")
+                    nb_vis, nb_info, nb_audio, nb_img = [], [], [], []
+                    for j in range(MAX_K):
+                        with gr.Row(visible=False, equal_height=False) as r:
+                            with gr.Column(scale=1, min_width=260):
+                                nb_info.append(gr.Markdown(elem_id=f"nb-info-{j}"))
+                                nb_audio.append(_player(f"Neighbour #{j + 1}", f"nb-audio-{j}"))
+                            with gr.Column(scale=3):
+                                nb_img.append(_figure(f"Neighbour #{j + 1} spectrogram", f"nb-spec-{j}", height=260))
+                        nb_vis.append(r)
+                    gr.Markdown("### Side by side\nThe generated clip and one neighbour; each generated window is "
+                                "paired with its most similar neighbour window, pairs at or above the training "
+                                "p95 share a letter (the best pair is always shown). Both clips are embedded "
+                                "again here (the neighbour from its re-synthesised audio), so similarities can "
+                                "differ from the index's in the third decimal.")
+                    pair = gr.Dropdown(choices=[], value=None, label="Neighbour", elem_id="pair-dropdown")
+                    with gr.Row(equal_height=False):
+                        with gr.Column(min_width=360):
+                            sbs_q_audio = _player("Generated", "sbs-gen-audio")
+                            sbs_q_img = _figure("Generated · matching windows", "sbs-gen-spec")
+                        with gr.Column(min_width=360):
+                            sbs_t_audio = _player("Neighbour", "sbs-nb-audio")
+                            sbs_t_img = _figure("Neighbour · matching windows", "sbs-nb-spec")
+                    pairs_table = gr.Dataframe(headers=list(PAIR_HEADERS), interactive=False,
+                                               label="Matching window pairs", elem_id="pairs-table")
+                    win_table = gr.Dataframe(headers=list(WIN_HEADERS), interactive=False, wrap=True,
+                                             label="Best training window of each generated window (windows "
+                                                   "matching different clips above p95 = stitching)",
+                                             elem_id="windows-table")
+                    matrix_md = gr.Markdown(elem_id="pair-matrix")
+                    with gr.Accordion("Neighbour details (JSON) and WAV files", open=False):
+                        nb_json = gr.JSON(label="Neighbours", elem_id="neighbours-json")
+                        nb_files = gr.File(label="Neighbour WAVs", file_count="multiple", interactive=False)
+
+        with gr.Tab("Compare samplers", id="compare"):
+            gr.Markdown("Same class, seed, NFE and guidance across samplers. Heun-type samplers spend odd budgets "
+                        "only (2 evaluations per step, 1 for the last): with an even NFE they use NFE − 1.")
+            with gr.Row():
+                c_cls = gr.Dropdown(classes, value=classes[0], label="Class", elem_id="cmp-class")
+                c_seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="cmp-seed")
+                c_nfe = gr.Slider(1, svc.max_nfe, value=min(6, svc.max_nfe), step=1, label="NFE", elem_id="cmp-nfe")
+                c_guid = gr.Slider(*info["guidance_range"], value=d["class_guidance"][classes[0]], step=0.1, label="Guidance scale",
+                                   elem_id="cmp-guidance")
+            c_samplers = gr.CheckboxGroup(samplers, value=samplers, label="Samplers", elem_id="cmp-samplers")
+            with gr.Row():
+                c_view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="cmp-view")
+                c_go = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+            c_vis, c_title, c_audio, c_img = [], [], [], []
+            for j in range(0, len(samplers), 2):
+                with gr.Row():
+                    for jj in range(j, min(j + 2, len(samplers))):
+                        with gr.Column(visible=False, min_width=380) as col:
+                            c_title.append(gr.Markdown(elem_id=f"cmp-title-{jj}"))
+                            c_audio.append(_player(samplers[jj], f"cmp-audio-{jj}", show_label=False))
+                            c_img.append(_figure(f"{samplers[jj]} spectrogram", f"cmp-spec-{jj}"))
+                        c_vis.append(col)
+            with gr.Accordion("Settings used and WAV files", open=False):
+                c_settings = gr.JSON(label="Settings used")
+                c_files = gr.File(label="16-bit WAV files", file_count="multiple", interactive=False)
+
+        # -------------------------------------------------------------------------- events
+        clip_outputs = groups + audios + images + [summary]
+        nb_outputs = [badge, nb_table, win_table] + nb_vis + nb_info + nb_audio + nb_img + [pair]
+        sbs_outputs = [sbs_q_audio, sbs_t_audio, sbs_q_img, sbs_t_img, pairs_table, matrix_md]
+
+        sampler.change(h.sampler_changed, [sampler, nfe], [nfe], api_visibility="private", queue=False,
+                       preprocess=False)
+        dice.click(h.random_seed, None, [seed], api_visibility="private", queue=False)
+        level.change(h.level_changed, [level], [target], api_visibility="private", queue=False, preprocess=False)
+        cls.change(h.class_changed, [cls], [guidance], api_visibility="private", queue=False, preprocess=False)
+        c_cls.change(h.class_changed, [c_cls], [c_guid], api_visibility="private", queue=False, preprocess=False)
+
+        gen_event = go.click(
+            h.generate, [cls, sampler, nfe, guidance, seed, n, level, target], [session, settings, files],
+            api_name="generate",
+            api_description="Generate 1-4 clips: returns the settings used (NFE counted, wall time, real-time "
+                            "factor; per clip its name, LUFS and true peak) and the 16-bit WAV files. `level`: "
+                            "'off' (default, the clips as the model made them), 'peak' or 'lufs' with `target` "
+                            "(dBFS or LUFS).",
+            preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
+        rendered = gen_event.success(h.render_after_generate, [session, view], clip_outputs + [pick], preprocess=False,
+                                     **ui_only)
+
+        def then_show_neighbours(event):
+            return event.success(h.render_neighbours, [session, view], nb_outputs, preprocess=False, **ui_only) \
+                        .success(h.side_by_side, [session, pair, view], sbs_outputs, preprocess=False, **ui_only)
+
+        then_show_neighbours(find.click(
+            h.neighbours, [pick, k, session], [session, nb_json, nb_files], api_name="neighbours",
+            api_description="Top-k training neighbours of clip `clip_number` (1-based) of this session's last "
+                            "/generate call: similarity, class, percentile, copy-risk verdict, window matches, "
+                            "and the neighbours' WAV files.",
+            preprocess=False, show_progress_on=[badge], **heavy))
+        if svc.has_index:          # neighbours of clip 1 right after generating, and when another clip is picked
+            then_show_neighbours(rendered.success(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
+                                                  preprocess=False, show_progress_on=[badge], **ui_only))
+            then_show_neighbours(pick.input(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
+                                            preprocess=False, show_progress_on=[badge], **ui_only))
+            pair.input(h.side_by_side, [session, pair, view], sbs_outputs, preprocess=False, **ui_only)
+        view.input(h.rerender, [session, view, pair], clip_outputs + nb_outputs + sbs_outputs, preprocess=False,
+                   trigger_mode="always_last", **ui_only)
+
+        cmp_event = c_go.click(
+            h.compare, [c_cls, c_seed, c_nfe, c_guid, c_samplers], [compare_state, c_settings, c_files],
+            api_name="compare",
+            api_description="One clip per sampler with the same class, seed, NFE and guidance: settings per "
+                            "sampler (NFE counted, wall time, RTF) and the 16-bit WAV files.",
+            preprocess=False, show_progress_on=[c_settings] + c_title[:1], **heavy)
+        cmp_outputs = c_vis + c_title + c_audio + c_img
+        cmp_event.success(h.render_compare, [compare_state, c_view], cmp_outputs, preprocess=False, **ui_only)
+        c_view.input(h.render_compare, [compare_state, c_view], cmp_outputs, preprocess=False,
+                     trigger_mode="always_last", **ui_only)
+
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
+    return demo

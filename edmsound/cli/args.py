@@ -1,0 +1,36 @@
+"""argparse value types shared by the command families: a bad value is one line naming what is allowed."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def number(text: str, ok, need: str) -> float:
+    """argparse type: ``float(text)`` if ``ok`` of it, else an error saying what was ``need``-ed."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and ok(v)):
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+    return v
+
+
+def positive_steps(text: str) -> float:
+    return number(text, lambda v: v > 0, "a number of steps > 0")
+
+
+def finite(text: str) -> float:
+    return number(text, lambda v: True, "a finite number")
+
+
+def positive(text: str) -> float:
+    return number(text, lambda v: v > 0, "a number > 0")
+
+
+def peak_target(text: str) -> float:
+    return number(text, lambda v: -60 <= v <= 0, "a peak level in [-60, 0] dBFS")
+
+
+def lufs_target(text: str) -> float:
+    return number(text, lambda v: -60 <= v <= -5, "a loudness in [-60, -5] LUFS")

@@ -1,0 +1,269 @@
+"""Evaluation sub-commands of the ``edmsound`` CLI.
+
+``register(subparsers)`` adds::
+
+    edmsound classifier train --data DIR --out DIR [--epochs 10] [--holdout auto|builtin|DIR|none]
+    edmsound evaluate --checkpoint DIR --reference builtin|DIR --samplers heun,dpmpp_2m,deis --nfe 5,10,20,50
+                      --guidance 1,2,4 --n-per-class 32 --out DIR [--encoder DIR] [--classifier DIR] [--index DIR]
+
+See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _threads(a):
+    if getattr(a, "threads", None):
+        import torch
+        torch.set_num_threads(int(a.threads))
+
+
+def _csv_list(text: str, kind, what: str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"--{what} needs a comma-separated list, got {text!r}")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise ValueError(f"--{what}: cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def _holdout(a, data_dir: Path, classes, sample_rate: int, num_samples: int):
+    """--holdout: auto (builtin for a synth tree of built-in classes), builtin, a directory, or none."""
+    from .. import BUILTIN_CLASSES as CLASSES, load_reference
+    choice = a.holdout
+    manifest = data_dir / "synth.json"
+    base = json.loads(manifest.read_text()).get("base_seed") if manifest.is_file() else None
+    if choice == "auto":
+        choice = "builtin" if (manifest.is_file() and all(c in CLASSES for c in classes)) else "none"
+    if choice == "none":
+        return None, None
+    if choice == "builtin" and base is not None and int(base) == int(a.holdout_seed):
+        raise ValueError(f"--holdout-seed {a.holdout_seed} is the training tree's base seed; held-out clips need "
+                         "another seed (default 7)")
+    ds, desc = load_reference(choice, classes, sample_rate, num_samples, a.holdout_per_class, a.holdout_seed)
+    return ds, desc
+
+
+def _cmd_classifier_train(a):
+    from .. import ClassifierConfig, load_training_set, train_classifier
+    _threads(a)
+    data_dir = Path(a.data)
+    cfg = ClassifierConfig(sample_rate=a.sample_rate)
+    ds, _ = load_training_set(data_dir, None, cfg.sample_rate, a.seconds, not a.no_progress)
+    try:
+        holdout, desc = _holdout(a, data_dir, ds.classes, cfg.sample_rate, ds.waves.shape[1])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    clf = train_classifier(ds, None, config=cfg, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                           holdout=holdout, holdout_description=desc, max_minutes=a.max_minutes,
+                           progress=not a.no_progress, name=a.name)
+    clf.info["training"]["data"] = str(a.data)
+    clf.info["training"]["command"] = "edmsound " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["classifier"] else None
+    clf.save(a.out)
+    summary = {"out": str(a.out), "parameters": clf.num_parameters, **clf.info["training"]}
+    if "holdout" in clf.info:
+        summary["holdout_accuracy"] = clf.info["holdout"]["accuracy"]
+    print(json.dumps(summary))
+
+
+def _cmd_evaluate(a):
+    from .. import evaluate_sweep, parse_points
+    _threads(a)
+    try:
+        points = parse_points(a.points) if a.points else []
+        no_grid = a.samplers.strip().lower() == "none"
+        if no_grid and not points:
+            raise ValueError("--samplers none needs --points")
+        samplers = [] if no_grid else _csv_list(a.samplers, str, "samplers")
+        nfes = [] if no_grid else _csv_list(a.nfe, int, "nfe")
+        guid = [] if no_grid else _csv_list(a.guidance, float, "guidance")
+        topk = _csv_list(a.top_k, int, "top-k")
+        evaluate_sweep(a.checkpoint, a.out, reference=a.reference, samplers=samplers, nfes=nfes, guidances=guid,
+                       n_per_class=a.n_per_class, encoder=a.encoder, classifier=a.classifier, index=a.index,
+                       train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
+                       seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device, topk=topk,
+                       kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,
+                       dry_run=a.dry_run, progress=not a.no_progress, points=points,
+                       guidance_interval=a.guidance_interval)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _cmd_quality_report(a):
+    from .. import (format_class_guidance, format_guidance_interval, load_results, quality_targets, read_config,
+                    resolve_model_dir, targets_markdown)
+    try:
+        results = load_results(a.results)
+        preset, classes = read_config(resolve_model_dir(a.checkpoint))
+        speed = None
+        if a.speed and a.speed.lower() != "none":
+            sp = Path(a.speed)
+            if not sp.is_file():
+                raise FileNotFoundError(f"{sp} not found: run `python benchmarks/samplers.py --shipped-only` "
+                                        "(or pass --speed none)")
+            speed = json.loads(sp.read_text())
+        iv = preset.default_guidance_interval
+        per_class = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
+        shipped_g = "class" if per_class else preset.default_guidance
+        if per_class:
+            want = per_class
+            have = {r.get("guidance_per_class") for r in results["rows"] if r.get("guidance") == "class"}
+            if have and want not in have:
+                raise ValueError(f"the evaluation's per-class scales ({', '.join(sorted(have))}) are not the "
+                                 f"checkpoint's ({want}): re-run the evaluation")
+        bars = quality_targets(results, preset.default_sampler, preset.default_nfe, shipped_g, iv, speed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    s = results["settings"]
+    g = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes)) or \
+        f"{preset.default_guidance:g}"
+    title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
+             f"{g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
+             f"(ema {s['ema_sha256'][:12]}, {s['n_per_class']} clips per class)")
+    md = targets_markdown(bars, title)
+    print(md, end="")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(md)
+    if a.check and not all(b["met"] for b in bars):
+        sys.exit(1)
+
+
+def _cmd_calibrate(a):
+    from .. import calibrate_class_guidance, chosen_text, write_calibration, write_class_guidance
+    try:
+        if a.clear:
+            print(f"cleared the per-class guidance in {write_class_guidance(a.checkpoint, None)}")
+            return
+        min_div = None if str(a.min_diversity).lower() == "none" else float(a.min_diversity)
+        intervals = None if a.intervals is None else [t for t in a.intervals.split(",") if t.strip()]
+        res = calibrate_class_guidance(a.checkpoint, scales=_csv_list(a.scales, float, "scales"),
+                                       min_fit=a.min_fit, min_diversity=min_div, intervals=intervals,
+                                       n_per_class=a.n_per_class, seed=a.seed,
+                                       classifier=a.classifier, encoder=a.encoder,
+                                       reference=None if a.reference == "none" else a.reference,
+                                       batch_size=a.batch_size, stop_at_first=not a.full_grid,
+                                       progress=not a.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if a.out:
+        write_calibration(res, a.out)
+        print(f"wrote {Path(a.out) / 'calibration.md'} and calibration.json")
+    print("per-class guidance: " + chosen_text(res))
+    if a.write:
+        path = write_class_guidance(a.checkpoint, res["class_guidance"], res["class_guidance_interval"])
+        print(f"stored in {path}")
+
+
+def register(subparsers) -> None:
+    """Add the ``classifier`` and ``evaluate`` sub-commands to the top-level subparsers."""
+    c = subparsers.add_parser("classifier", help="the class classifier used for evaluation").add_subparsers(
+        dest="classifier_command", required=True)
+    t = c.add_parser("train", help="train a log-mel CNN class classifier on a class-per-folder tree")
+    t.add_argument("--data", required=True, help="class-per-folder training tree (e.g. data/builtin)")
+    t.add_argument("--out", required=True, help="classifier directory to write")
+    t.add_argument("--epochs", type=float, default=10)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--sample-rate", type=int, default=16000)
+    t.add_argument("--seconds", type=float, default=None,
+                   help="clip length (default: a synth tree's manifest, else the longest file)")
+    t.add_argument("--holdout", default="auto",
+                   help="held-out real clips to measure accuracy on: 'builtin' (fresh synth seeds), a class-per-folder "
+                        "directory, 'none', or 'auto' (builtin for a synth tree of built-in classes)")
+    t.add_argument("--holdout-per-class", type=int, default=100)
+    t.add_argument("--holdout-seed", type=int, default=7, help="base seed of built-in held-out clips")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    t.add_argument("--name", default="edmsound-classifier")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_classifier_train)
+
+    b = subparsers.add_parser("quality-report", help="a model's quality targets at its shipped settings (the model "
+                                                     "card's table), from an evaluation's results.json and the "
+                                                     "shipped-speed benchmark")
+    b.add_argument("--results", required=True, help="an `edmsound evaluate` output directory or its results.json")
+    b.add_argument("--checkpoint", default="checkpoints/default", help="whose shipped settings to read off")
+    b.add_argument("--speed", default="benchmarks/results/samplers_shipped.json",
+                   help="benchmarks/samplers.py --shipped-only record ('none' to skip the speed target)")
+    b.add_argument("--out", default=None, help="also write the markdown table here")
+    b.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
+    b.set_defaults(func=_cmd_quality_report)
+
+    k = subparsers.add_parser("calibrate-guidance", help="choose each class's default guidance scale (and interval): "
+                              "recognisable to the classifier while keeping variety (see edmsound/calibrate.py)")
+    k.add_argument("--checkpoint", default="checkpoints/default")
+    k.add_argument("--scales", default="1,1.5,2,3", help="guidance scales to try, ascending")
+    k.add_argument("--min-fit", type=float, default=0.9, help="category fit (classifier accuracy) a scale must reach")
+    k.add_argument("--min-diversity", default="0.7", help="diversity ratio a setting must keep ('none': fit only); "
+                   "among settings meeting both the cheapest (fewest guided evaluations) wins, else the best worst margin")
+    k.add_argument("--intervals", default=None, help="guidance intervals to try with every scale, e.g. "
+                   "'default,2:10' (LO:HI noise levels, 'none' = every level, 'default' = the checkpoint's); "
+                   "default: the checkpoint's only")
+    k.add_argument("--n-per-class", type=int, default=16)
+    k.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
+    k.add_argument("--classifier", default="default")
+    k.add_argument("--encoder", default="default", help="encoder for the diversity column")
+    k.add_argument("--reference", default="builtin", help="real clips for the diversity column: builtin, a "
+                   "directory, or none")
+    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--full-grid", action="store_true", help="score every scale (default: stop at the first that fits)")
+    k.add_argument("--out", default=None, help="write calibration.md / calibration.json here")
+    k.add_argument("--write", action="store_true", help="store the chosen scales in the checkpoint's config.json")
+    k.add_argument("--clear", action="store_true", help="remove the checkpoint's per-class scales and exit")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=_cmd_calibrate)
+
+    e = subparsers.add_parser("evaluate", help="FAD, KID, classifier scores, diversity and copying per "
+                                               "(sampler, NFE, guidance), per class")
+    e.add_argument("--checkpoint", default="checkpoints/default", help="model or run directory")
+    e.add_argument("--reference", default="builtin",
+                   help="held-out real clips: 'builtin' (synth seeds disjoint from training) or a class-per-folder "
+                        "directory (never the training clips)")
+    e.add_argument("--reference-per-class", type=int, default=200,
+                   help="clips per class synthesised for 'builtin', or sampled from a directory (0: all)")
+    e.add_argument("--reference-seed", type=int, default=7, help="base seed of the built-in reference")
+    e.add_argument("--train", default="auto",
+                   help="training data for the baseline row: 'auto' (the checkpoint's info.json, else builtin), "
+                        "'builtin', a directory, or 'none'")
+    e.add_argument("--samplers", default="heun,dpmpp_2m,deis",
+                   help="samplers of the grid (samplers x --nfe x --guidance); 'none': only --points")
+    e.add_argument("--nfe", default="5,10,20,50", help="NFE budgets; invalid ones are handled by --invalid-nfe")
+    e.add_argument("--guidance", default="1,2,4")
+    e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide the grid's w != 1 points only for noise levels LO < sigma <= HI (default: every level)")
+    e.add_argument("--points", default="",
+                   help="extra configurations outside the grid, SAMPLER:NFE:GUIDANCE[:SIGMA_LO:SIGMA_HI][,...], e.g. "
+                        "heun:51:2 (an expensive reference without crossing it with every sampler) or "
+                        "dpmpp_2m:10:3:0.05:1 (guidance only for 0.05 < sigma <= 1); GUIDANCE 'class' uses the "
+                        "checkpoint's per-class default scales (dpmpp_2m:10:class:0.1:10)")
+    e.add_argument("--n-per-class", type=int, default=32)
+    e.add_argument("--out", required=True)
+    e.add_argument("--encoder", default="default",
+                   help="encoder for FAD/KID/diversity: 'default' (checkpoints/encoder), a project encoder or Hugging "
+                        "Face CLAP directory, or a LAION CLAP .pt")
+    e.add_argument("--classifier", default="default", help="classifier directory, 'default' or 'none'")
+    e.add_argument("--index", default="default", help="copy-detection index directory, 'default' or 'none'")
+    e.add_argument("--invalid-nfe", choices=["nearest", "skip"], default="nearest",
+                   help="an NFE a sampler cannot spend exactly: use the nearest valid budget (ties: lower) or skip it")
+    e.add_argument("--seed", type=int, default=0, help="noise seeds: seed*1e6 + class_index*1e5 + clip index")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--top-k", default="1,3", help="top-k accuracies to report")
+    e.add_argument("--kid-subsets", type=int, default=100)
+    e.add_argument("--embedding-level", choices=["windows", "clips"], default="windows",
+                   help="FAD/KID on the encoder's window embeddings (like VGGish frames in FAD) or per-clip means")
+    e.add_argument("--device", default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--regenerate", action="store_true", help="regenerate cached clips")
+    e.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)

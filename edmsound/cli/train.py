@@ -1,0 +1,123 @@
+"""``edmsound data`` (the built-in set, a folder's summary), ``edmsound train`` and ``edmsound export``."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .args import finite, positive, positive_steps
+
+
+def _cmd_data_synth(a):
+    from .. import get_preset, write_dataset
+    if a.seconds is None:
+        a.seconds = get_preset("default").codec.seconds
+    manifest = write_dataset(a.out, per_class=a.per_class, seed=a.seed, sample_rate=a.sample_rate,
+                             seconds=a.seconds, classes=a.classes.split(",") if a.classes else None)
+    print(f"wrote {len(manifest['files'])} clips to {a.out}")
+
+
+def _cmd_data_info(a):
+    from .. import load_folder
+    load_folder(a.data, a.sample_rate, int(a.seconds * a.sample_rate))
+
+
+def _cmd_train(a):
+    import torch
+    from .. import reexec_with_jemalloc
+    if a.device == "cpu" and not a.no_jemalloc:
+        reexec_with_jemalloc(sys.argv[1:])
+    from .. import get_preset, init_distributed, Trainer, TrainingDiverged
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    world, rank = init_distributed(a.device)
+    if world > 1 and a.device == "cpu" and not a.threads:
+        import os
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
+                                                 checkpoint_every=a.checkpoint_every,
+                                                 ema_halflife_steps=a.ema_halflife
+                                                 ).replace_noise(p_mean=a.p_mean, p_std=a.p_std
+                                                 ).replace_sampling(sigma_max=a.sigma_max, rho=a.rho)
+    try:
+        trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
+                          device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
+        result = trainer.run()
+        if a.export and rank == 0:
+            trainer.export(a.export)
+            print(f"exported model to {a.export}")
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(result))
+
+
+def _cmd_export(a):
+    from .. import export_model
+    try:
+        src = export_model(a.run, a.out, ema_only=a.ema_only, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
+                           guidance_interval=a.guidance_interval)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {src} -> {a.out}")
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("synth", help="write the built-in procedural foley set as a class-per-folder tree")
+    s.add_argument("--out", required=True)
+    s.add_argument("--per-class", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sample-rate", type=int, default=16000)
+    s.add_argument("--seconds", type=float, default=None, help="clip length (default: the default preset's)")
+    s.add_argument("--classes", default=None, help="comma-separated subset of classes")
+    s.set_defaults(func=_cmd_data_synth)
+    s = data.add_parser("info", help="load a class-per-folder tree and print its summary")
+    s.add_argument("--data", required=True)
+    s.add_argument("--sample-rate", type=int, default=16000)
+    s.add_argument("--seconds", type=float, default=1.0)
+    s.set_defaults(func=_cmd_data_info)
+
+    t = subparsers.add_parser("train", help="train or resume an EDMSound model")
+    t.add_argument("--preset", default="default")
+    t.add_argument("--data", required=True, help="class-per-folder tree")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--ema-halflife", type=positive_steps, default=None, metavar="STEPS",
+                   help="EMA half-life in optimizer steps (default: the preset's); may change on --resume")
+    t.add_argument("--p-mean", type=finite, default=None, metavar="LN_SIGMA",
+                   help="training noise: ln(sigma) ~ N(P_MEAN, P_STD^2) (default: the preset's, -3 for `default`); "
+                        "may change on --resume or --init")
+    t.add_argument("--p-std", type=positive, default=None, metavar="STD", help="see --p-mean (default: the preset's)")
+    t.add_argument("--sigma-max", type=positive, default=None, metavar="SIGMA",
+                   help="the sampler's starting noise level recorded in the exported model (default: the preset's); "
+                        "train at it too (see --p-mean)")
+    t.add_argument("--rho", type=positive, default=None, help="the sampler's Karras rho recorded in the export")
+    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    t.add_argument("--export", default=None, help="write a model directory here when done")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-jemalloc", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    e = subparsers.add_parser("export", help="write a shippable model directory from a run")
+    e.add_argument("--run", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--ema-only", action="store_true")
+    e.add_argument("--sampler", default=None, help="shipped default sampler (default: the run's)")
+    e.add_argument("--nfe", type=int, default=None, help="shipped default NFE (default: the run's)")
+    e.add_argument("--guidance", type=float, default=None, help="shipped default guidance (default: the run's)")
+    e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="shipped guidance interval of noise levels ('none': guide at every level; default: the run's)")
+    e.set_defaults(func=_cmd_export)

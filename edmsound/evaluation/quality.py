@@ -1,0 +1,164 @@
+"""The quality report of a model: its quality targets read off an evaluation and the shipped-speed benchmark.
+
+``edmsound quality-report --results eval/ --checkpoint checkpoints/default --speed benchmarks/results/samplers_shipped.json``
+prints (and with ``--out`` writes) one markdown table — the model card's: every target, its threshold, the measured value at the
+checkpoint's shipped settings (sampler, NFE, guidance, guidance interval) and whether it is met. Nothing is
+re-measured here: the numbers come from ``edmsound evaluate``'s ``results.json`` and ``benchmarks/samplers.py``'s
+``samplers_shipped.json``, so the model card's table is reproducible from those two commands.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..core.guidance import interval_text as _interval_text
+
+__all__ = ["shipped_rows", "quality_targets", "targets_markdown", "load_results"]
+
+HEUN_REFERENCE_MIN_NFE = 49       # "Heun at NFE 50": Heun spends odd budgets, so 49 or 51 both count
+FAD_RATIO_MAX = 2.5               # FAD / FAD of a training subset of the same size
+LEVEL_GAP_MAX_DB = 1.5            # |mean RMS dBFS of generated - real|, every class
+BAND_GAP_MAX_DB = 4.0             # |mean power gap| in every one of the 12 log-spaced bands, every class
+
+
+def load_results(path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: run `edmsound evaluate ... --out DIR` first")
+    return json.loads(p.read_text())
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _same_guidance(a, b) -> bool:
+    """Guidance values are scales, or "class" (each class at its checkpoint default)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return str(a) == str(b)
+    return float(a) == float(b)
+
+
+def _g_text(guidance) -> str:
+    return guidance if isinstance(guidance, str) else f"{guidance:g}"
+
+
+def shipped_rows(results: dict, sampler: str, nfe: int, guidance, interval=None) -> dict[str, dict]:
+    """The generated rows (class -> row, plus "overall") of one configuration; ValueError if the sweep lacks it.
+    ``guidance``: a scale, or "class" for the checkpoint's per-class default scales."""
+    want = _interval_text(interval)
+    rows = {r["class"]: r for r in results["rows"]
+            if r["kind"] == "generated" and r["sampler"] == sampler and r["nfe"] == nfe
+            and _same_guidance(r["guidance"], guidance) and (r.get("guidance_interval") or "") == want}
+    if not rows:
+        have = sorted({(r["sampler"], r["nfe"], r["guidance"], r.get("guidance_interval") or "")
+                       for r in results["rows"] if r["kind"] == "generated"})
+        raise ValueError(f"the evaluation has no rows for {sampler} NFE {nfe} guidance {_g_text(guidance)}"
+                         f"{' interval ' + want if want else ''}; it has {have}. Add it with --points "
+                         f"{sampler}:{nfe}:{_g_text(guidance)}{':' + want if want else ''}")
+    return rows
+
+
+def _bar(name, target, value, met):
+    return {"bar": name, "target": target, "value": value, "met": met}
+
+
+def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
+    """Level and spectral-envelope gaps (no learned encoder), the worst class / band, with the floor: the same
+    figure for the training subset (real clips) against the same reference."""
+    floor = {r["class"]: r for r in results["rows"] if r["kind"] == "baseline: training subset"}
+    out = []
+    lv = {c: rows[c].get("level_gap_db") for c in classes}
+    if lv and all(_finite(v) for v in lv.values()):
+        worst = max(lv, key=lambda c: abs(lv[c]))
+        fl = [abs(floor[c]["level_gap_db"]) for c in classes if _finite(floor.get(c, {}).get("level_gap_db"))]
+        note = f"; floor {max(fl):.1f}" if fl else ""
+        out.append(_bar("level gap, every class", f"|gap| ≤ {LEVEL_GAP_MAX_DB:g} dB",
+                        f"{lv[worst]:+.1f} dB ({worst}{note})", abs(lv[worst]) <= LEVEL_GAP_MAX_DB))
+    bands = {c: rows[c].get("band_gap_db") for c in classes}
+    if bands and all(isinstance(v, list) and v for v in bands.values()):
+        c, b, g = max(((c, b, g) for c in classes for b, g in enumerate(bands[c])), key=lambda t: abs(t[2]))
+        fl = [abs(x) for k in classes for x in (floor.get(k, {}).get("band_gap_db") or [])]
+        note = f"; floor {max(fl):.1f}" if fl else ""
+        out.append(_bar(f"band gap, every class and band ({len(bands[c])} bands)", f"|gap| ≤ {BAND_GAP_MAX_DB:g} dB",
+                        f"{g:+.1f} dB ({c}, band {b + 1}{note})", abs(g) <= BAND_GAP_MAX_DB))
+    return out
+
+
+def quality_targets(results: dict, sampler: str, nfe: int, guidance, interval=None,
+               speed: dict | None = None) -> list[dict]:
+    """One dict per bar: ``bar``, ``target``, ``value`` (a string), ``met`` (True/False/None = not measured).
+    ``guidance``: the shipped scale, or "class" when the checkpoint ships per-class scales."""
+    rows = shipped_rows(results, sampler, nfe, guidance, interval)
+    classes = [c for c in results["settings"]["classes"] if c in rows]
+    overall = rows["overall"]
+    out = []
+    acc = overall.get("accuracy")
+    per = {c: rows[c].get("accuracy") for c in classes}
+    out.append(_bar("category fit, mean", "≥ 0.85", f"{acc:.3f}" if _finite(acc) else "–",
+                    (acc >= 0.85) if _finite(acc) else None))
+    if per and all(_finite(v) for v in per.values()):
+        worst = min(per, key=per.get)
+        out.append(_bar("category fit, every class", "≥ 0.70", f"{per[worst]:.3f} ({worst})", per[worst] >= 0.70))
+    ref = next((r for r in results["rows"] if r["kind"] == "baseline: reference" and r["class"] == "overall"), {})
+    racc = ref.get("accuracy")
+    out.append(_bar("classifier on held-out real clips", "≥ 0.95", f"{racc:.3f}" if _finite(racc) else "–",
+                    (racc >= 0.95) if _finite(racc) else None))
+    fvb = overall.get("fad_vs_baseline")
+    out.append(_bar("FAD / FAD(training subset)", f"≤ {FAD_RATIO_MAX:g}", f"{fvb:.2f}" if _finite(fvb) else "–",
+                    (fvb <= FAD_RATIO_MAX) if _finite(fvb) else None))
+    out += _fidelity_bars(results, rows, classes)
+    # few steps: Heun at ~50 evaluations with the same guidance (and interval, if the sweep has it)
+    heun = [r for r in results["rows"] if r["kind"] == "generated" and r["class"] == "overall"
+            and r["sampler"] == "heun" and r["nfe"] >= HEUN_REFERENCE_MIN_NFE and _same_guidance(r["guidance"], guidance)
+            and (r.get("guidance_per_class") or "") == (overall.get("guidance_per_class") or "")]
+    same = [r for r in heun if (r.get("guidance_interval") or "") == _interval_text(interval)]
+    heun = same or heun
+    if heun and _finite(overall.get("fad")):
+        h = min(heun, key=lambda r: r["nfe"])
+        ratio = overall["fad"] / h["fad"]
+        note = "" if same else " (Heun guided at every σ)"
+        out.append(_bar(f"FAD at NFE {nfe} / FAD of Heun at NFE {h['nfe']}", "≤ 1.1", f"{ratio:.2f}{note}",
+                        ratio <= 1.1))
+    else:
+        out.append(_bar("FAD at the shipped NFE / FAD of Heun at NFE 50", "≤ 1.1", "– (no Heun NFE ≥ 49 row; add "
+                        f"--points heun:51:{_g_text(guidance)})", None))
+    div = {c: rows[c].get("diversity_ratio") for c in classes}
+    if div and all(_finite(v) for v in div.values()):
+        worst = min(div, key=div.get)
+        out.append(_bar("diversity ratio, every class", "≥ 0.70", f"{div[worst]:.2f} ({worst})", div[worst] >= 0.70))
+    cs = overall.get("copy_share")
+    out.append(_bar("copying: share above the training p95", "≤ 10 %", f"{100 * cs:.1f} %" if _finite(cs) else "–",
+                    (cs <= 0.10) if _finite(cs) else None))
+    if speed is None:
+        out.append(_bar("speed: one clip, median of 10", "≤ 1 s", "– (run benchmarks/samplers.py --shipped-only)", None))
+    else:
+        if isinstance(guidance, str):      # per-class scales: the record must be for the same scales
+            same_g = (speed.get("class_guidance") or "") == (overall.get("guidance_per_class") or "")
+        else:
+            same_g = not speed.get("class_guidance") and float(speed.get("guidance", -1)) == float(guidance)
+        # the preset's interval (the measured class may have its own; per-class text above covers that)
+        speed_interval = speed.get("base_guidance_interval", speed.get("guidance_interval"))
+        same_cfg = (speed.get("sampler") == sampler and int(speed.get("nfe", -1)) == int(nfe) and same_g
+                    and _interval_text(speed_interval) == _interval_text(interval))
+        v = float(speed["median_sec_per_clip"])
+        if same_cfg:
+            cls = (f"{speed['class']} at w {speed.get('guidance'):g}, {speed.get('guided_nfe', '?')} guided "
+                   "evaluations, " if speed.get("class_guidance") else "")
+            out.append(_bar("speed: one clip, median of 10", "≤ 1 s", f"{v:.3f} s ({cls}{speed.get('cpu', '?')}, "
+                            f"{speed.get('date', '?')})", v <= 1.0))
+        else:
+            out.append(_bar("speed: one clip, median of 10", "≤ 1 s",
+                            f"– (the speed record is for other settings: {speed.get('sampler')} NFE {speed.get('nfe')} "
+                            f"w {speed.get('guidance')} interval {speed.get('guidance_interval')})", None))
+    return out
+
+
+def targets_markdown(bars: list[dict], title: str = "") -> str:
+    mark = {True: "✔ met", False: "✘ not met", None: "not measured"}
+    lines = ([title, ""] if title else []) + ["| quality | target | measured | |", "|---|---|---|---|"]
+    lines += [f"| {b['bar']} | {b['target']} | {b['value']} | {mark[b['met']]} |" for b in bars]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,371 @@
+"""EDM training loop: AdamW, EMA, bf16 autocast, gradient clipping, NaN guard, atomic resumable checkpoints.
+
+Single process by default; several processes (CPU: gloo, GPU: nccl) when launched with ``torchrun``.
+Everything random in training (batch indices, sigma, noise, label dropout) comes from one torch.Generator
+whose state is checkpointed, so a resumed run continues exactly where the checkpoint left it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.storage import (atomic_write_json, latest_checkpoint, load_safetensors, read_config, resolve_model_dir,
+    write_model_dir)
+from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_checkpoint
+from ..core.codec import SpectrogramCodec
+from ..data.folder import load_folder, split_indices
+from ..core.edm import edm_loss
+from ..core.model import build_denoiser
+from ..core.presets import EDMConfig, Preset
+
+LOG_FIELDS = ["step", "loss", "val_loss", "lr", "grad_norm", "steps_per_hour", "wall_time"]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def same_model(a: Preset, b: Preset) -> bool:
+    """Same architecture, codec and preconditioning (memory layout, training knobs such as the training noise
+    distribution P_mean / P_std, and the sampling defaults sigma_max / rho may differ)."""
+    import dataclasses
+    knobs = dict(p_mean=0.0, p_std=1.0, sigma_max=1.0, rho=1.0)
+    return (dataclasses.replace(a.net, channels_last=False) == dataclasses.replace(b.net, channels_last=False)
+            and a.codec == b.codec and dataclasses.replace(a.edm, **knobs) == dataclasses.replace(b.edm, **knobs))
+
+
+def _dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_model()}, {os.cpu_count()} cores"
+    return f"{platform.machine()} {dev}, torch {torch.__version__}"
+
+
+class Trainer:
+    def __init__(self, preset: Preset, data_dir, run_dir, *, steps: int | None = None, resume: bool = False,
+                 init=None, seed: int = 0, device: str = "cpu", val_fraction: float = 0.05,
+                 progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None):
+        self.world, self.rank = _dist_info()
+        self.is_main = self.rank == 0
+        self.device = torch.device(device)
+        self.run_dir = Path(run_dir)
+        self.progress = progress and self.is_main
+        self.max_minutes = max_minutes
+        self._stop_requested = False
+
+        ckpt = latest_checkpoint(self.run_dir) if self.run_dir.is_dir() else None
+        if ckpt is not None and not resume:
+            raise FileExistsError(f"{self.run_dir} already has a checkpoint ({ckpt.name}); pass --resume to "
+                                  "continue it or choose another --out")
+        if ckpt is not None:
+            stored, stored_classes = read_config(ckpt)
+            if not same_model(stored, preset):
+                raise ValueError(f"{self.run_dir} was trained with a different preset ({stored.name}); "
+                                 "the network, codec and EDM settings must match to resume")
+            classes = stored_classes
+        self.preset = preset
+        self.total_steps = int(steps if steps is not None else preset.train.steps)
+        self.codec = SpectrogramCodec(preset.codec)
+
+        # --- data -------------------------------------------------------------------------------
+        data = load_folder(data_dir, preset.codec.sample_rate, preset.codec.num_samples, classes=classes,
+                           progress=self.progress, verbose=self.is_main)
+        self.classes = data.classes
+        tr, va = split_indices(len(data), val_fraction if len(data) >= 20 else 0.0, seed=seed)
+        self.train_waves = torch.from_numpy(data.waves[tr])
+        self.train_labels = torch.from_numpy(data.labels[tr])
+        self.val_waves = torch.from_numpy(data.waves[va])
+        self.val_labels = torch.from_numpy(data.labels[va])
+        self.data_info = {"data_dir": str(data_dir), "counts": data.counts(), "train_clips": len(tr),
+                          "val_clips": len(va), "skipped": len(data.skipped),
+                          "sources_example": data.sources[:3]}
+
+        # --- model ------------------------------------------------------------------------------
+        torch.manual_seed(seed)
+        tc = preset.train
+        self.denoiser = build_denoiser(preset, len(self.classes)).to(self.device)
+        self.ema = build_denoiser(preset, len(self.classes)).to(self.device).requires_grad_(False).eval()
+        self.ema.net.load_state_dict(self.denoiser.net.state_dict())
+        self.raw_net = self.denoiser.net
+        self.params = [p for p in self.raw_net.parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.gen = torch.Generator().manual_seed(seed * 1000 + self.rank)
+        self.step = 0
+        self.warmup_start = 0               # the learning-rate warm-up counts from here (a warm start's step)
+        self.wall_time = 0.0
+        self.segments: list[dict] = []     # earlier stretches of this model's training (machine, steps, time)
+        self.seed = seed
+        self.last_val = float("nan")
+
+        if ckpt is not None:
+            self._load_training_checkpoint(ckpt)
+        elif init is not None:
+            self._init_from(init)
+
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.denoiser.net = DDP(self.raw_net)
+            if self.rank > 0 and ckpt is not None:   # only rank 0's generator state is stored
+                self.gen.manual_seed(seed * 1000 + self.rank + 7919 * self.step)
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "config.json",
+                              {"preset": preset.to_dict(), "classes": self.classes, "seed": seed,
+                               "data": self.data_info})
+
+    # --- state ------------------------------------------------------------------------------------
+    def _load_training_checkpoint(self, ckpt: Path):
+        self.raw_net.load_state_dict(load_safetensors(ckpt / "model.safetensors"))
+        self.ema.net.load_state_dict(load_safetensors(ckpt / "ema.safetensors"))
+        opt_t = load_safetensors(ckpt / "optimizer.safetensors")
+        state = json.loads((ckpt / "state.json").read_text())
+        optimizer_from_flat(self.opt, opt_t, state["optimizer"])
+        self.gen.set_state(load_safetensors(ckpt / "rng.safetensors")["generator"])
+        torch.set_rng_state(load_safetensors(ckpt / "rng.safetensors")["torch"])
+        self.step = int(state["step"])
+        self.warmup_start = int(state.get("warmup_start", 0))
+        self.wall_time = float(state["wall_time"])
+        self.segments = list(state.get("segments") or (   # checkpoints from before segment tracking
+            [{"machine": "unknown", "steps": [0, self.step], "seconds": round(self.wall_time, 1)}]
+            if self.step else []))
+        if self.is_main:
+            print(f"resumed {self.run_dir} at step {self.step}")
+
+    def _init_from(self, init):
+        """Warm start from a model directory (weights only: fresh optimizer, step counter kept)."""
+        model_dir = resolve_model_dir(init)
+        preset, classes = read_config(model_dir)
+        if not same_model(preset, self.preset) or list(classes) != list(self.classes):
+            raise ValueError(f"--init {model_dir}: network or classes differ from this run")
+        ema = load_safetensors(model_dir / "ema.safetensors")
+        raw_path = model_dir / "model.safetensors"
+        raw = load_safetensors(raw_path) if raw_path.is_file() else ema
+        self.raw_net.load_state_dict({k: v.float() for k, v in raw.items()})
+        self.ema.net.load_state_dict({k: v.float() for k, v in ema.items()})
+        info_path = model_dir / "info.json"
+        if info_path.is_file():
+            info = json.loads(info_path.read_text())
+            self.step = int(info.get("steps", 0))
+            self.warmup_start = self.step       # fresh optimizer: warm the learning rate up again
+            self.wall_time = float(info.get("train_seconds", 0.0))
+            self.segments = list(info.get("segments") or (
+                [{"machine": info.get("machine", "unknown"), "steps": [0, self.step],
+                  "seconds": round(self.wall_time, 1)}] if self.step else []))
+        if self.is_main:
+            print(f"initialised from {model_dir} (step {self.step}); optimizer state starts fresh")
+
+    def save(self):
+        if not self.is_main:
+            return
+        opt_t, opt_meta = optimizer_to_flat(self.opt)
+        state = {"step": self.step, "wall_time": self.wall_time, "optimizer": opt_meta,
+                 "warmup_start": self.warmup_start,
+                 "segments": self.all_segments(),
+                 "total_steps": self.total_steps, "val_loss": self.last_val}
+        save_training_checkpoint(
+            self.run_dir, self.step,
+            {"model": self.raw_net.state_dict(), "ema": self.ema.net.state_dict(), "optimizer": opt_t,
+             "rng": {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}},
+            {"state": state, "config": {"preset": self.preset.to_dict(), "classes": self.classes},
+             "info": self.info()})
+
+    def all_segments(self) -> list[dict]:
+        """Where and how the training happened: one entry per stretch on one machine with one learning rate, EMA
+        half-life and training noise distribution (consecutive runs that share all of them are merged), e.g.
+        ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002, "ema_halflife_steps": 500.0,
+        "p_mean": -3.0, "p_std": 1.0}`` (older entries lack some knobs; a missing P_mean / P_std was the preset's
+        -3 / 1)."""
+        segs = [dict(s) for s in self.segments]
+        start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
+        if self.step > start_step:
+            tc = self.preset.train
+            knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps,
+                     "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std}
+            cur = {"machine": _machine(), "steps": [start_step, self.step],
+                   "seconds": round(self.wall_time - start_wall, 1), **knobs}
+            last = segs[-1] if segs else None
+            # stretches recorded before the noise knobs were trained with the EDMConfig defaults
+            legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std}
+            if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
+                    and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
+                segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
+                            "seconds": round(last["seconds"] + cur["seconds"], 1)}
+            else:
+                segs.append(cur)
+        return segs
+
+    def info(self) -> dict:
+        return {"steps": self.step, "train_seconds": round(self.wall_time, 1), "machine": _machine(),
+                "segments": self.all_segments(),
+                "batch_size": self.preset.train.batch_size * self.world, "world_size": self.world,
+                "data": self.data_info, "seed": self.seed, "val_loss": self.last_val}
+
+    def export(self, out_dir, model_dtype=torch.float16):
+        """Write a model directory (EMA weights fp32, raw weights ``model_dtype``) for shipping."""
+        write_model_dir(out_dir, self.preset, self.classes, self.ema.net.state_dict(),
+                        self.raw_net.state_dict(), self.info(), model_dtype=model_dtype)
+
+    # --- loop ---------------------------------------------------------------------------------------
+    def _lr(self) -> float:
+        tc = self.preset.train
+        return tc.lr * min(1.0, (self.step - self.warmup_start + 1) / max(1, tc.warmup_steps))
+
+    def _ema_beta(self) -> float:
+        tc = self.preset.train
+        halflife = min(tc.ema_halflife_steps, max(self.step * tc.ema_rampup, 1e-8))
+        return 0.5 ** (1.0 / halflife)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """EDM loss of the EMA model on the held-out split, with fixed noise (comparable across steps)."""
+        if len(self.val_labels) == 0:
+            return float("nan")
+        g = torch.Generator().manual_seed(12345)
+        total, n = 0.0, 0
+        for i in range(0, len(self.val_labels), 32):
+            y = self.codec.encode(self.val_waves[i:i + 32]).to(self.device)
+            lab = self.val_labels[i:i + 32].to(self.device)
+            total += float(edm_loss(self.ema, y, lab, self.preset.edm, generator=g).sum())
+            n += len(lab)
+        return total / n
+
+    def _request_stop(self, signum, frame):
+        self._stop_requested = True
+
+    def train_step(self) -> tuple[float, float]:
+        tc = self.preset.train
+        idx = torch.randint(len(self.train_labels), (tc.batch_size,), generator=self.gen)
+        y = self.codec.encode(self.train_waves[idx]).to(self.device)
+        labels = self.train_labels[idx].to(self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr()
+        loss = edm_loss(self.denoiser, y, labels, self.preset.edm, generator=self.gen).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        loss_v, gn = float(loss.detach()), float(grad_norm)
+        if not (math.isfinite(loss_v) and math.isfinite(gn)):
+            raise TrainingDiverged(
+                f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {self.step + 1}; "
+                f"stopped without saving. The last good checkpoint is {latest_checkpoint(self.run_dir)}")
+        self.opt.step()
+        beta = self._ema_beta()
+        ema_p = list(self.ema.net.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.params], 1.0 - beta)
+        self.step += 1
+        return loss_v, gn
+
+    def _log_writer(self):
+        path = self.run_dir / "log.csv"
+        rows = []
+        if path.is_file():   # drop rows newer than the checkpoint we resumed from
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        f = open(path, "w", newline="")
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        return f, w
+
+    def run(self) -> dict:
+        tc = self.preset.train
+        old_handler = None
+        if self.is_main:
+            try:
+                old_handler = signal.signal(signal.SIGTERM, self._request_stop)
+            except ValueError:  # not in the main thread
+                pass
+        logf, logw = self._log_writer() if self.is_main else (None, None)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        t_start, step_start = time.time(), self.step
+        self._run_start = (self.step, self.wall_time)
+        t_last = time.time()
+        smooth = None
+        try:
+            self.denoiser.train()
+            while self.step < self.total_steps:
+                loss, gn = self.train_step()
+                now = time.time()
+                self.wall_time += now - t_last
+                t_last = now
+                smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{smooth:.4f}")
+                at_ckpt = self.step % tc.checkpoint_every == 0 or self.step == self.total_steps
+                out_of_time = (self.max_minutes is not None and now - t_start > 60 * self.max_minutes)
+                stop = self._stop_requested or out_of_time
+                if at_ckpt or stop:
+                    self.last_val = self.validate()
+                if self.is_main and (self.step % tc.log_every == 0 or at_ckpt or stop):
+                    sph = 3600 * (self.step - step_start) / max(1e-9, now - t_start)
+                    logw.writerow({"step": self.step, "loss": f"{loss:.6f}", "lr": f"{self._lr():.3g}",
+                                   "grad_norm": f"{gn:.4f}", "steps_per_hour": f"{sph:.0f}",
+                                   "wall_time": f"{self.wall_time:.1f}",
+                                   "val_loss": "" if not (at_ckpt or stop) else f"{self.last_val:.6f}"})
+                    logf.flush()
+                if at_ckpt or stop:
+                    self.save()
+                if stop:
+                    if self.is_main:
+                        print(f"\nstopping at step {self.step} ({'signal' if self._stop_requested else 'time limit'})"
+                              "; resume with --resume")
+                    break
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        finally:
+            bar.close()
+            if logf:
+                logf.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        return {"step": self.step, "wall_time": self.wall_time, "val_loss": self.last_val,
+                "run_dir": str(self.run_dir)}
+
+
+def init_distributed(device: str):
+    world, rank = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return world, rank
+
+
+def train(preset: Preset, data_dir, run_dir, **kw) -> dict:
+    """Train (or resume) a run; see ``Trainer`` for the options."""
+    init_distributed(kw.get("device", "cpu"))
+    trainer = Trainer(preset, data_dir, run_dir, **kw)
+    try:
+        return trainer.run()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

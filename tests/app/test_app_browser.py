@@ -1,0 +1,134 @@
+"""End to end in headless Chromium: pick a class, click Generate, find an audio player, a spectrogram and
+the training neighbours (copy-risk badge, neighbour players and spectrograms, side-by-side view), toggle the
+spectrogram view, and save a screenshot.
+
+Debian's ``chromium`` (/usr/bin/chromium) is driven by Playwright's Python API through ``executable_path``;
+no browser is downloaded. The app runs on the tiny test checkpoint + index of test_app.py. To render the
+README screenshot from the shipped default instead::
+
+    EDMSOUND_APP_CHECKPOINT=checkpoints/default EDMSOUND_APP_INDEX=checkpoints/index \\
+    EDMSOUND_APP_SCREENSHOT=assets/app.png python -m pytest tests/test_app_browser.py
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from test_app import app_assets, launch
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),   # gradio's queue + pandas 3
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"Debian chromium not installed at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def wait_idle(page, timeout):
+    """Until no component shows gradio's progress overlay (every queued event has finished)."""
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=\"status-tracker\"]:not(.hide)')"
+                           ".length === 0", timeout=timeout)
+    page.wait_for_timeout(500)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from edmsound.app.service import EDMSoundService
+    ckpt, index = os.environ.get("EDMSOUND_APP_CHECKPOINT"), os.environ.get("EDMSOUND_APP_INDEX")
+    if ckpt is None:
+        ckpt, index, _ = app_assets(tmp_path_factory.getbasetemp() / "app_assets")
+    svc = EDMSoundService.from_paths(ckpt, index=index, device="cpu", require_index=index is not None)
+    demo, url = launch(svc)
+    yield url, svc
+    demo.close()
+    svc.close()
+
+
+def test_generate_and_neighbours_in_chromium(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    url, svc = app_url
+    slow = "EDMSOUND_APP_CHECKPOINT" in os.environ          # the real default model on a shared CPU
+    timeout = 600_000 if slow else 120_000
+    klass = os.environ.get("EDMSOUND_APP_CLASS", svc.classes[-1])
+    outside = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: outside.append(r.url)
+                    if not r.url.startswith((url, "blob:", "data:")) else None)
+            page.goto(url, wait_until="domcontentloaded")
+            expect(page.locator("#generate-btn")).to_be_visible(timeout=60_000)
+
+            # pick a class, generate
+            page.locator("#class-dropdown input").click()
+            page.get_by_role("option", name=klass, exact=True).click()
+            expect(page.locator("#class-dropdown input")).to_have_value(klass)
+            page.locator("#generate-btn").click()
+
+            # an audio player and a spectrogram
+            spec = page.locator("#clip-spec-0 img")
+            expect(spec).to_be_visible(timeout=timeout)
+            expect(page.locator("#clip-audio-0 audio").first).to_be_attached(timeout=timeout)
+            expect(page.locator("#clip-audio-0 a[download]")).to_have_attribute(
+                "download", re.compile(rf"^{klass}_.*\.wav$"), timeout=timeout)      # a 16-bit WAV download
+            expect(page.locator("#settings-summary")).to_contain_text("NFE counted", timeout=timeout)
+            expect(page.locator("#settings-summary")).to_contain_text("real-time factor")
+
+            # the neighbours: badge, table, a player and a spectrogram per neighbour, side by side
+            expect(page.locator("#risk-badge .copy-risk")).to_be_visible(timeout=timeout)
+            expect(page.locator("#risk-badge")).to_contain_text("95th percentile")
+            expect(page.locator("#neighbour-table")).to_contain_text(klass, timeout=timeout)
+            expect(page.locator("#nb-audio-0 audio").first).to_be_attached(timeout=timeout)
+            page.locator("#nb-spec-0").scroll_into_view_if_needed()
+            expect(page.locator("#nb-spec-0 img")).to_be_visible(timeout=timeout)
+            page.locator("#sbs-nb-spec").scroll_into_view_if_needed()
+            expect(page.locator("#sbs-nb-spec img")).to_be_visible(timeout=timeout)
+            expect(page.locator("#sbs-gen-spec img")).to_be_visible(timeout=timeout)
+            expect(page.locator("#pairs-table")).to_contain_text("A", timeout=timeout)
+
+            # toggling the view re-renders the spectrogram (no new generation)
+            before = spec.get_attribute("src")
+            page.locator("#view").get_by_text("real + imaginary").click()
+            expect(spec).not_to_have_attribute("src", before, timeout=timeout)
+            page.locator("#view").get_by_text("log magnitude + phase").click()
+            expect(spec).to_be_visible(timeout=timeout)
+
+            wait_idle(page, timeout)
+            page.evaluate("window.scrollTo(0, 0)")
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 20_000
+            if os.environ.get("EDMSOUND_APP_SCREENSHOT"):
+                dest = Path(os.environ["EDMSOUND_APP_SCREENSHOT"])
+                dest = dest if dest.is_absolute() else ROOT / dest
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                from PIL import Image                      # 256-colour PNG: a third of the size, same look
+                Image.open(shot).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE,
+                                                         dither=Image.Dither.NONE).save(dest, optimize=True)
+
+            # the NFE slider follows the sampler: Heun only offers odd budgets
+            page.locator("#sampler-dropdown input").click()
+            page.get_by_role("option", name="heun", exact=True).click()
+            rng = page.locator("#nfe-slider input[type=range]")
+            expect(rng).to_have_attribute("step", "2", timeout=30_000)
+            assert int(rng.get_attribute("min")) % 2 == 1 and int(rng.input_value()) % 2 == 1
+            nfe = int(rng.input_value())
+            page.locator("#generate-btn").click()
+            expect(page.locator("#settings-summary")).to_contain_text(f"heun · NFE counted {nfe}", timeout=timeout)
+            wait_idle(page, timeout)
+            page.locator("#sampler-dropdown input").click()
+            page.get_by_role("option", name=svc.defaults["sampler"], exact=True).click()
+            expect(rng).to_have_attribute("step", "1", timeout=30_000)
+        finally:
+            browser.close()
+    assert not outside, f"the page fetched something outside the app: {outside[:5]}"

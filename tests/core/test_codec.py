@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from edmsound.core.codec import SpectrogramCodec
+from edmsound.core.presets import PRESETS, CodecConfig
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_round_trip_float32(name):
+    cfg = PRESETS[name].codec
+    codec = SpectrogramCodec(cfg)
+    g = torch.Generator().manual_seed(0)
+    # noise plus a decaying tone: broadband and peaky content
+    n = codec.num_samples
+    t = torch.arange(n) / cfg.sample_rate
+    wave = 0.1 * torch.randn(3, n, generator=g) + 0.5 * torch.sin(2 * torch.pi * 440 * t) * torch.exp(-3 * t)
+    spec = codec.encode(wave)
+    assert spec.shape == (3, *codec.shape) and spec.dtype == torch.float32
+    back = codec.decode(spec)
+    assert back.shape == wave.shape
+    rel = (back - wave).norm() / wave.norm()
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_shape_divisible_by_unet(name):
+    p = PRESETS[name]
+    _, F, T = SpectrogramCodec(p.codec).shape
+    f = p.net.downsample_factor
+    assert F % f == 0 and T % f == 0
+    assert p.codec.num_samples >= round(p.codec.clip_seconds * p.codec.sample_rate)
+
+
+def test_paper_shapes():
+    c = PRESETS["paper-dcase"].codec
+    assert (c.num_bins, c.num_frames) == (256, 352)   # n_fft 510, hop 256, 4 s at 22.05 kHz
+    assert PRESETS["paper-sc09"].codec.num_bins == 256
+
+
+def test_compression_is_alpha_mag_beta_with_phase():
+    cfg = CodecConfig(sample_rate=8000, clip_seconds=0.25, n_fft=62, hop_length=31, frames_multiple=1,
+                      alpha=0.3, beta=0.5)
+    codec = SpectrogramCodec(cfg)
+    wave = torch.randn(1, codec.num_samples, dtype=torch.float64)
+    X = torch.stft(wave, 62, 31, window=torch.hann_window(62, dtype=torch.float64), return_complex=True)
+    spec = codec.encode(wave)
+    Y = torch.complex(spec[:, 0], spec[:, 1])
+    np.testing.assert_allclose(Y.abs(), 0.3 * X.abs() ** 0.5, rtol=1e-9, atol=1e-12)
+    mask = X.abs() > 1e-6
+    np.testing.assert_allclose(torch.angle(Y)[mask], torch.angle(X)[mask], atol=1e-7)
+
+
+def test_numpy_and_1d_input_and_length_fitting():
+    codec = SpectrogramCodec(PRESETS["tiny"].codec)
+    short = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    spec = codec.encode(short)
+    assert spec.shape == (1, *codec.shape)
+    back = codec.decode(spec)[0].numpy()
+    np.testing.assert_allclose(back[:100], short, atol=1e-5)
+    assert np.abs(back[100:]).max() < 1e-5       # zero padding survives the round trip
+
+
+def test_invalid_configs_rejected():
+    with pytest.raises(ValueError, match="hop_length"):
+        SpectrogramCodec(CodecConfig(n_fft=62, hop_length=40))
+    with pytest.raises(ValueError, match="beta"):
+        SpectrogramCodec(CodecConfig(beta=1.5))
+    with pytest.raises(ValueError, match=r"\(B, 2, F, T\)"):
+        SpectrogramCodec(PRESETS["tiny"].codec).decode(torch.zeros(1, 3, 32, 64))

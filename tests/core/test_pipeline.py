@@ -1,0 +1,149 @@
+"""Generation pipeline on a tiny checkpoint trained in the test: NFE accounting, guidance, seeds, CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from edmsound.core.guidance import GuidedDenoiser
+from edmsound.core.pipeline import EDMSoundPipeline
+from edmsound.core.samplers import SAMPLERS, get_sampler, steps_for_nfe
+from edmsound.core.schedules import karras_sigmas
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("guidance", [0.0, 1.0, 2.5])
+def test_nfe_counted_equals_request(pipe, sampler, guidance):
+    for nfe in (1, 3, 5, 7):
+        gen = pipe.generate("low", n=2, sampler=sampler, nfe=nfe, guidance=guidance, seed=1)
+        assert gen.settings["nfe"] == nfe
+        assert gen.waves.shape == (2, pipe.codec.num_samples) and np.isfinite(gen.waves).all()
+
+
+def test_invalid_budgets_and_ranges_rejected(pipe):
+    with pytest.raises(ValueError, match="nearest valid budgets: 9, 11"):
+        pipe.generate("low", sampler="heun", nfe=10)
+    with pytest.raises(ValueError, match=r"allowed \[1, 200\]"):
+        pipe.generate("low", sampler="euler", nfe=0)
+    with pytest.raises(ValueError, match=r"allowed \[0, 20\]"):
+        pipe.generate("low", guidance=25)
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'.*euler"):
+        pipe.generate("low", sampler="dpm")
+    with pytest.raises(ValueError, match="valid: high, low"):
+        pipe.generate("mid")
+    with pytest.raises(ValueError, match=r"n must be in \[1, 64\]"):
+        pipe.generate("low", n=0)
+
+
+def test_guidance_one_is_conditional_sampling(pipe):
+    gen = pipe.generate("high", n=2, sampler="dpmpp_2m", nfe=6, guidance=1.0, seed=3)
+    # the same sampler run by hand on the conditional denoiser
+    e = pipe.preset.edm
+    sigmas = karras_sigmas(steps_for_nfe("dpmpp_2m", 6), e.sigma_min, e.sigma_max, e.rho)
+    noise, _ = pipe.noise([3, 4])
+    labels = torch.tensor([pipe.class_index("high")] * 2)
+    with torch.no_grad():
+        x = get_sampler("dpmpp_2m")(lambda x, s: pipe.model(x, s, labels), noise * float(sigmas[0]), sigmas)
+    torch.testing.assert_close(gen.specs, x.float())
+
+
+def test_guided_denoiser_formula_and_single_batched_call(pipe):
+    calls = []
+    model = pipe.model
+
+    def spy(x, sigma, labels):
+        calls.append(len(x))
+        return model(x, sigma, labels)
+    spy.null_class = model.null_class
+    x = torch.randn(3, *pipe.codec.shape) * 0.5
+    sigma = torch.full((3,), 0.3)
+    labels = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        out = GuidedDenoiser(spy, labels, 3.0)(x, sigma)
+        assert calls == [6]                                     # one batched call for both halves
+        cond = model(x, sigma, labels)
+        uncond = model(x, sigma, None)
+    torch.testing.assert_close(out, uncond + 3.0 * (cond - uncond), rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(cond, uncond)
+
+
+@pytest.mark.parametrize("sampler,options", [("deis", {}), ("edm_stochastic", {"S_churn": 5.0})])
+def test_batch_reproduces_single_calls(pipe, sampler, options):
+    nfe = 5
+    batch = pipe.generate("low", n=3, sampler=sampler, nfe=nfe, guidance=2.0, seed=10, **options)
+    for i in range(3):
+        single = pipe.generate("low", n=1, sampler=sampler, nfe=nfe, guidance=2.0, seed=10 + i, **options)
+        np.testing.assert_allclose(batch.waves[i], single.waves[0], atol=1e-5, rtol=0)
+    other = pipe.generate("low", n=1, sampler=sampler, nfe=nfe, guidance=2.0, seed=99, **options)
+    assert np.abs(other.waves[0] - batch.waves[0]).max() > 1e-3
+
+
+def test_state_dtype_is_float_regardless_of_autocast(tiny_ckpt):
+    p64 = EDMSoundPipeline(tiny_ckpt, device="cpu", dtype=torch.float64)
+    seen = []
+    p64.generate("low", n=1, sampler="euler", nfe=3, callback=lambda d: seen.append(d["x"].dtype))
+    assert p64.model.autocast_dtype == torch.bfloat16
+    assert seen and all(dt == torch.float64 for dt in seen)
+
+
+def test_cli_generate_writes_wav_png_json(tiny_ckpt, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "gen"
+    r = subprocess.run([sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tiny_ckpt),
+                        "--class", "high", "--n", "2", "--sampler", "unipc", "--nfe", "4", "--guidance", "1.5",
+                        "--seed", "7", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    wavs = sorted(out.glob("*.wav"))
+    assert [w.name for w in wavs] == ["high_unipc_nfe4_w1p5_seed7.wav", "high_unipc_nfe4_w1p5_seed8.wav"]
+    for w in wavs:
+        info = sf.info(str(w))
+        assert info.samplerate == 8000 and info.subtype == "PCM_16" and info.frames == 2016
+        assert w.with_suffix(".png").stat().st_size > 5000
+        side = json.loads(w.with_suffix(".json").read_text())
+        for key in ("class", "sampler", "nfe", "guidance", "seed", "sample_rate", "seconds", "checkpoint"):
+            assert key in side
+        assert side["nfe"] == 4 and side["class"] == "high" and side["sampler"] == "unipc"
+    assert json.loads(wavs[1].with_suffix(".json").read_text())["seed"] == 8
+    bad = subprocess.run([sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tiny_ckpt),
+                          "--class", "high", "--sampler", "heun", "--nfe", "4", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nearest valid budgets: 3, 5" in bad.stderr
+    # each clip's level is printed and kept in its sidecar; nothing was normalised
+    side = json.loads(wavs[0].with_suffix(".json").read_text())
+    assert side["normalization"] is None and side["normalize"] is None
+    assert f"{wavs[0].name}: " in r.stdout and "LUFS" in r.stdout and "dBTP" in r.stdout
+
+
+def test_cli_generate_normalises_only_when_asked_and_records_it(tiny_ckpt, tmp_path):
+    from edmsound.audio import loudness
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "norm"
+    r = subprocess.run([sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tiny_ckpt),
+                        "--class", "low", "--n", "2", "--sampler", "euler", "--nfe", "3", "--normalize-lufs", "-20",
+                        "--no-figures", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for w in sorted(out.glob("*.wav")):
+        side = json.loads(w.with_suffix(".json").read_text())
+        wave, sr = sf.read(str(w), dtype="float64")
+        n = side["normalization"]
+        assert side["normalize"] == {"mode": "lufs", "target": -20.0} and n["mode"] == "lufs"
+        got = loudness.integrated_lufs(wave, sr)
+        if n["limited_by"] is None:             # on target, or held at the -1 dBTP ceiling (and said so)
+            assert got == pytest.approx(-20.0, abs=0.1)
+        else:
+            assert loudness.true_peak_dbtp(wave, sr) == pytest.approx(-1.0, abs=0.1) and got < -20.0
+        assert side["level"]["lufs"] == pytest.approx(got, abs=0.1)
+        assert n["after"]["lufs"] - n["before"]["lufs"] == pytest.approx(n["gain_db"], abs=0.02)
+    for flag, value, msg in (("--normalize-lufs", "0", "a loudness in [-60, -5] LUFS"),
+                             ("--normalize-peak", "3", "a peak level in [-60, 0] dBFS")):
+        bad = subprocess.run([sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tiny_ckpt),
+                              "--class", "low", flag, value, "--out", str(out)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,83 @@
+"""Encoder-free fidelity measures against known answers: a known gain gives a known level, loudness, peak and
+band gap; a known filter gives a known gap in its band and none elsewhere."""
+import math
+
+import numpy as np
+import pytest
+
+from edmsound.evaluation import fidelity as F
+from edmsound.data.synth import synthesize
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def real_set():
+    return np.stack([synthesize(c, s, SR, 1.0) for c in ("dog_bark", "rain", "keyboard") for s in range(4)]).astype(np.float64)
+
+
+def test_band_edges_are_log_spaced_up_to_nyquist():
+    e = F.band_edges(SR, 12, 50.0)
+    assert len(e) == 13 and e[0] == pytest.approx(50.0) and e[-1] == pytest.approx(8000.0)
+    r = e[1:] / e[:-1]
+    assert np.allclose(r, r[0])
+    with pytest.raises(ValueError):
+        F.band_edges(SR, 12, 9000.0)
+
+
+def test_band_power_sums_to_the_signal_power_above_f_lo():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, SR))
+    # white noise: the bands together hold the share of the spectrum from 50 Hz to Nyquist
+    total = F.band_power(x, SR, 12, 50.0).sum()
+    assert total == pytest.approx(np.mean(x ** 2) / 2 * (8000 - 50) / 8000, rel=0.02)
+
+
+@pytest.mark.parametrize("gain_db", [-10.0, -3.0, 6.0])
+def test_a_known_gain_gives_the_same_known_gap_everywhere(real_set, gain_db):
+    g = 10 ** (gain_db / 20)
+    quiet = real_set * g
+    assert F.level_gap_db(quiet, real_set) == pytest.approx(gain_db, abs=1e-9)
+    gaps = F.band_gap_db(quiet, real_set, SR)
+    assert np.allclose(gaps, gain_db, atol=1e-9)
+    lv, ref = F.clip_levels(quiet, SR), F.clip_levels(real_set, SR)
+    row = F.compare(lv, ref, F.band_power(quiet, SR), F.band_power(real_set, SR))
+    assert row["lufs_gap"] == pytest.approx(gain_db, abs=1e-6)
+    assert row["true_peak_gap"] == pytest.approx(gain_db, abs=1e-6)
+    assert row["level_gap_db"] == pytest.approx(gain_db, abs=1e-9)
+    assert row["band_gap_worst_db"] == pytest.approx(gain_db, abs=1e-9)
+
+
+def test_a_known_filter_gives_its_gain_in_its_band_only(real_set):
+    edges = F.band_edges(SR, 12, 50.0)
+    k = 8                                             # one band in the upper mids
+    X = np.fft.rfft(real_set, axis=1)
+    f = np.fft.rfftfreq(real_set.shape[1], 1 / SR)
+    X[:, (f >= edges[k]) & (f < edges[k + 1])] *= 10 ** (-12 / 20)      # a -12 dB band-stop "EQ cut"
+    dull = np.fft.irfft(X, n=real_set.shape[1], axis=1)
+    gaps = F.band_gap_db(dull, real_set, SR)
+    assert gaps[k] == pytest.approx(-12.0, abs=1e-6)
+    others = np.delete(gaps, k)
+    assert np.max(np.abs(others)) < 1e-6
+    row = F.compare(F.clip_levels(dull, SR), F.clip_levels(real_set, SR), F.band_power(dull, SR),
+                    F.band_power(real_set, SR))
+    assert row["band_gap_worst_band"] == k and row["band_gap_worst_db"] == pytest.approx(-12.0, abs=1e-6)
+    assert row["level_gap_db"] < 0
+
+
+def test_a_low_pass_shows_up_in_the_top_bands(real_set):
+    from scipy.signal import butter, sosfiltfilt
+    sos = butter(6, 2000, fs=SR, output="sos")
+    gaps = F.band_gap_db(sosfiltfilt(sos, real_set, axis=1), real_set, SR)
+    edges = F.band_edges(SR)
+    assert np.all(np.abs(gaps[edges[1:] < 1000]) < 0.5)
+    assert np.all(gaps[edges[:-1] > 4000] < -30)
+
+
+def test_identical_sets_have_no_gap_and_bad_sets_are_refused(real_set):
+    assert np.allclose(F.band_gap_db(real_set, real_set, SR), 0.0)
+    assert F.level_gap_db(real_set, real_set) == 0.0
+    with pytest.raises(ValueError):
+        F.band_power(np.zeros(10), SR)
+    with pytest.raises(ValueError):
+        F.band_power(np.full((2, 100), np.nan), SR)

@@ -1,0 +1,227 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edmsound.core.storage import latest_checkpoint, load_safetensors
+from edmsound.core.edm import edm_loss
+from edmsound.core.presets import get_preset
+from edmsound.training.trainer import Trainer, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fixed_loss(trainer, den, n_draws=8):
+    """EDM loss of ``den`` on the training clips with fixed sigma/noise draws."""
+    g = torch.Generator().manual_seed(99)
+    y = trainer.codec.encode(trainer.train_waves)
+    lab = trainer.train_labels
+    with torch.no_grad():
+        return sum(float(edm_loss(den, y, lab, trainer.preset.edm, generator=g).mean()) for _ in range(n_draws)) / n_draws
+
+
+def test_tiny_overfits_a_handful_of_clips(tmp_path):
+    from conftest import write_tone_tree
+    data = write_tone_tree(tmp_path / "data", per_class=2)
+    preset = get_preset("tiny").replace_train(lr=3e-3, warmup_steps=20, checkpoint_every=10_000)
+    tr = Trainer(preset, data, tmp_path / "run", steps=500, progress=False)
+    before = _fixed_loss(tr, tr.ema)
+    tr.run()
+    after = _fixed_loss(tr, tr.ema)
+    assert after < before / 10, (before, after)
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) > 10
+
+
+def test_resume_continues_from_the_same_state(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(checkpoint_every=15)
+    straight = Trainer(preset, tone_tree, tmp_path / "a", steps=30, progress=False)
+    straight.run()
+    first = Trainer(preset, tone_tree, tmp_path / "b", steps=15, progress=False)
+    first.run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(preset, tone_tree, tmp_path / "b", steps=30, progress=False)
+    resumed = Trainer(preset, tone_tree, tmp_path / "b", steps=30, resume=True, progress=False)
+    assert resumed.step == 15
+    resumed.run()
+    for (k, a), (_, b) in zip(straight.raw_net.state_dict().items(), resumed.raw_net.state_dict().items()):
+        assert torch.equal(a, b), k
+    for a, b in zip(straight.ema.net.parameters(), resumed.ema.net.parameters()):
+        assert torch.equal(a, b)
+    assert latest_checkpoint(tmp_path / "b").name == "ckpt-00000030"
+    # the log has no duplicated steps after the resume
+    steps = [int(l.split(",")[0]) for l in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))
+    # where the training happened: one merged stretch on this machine
+    segs = resumed.info()["segments"]
+    assert [s["steps"] for s in segs] == [[0, 30]] and segs[0]["machine"] == resumed.info()["machine"]
+    assert segs[0]["seconds"] == pytest.approx(resumed.wall_time, abs=0.2)
+
+
+def test_resume_with_a_new_ema_halflife_starts_a_new_stretch(tone_tree, tmp_path):
+    base = get_preset("tiny").replace_train(checkpoint_every=100, ema_halflife_steps=2.0, ema_rampup=1.0)
+    Trainer(base, tone_tree, tmp_path / "r", steps=8, progress=False).run()
+    longer = base.replace_train(ema_halflife_steps=50.0)
+    tr = Trainer(longer, tone_tree, tmp_path / "r", steps=12, resume=True, progress=False)
+    # the EMA decay follows the new half-life (capped by the ramp-up: step * 1.0 = 8 < 50)
+    assert tr._ema_beta() == pytest.approx(0.5 ** (1 / 8))
+    ema_before = [p.clone() for p in tr.ema.net.parameters()]
+    tr.run()
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, tr.ema.net.parameters()))
+    segs = tr.info()["segments"]
+    assert [(s["steps"], s["ema_halflife_steps"], s["lr"]) for s in segs] == \
+        [([0, 8], 2.0, base.train.lr), ([8, 12], 50.0, base.train.lr)]
+    # same knobs on the next resume: the stretch is extended, not split
+    tr2 = Trainer(longer, tone_tree, tmp_path / "r", steps=14, resume=True, progress=False)
+    tr2.run()
+    assert [s["steps"] for s in tr2.info()["segments"]] == [[0, 8], [8, 14]]
+
+
+def test_resume_and_init_with_a_new_training_noise_distribution(tone_tree, tmp_path):
+    base = get_preset("tiny").replace_train(checkpoint_every=100)
+    Trainer(base, tone_tree, tmp_path / "r", steps=6, progress=False).run()
+    wide = base.replace_noise(p_mean=-1.0, p_std=1.5)
+    assert (wide.edm.p_mean, wide.edm.p_std, wide.net) == (-1.0, 1.5, base.net)
+    tr = Trainer(wide, tone_tree, tmp_path / "r", steps=10, resume=True, progress=False)   # same model: resumes
+    assert (tr.preset.edm.p_mean, tr.preset.edm.p_std) == (-1.0, 1.5) and tr.step == 6
+    tr.run()
+    segs = tr.info()["segments"]
+    assert [(s["steps"], s["p_mean"], s["p_std"]) for s in segs] == [([0, 6], -3.0, 1.0), ([6, 10], -1.0, 1.5)]
+    cfg = json.loads((latest_checkpoint(tmp_path / "r") / "config.json").read_text())
+    assert (cfg["preset"]["edm"]["p_mean"], cfg["preset"]["edm"]["p_std"]) == (-1.0, 1.5)
+    # a warm start from the exported model with the preset's own distribution again is the same model too
+    tr.export(tmp_path / "m")
+    warm = Trainer(base, tone_tree, tmp_path / "w", steps=12, init=tmp_path / "m", progress=False)
+    warm.run()
+    assert [(s["steps"], s["p_mean"]) for s in warm.info()["segments"]] == [([0, 6], -3.0), ([6, 10], -1.0),
+                                                                            ([10, 12], -3.0)]
+    # the sampler's start (sigma_max, rho) is a sampling default, not the network: a warm start may change it,
+    # and the export records it for generation
+    loud = base.replace_sampling(sigma_max=80.0, rho=7.0)
+    assert (loud.edm.sigma_max, loud.edm.rho, loud.edm.sigma_data) == (80.0, 7.0, base.edm.sigma_data)
+    wl = Trainer(loud, tone_tree, tmp_path / "wl", steps=12, init=tmp_path / "m", progress=False)
+    wl.run()
+    wl.export(tmp_path / "m80")
+    from edmsound.core.pipeline import EDMSoundPipeline
+    pipe = EDMSoundPipeline(tmp_path / "m80", device="cpu")
+    assert (pipe.preset.edm.sigma_max, pipe.preset.edm.rho) == (80.0, 7.0)
+    # a different network is still refused
+    other = dataclasses.replace(base, net=dataclasses.replace(base.net, dim=base.net.dim * 2))
+    with pytest.raises(ValueError, match="different preset"):
+        Trainer(other, tone_tree, tmp_path / "r", steps=14, resume=True, progress=False)
+
+
+def test_cli_rejects_a_bad_training_noise_distribution(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for flag, bad, why in (("--p-std", "0", "> 0"), ("--p-std", "-1", "> 0"), ("--p-mean", "nan", "finite"),
+                           ("--p-mean", "abc", "finite"), ("--sigma-max", "0", "> 0"), ("--rho", "inf", "> 0")):
+        r = subprocess.run([sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data",
+                            str(tone_tree), "--out", str(tmp_path / "run"), flag, bad],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and flag in r.stderr and why in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_cli_rejects_a_bad_ema_halflife(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for bad in ("0", "-5", "abc", "inf"):
+        r = subprocess.run([sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data",
+                            str(tone_tree), "--out", str(tmp_path / "run"), "--ema-halflife", bad],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "--ema-halflife" in r.stderr and "> 0" in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_warm_start_keeps_the_history_of_older_model_dirs(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(checkpoint_every=100)
+    tr = Trainer(preset, tone_tree, tmp_path / "a", steps=6, progress=False)
+    tr.run()
+    tr.export(tmp_path / "m")
+    info_path = tmp_path / "m" / "info.json"
+    info = json.loads(info_path.read_text())
+    del info["segments"]                                        # a model dir from before segment tracking
+    info["machine"] = "old box"
+    info_path.write_text(json.dumps(info))
+    warm = Trainer(preset, tone_tree, tmp_path / "b", steps=10, init=tmp_path / "m", progress=False)
+    # the fresh optimizer warms its learning rate up again from the warm start's step
+    assert warm.step == 6 and warm._lr() == pytest.approx(preset.train.lr / preset.train.warmup_steps)
+    warm.run()
+    segs = warm.info()["segments"]
+    assert [(s["machine"], s["steps"]) for s in segs] == [("old box", [0, 6]), (warm.info()["machine"], [6, 10])]
+    assert sum(s["seconds"] for s in segs) == pytest.approx(warm.wall_time, abs=0.2)
+
+
+def test_nan_guard_names_the_step_and_keeps_last_checkpoint(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(checkpoint_every=10)
+    tr = Trainer(preset, tone_tree, tmp_path / "run", steps=10, progress=False)
+    tr.run()
+    good = load_safetensors(latest_checkpoint(tmp_path / "run") / "model.safetensors")
+    tr2 = Trainer(preset, tone_tree, tmp_path / "run", steps=20, resume=True, progress=False)
+    with torch.no_grad():
+        next(tr2.raw_net.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="step 11"):
+        tr2.run()
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck.name == "ckpt-00000010"
+    after = load_safetensors(ck / "model.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_cli_train_stop_resume_export(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data", str(tone_tree),
+           "--out", str(tmp_path / "run"), "--no-progress", "--checkpoint-every", "5"]
+    r = subprocess.run(cmd + ["--steps", "10"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cmd + ["--steps", "20", "--resume", "--export", str(tmp_path / "model")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["step"] == 20
+    info = json.loads((tmp_path / "model" / "info.json").read_text())
+    assert info["steps"] == 20
+    from edmsound.core.model import load_denoiser
+    den, preset, classes, _ = load_denoiser(tmp_path / "model")
+    assert classes == ["high", "low"] and preset.name == "tiny"
+    # export with other shipped sampling defaults (validated like the app's inputs)
+    exp = [sys.executable, "-m", "edmsound.cli", "export", "--run", str(tmp_path / "run"), "--out"]
+    r = subprocess.run(exp + [str(tmp_path / "m2"), "--sampler", "deis", "--nfe", "8", "--guidance", "3"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _, p2, _, _ = load_denoiser(tmp_path / "m2")
+    assert (p2.default_sampler, p2.default_nfe, p2.default_guidance) == ("deis", 8, 3.0)
+    assert p2.net == preset.net and (tmp_path / "m2" / "model.safetensors").is_file()
+    for bad, msg in ((["--sampler", "heun", "--nfe", "10"], "heun"), (["--guidance", "30"], "allowed [0, 20]"),
+                     (["--sampler", "dpm"], "unknown sampler")):
+        r = subprocess.run(exp + [str(tmp_path / "m3")] + bad, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "m3").exists()
+
+
+def test_ddp_two_processes_on_cpu(tone_tree, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import sys, torch, hashlib\n"
+        "from edmsound import get_preset\n"
+        "from edmsound import Trainer, init_distributed\n"
+        "torch.set_num_threads(1)\n"
+        "world, rank = init_distributed('cpu')\n"
+        "tr = Trainer(get_preset('tiny').replace_train(checkpoint_every=5), sys.argv[1], sys.argv[2], steps=6, progress=False)\n"
+        "tr.run()\n"
+        "h = hashlib.sha1(b''.join(p.detach().numpy().tobytes() for p in tr.raw_net.parameters())).hexdigest()\n"
+        "open(f'{sys.argv[2]}-rank{rank}.txt', 'w').write(h)\n"
+        "torch.distributed.destroy_process_group()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29533", str(script), str(tone_tree), str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h0 = (tmp_path / "run-rank0.txt").read_text()
+    h1 = (tmp_path / "run-rank1.txt").read_text()
+    assert h0 == h1                                 # gradients were all-reduced: replicas agree
+    ck = latest_checkpoint(tmp_path / "run")
+    assert ck.name == "ckpt-00000006"
+    assert json.loads((ck / "info.json").read_text())["world_size"] == 2
