@@ -12,12 +12,12 @@ distance between generated and real clips the model adds *below* sigma_s:
 Also reported, because the default encoder is gain-invariant and cannot hear a quiet or dull clip: the level gap
 (mean RMS dBFS minus the reference's) and the spectral-envelope gap in 12 log-spaced bands
 (:mod:`edmsound.evaluation.fidelity`), per row — so the table shows *where along sigma and in which bands* energy is lost.
-``--sigma-max`` adds pure-noise starts at other noise levels than the preset's (the sampler's start), and
+``--sigma-max SIGMA[:RHO[:SIGMA_MIN]],...`` adds pure-noise starts from other schedules than the preset's, and
 ``--data-scale`` a table of the data's own scale per frequency against the starting noise level.
 
     python benchmarks/noise_levels.py                                     # the shipped model
     python benchmarks/noise_levels.py --checkpoint checkpoints/default --checkpoint runs/x/export --label old,new
-    python benchmarks/noise_levels.py --sigmas 0.3,1.2,3 --sigma-max 3,10,20,40,80 --data-scale --out DIR
+    python benchmarks/noise_levels.py --sigmas 0.3,1.2,3 --sigma-max 3:9,15:2.5:0.002,80:7 --data-scale --out DIR
 
 Writes ``<out>/noise_levels.md`` (table), ``noise_levels.json``, ``noise_levels.png`` (FAD and level gap against
 sigma_s) and ``bands.png`` (band gaps per start), plus ``data_scale.md`` / ``data_scale.png`` with
@@ -57,7 +57,8 @@ def _embed(enc, waves, sr):
 
 
 def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampler: str, steps: int,
-               seed: int, batch: int = 16, sigma_max: float | None = None, rho: float | None = None) -> np.ndarray:
+               seed: int, batch: int = 16, sigma_max: float | None = None, rho: float | None = None,
+               sigma_min: float | None = None) -> np.ndarray:
     """Noise ``waves`` to ``sigma_s`` (None: pure noise at ``sigma_max``, default the preset's; the real clips
     unused) and denoise them."""
     e = pipe.preset.edm
@@ -65,7 +66,7 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
     n = torch.randn((len(waves),) + tuple(pipe.codec.shape), generator=g)
     top = (sigma_max or e.sigma_max) if sigma_s is None else float(sigma_s)
     x = top * n if sigma_s is None else pipe.codec.encode(torch.from_numpy(waves)).float() + top * n
-    sig = karras_sigmas(steps, e.sigma_min, top, rho or e.rho)
+    sig = karras_sigmas(steps, sigma_min or e.sigma_min, top, rho or e.rho)
     fn = get_sampler(sampler)
     out = []
     for i in range(0, len(x), batch):
@@ -76,7 +77,7 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
 
 
 def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, ref_seed, ref_per_class,
-        sigma_maxes=(None,), rho=None):
+        starts=((None, None, None),), rho=None):
     from edmsound.copydetect.encoders import load_encoder
     enc = load_encoder(ROOT / "checkpoints" / "encoder")
     first = EDMSoundPipeline(checkpoints[0], device="cpu")
@@ -101,13 +102,14 @@ def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, re
     rows = [{"model": "real clips", "sigma_s": 0.0, **score(start)}]
     for ck, lab in zip(checkpoints, labels):
         pipe = first if ck == checkpoints[0] else EDMSoundPipeline(ck, device="cpu")
-        starts = [(s, None) for s in sigmas] + [(None, m) for m in sigma_maxes]
-        for s, m in tqdm(starts, desc=lab, unit="level"):
+        e = pipe.preset.edm
+        todo = [(s, None, rho, None) for s in sigmas] + [(None, m, r or rho, lo) for m, r, lo in starts]
+        for s, m, r, lo in tqdm(todo, desc=lab, unit="level"):
             t0 = time.perf_counter()
             sets = {c: round_trip(pipe, start[c], i, s, sampler, steps, seed=1000 * (s is None) + i, sigma_max=m,
-                                  rho=rho) for i, c in enumerate(classes)}
+                                  rho=r, sigma_min=lo) for i, c in enumerate(classes)}
             rows.append({"model": lab, "sigma_s": NOISE if s is None else float(s),
-                         "sigma_max": m or pipe.preset.edm.sigma_max, "rho": rho or pipe.preset.edm.rho,
+                         "sigma_max": m or e.sigma_max, "rho": r or e.rho, "sigma_min": lo or e.sigma_min,
                          "seconds": round(time.perf_counter() - t0, 1), **score(sets)})
     return {"settings": {"checkpoints": [str(c) for c in checkpoints], "labels": labels, "classes": classes,
                          "sample_rate": sr, "band_edges_hz": [float(x) for x in F.band_edges(sr)],
@@ -131,7 +133,8 @@ def markdown(res) -> str:
     def start(r):
         if r["sigma_s"] != NOISE:
             return f"{r['sigma_s']:g}"
-        return f"pure noise at σ_max {r['sigma_max']:g}" + (f" (ρ {r['rho']:g})" if "rho" in r else "")
+        return (f"pure noise at σ_max {r['sigma_max']:g}" + (f" (ρ {r['rho']:g}" if "rho" in r else "")
+                + (f", σ_min {r['sigma_min']:g})" if "sigma_min" in r else ")" if "rho" in r else ""))
     for r in rows:
         L.append(f"| {r['model']} | {start(r)} | {r['fad']:.4f} | "
                  + " | ".join(f"{r['per_class'][c]:.3f}" for c in cls) + f" | {r['level_gap_db']['overall']:+.1f} |")
@@ -179,9 +182,11 @@ def plot(res, path: Path):
         rs = [r for r in res["rows"] if r["model"] == lab]
         pts = [(r["sigma_s"], r["level_gap_db"]["overall"]) for r in rs if r["sigma_s"] != NOISE]
         line, = ax2.plot(*zip(*pts), marker="o", label=f"{lab}: round trip from σ_s")
-        noise = sorted((r["sigma_max"], r["level_gap_db"]["overall"]) for r in rs if r["sigma_s"] == NOISE)
-        ax2.plot(*zip(*noise), marker="*", ms=11, ls="--", color=line.get_color(),
-                 label=f"{lab}: from pure noise at σ_max")
+        for r in (r for r in rs if r["sigma_s"] == NOISE):
+            ax2.scatter([r["sigma_max"]], [r["level_gap_db"]["overall"]], marker="*", s=120, color=line.get_color(),
+                        zorder=5)
+            ax2.annotate(f"ρ {r.get('rho', 0):g}", (r["sigma_max"], r["level_gap_db"]["overall"]), fontsize=6,
+                         xytext=(3, 3), textcoords="offset points")
     ax2.set_xscale("log")
     ax2.set_xlabel("start noise level σ_s or σ_max")
     ax2.set_ylabel("level gap dB (mean over classes)")
@@ -205,7 +210,7 @@ def plot_bands(res, path: Path):
         ax.plot(centres, res["rows"][0]["band_gap_db"]["overall"], color="k", ls=":", label="real clips (floor)")
         for r in (r for r in res["rows"] if r["model"] == lab):
             name = (f"round trip from σ {r['sigma_s']:g}" if r["sigma_s"] != NOISE else
-                    f"pure noise at σ_max {r['sigma_max']:g}")
+                    f"pure noise at σ_max {r['sigma_max']:g}, ρ {r.get('rho', 0):g}")
             ax.plot(centres, r["band_gap_db"]["overall"], marker=".", ls="-" if r["sigma_s"] != NOISE else "--",
                     label=name)
         ax.axhline(0, color="gray", lw=0.6)
@@ -273,9 +278,10 @@ def main(argv=None):
     ap.add_argument("--n-per-class", type=int, default=32)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--sigma-max", default=None,
-                    help="comma-separated starting noise levels for the pure-noise rows (default: the preset's)")
-    ap.add_argument("--rho", type=float, default=None, help="Karras rho (default: the preset's)")
+    ap.add_argument("--sigma-max", default=None, metavar="SIGMA[:RHO[:SIGMA_MIN]],...",
+                    help="pure-noise rows: comma-separated starting noise levels, each optionally with its own Karras "
+                         "rho and lowest level (default: the preset's schedule)")
+    ap.add_argument("--rho", type=float, default=None, help="Karras rho of the round trips (default: the preset's)")
     ap.add_argument("--data-scale", action="store_true", help="also write the data's scale per frequency")
     ap.add_argument("--start-seed", type=int, default=9, help="built-in base seed of the clips that are noised")
     ap.add_argument("--reference-seed", type=int, default=7)
@@ -298,17 +304,18 @@ def main(argv=None):
     if a.start_seed in (0, a.reference_seed):
         ap.error("--start-seed must differ from the training set's base seed 0 and from --reference-seed")
     try:
-        sigma_maxes = [float(v) for v in a.sigma_max.split(",")] if a.sigma_max else [None]
+        starts = [tuple(float(x) for x in v.split(":")) for v in a.sigma_max.split(",")] if a.sigma_max else [()]
+        starts = [tuple(t) + (None,) * (3 - len(t)) for t in starts]
     except ValueError:
-        ap.error(f"--sigma-max must be comma-separated numbers, got {a.sigma_max!r}")
-    if any(m is not None and not m > 0 for m in sigma_maxes):
-        ap.error(f"--sigma-max must be noise levels > 0, got {a.sigma_max!r}")
+        ap.error(f"--sigma-max must be SIGMA[:RHO[:SIGMA_MIN]],..., got {a.sigma_max!r}")
+    if any(len(t) != 3 or any(v is not None and not v > 0 for v in t) for t in starts):
+        ap.error(f"--sigma-max must be SIGMA[:RHO[:SIGMA_MIN]] with positive numbers, got {a.sigma_max!r}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.data_scale:
         print(data_scale(cks[0], a.n_per_class, a.start_seed, out))
     res = run(cks, labels, sorted(sigmas), a.n_per_class, a.sampler, a.steps, a.start_seed, a.reference_seed,
-              a.reference_per_class, sigma_maxes, a.rho)
+              a.reference_per_class, starts, a.rho)
     (out / "noise_levels.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "noise_levels.md").write_text(markdown(res))
     plot(res, out / "noise_levels.png")

@@ -74,7 +74,7 @@ def slowest_class(pipe) -> str:
 
 
 def shipped_timing(pipe, repeats=10, class_name=None):
-    """The issue-6 speed bar: one clip at the checkpoint's shipped sampler/NFE/guidance, full ``generate`` call
+    """The speed target: one clip at the checkpoint's shipped sampler/NFE/guidance, full ``generate`` call
     (noise, sampling, iSTFT), median of ``repeats`` single-clip calls after one warm-up call."""
     p = pipe.preset
     cls = class_name or slowest_class(pipe)

@@ -34,3 +34,10 @@ def peak_target(text: str) -> float:
 
 def lufs_target(text: str) -> float:
     return number(text, lambda v: -60 <= v <= -5, "a loudness in [-60, -5] LUFS")
+
+
+def set_threads(a) -> None:
+    """Apply a command's ``--threads`` (if it has one and it is set) to torch."""
+    if getattr(a, "threads", None):
+        import torch
+        torch.set_num_threads(int(a.threads))

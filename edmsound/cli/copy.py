@@ -14,11 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-
-def _threads(a):
-    if getattr(a, "threads", None):
-        import torch
-        torch.set_num_threads(int(a.threads))
+from .args import set_threads
 
 
 def _encoder_and_head(a, default_head: bool = True):
@@ -43,7 +39,7 @@ def _cmd_encoder_train(a):
 
 def _cmd_encoder_finetune_head(a):
     from .. import load_encoder, load_training_set, train_head
-    _threads(a)
+    set_threads(a)
     enc = load_encoder(a.encoder)
     data, _ = load_training_set(a.data, enc, None, None, not a.no_progress)
     head = train_head(enc, data, out_dir=a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, margin=a.margin,
@@ -60,7 +56,7 @@ def _cmd_encoder_convert(a):
 
 def _cmd_index_build(a):
     from .. import CopyIndex
-    _threads(a)
+    set_threads(a)
     enc = _encoder_and_head(a)
     idx = CopyIndex.build(a.data, enc, kind=a.kind, nlist=a.nlist, nprobe=a.nprobe, sample_rate=a.sample_rate,
                           seconds=a.seconds, progress=not a.no_progress, query_hop_seconds=a.query_hop)
@@ -82,7 +78,7 @@ def _load_index(a):
 
 def _cmd_index_query(a):
     from .. import load_audio
-    _threads(a)
+    set_threads(a)
     idx = _load_index(a)
     sr = int(idx.audio.get("sample_rate") or idx.encoder.sample_rate)
     for path in a.audio:
@@ -99,7 +95,7 @@ def _cmd_index_query(a):
 
 def _cmd_copies(a):
     from .. import analyse_copies
-    _threads(a)
+    set_threads(a)
     idx = _load_index(a)
     s = analyse_copies(idx, a.generated, a.out, all_classes=a.all_classes, top_pairs=a.top,
                        progress=not a.no_progress)

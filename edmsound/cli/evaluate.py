@@ -14,11 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _threads(a):
-    if getattr(a, "threads", None):
-        import torch
-        torch.set_num_threads(int(a.threads))
+from .args import set_threads
 
 
 def _csv_list(text: str, kind, what: str) -> list:
@@ -50,7 +46,7 @@ def _holdout(a, data_dir: Path, classes, sample_rate: int, num_samples: int):
 
 def _cmd_classifier_train(a):
     from .. import ClassifierConfig, load_training_set, train_classifier
-    _threads(a)
+    set_threads(a)
     data_dir = Path(a.data)
     cfg = ClassifierConfig(sample_rate=a.sample_rate)
     ds, _ = load_training_set(data_dir, None, cfg.sample_rate, a.seconds, not a.no_progress)
@@ -73,7 +69,7 @@ def _cmd_classifier_train(a):
 
 def _cmd_evaluate(a):
     from .. import evaluate_sweep, parse_points
-    _threads(a)
+    set_threads(a)
     try:
         points = parse_points(a.points) if a.points else []
         no_grid = a.samplers.strip().lower() == "none"

@@ -37,7 +37,8 @@ def _cmd_train(a):
                                                  checkpoint_every=a.checkpoint_every,
                                                  ema_halflife_steps=a.ema_halflife
                                                  ).replace_noise(p_mean=a.p_mean, p_std=a.p_std
-                                                 ).replace_sampling(sigma_max=a.sigma_max, rho=a.rho)
+                                                 ).replace_sampling(sigma_max=a.sigma_max, rho=a.rho,
+                                                                    sigma_min=a.sigma_min)
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
@@ -59,7 +60,8 @@ def _cmd_export(a):
     from .. import export_model
     try:
         src = export_model(a.run, a.out, ema_only=a.ema_only, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
-                           guidance_interval=a.guidance_interval)
+                           guidance_interval=a.guidance_interval, sigma_min=a.sigma_min, sigma_max=a.sigma_max,
+                           rho=a.rho)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -99,6 +101,7 @@ def register(subparsers) -> None:
                    help="the sampler's starting noise level recorded in the exported model (default: the preset's); "
                         "train at it too (see --p-mean)")
     t.add_argument("--rho", type=positive, default=None, help="the sampler's Karras rho recorded in the export")
+    t.add_argument("--sigma-min", type=positive, default=None, help="the sampler's lowest noise level in the export")
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
@@ -120,4 +123,7 @@ def register(subparsers) -> None:
     e.add_argument("--guidance", type=float, default=None, help="shipped default guidance (default: the run's)")
     e.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="shipped guidance interval of noise levels ('none': guide at every level; default: the run's)")
+    e.add_argument("--sigma-min", type=positive, default=None, help="shipped schedule: lowest noise level")
+    e.add_argument("--sigma-max", type=positive, default=None, help="shipped schedule: starting noise level")
+    e.add_argument("--rho", type=positive, default=None, help="shipped schedule: Karras rho")
     e.set_defaults(func=_cmd_export)

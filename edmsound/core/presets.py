@@ -216,11 +216,22 @@ class Preset:
         kw = {k: float(v) for k, v in (("p_mean", p_mean), ("p_std", p_std)) if v is not None}
         return dataclasses.replace(self, edm=dataclasses.replace(self.edm, **kw)) if kw else self
 
-    def replace_sampling(self, sigma_max: float | None = None, rho: float | None = None) -> "Preset":
-        """The sampler's default noise range top ``sigma_max`` and Karras ``rho`` replaced (None keeps the preset's).
-        Sampling defaults, not part of the network: a run may change them on resume; the export records them."""
-        kw = {k: float(v) for k, v in (("sigma_max", sigma_max), ("rho", rho)) if v is not None}
-        return dataclasses.replace(self, edm=dataclasses.replace(self.edm, **kw)) if kw else self
+    def replace_sampling(self, sigma_max: float | None = None, rho: float | None = None,
+                         sigma_min: float | None = None) -> "Preset":
+        """The sampler's default noise range (``sigma_min``, ``sigma_max``) and Karras ``rho`` replaced (None keeps
+        the preset's). Sampling defaults, not part of the network: a run may change them on resume or export."""
+        kw = {k: float(v) for k, v in (("sigma_max", sigma_max), ("rho", rho), ("sigma_min", sigma_min))
+              if v is not None}
+        if not kw:
+            return self
+        edm = dataclasses.replace(self.edm, **kw)
+        for name in ("sigma_min", "sigma_max", "rho"):
+            v = getattr(edm, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
+        if not edm.sigma_min < edm.sigma_max:
+            raise ValueError(f"need sigma_min < sigma_max, got {edm.sigma_min:g} and {edm.sigma_max:g}")
+        return dataclasses.replace(self, edm=edm)
 
 
 PRESETS: dict[str, Preset] = {

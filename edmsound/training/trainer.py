@@ -36,9 +36,9 @@ class TrainingDiverged(RuntimeError):
 
 def same_model(a: Preset, b: Preset) -> bool:
     """Same architecture, codec and preconditioning (memory layout, training knobs such as the training noise
-    distribution P_mean / P_std, and the sampling defaults sigma_max / rho may differ)."""
+    distribution P_mean / P_std, and the sampling defaults sigma_min / sigma_max / rho may differ)."""
     import dataclasses
-    knobs = dict(p_mean=0.0, p_std=1.0, sigma_max=1.0, rho=1.0)
+    knobs = dict(p_mean=0.0, p_std=1.0, sigma_min=1.0, sigma_max=1.0, rho=1.0)
     return (dataclasses.replace(a.net, channels_last=False) == dataclasses.replace(b.net, channels_last=False)
             and a.codec == b.codec and dataclasses.replace(a.edm, **knobs) == dataclasses.replace(b.edm, **knobs))
 

@@ -9,7 +9,8 @@ import soundfile as sf
 
 from edmsound.evaluation import points as P
 from edmsound.evaluation import sweep as E
-from edmsound.evaluation.sweep import SweepPoint, evaluate_sweep, noise_seed, plan_sweep
+from edmsound.evaluation.points import SweepPoint, noise_seed, plan_sweep
+from edmsound.evaluation.sweep import evaluate_sweep
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -31,7 +32,7 @@ def test_plan_skip_policy_and_duplicates():
 
 
 def test_plan_explicit_points_extend_or_replace_the_grid():
-    from edmsound.evaluation.sweep import parse_points
+    from edmsound.evaluation.points import parse_points
     extra = parse_points("heun:51:2, dpmpp_2m:10:4,dpmpp_2m:10:2")
     assert extra == [("heun", 51, 2.0), ("dpmpp_2m", 10, 4.0), ("dpmpp_2m", 10, 2.0)]
     pts, _ = plan_sweep(["dpmpp_2m"], [5, 10], [2], extra_points=extra)
@@ -259,7 +260,7 @@ def test_cli_evaluate_dry_run_and_run(world, swept, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ guidance interval
 def test_plan_and_parse_guidance_intervals():
-    from edmsound.evaluation.sweep import parse_points
+    from edmsound.evaluation.points import parse_points
     assert parse_points("dpmpp_2m:10:3:0.05:1,heun:51:3") == [("dpmpp_2m", 10, 3.0, (0.05, 1.0)), ("heun", 51, 3.0)]
     with pytest.raises(ValueError, match=r"SAMPLER:NFE:GUIDANCE\[:SIGMA_LO:SIGMA_HI\]"):
         parse_points("dpmpp_2m:10:3:0.05")
