@@ -101,7 +101,7 @@ def write_shipped(shipped, checkpoint, out_dir):
              f"{'jemalloc' if shipped.get('jemalloc') else 'default allocator'}), torch {torch.__version__}. One clip per call "
              "(noise, sampling with classifier-free guidance, iSTFT), after one warm-up call.", "",
              "| sampler | NFE | guidance | guided σ interval | guided evaluations | clip length (s) | median s / clip "
-             "| min | max | calls | bar |",
+             "| min | max | calls | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|",
              f"| {shipped['sampler']} | {shipped['nfe']} | {shipped['guidance']:g}"
              f"{' (' + shipped['class'] + ', per-class scales)' if shipped.get('class_guidance') else ''} | "

@@ -105,6 +105,11 @@ def _cmd_quality_report(a):
                                         "(or pass --speed none)")
             speed = json.loads(sp.read_text())
         iv = preset.default_guidance_interval
+        if all(preset.guidance_for(c) == 1.0 for c in classes):
+            # nothing is guided: the interval changes neither the clips nor their cost
+            iv = None
+            if speed is not None:
+                speed = dict(speed, guidance_interval=None, base_guidance_interval=None)
         per_class = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
         shipped_g = "class" if per_class else preset.default_guidance
         if per_class:
