@@ -110,6 +110,15 @@ def test_resume_and_init_with_a_new_training_noise_distribution(tone_tree, tmp_p
     from edmsound.core.pipeline import EDMSoundPipeline
     pipe = EDMSoundPipeline(tmp_path / "m80", device="cpu")
     assert (pipe.preset.edm.sigma_max, pipe.preset.edm.rho) == (80.0, 7.0)
+    # export may set the whole schedule; an inverted range is refused with one line
+    from edmsound.cli import main
+    main(["export", "--run", str(tmp_path / "m80"), "--out", str(tmp_path / "m15"), "--sigma-max", "15", "--rho",
+          "2.5", "--sigma-min", "0.002"])
+    edm = json.loads((tmp_path / "m15" / "config.json").read_text())["preset"]["edm"]
+    assert (edm["sigma_min"], edm["sigma_max"], edm["rho"]) == (0.002, 15.0, 2.5)
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--run", str(tmp_path / "m80"), "--out", str(tmp_path / "bad"), "--sigma-min", "100"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
     # a different network is still refused
     other = dataclasses.replace(base, net=dataclasses.replace(base.net, dim=base.net.dim * 2))
     with pytest.raises(ValueError, match="different preset"):
