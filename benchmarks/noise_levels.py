@@ -155,6 +155,21 @@ def markdown(res) -> str:
     return "\n".join(L) + "\n"
 
 
+def _finish(ax, log_axis: str, xlabel: str, ylabel: str, legend_size: int):
+    (ax.set_xscale if log_axis == "x" else ax.set_yscale)("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: Path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(res, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -187,14 +202,8 @@ def plot(res, path: Path):
                         zorder=5)
             ax2.annotate(f"ρ {r.get('rho', 0):g}", (r["sigma_max"], r["level_gap_db"]["overall"]), fontsize=6,
                          xytext=(3, 3), textcoords="offset points")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("start noise level σ_s or σ_max")
-    ax2.set_ylabel("level gap dB (mean over classes)")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(ax2, "x", "start noise level σ_s or σ_max", "level gap dB (mean over classes)", 7)
+    _save(fig, path)
 
 
 def plot_bands(res, path: Path):
@@ -257,14 +266,8 @@ def data_scale(checkpoint, n_per_class: int, seed: int, out: Path) -> str:
                  f"{mag.sqrt().max().item():.2f} | {np.median(ev):.2f} / {ev.max():.2f} |")
         ax.plot(freqs, std_f, label=c)
     ax.axhline(e.sigma_data, color="k", ls=":", label=f"σ_data {e.sigma_data:g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("frequency (Hz)")
-    ax.set_ylabel("std of Re/Im (compressed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "data_scale.png", dpi=110)
-    plt.close(fig)
+    _finish(ax, "y", "frequency (Hz)", "std of Re/Im (compressed)", 6)
+    _save(fig, out / "data_scale.png")
     text = "\n".join(L) + "\n"
     (out / "data_scale.md").write_text(text)
     return text
