@@ -9,7 +9,7 @@ denoiser is
 
 ``reference_solution`` integrates the probability-flow ODE
 dx/dsigma = (x - D(x, sigma)) / sigma with scipy's adaptive high-order solvers.
-Shared by ``tests/test_samplers.py`` and ``benchmarks/samplers_analytic.py``.
+Shared by ``tests/core/test_samplers.py`` and ``benchmarks/samplers_analytic.py``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ no browser is downloaded. The app runs on the tiny test checkpoint + index of te
 README screenshot from the shipped default instead::
 
     EDMSOUND_APP_CHECKPOINT=checkpoints/default EDMSOUND_APP_INDEX=checkpoints/index \\
-    EDMSOUND_APP_SCREENSHOT=assets/app.png python -m pytest tests/test_app_browser.py
+    EDMSOUND_APP_SCREENSHOT=assets/app.png python -m pytest tests/app/test_app_browser.py
 """
 from __future__ import annotations
 
