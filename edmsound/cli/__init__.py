@@ -13,7 +13,8 @@ from . import copy, evaluate, generate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edmsound", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="edmsound", description="EDMSound: class-conditional sound generation on complex "
+                                "spectrograms, copy detection and evaluation. `edmsound COMMAND --help` for each.")
     sub = p.add_subparsers(dest="command", required=True)
     for family in (train, generate, copy, evaluate):
         family.register(sub)
