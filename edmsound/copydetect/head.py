@@ -202,7 +202,7 @@ def train_head(encoder, data, *, out_dir=None, epochs: int = 200, batch_size: in
         perm = perm[anchor_ok.ravel()[perm]]
         tot, cnt, viol = 0.0, 0, 0.0
         head.train()
-        for i in range(0, n_items, batch_size):
+        for i in range(0, len(perm), batch_size):        # over the non-silent anchors only
             items = perm[i:i + batch_size]
             clip, win = items // W, items % W
             b = len(items)
@@ -227,9 +227,12 @@ def train_head(encoder, data, *, out_dir=None, epochs: int = 200, batch_size: in
                 nv, nw = rng.integers(0, views, (b, negatives)), rng.integers(0, W, (b, negatives))
                 n = P[nv, neg_clip, nw]
                 hn = head(n.reshape(-1, D)).reshape(b, negatives, -1)
-                sk = torch.einsum("bd,bkd->bk", ha, hn).masked_fill(~torch.from_numpy(pos_ok[nv, neg_clip, nw]), -2.0)
+                usable = pos_ok[nv, neg_clip, nw] & (cnt_c > 1)          # a class of one clip has no other
+                sk = torch.einsum("bd,bkd->bk", ha, hn).masked_fill(~torch.from_numpy(usable), -2.0)
                 sn = torch.maximum(sn, sk.max(dim=1).values)
             ok = (sn > -2.0) & p_ok                                      # a negative exists; positive not silent
+            if not bool(ok.any()):
+                continue                                                 # no usable triplet in this batch
             sn, sp = sn[ok], sp[ok]
             loss = F.relu(sn - sp + margin).mean()
             opt.zero_grad(set_to_none=True)
@@ -238,6 +241,9 @@ def train_head(encoder, data, *, out_dir=None, epochs: int = 200, batch_size: in
             tot += loss.item() * len(sp)
             viol += float((sn - sp + margin > 0).float().sum())
             cnt += len(sp)
+        if cnt == 0:
+            raise ValueError("no usable training triplets: every window is silent or no class has two clips with "
+                             "sound; the head needs at least two non-silent clips per class")
         history.append({"epoch": ep + 1, "loss": round(tot / cnt, 5), "active_triplets": round(viol / cnt, 4)})
         bar.set_postfix(loss=f"{tot / cnt:.4f}", active=f"{viol / cnt:.3f}")
     head.eval()

@@ -244,3 +244,28 @@ def test_encoder_train_resume_and_finetune_head_cli(tmp_path, capsys):
     assert info["encoder_hash"] == first.weights_hash and info["training"]["epochs"] == 3
     enc = load_encoder(out, head=tmp_path / "head", cache=False)
     assert enc.dim == 128 and enc.embed(np.zeros((1, 16256), np.float32) + 0.1, 16000).shape == (1, 128)
+
+
+def test_head_training_skips_silent_windows_without_empty_batches():
+    """Clips that are mostly silence: the batches run over the sounding windows only (a loop over all windows left
+    later batches empty and crashed with an IndexError)."""
+    from edmsound import AudioSet
+    from edmsound.copydetect.head import train_head
+    from edmsound.data.synth import synthesize
+    sr, n = 16000, 48000                                     # 3-s clips, sound only in the first 0.4 s
+    waves, labels = [], []
+    for ci, c in enumerate(("rain", "keyboard")):
+        for s in range(3):
+            w = np.zeros(n, np.float32)
+            w[:6400] = synthesize(c, s, sr, 1.0)[:6400]
+            waves.append(w)
+            labels.append(ci)
+    data = AudioSet(np.stack(waves), np.asarray(labels), ["rain", "keyboard"], [f"clip{i}" for i in range(6)], sr)
+    enc = load_encoder("default")
+    head = train_head(enc, data, epochs=2, batch_size=4, progress=False)
+    info = head.training_info
+    assert info["silent_anchor_windows_skipped"] > info["clips"] * info["windows_per_clip"] / 2
+    assert info["epochs"] == 2 and np.isfinite(info["final"]["loss"])
+    lonely = data.subset([0, 3])                             # one clip per class: no same-class negative exists
+    with pytest.raises(ValueError, match="no usable training triplets"):
+        train_head(enc, lonely, epochs=1, batch_size=4, progress=False)
