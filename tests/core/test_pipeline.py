@@ -147,3 +147,19 @@ def test_cli_generate_normalises_only_when_asked_and_records_it(tiny_ckpt, tmp_p
                               "--class", "low", flag, value, "--out", str(out)], env=env, capture_output=True,
                              text=True, timeout=300)
         assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_user_errors_are_one_line_and_tracebacks_only_on_request(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("EDMSOUND_DEBUG", None)
+    cmd = [sys.executable, "-m", "edmsound.cli", "generate", "--checkpoint", str(tmp_path / "nope"), "--class", "x",
+           "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'} is neither a model directory "
+                                             "(config.json + ema.safetensors) nor a run directory with a checkpoint"]
+    assert not (tmp_path / "o").exists()
+    r = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
+    r = subprocess.run(cmd, env=dict(env, EDMSOUND_DEBUG="1"), capture_output=True, text=True, timeout=120)
+    assert "Traceback" in r.stderr
