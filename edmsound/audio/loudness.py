@@ -162,8 +162,8 @@ def normalize(wave, sample_rate: int, mode: str, target: float,
         gain_db = 0.0 if before.lufs <= SILENCE_LUFS else target - before.lufs
         if before.lufs > SILENCE_LUFS and before.true_peak_dbtp + gain_db > ceiling:
             gain_db, limited = ceiling - before.true_peak_dbtp, "true_peak"
-    y = x * 10.0 ** (gain_db / 20.0)
-    out = y.astype(np.asarray(wave).dtype if np.asarray(wave).dtype.kind == "f" else np.float32)
+    dtype = np.asarray(wave).dtype
+    out = (x * 10.0 ** (gain_db / 20.0)).astype(dtype if dtype.kind == "f" else np.float32)
     return out, NormalizeReport(mode, target, gain_db, limited, ceiling, before, measure(out, sample_rate))
 
 

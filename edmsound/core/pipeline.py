@@ -163,7 +163,8 @@ class EDMSoundPipeline:
             for i in range(len(waves)):
                 waves[i], rep = loudness.normalize(waves[i], self.sample_rate, norm_mode, norm_target)
                 reports[i] = rep.to_dict()
-        levels = [loudness.measure(w, self.sample_rate).to_dict() for w in waves]
+        levels = [rep["after"] if rep else loudness.measure(w, self.sample_rate).to_dict()   # measured once
+                  for w, rep in zip(waves, reports)]
         settings = {"class": class_name, "sampler": sampler, "nfe": counts[0], "guidance": guidance,
                     "guidance_interval": interval_list(interval),
                     "guided_nfe": guided,      # evaluations that ran the double (guided) batch
