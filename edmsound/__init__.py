@@ -42,7 +42,7 @@ _export("edmsound.audio.loudness", "ClipLevel", measure_level="measure", normali
         describe_level="describe", check_level_target="check_target", integrated_lufs="integrated_lufs",
         true_peak_dbtp="true_peak_dbtp")
 # data
-_export("edmsound.data.folder", "AudioSet", "load_folder")
+_export("edmsound.data.folder", "AudioSet", "load_folder", "read_clip", "ReadReport")
 _export("edmsound.data.synth", "synthesize", "write_dataset", BUILTIN_CLASSES="CLASSES")
 # training
 _export("edmsound.training.trainer", "Trainer", "TrainingDiverged", "train", "init_distributed")

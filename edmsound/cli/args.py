@@ -20,6 +20,11 @@ def positive_steps(text: str) -> float:
     return number(text, lambda v: v > 0, "a number of steps > 0")
 
 
+def positive_int(text: str) -> int:
+    v = number(text, lambda v: v > 0 and v == int(v), "a whole number > 0")
+    return int(v)
+
+
 def finite(text: str) -> float:
     return number(text, lambda v: True, "a finite number")
 

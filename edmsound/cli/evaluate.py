@@ -49,7 +49,7 @@ def _cmd_classifier_train(a):
     set_threads(a)
     data_dir = Path(a.data)
     cfg = ClassifierConfig(sample_rate=a.sample_rate)
-    ds, _ = load_training_set(data_dir, None, cfg.sample_rate, a.seconds, not a.no_progress)
+    ds, _ = load_training_set(data_dir, None, cfg.sample_rate, a.seconds, not a.no_progress, own_length=False)
     try:
         holdout, desc = _holdout(a, data_dir, ds.classes, cfg.sample_rate, ds.waves.shape[1])
     except (ValueError, FileNotFoundError) as e:

@@ -121,6 +121,13 @@ class ClapFrontend(torch.nn.Module):
         return mel, is_longer
 
 
+def _window(clip: np.ndarray, start: int, length: int) -> np.ndarray:
+    """``clip[start:start + length]``, zero-padded to ``length``: a clip shorter than a window is embedded
+    the same way whether it is indexed or queried (never tiled by the front end)."""
+    w = clip[start:start + length]
+    return w if len(w) == length else np.pad(w, (0, length - len(w)))
+
+
 # --------------------------------------------------------------------------------------------------
 # Encoder
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +274,8 @@ class ClapEncoder:
         with tqdm(total=len(jobs), desc=f"embed ({self.base_name})", unit="win", disable=not show) as bar:
             for i in range(0, len(jobs), bs):
                 chunk = jobs[i:i + bs]
-                out[i:i + len(chunk)] = self.embed_window_batch([clips[ci][s:s + W] for ci, s in chunk], apply_head)
+                out[i:i + len(chunk)] = self.embed_window_batch([_window(clips[ci], s, W) for ci, s in chunk],
+                                                                apply_head)
                 bar.update(len(chunk))
         clip_index = np.array([ci for ci, _ in jobs], np.int64)
         offsets = np.array([s / self.sample_rate for _, s in jobs], np.float32)

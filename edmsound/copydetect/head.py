@@ -140,19 +140,38 @@ def _active(levels: np.ndarray) -> np.ndarray:
     return ((levels >= loudest - 60.0) & (levels >= -90.0)) | (levels == loudest)
 
 
-def train_head(encoder, data, *, out_dir=None, epochs: int = 200, batch_size: int = 256, lr: float = 1e-4,
+def _equal_length(waves, sample_rate: int, window_seconds: float) -> np.ndarray:
+    """Clips of their own lengths -> one (N, L) array: L is the 90th percentile of the lengths, between
+    one and eight windows (the head learns window-level invariances; longer clips add more of the same)."""
+    if isinstance(waves, np.ndarray) and waves.ndim == 2:
+        return waves
+    from ..audio.io import fit_length
+    lengths = np.array([len(w) for w in waves])
+    win = int(round(window_seconds * sample_rate))
+    n = int(np.clip(np.percentile(lengths, 90), win, 8 * win))
+    return np.stack([fit_length(np.asarray(w, np.float32), n) for w in waves])
+
+
+def auto_epochs(windows: int, batch_size: int, target_steps: int = 13000, lo: int = 200, hi: int = 2000) -> int:
+    """Epochs for about ``target_steps`` optimizer steps (the built-in head's count), within [lo, hi]:
+    a small set gets more passes over its (cheap, precomputed) embeddings."""
+    steps_per_epoch = max(1, -(-int(windows) // int(batch_size)))
+    return int(np.clip(round(target_steps / steps_per_epoch), lo, hi))
+
+
+def train_head(encoder, data, *, out_dir=None, epochs: int | None = None, batch_size: int = 256, lr: float = 1e-4,
                margin: float = 0.2, views: int = 2, negatives: int = 2, seed: int = 0, progress: bool = True,
                max_minutes: float | None = None, hidden: int = 128, out_dim: int = 128, dropout: float = 0.05,
                cache_dir=None) -> CopyHead:
-    """Train the copy-detection head on frozen ``encoder`` window embeddings of ``data`` (an AudioSet of
-    equal-length clips) and save it to ``out_dir`` (if given). ``cache_dir`` keeps the frozen embeddings
+    """Train the copy-detection head on frozen ``encoder`` window embeddings of ``data`` (an AudioSet;
+    clips of their own lengths are cut or padded to a common length first) and save it to ``out_dir`` (if given). ``cache_dir`` keeps the frozen embeddings
     (safetensors) so a second run skips the encoder passes."""
     from .windows import window_starts
     if encoder.head is not None:
         encoder = encoder.with_head(None)
     t0 = time.time()
     sr = data.sample_rate
-    waves = data.waves
+    waves = _equal_length(data.waves, sr, encoder.window_seconds)
     cache = Path(cache_dir) / f"head-embeddings-{encoder.weights_hash[:16]}-{len(data)}-{views}-{seed}.safetensors" \
         if cache_dir else None
     from_cache = cache is not None and cache.is_file()
@@ -168,6 +187,8 @@ def train_head(encoder, data, *, out_dir=None, epochs: int = 200, batch_size: in
                                             "offsets": torch.from_numpy(pos_off)})
     t_embed = time.time() - t0
     N, W, D = anchors.shape
+    if epochs is None:
+        epochs = auto_epochs(N * W, batch_size)
     starts = np.array(window_starts(int(round(waves.shape[1] * encoder.sample_rate / sr)), encoder.window_samples,
                                     encoder.hop_samples)) / encoder.sample_rate
     # positive window for anchor window w of view v: the copy's window whose start is closest to start_w + offset

@@ -5,14 +5,20 @@ of an inner-product FAISS index (cosine similarity), with metadata: the clip's s
 ``synth://class/seed``), class and the window's offset. Clip-to-clip similarity is, as in the paper, the
 maximum over window pairs; :meth:`CopyIndex.search` aggregates window hits per training clip.
 
-The index also stores the paper's reference distribution: each training clip's top-1 similarity among
-the *other* training clips (same class, and all classes), so a single query can be judged by its
-percentile in that distribution (:meth:`CopyIndex.percentile`, :meth:`CopyIndex.threshold`).
+Beside the learned embedding, every clip has a signal fingerprint (:mod:`edmsound.copydetect.signal`:
+gain-normalised, onset-aligned log-mel), a second, plain measure of similarity reported for every match.
+
+The index also stores the paper's reference distribution, per tier: each training clip's top-1
+similarity among the *other* training clips (same class, and all classes), leaving out the clip's own
+near-duplicates (:mod:`edmsound.copydetect.duplicates`), so a single query can be judged by its
+percentile in that distribution (:meth:`CopyIndex.percentile`, :meth:`CopyIndex.threshold`). A match is a
+copy when either tier's similarity exceeds its class's 95th percentile; ``Match.evidence`` says which.
 
 On disk an index is a directory::
 
     index.faiss          faiss.serialize_index bytes (IndexFlatIP, or IVF-Flat / HNSW-Flat for 100k+ items)
-    windows.safetensors  per-vector clip id and offset; per-clip labels and reference similarities
+    windows.safetensors  per-vector clip id and offset; per-clip labels, signal fingerprints (float16),
+                         reference similarities of both tiers; near-duplicate pairs
     index.json           encoder identity (name, weights hash, where its files were), audio settings,
                          classes, sources, and the sha256 of the two files above (written last)
 
@@ -34,13 +40,15 @@ import torch
 
 from ..core.storage import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_safetensors
 from ..core.storage import REPO_ROOT
+from .duplicates import duplicate_groups, near_duplicate_pairs, neighbours
+from .signal import SignalConfig, calibrate_copy_level, signal_fingerprints
 from .windows import WindowEmbeddings
 
 __all__ = ["CopyIndex", "Match", "WindowMatch", "QueryResult", "IndexMismatchError", "CorruptIndexError", "load_training_set",
            "INDEX_KINDS"]
 
 INDEX_FORMAT = "edmsound-copy-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 FILES = ("index.faiss", "windows.safetensors")
 
@@ -64,11 +72,24 @@ class Match:
     query_offset: float       # start (s) of the query window of the best pair
     train_offset: float       # start (s) of the training window of the best pair
     percentile: float         # of `similarity` in the training set's own top-1 distribution
+    signal_similarity: float | None = None    # signal fingerprints' correlation (None: no waves / old index)
+    signal_percentile: float | None = None
+    evidence: tuple = ()      # tiers above their class's training 95th percentile: "embedding", "signal"
+
+    @property
+    def copy(self) -> bool:
+        """Closer to this training clip than training recordings are to other recordings (either tier)."""
+        return bool(self.evidence)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["similarity"] = round(float(d["similarity"]), 6)
         d["percentile"] = round(float(d["percentile"]), 2)
+        if d["signal_similarity"] is not None:
+            d["signal_similarity"] = round(float(d["signal_similarity"]), 6)
+            d["signal_percentile"] = round(float(d["signal_percentile"]), 2)
+        d["evidence"] = list(self.evidence)
+        d["copy"] = self.copy
         return d
 
 
@@ -83,11 +104,13 @@ class WindowMatch:
 
 
 class QueryResult(list):
-    """Top-k :class:`Match` list of one query clip; ``.windows`` holds its per-window best matches."""
+    """Top-k :class:`Match` list of one query clip; ``.windows`` holds its per-window best matches;
+    ``.skipped`` says why a query has no matches (e.g. it is silent)."""
 
-    def __init__(self, matches, windows):
+    def __init__(self, matches, windows, skipped: str | None = None):
         super().__init__(matches)
         self.windows: list[WindowMatch] = windows
+        self.skipped = skipped
 
 
 def _sha256_bytes(b) -> str:
@@ -120,7 +143,8 @@ class CopyIndex:
     """Inner-product index over window embeddings + clip metadata + the training reference distribution."""
 
     def __init__(self, index, clip_of_vec, offset_of_vec, labels, classes, sources, encoder_info: dict,
-                 audio: dict, ref_same, ref_all, kind: str = "flat", params: dict | None = None, root=None):
+                 audio: dict, ref_same, ref_all, kind: str = "flat", params: dict | None = None, root=None,
+                 signal=None, dup_pairs=None, sig_ref_same=None, sig_ref_all=None):
         self.index = index
         self.clip_of_vec = np.asarray(clip_of_vec, np.int64)
         self.offset_of_vec = np.asarray(offset_of_vec, np.float32)
@@ -136,6 +160,13 @@ class CopyIndex:
         self.root = Path(root) if root is not None else None
         self._encoder = None
         n = len(self.labels)
+        self.signal = None if signal is None else np.ascontiguousarray(signal, np.float32)
+        self.dup_pairs = np.zeros((0, 2), np.int64) if dup_pairs is None else np.asarray(dup_pairs, np.int64).reshape(-1, 2)
+        self.sig_ref_same = np.full(n, np.nan, np.float32) if sig_ref_same is None else np.asarray(sig_ref_same, np.float32)
+        self.sig_ref_all = np.full(n, np.nan, np.float32) if sig_ref_all is None else np.asarray(sig_ref_all, np.float32)
+        if self.signal is not None and len(self.signal) != n:
+            raise CorruptIndexError(f"the index has {len(self.signal)} signal fingerprints for {n} clips")
+        self._neighbours = neighbours(self.dup_pairs, n)
         if len(self.sources) != n or len(self.ref_same) != n or len(self.ref_all) != n:
             raise ValueError("index metadata is inconsistent (per-clip arrays differ in length)")
         if index.ntotal != len(self.clip_of_vec):
@@ -148,6 +179,10 @@ class CopyIndex:
         self.vec_lo = np.searchsorted(vec_label, np.arange(len(self.classes)), side="left")
         self.vec_hi = np.searchsorted(vec_label, np.arange(len(self.classes)), side="right")
         self.windows_per_clip = np.bincount(self.clip_of_vec, minlength=n) if n else np.zeros(0, np.int64)
+        self.clip_lo = np.searchsorted(self.labels, np.arange(len(self.classes)), side="left")
+        self.clip_hi = np.searchsorted(self.labels, np.arange(len(self.classes)), side="right")
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(self.index).make_direct_map()     # window vectors by id (reconstruct)
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -180,7 +215,8 @@ class CopyIndex:
     @classmethod
     def build(cls, data, encoder, *, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
               hnsw_m: int = 32, ef_search: int = 128, progress: bool = True, sample_rate: int | None = None,
-              seconds: float | None = None, query_hop_seconds: float | None = None) -> "CopyIndex":
+              seconds: float | None = None, query_hop_seconds: float | None = None,
+              audio: dict | None = None) -> "CopyIndex":
         """Embed a training set with ``encoder`` and index it.
 
         ``data`` is an :class:`edmsound.data.AudioSet` or a class-per-folder directory (a tree written by
@@ -192,27 +228,36 @@ class CopyIndex:
         quarter hop of a training window. The reference distribution is computed the same way (each
         training clip queried at that hop against the others), so percentiles stay calibrated."""
         from ..data.folder import AudioSet
+        given = audio
         audio = {"sample_rate": None, "seconds": None, "data": None}
         if not isinstance(data, AudioSet):
             data, audio = load_training_set(data, encoder, sample_rate, seconds, progress)
         else:
-            audio.update(sample_rate=int(data.sample_rate), seconds=data.waves.shape[1] / data.sample_rate)
+            audio.update(sample_rate=int(data.sample_rate), seconds=float(data.lengths.max()) / data.sample_rate)
+        audio.update(given or {})
         emb = encoder.embed_windows(data.waves, data.sample_rate, progress=progress)
         qh = float(query_hop_seconds or encoder.hop_seconds / 2)
         ref_q = emb if abs(qh - encoder.hop_seconds) < 1e-9 else \
             _query_windows(encoder, qh, data.waves, data.sample_rate, emb, progress)
+        sig_cfg = SignalConfig(sample_rate=int(encoder.sample_rate))
+        sig = signal_fingerprints(data.waves, data.sample_rate, sig_cfg, progress=progress)
+        level = calibrate_copy_level(data.waves, data.sample_rate, sig, sig_cfg)
         return cls.from_embeddings(emb, data.labels, data.classes, data.sources, encoder, audio=audio, kind=kind,
                                    nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search, progress=progress,
-                                   reference_queries=ref_q, query_hop_seconds=qh)
+                                   reference_queries=ref_q, query_hop_seconds=qh, signal=sig, signal_config=sig_cfg,
+                                   copy_level=level)
 
     @classmethod
     def from_embeddings(cls, emb: WindowEmbeddings, labels, classes, sources, encoder, *, audio: dict | None = None,
                         kind: str = "flat", nlist: int | None = None, nprobe: int = 16, hnsw_m: int = 32,
                         ef_search: int = 128, progress: bool = False, reference_queries: WindowEmbeddings | None = None,
-                        query_hop_seconds: float | None = None) -> "CopyIndex":
+                        query_hop_seconds: float | None = None, signal: np.ndarray | None = None,
+                        signal_config: SignalConfig | None = None, copy_level: float | None = None) -> "CopyIndex":
         """Index window embeddings already computed by ``encoder`` (its identity is checked).
         ``reference_queries``: the same clips embedded at the query hop (default: ``emb`` itself, and the
-        query hop is then the encoder's hop)."""
+        query hop is then the encoder's hop). ``signal``: the clips' signal fingerprints (made with
+        ``signal_config``); with ``copy_level`` (the fingerprint similarity plain copies reach), pairs of
+        clips at least that close are near-duplicates, reported and left out of each other's reference."""
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; valid: {', '.join(INDEX_KINDS)}")
         _check_identity(emb, encoder.name, encoder.weights_hash)
@@ -230,8 +275,18 @@ class CopyIndex:
         e, ci2, off = e[vec_order], ci2[vec_order], off[vec_order]
         labels2 = labels[clip_order]
         sources2 = [sources[i] for i in clip_order]
+        sig2 = pairs = None
+        if signal is not None:
+            if len(signal) != n:
+                raise ValueError(f"{len(signal)} signal fingerprints for {n} clips")
+            sig2 = np.asarray(signal, np.float32)[clip_order]
+            if copy_level is not None:
+                pairs = np.sort(near_duplicate_pairs(sig2, copy_level), axis=1)
         index, params = _make_faiss(e, kind, nlist, nprobe, hnsw_m, ef_search)
         params["silence_gate_db"] = {"relative": SILENCE_RELATIVE_DB, "absolute": SILENCE_ABSOLUTE_DB}
+        if signal is not None:
+            params["signal"] = (signal_config or SignalConfig()).to_dict()
+            params["copy_level"] = None if copy_level is None else float(copy_level)
         if reference_queries is None:
             rq, rq_clip = e, ci2
             params["query_hop_seconds"] = float(encoder.hop_seconds)
@@ -243,34 +298,83 @@ class CopyIndex:
         enc = {**encoder.identity(), "path": getattr(encoder, "source", None),
                "head_path": getattr(getattr(encoder, "head", None), "path", None),
                "has_head": getattr(encoder, "head", None) is not None}
-        obj = cls(index, ci2, off, labels2, classes, sources2, enc, audio or {}, np.zeros(n), np.zeros(n), kind, params)
+        obj = cls(index, ci2, off, labels2, classes, sources2, enc, audio or {}, np.zeros(n), np.zeros(n), kind, params,
+                  signal=sig2, dup_pairs=pairs)
         obj._encoder = encoder
         obj.ref_same = obj._reference(rq, rq_clip, same_class=True)
         obj.ref_all = obj._reference(rq, rq_clip, same_class=False)
+        if sig2 is not None:
+            obj.sig_ref_same = obj._signal_reference(same_class=True)
+            obj.sig_ref_all = obj._signal_reference(same_class=False)
         return obj
 
-    def _reference(self, q: np.ndarray, qclip: np.ndarray, same_class: bool) -> np.ndarray:
-        """Each clip's top-1 similarity among the other clips (max over window pairs); ``q`` are the clips'
-        query windows and ``qclip`` their clip ids (index order)."""
+    def _excluded(self, qc: np.ndarray, tclip: np.ndarray) -> np.ndarray:
+        """Mask of (query clip, training clip) pairs that do not count in the reference: the clip itself
+        and its near-duplicates."""
+        out = (tclip == qc) | (tclip < 0)
+        if len(self.dup_pairs):
+            n = max(self.num_clips, 1)
+            codes = np.concatenate([self.dup_pairs[:, 0] * n + self.dup_pairs[:, 1],
+                                    self.dup_pairs[:, 1] * n + self.dup_pairs[:, 0]])
+            out |= np.isin(qc * n + np.maximum(tclip, 0), codes)
+        return out
+
+    def _reference(self, q: np.ndarray, qclip: np.ndarray, same_class: bool, chunk: int = 4096) -> np.ndarray:
+        """Each clip's top-1 similarity among the other clips (max over window pairs) that are not its
+        near-duplicates; ``q`` are the clips' query windows and ``qclip`` their clip ids (index order).
+        Each query window asks for a few neighbours, and for more only while all it got were its own clip's
+        windows or its near-duplicates' (memory stays proportional to the windows, not to the longest clip)."""
         n = self.num_clips
-        out = np.full(n, np.nan, np.float32)
-        wmax = int(self.windows_per_clip.max()) if n else 0
+        best = np.full(n, -np.inf, np.float32)
         groups = ([(c, self.vec_lo[c], self.vec_hi[c]) for c in range(len(self.classes))] if same_class
                   else [(None, 0, self.ntotal)])
         for c, lo, hi in groups:
             rows = np.flatnonzero(self.labels[qclip] == c) if c is not None else np.arange(len(qclip))
             if hi - lo == 0 or len(rows) == 0:
                 continue
-            sims, ids = self._search_range(q[rows], min(wmax + 1, hi - lo), lo, hi)
-            qc = np.repeat(qclip[rows], sims.shape[1])
-            tclip = np.where(ids.ravel() >= 0, self.clip_of_vec[np.maximum(ids.ravel(), 0)], -1)
-            sv = sims.ravel()
-            keep = (tclip != qc) & (tclip >= 0)
-            best = np.full(n, -np.inf, np.float32)
-            np.maximum.at(best, qc[keep], sv[keep])
-            clips = np.unique(qclip[rows])
-            out[clips] = np.where(np.isfinite(best[clips]), best[clips], np.nan)
+            for i in range(0, len(rows), chunk):
+                todo = rows[i:i + chunk]
+                k = 16
+                while len(todo):
+                    sims, ids = self._search_range(q[todo], min(k, hi - lo), lo, hi)
+                    qc = np.repeat(qclip[todo], sims.shape[1])
+                    tclip = np.where(ids.ravel() >= 0, self.clip_of_vec[np.maximum(ids.ravel(), 0)], -1)
+                    ok = ~self._excluded(qc, tclip)
+                    np.maximum.at(best, qc[ok], sims.ravel()[ok])
+                    found = ok.reshape(sims.shape).any(axis=1)
+                    if k >= hi - lo:
+                        break
+                    todo, k = todo[~found], k * 4
+        out = np.where(np.isfinite(best), best, np.nan).astype(np.float32)
+        present = np.zeros(n, bool)
+        present[np.unique(qclip)] = True
+        out[~present] = np.nan
         return out
+
+    def _signal_reference(self, same_class: bool, chunk: int = 2048) -> np.ndarray:
+        """Each clip's top-1 signal similarity among the other clips that are not its near-duplicates."""
+        n = self.num_clips
+        out = np.full(n, np.nan, np.float32)
+        spans = ([(self.clip_lo[c], self.clip_hi[c]) for c in range(len(self.classes))] if same_class else [(0, n)])
+        for lo, hi in spans:
+            block = self.signal[lo:hi]
+            for i in range(0, hi - lo, chunk):
+                sims = block[i:i + chunk] @ block.T
+                for r in range(len(sims)):
+                    clip = lo + i + r
+                    sims[r, clip - lo] = -np.inf
+                    nb = [j - lo for j in self._neighbours[clip] if lo <= j < hi]
+                    if nb:
+                        sims[r, nb] = -np.inf
+                b = sims.max(axis=1) if sims.shape[1] else np.full(len(sims), -np.inf)
+                out[lo + i:lo + i + len(sims)] = np.where(np.isfinite(b), b, np.nan)
+        return out
+
+    # ------------------------------------------------------------------------------ near-duplicates
+    def duplicate_groups(self) -> list[list[int]]:
+        """Groups of indexed clips that are near-duplicates of each other (as close as plain copies are),
+        largest first: a dataset-hygiene finding (gain-scaled takes, files exported twice, ...)."""
+        return [g.tolist() for g in duplicate_groups(self.dup_pairs, self.num_clips)]
 
     @property
     def query_hop_seconds(self) -> float:
@@ -352,6 +456,11 @@ class CopyIndex:
         ``(name, weights_hash)`` pair, checked). ``same_class``: None (all classes), one class name for all
         queries, or a list with one class name (or None) per query clip."""
         emb = self._as_window_embeddings(queries, sample_rate, encoder, progress)
+        qsig = None
+        if self.signal is not None and encoder is None and not isinstance(queries, WindowEmbeddings):
+            cfg = self.signal_config
+            sr = int(sample_rate or self.audio.get("sample_rate") or self.encoder.sample_rate)
+            qsig = signal_fingerprints(_as_clips(queries), sr, cfg)
         e, qci, qoff = _audible(emb)                 # silent windows match every silence: left out
         if e.shape[1] != self.dim:
             raise IndexMismatchError(f"query embeddings are {e.shape[1]}-d but the index is {self.dim}-d")
@@ -363,8 +472,15 @@ class CopyIndex:
         else:
             c = None if same_class is None else self.class_index(same_class)
             per_q = [c] * nq
-        reference = self.ref_all if all(c is None for c in per_q) else self.ref_same
+        all_classes = all(c is None for c in per_q)
         wmax = int(self.windows_per_clip.max()) if self.num_clips else 1
+        silent = np.ones(nq, bool)
+        if emb.levels_db is not None and len(emb.levels_db):
+            loud = np.full(nq, -np.inf)
+            np.maximum.at(loud, emb.clip_index, emb.levels_db)
+            silent = loud < SILENCE_ABSOLUTE_DB
+        elif len(qci):
+            silent[np.unique(qci)] = False
         results: list[QueryResult | None] = [None] * nq
         groups: dict = {}
         for qi, c in enumerate(per_q):
@@ -374,16 +490,36 @@ class CopyIndex:
             rows = np.flatnonzero(np.isin(qci, qis))
             if hi - lo == 0 or len(rows) == 0:
                 for qi in qis:
-                    results[qi] = QueryResult([], [])
+                    results[qi] = QueryResult([], [], "silent" if silent[qi] else None)
                 continue
             sims, ids = self._search_range(e[rows], k * wmax, lo, hi)
             for qi in qis:
+                if silent[qi]:
+                    results[qi] = QueryResult([], [], "silent (every window below "
+                                                      f"{SILENCE_ABSOLUTE_DB:.0f} dBFS)")
+                    continue
                 r = np.flatnonzero(qci[rows] == qi)
-                results[qi] = self._aggregate(sims[r], ids[r], qoff[rows][r], k, reference,
-                                              same_class=c is not None)
+                results[qi] = self._aggregate(sims[r], ids[r], qoff[rows][r], k, c, e[rows][r],
+                                              None if qsig is None else qsig[qi], all_classes)
         return results
 
-    def _aggregate(self, sims, ids, qoffs, k, reference, same_class) -> QueryResult:
+    @property
+    def signal_config(self) -> SignalConfig:
+        return SignalConfig(**self.params["signal"]) if "signal" in self.params else SignalConfig()
+
+    def _reference_of(self, clip: int, same_class: bool, signal: bool) -> np.ndarray:
+        ref = (self.sig_ref_same if same_class else self.sig_ref_all) if signal else \
+            (self.ref_same if same_class else self.ref_all)
+        ref = ref[self.labels == self.labels[clip]] if same_class else ref
+        return ref[np.isfinite(ref)]
+
+    def _clip_similarity(self, qwin: np.ndarray, clip: int) -> float:
+        """Max over window pairs between query windows and one indexed clip's windows."""
+        ids = np.flatnonzero(self.clip_of_vec == clip)
+        vecs = np.stack([self.index.reconstruct(int(i)) for i in ids])
+        return float((qwin @ vecs.T).max())
+
+    def _aggregate(self, sims, ids, qoffs, k, c, qwin, qsig, all_classes) -> QueryResult:
         windows = []
         for w in range(len(sims)):
             j = int(np.argmax(sims[w])) if len(sims[w]) else -1
@@ -401,14 +537,38 @@ class CopyIndex:
         clips = self.clip_of_vec[v[order]]
         _, first = np.unique(clips, return_index=True)
         first = np.sort(first)[:k]
-        matches = []
-        for rank, f in enumerate(first, start=1):
+        cand = {}
+        for f in first:
             o = order[f]
-            clip = int(self.clip_of_vec[v[o]])
-            cname = self.classes[self.labels[clip]]
-            ref = reference[self.labels == self.labels[clip]] if same_class else reference
-            matches.append(Match(rank, float(s[o]), clip, self.sources[clip], cname, float(qoffs[qw[o]]),
-                                 float(self.offset_of_vec[v[o]]), _percentile(ref, float(s[o]))))
+            cand[int(self.clip_of_vec[v[o]])] = (float(s[o]), float(qoffs[qw[o]]), float(self.offset_of_vec[v[o]]))
+        sig_sims = None
+        if qsig is not None:
+            lo, hi = (0, self.num_clips) if c is None else (int(self.clip_lo[c]), int(self.clip_hi[c]))
+            sig_sims = np.full(self.num_clips, -np.inf, np.float32)
+            sig_sims[lo:hi] = self.signal[lo:hi] @ qsig
+            for clip in np.argsort(-sig_sims[lo:hi], kind="stable")[:k] + lo:     # the signal tier's own top-k
+                if int(clip) not in cand:
+                    cand[int(clip)] = (self._clip_similarity(qwin, int(clip)), float("nan"), float("nan"))
+        same = not all_classes
+        matches = []
+        for clip, (sim, qo, to) in cand.items():
+            ev, ssim, spct = [], None, None
+            ref = self._reference_of(clip, same, signal=False)
+            pct = _percentile(ref, sim)
+            if len(ref) and sim > np.percentile(ref, 95):
+                ev.append("embedding")
+            if sig_sims is not None:
+                ssim = float(sig_sims[clip])
+                sref = self._reference_of(clip, same, signal=True)
+                spct = _percentile(sref, ssim)
+                if len(sref) and ssim > np.percentile(sref, 95):
+                    ev.append("signal")
+            matches.append(Match(0, sim, clip, self.sources[clip], self.classes[self.labels[clip]], qo, to, pct,
+                                 ssim, spct, tuple(ev)))
+        matches.sort(key=_rank_key)
+        matches = matches[:k]
+        for rank, m in enumerate(matches, start=1):
+            m.rank = rank
         return QueryResult(matches, windows)
 
     def _as_window_embeddings(self, queries, sample_rate, encoder, progress) -> WindowEmbeddings:
@@ -436,23 +596,27 @@ class CopyIndex:
         return self.embed_queries(queries, sample_rate, progress)
 
     # ------------------------------------------------------------------------------- the reference
-    def reference(self, class_name=None, all_classes: bool = False) -> np.ndarray:
-        """Training top-1 similarities (each clip vs the others; same class unless ``all_classes``)."""
-        ref = self.ref_all if all_classes else self.ref_same
+    def reference(self, class_name=None, all_classes: bool = False, signal: bool = False) -> np.ndarray:
+        """Training top-1 similarities (each clip vs the others that are not its near-duplicates; same
+        class unless ``all_classes``), of the learned embedding or, with ``signal``, of the fingerprints."""
+        if signal:
+            ref = self.sig_ref_all if all_classes else self.sig_ref_same
+        else:
+            ref = self.ref_all if all_classes else self.ref_same
         if class_name is not None:
             ref = ref[self.labels == self.class_index(class_name)]
         return ref[np.isfinite(ref)]
 
-    def percentile(self, sim, class_name=None, all_classes: bool = False):
+    def percentile(self, sim, class_name=None, all_classes: bool = False, signal: bool = False):
         """Percent of training clips whose own top-1 similarity is <= ``sim`` (scalar or array)."""
-        ref = self.reference(class_name, all_classes)
+        ref = self.reference(class_name, all_classes, signal)
         if np.ndim(sim) == 0:
             return _percentile(ref, float(sim))
         return np.array([_percentile(ref, float(s)) for s in np.ravel(sim)]).reshape(np.shape(sim))
 
-    def threshold(self, q: float = 95, class_name=None, all_classes: bool = False) -> float:
+    def threshold(self, q: float = 95, class_name=None, all_classes: bool = False, signal: bool = False) -> float:
         """The ``q``-th percentile of the training top-1 distribution (the paper's reference mark: 95)."""
-        ref = self.reference(class_name, all_classes)
+        ref = self.reference(class_name, all_classes, signal)
         if len(ref) == 0:
             raise ValueError("no reference similarities (classes need at least two clips)")
         return float(np.percentile(ref, q))
@@ -493,6 +657,10 @@ class CopyIndex:
         tensors = {"clip_of_vec": torch.from_numpy(self.clip_of_vec), "offset_of_vec": torch.from_numpy(self.offset_of_vec),
                    "labels": torch.from_numpy(self.labels), "ref_same": torch.from_numpy(self.ref_same),
                    "ref_all": torch.from_numpy(self.ref_all)}
+        if self.signal is not None:
+            tensors.update(signal=torch.from_numpy(self.signal).half(), dup_pairs=torch.from_numpy(self.dup_pairs),
+                           sig_ref_same=torch.from_numpy(self.sig_ref_same),
+                           sig_ref_all=torch.from_numpy(self.sig_ref_all))
         atomic_save_safetensors(root / "windows.safetensors", tensors)
         enc = dict(self.encoder_info)
         for key in ("path", "head_path"):
@@ -513,8 +681,12 @@ class CopyIndex:
             "dim": self.dim, "ntotal": self.ntotal, "num_clips": self.num_clips, "encoder": enc,
             "audio": audio, "classes": self.classes, "sources": self.sources,
             "reference": {c: {"n": int(np.isfinite(self.reference(c)).sum()),
-                              "p50": _q(self.reference(c), 50), "p95": _q(self.reference(c), 95)}
+                              "p50": _q(self.reference(c), 50), "p95": _q(self.reference(c), 95),
+                              "signal_p50": _q(self.reference(c, signal=True), 50),
+                              "signal_p95": _q(self.reference(c, signal=True), 95)}
                           for c in self.classes},
+            "near_duplicates": {"pairs": int(len(self.dup_pairs)), "groups": len(self.duplicate_groups()),
+                                "clips_in_groups": int(sum(len(g) for g in self.duplicate_groups()))},
             "files": {name: {"sha256": _sha256_file(root / name), "bytes": (root / name).stat().st_size}
                       for name in FILES},
         }
@@ -558,9 +730,11 @@ class CopyIndex:
         except Exception as e:  # checksums matched, so this is a FAISS version problem
             raise CorruptIndexError(f"{root / 'index.faiss'}: FAISS {faiss.__version__} cannot read it ({e})") from None
         t = load_safetensors(root / "windows.safetensors")
+        opt = {k: t[k].numpy() if k in t else None for k in ("dup_pairs", "sig_ref_same", "sig_ref_all")}
         obj = cls(index, t["clip_of_vec"].numpy(), t["offset_of_vec"].numpy(), t["labels"].numpy(), meta["classes"],
                   meta["sources"], meta["encoder"], meta.get("audio", {}), t["ref_same"].numpy(), t["ref_all"].numpy(),
-                  meta.get("kind", "flat"), meta.get("params", {}), root=root)
+                  meta.get("kind", "flat"), meta.get("params", {}), root=root,
+                  signal=t["signal"].float().numpy() if "signal" in t else None, **opt)
         if obj.dim != int(meta["dim"]):
             raise CorruptIndexError(f"{root}: index dimension {obj.dim} differs from index.json ({meta['dim']})")
         if encoder is not None:
@@ -569,6 +743,20 @@ class CopyIndex:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _rank_key(m: Match):
+    """Matches are ranked by the mean of both tiers' similarities where the signal tier is known (either
+    alone can be fooled: the embedding by sounds it was not trained on, the signal by noise-like sounds
+    of one shape), else by the embedding similarity."""
+    if m.signal_similarity is None:
+        return (-m.similarity, m.clip)
+    return (-(m.similarity + m.signal_similarity) / 2, m.clip)
+
+
+def _as_clips(queries) -> list:
+    from .windows import _as_clip_list
+    return _as_clip_list(queries)
+
+
 def _q(ref, q):
     ref = ref[np.isfinite(ref)]
     return round(float(np.percentile(ref, q)), 6) if len(ref) else None
@@ -669,29 +857,44 @@ def _make_faiss(e: np.ndarray, kind: str, nlist, nprobe, hnsw_m, ef_search):
     return index, params
 
 
-def load_training_set(root, encoder, sample_rate, seconds, progress):
-    """A class-per-folder tree -> (AudioSet, audio settings). Synth trees use their manifest's settings."""
-    import soundfile as sf
-    from ..data.folder import load_folder, scan_folder
+def load_training_set(root, encoder, sample_rate, seconds, progress, max_seconds: float = 60.0,
+                      own_length: bool = True):
+    """A class-per-folder tree -> (AudioSet, audio settings), read by the one folder reader.
+
+    Trees written by ``edmsound data synth`` use their manifest's rate and length. Other trees load at
+    ``sample_rate`` (default: the encoder's); each clip keeps its own length, at most ``seconds`` (default
+    ``max_seconds``), so one long file costs its own windows only; with ``own_length=False`` every clip is
+    cut or padded to ``seconds`` (default: the longest file, at most ``max_seconds``). Cut and skipped
+    files are reported."""
+    from ..data.folder import load_folder
     root = Path(root).resolve()
     manifest = root / "synth.json"
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         sr, secs = int(sample_rate or m["sample_rate"]), float(seconds or m["seconds"])
+        data = load_folder(root, sr, int(round(secs * sr)), progress=progress, verbose=progress)
+    elif own_length:
+        sr = int(sample_rate or getattr(encoder, "sample_rate", 16000))
+        secs = float(seconds or max_seconds)
+        data = load_folder(root, sr, None, progress=progress, verbose=progress, max_seconds=secs)
     else:
-        sr = int(sample_rate or encoder.sample_rate)
+        import soundfile as sf
+        from ..data.folder import scan_folder
+        sr = int(sample_rate or getattr(encoder, "sample_rate", 16000))
         if seconds is None:
-            _, files = scan_folder(root)
             durs = []
-            for f, _ in files:
+            for f, _ in scan_folder(root)[1]:
                 try:
                     durs.append(sf.info(str(f)).duration)
-                except Exception:
+                except Exception:           # unreadable: the reader names it below
                     pass
-            secs = float(min(max(durs), 60.0)) if durs else 1.0
-        else:
-            secs = float(seconds)
-    data = load_folder(root, sr, int(round(secs * sr)), progress=progress, verbose=progress)
+            seconds = min(max(durs), max_seconds) if durs else 1.0
+        secs = float(seconds)
+        data = load_folder(root, sr, int(round(secs * sr)), progress=progress, verbose=progress)
     if data.skipped:
-        warnings.warn(f"{len(data.skipped)} file(s) skipped while indexing {root}")
-    return data, {"sample_rate": sr, "seconds": secs, "data": str(root), "data_root": str(root)}
+        warnings.warn(f"{len(data.skipped)} of {data.report.files} file(s) skipped while reading {root} "
+                      f"({', '.join(f'{n} {k}' for k, n in sorted(data.report.reason_counts().items()))})")
+    return data, {"sample_rate": sr, "seconds": secs, "data": str(root), "data_root": str(root),
+                  "variable_length": own_length and not manifest.is_file(), "read": data.report.to_dict()}

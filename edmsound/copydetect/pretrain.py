@@ -62,7 +62,26 @@ def _views(waves: np.ndarray, idx: np.ndarray, window: int, sr: int, aug, rng) -
     return a, b
 
 
-def train_encoder(data_dir, out_dir, *, epochs: float = 2.0, batch_size: int = 64, lr: float = 2e-3,
+MIN_STEPS = 300            # the built-in default trained 308 steps; fewer leave a small set unlearnt
+COLLAPSE_SIMILARITY = 0.98
+
+
+class EncoderCollapseError(RuntimeError):
+    """The trained encoder maps different clips to (nearly) the same embedding."""
+
+
+def collapse_check(encoder, waves, sample_rate: int, clips: int = 128, seed: int = 0) -> float:
+    """Median cosine similarity between embeddings of different clips (up to ``clips`` of them); a
+    collapsed encoder gives ~1.0 for every pair."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(waves), min(clips, len(waves)), replace=False))
+    e = encoder.embed([waves[i] for i in pick], sample_rate, progress=False)
+    s = e @ e.T
+    off = s[~np.eye(len(s), dtype=bool)]
+    return float(np.median(off)) if len(off) else 0.0
+
+
+def train_encoder(data_dir, out_dir, *, epochs: float | None = None, batch_size: int = 64, lr: float = 2e-3,
                   temperature: float = 0.1, max_minutes: float | None = None, seed: int = 0,
                   state_dir=None, resume: bool = True, progress: bool = True, threads: int | None = None,
                   checkpoint_every: int = 25, config_overrides: dict | None = None,
@@ -73,7 +92,10 @@ def train_encoder(data_dir, out_dir, *, epochs: float = 2.0, batch_size: int = 6
     EQ: :class:`edmsound.augment.ContrastiveAugment`); negatives are the other clips in the batch
     (NT-Xent). Training state (weights, AdamW moments, step) is saved atomically every
     ``checkpoint_every`` steps to ``state_dir`` (default ``out_dir/train_state``) and resumed from it.
-    ``max_minutes`` stops early (the encoder written is the last step's)."""
+    ``max_minutes`` stops early (the encoder written is the last step's). ``epochs`` defaults to what
+    gives at least 300 steps (3.5 epochs on large sets). After training, the median similarity between
+    different clips is checked: an encoder that maps every clip to one point raises
+    :class:`EncoderCollapseError` (it is still written, for inspection)."""
     from transformers import ClapAudioModelWithProjection
     from ..data.augment import ContrastiveAugment
     from ..data.folder import load_folder
@@ -93,6 +115,8 @@ def train_encoder(data_dir, out_dir, *, epochs: float = 2.0, batch_size: int = 6
     window = frontend.max_length
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps_per_epoch = max(1, math.ceil(len(data) / batch_size))
+    if epochs is None:                      # scale with the data: at least MIN_STEPS steps, 3.5 epochs
+        epochs = max(3.5, MIN_STEPS / steps_per_epoch)
     total = max(1, int(round(epochs * steps_per_epoch)))
     warmup = min(50, total // 10 + 1)
     step, history = 0, []
@@ -164,4 +188,12 @@ def train_encoder(data_dir, out_dir, *, epochs: float = 2.0, batch_size: int = 6
     save_encoder_dir(model, fe, out_dir, name=name, window_seconds=window / sr, hop_seconds=window / sr / 2,
                      info={"training": training})
     info = json.loads((out_dir / ENCODER_JSON).read_text())
+    from .encoders import load_encoder
+    med = collapse_check(load_encoder(out_dir, cache=False), data.waves, sr, seed=seed)
+    info["training"]["median_similarity_between_clips"] = round(med, 4)
+    if med > COLLAPSE_SIMILARITY:
+        raise EncoderCollapseError(
+            f"the encoder in {out_dir} collapsed: different clips have median similarity {med:.3f} (above "
+            f"{COLLAPSE_SIMILARITY}), so it cannot tell clips apart; train longer (--epochs), with a lower --lr, "
+            "or on more clips")
     return info

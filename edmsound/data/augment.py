@@ -125,3 +125,18 @@ class ContrastiveAugment:
             x = mild_eq(x, rng, self.eq_db)
         x = apply_gain(x, np.exp(rng.uniform(np.log(self.gain[0]), np.log(self.gain[1]))))
         return add_noise_snr(x, rng.uniform(*self.snr_db), rng)
+
+
+@dataclass(frozen=True)
+class LeadInCopy:
+    """A plain copy of a whole clip as a user might make one: gain 0.3-1.2, a lead-in of silence of up to
+    50 ms, noise at SNR 80-100 dB. ``__call__(wave, sample_rate, rng)`` returns ``(copy, lead_in_samples)``."""
+    gain: tuple[float, float] = (0.3, 1.2)
+    max_lead_in_seconds: float = 0.05
+    snr_db: tuple[float, float] = (80.0, 100.0)
+
+    def __call__(self, wave, sample_rate: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        x = _as_wave(wave)
+        lead = int(rng.integers(0, int(round(self.max_lead_in_seconds * sample_rate)) + 1))
+        x = np.concatenate([np.zeros(lead, x.dtype), apply_gain(x, rng.uniform(*self.gain))])
+        return add_noise_snr(x, rng.uniform(*self.snr_db), rng), lead

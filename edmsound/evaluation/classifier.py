@@ -290,7 +290,7 @@ def _load_data(data, sample_rate: int, seconds, progress: bool):
         if data.sample_rate != sample_rate:
             raise ValueError(f"data is at {data.sample_rate} Hz but the classifier is configured for {sample_rate} Hz")
         return data, f"in-memory AudioSet ({len(data)} clips)"
-    ds, audio = load_training_set(data, None, sample_rate, seconds, progress)
+    ds, audio = load_training_set(data, None, sample_rate, seconds, progress, own_length=False)
     return ds, str(data)
 
 
