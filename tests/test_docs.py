@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = sorted({ROOT / "README.md", *ROOT.joinpath("docs").rglob("*.md"), *ROOT.joinpath("checkpoints").rglob("*.md"),
-               *ROOT.joinpath("benchmarks").rglob("*.md")})
+DOCS = sorted(p for p in {ROOT / "README.md", *ROOT.joinpath("docs").rglob("*.md"),
+                          *ROOT.joinpath("checkpoints").rglob("*.md"), *ROOT.joinpath("benchmarks").rglob("*.md")}
+              if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))   # not fetched caches
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 INTERNAL = re.compile(r"\bissue[- ]?#?\d+|\bissue's\b|\bthe issue\b|\bissue (?:bar|target)s?\b", re.IGNORECASE)
 

@@ -52,8 +52,8 @@ def _cmd_encoder_finetune_head(a):
 
 
 def _builtin_classes() -> list[str]:
-    from ..data.synth import CLASSES
-    return list(CLASSES)
+    from .. import BUILTIN_CLASSES
+    return list(BUILTIN_CLASSES)
 
 
 def _cmd_encoder_convert(a):

@@ -513,11 +513,13 @@ class CopyIndex:
         ref = ref[self.labels == self.labels[clip]] if same_class else ref
         return ref[np.isfinite(ref)]
 
-    def _clip_similarity(self, qwin: np.ndarray, clip: int) -> float:
-        """Max over window pairs between query windows and one indexed clip's windows."""
+    def _clip_similarity(self, qwin: np.ndarray, qoffs: np.ndarray, clip: int) -> tuple[float, float, float]:
+        """(max over window pairs between query windows and one indexed clip's windows, query offset,
+        training offset of that pair)."""
         ids = np.flatnonzero(self.clip_of_vec == clip)
-        vecs = np.stack([self.index.reconstruct(int(i)) for i in ids])
-        return float((qwin @ vecs.T).max())
+        sims = qwin @ np.stack([self.index.reconstruct(int(i)) for i in ids]).T
+        q, t = np.unravel_index(int(np.argmax(sims)), sims.shape)
+        return float(sims[q, t]), float(qoffs[q]), float(self.offset_of_vec[ids[t]])
 
     def _aggregate(self, sims, ids, qoffs, k, c, qwin, qsig, all_classes) -> QueryResult:
         windows = []
@@ -548,7 +550,7 @@ class CopyIndex:
             sig_sims[lo:hi] = self.signal[lo:hi] @ qsig
             for clip in np.argsort(-sig_sims[lo:hi], kind="stable")[:k] + lo:     # the signal tier's own top-k
                 if int(clip) not in cand:
-                    cand[int(clip)] = (self._clip_similarity(qwin, int(clip)), float("nan"), float("nan"))
+                    cand[int(clip)] = self._clip_similarity(qwin, qoffs, int(clip))
         same = not all_classes
         matches = []
         for clip, (sim, qo, to) in cand.items():

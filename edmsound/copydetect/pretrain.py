@@ -66,7 +66,7 @@ MIN_STEPS = 300            # the built-in default trained 308 steps; fewer leave
 COLLAPSE_SIMILARITY = 0.98
 
 
-class EncoderCollapseError(RuntimeError):
+class EncoderCollapseError(ValueError):
     """The trained encoder maps different clips to (nearly) the same embedding."""
 
 

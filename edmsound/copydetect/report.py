@@ -56,6 +56,8 @@ class ClipScore:
     stitch_reason: str
     windows: list = field(default_factory=list)
     clip: int = -1
+    signal_similarity: float = float("nan")
+    evidence: tuple = ()             # tiers above their class's training 95th percentile
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -252,9 +254,8 @@ def analyse_copies(index, generated_dir, out_dir, *, all_classes: bool = False, 
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     sr = int(index.audio.get("sample_rate") or index.encoder.sample_rate)
     clips = load_generated(generated_dir, sr, index.classes)
-    emb = index.embed_queries([c.wave for c in clips], sr, progress=progress)
     same = None if all_classes else [c.class_name for c in clips]
-    results = index.search(emb, k=1, same_class=same)
+    results = index.search([c.wave for c in clips], k=1, same_class=same, sample_rate=sr, progress=progress)
     hop = float(index.encoder_info.get("hop_seconds", 0.0))
     win_s = float(index.encoder_info.get("window_seconds", 0.0))
     p95 = {c: (index.threshold(95, c, all_classes) if len(index.reference(c, all_classes)) else float("nan"))
@@ -272,7 +273,8 @@ def analyse_copies(index, generated_dir, out_dir, *, all_classes: bool = False, 
         pct = index.percentile(m.similarity, c.class_name, all_classes)
         scores.append(ClipScore(c.path, c.class_name, m.similarity, pct, bool(m.similarity > thr), m.source,
                                 m.class_name, m.query_offset, m.train_offset, st["stitching"], st["reason"],
-                                st["windows"], m.clip))
+                                st["windows"], m.clip,
+                                float("nan") if m.signal_similarity is None else m.signal_similarity, m.evidence))
 
     # ---- per-class table
     per_class = {}
@@ -287,6 +289,9 @@ def analyse_copies(index, generated_dir, out_dir, *, all_classes: bool = False, 
         per_class[cname] = {
             "generated": len(ss), "train_clips": int(len(ref)), "train_p95": tp95, "generated_p95": gp95,
             "p95_difference": gp95 - tp95, "share_above_train_p95": float(np.mean([s.above_p95 for s in ss])),
+            "share_copies_either_tier": float(np.mean([bool(s.evidence) for s in ss])),
+            "signal_median": float(np.nanmedian([s.signal_similarity for s in ss]))
+            if any(np.isfinite(s.signal_similarity) for s in ss) else float("nan"),
             "bins": {f">={b:.2f}": int((sims >= b).sum()) for b in SIMILARITY_BINS},
             "stitching": int(sum(s.stitching for s in ss)), "max_similarity": float(sims.max()),
         }
@@ -295,13 +300,14 @@ def analyse_copies(index, generated_dir, out_dir, *, all_classes: bool = False, 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["file", "class", "top1_similarity", "top1_percentile", "above_train_p95", "top1_source",
-                "top1_class", "query_offset_s", "train_offset_s", "stitching", "stitching_reason", "window_matches"])
+                "top1_class", "query_offset_s", "train_offset_s", "stitching", "stitching_reason", "window_matches",
+                "signal_similarity", "copy_evidence"])
     for s in scores:
         wm = "; ".join(f"{x['query_offset']:.2f}s->{x['source']}@{x['train_offset']:.2f}s:{x['similarity']:.3f}"
                        + ("*" if x["matched"] else "") for x in s.windows)
         w.writerow([s.file, s.class_name, _fmt(s.similarity, 5), _fmt(s.percentile, 2), int(s.above_p95), s.source,
                     s.source_class, f"{s.query_offset:.3f}", f"{s.train_offset:.3f}", int(s.stitching),
-                    s.stitch_reason, wm])
+                    s.stitch_reason, wm, _fmt(s.signal_similarity, 5), "+".join(s.evidence)])
     atomic_write_bytes(out / "scores.csv", buf.getvalue().encode())
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -376,15 +382,19 @@ def _report_md(index, summary, scores, all_classes) -> str:
              "other training clips (EDMSound, Zhu et al. 2023).\n")
     L.append("## Per class\n")
     head = ("| class | generated | train p95 | generated p95 | Δ p95 (gen − train) | share > train p95 | "
-            + " | ".join(f"≥{b:.2f}" for b in SIMILARITY_BINS) + " | stitching |")
+            + " | ".join(f"≥{b:.2f}" for b in SIMILARITY_BINS) + " | stitching | signal median | copies (either tier) |")
     L.append(head)
-    L.append("|" + "---|" * (7 + len(SIMILARITY_BINS)))
+    L.append("|" + "---|" * (9 + len(SIMILARITY_BINS)))
     for c, r in summary["per_class"].items():
         L.append(f"| {c} | {r['generated']} | {_fmt(r['train_p95'])} | {_fmt(r['generated_p95'])} | "
                  f"{r['p95_difference']:+.3f} | {100 * r['share_above_train_p95']:.1f}% | "
-                 + " | ".join(str(v) for v in r["bins"].values()) + f" | {r['stitching']} |")
+                 + " | ".join(str(v) for v in r["bins"].values()) + f" | {r['stitching']} | "
+                 f"{_fmt(r['signal_median'])} | {100 * r['share_copies_either_tier']:.1f}% |")
     L.append("\nA positive Δ p95 or a share well above 5% means generated clips sit closer to training clips than "
-             "training clips sit to each other: listen to the pairs below.\n")
+             "training clips sit to each other: listen to the pairs below. *Signal median*: the median signal-"
+             "fingerprint similarity of each clip's top-1 match (gain- and onset-normalised log-mel); *copies*: "
+             "clips above their class's training 95th percentile in either tier (near-duplicates inside the "
+             "training set left out of the reference).\n")
     L.append("## Similarity distributions\n")
     L.append("![top-1 similarity histograms](histograms.png)\n")
     L.append("Density of top-1 similarity (log x axis, 0.45–1; values outside are drawn at the edges). Blue: "

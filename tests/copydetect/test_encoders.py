@@ -227,15 +227,20 @@ def test_encoder_train_resume_and_finetune_head_cli(tmp_path, capsys):
     data = tmp_path / "data"
     write_dataset(data, per_class=3, seed=0, seconds=1.016, classes=["rain", "keyboard"], progress=False)
     out, state = tmp_path / "enc", tmp_path / "state"
-    run(["encoder", "train", "--data", str(data), "--out", str(out), "--state", str(state), "--epochs", "2",
-         "--batch-size", "4", "--no-progress"])
-    meta = json.loads((out / "encoder.json").read_text())
+    with pytest.raises(SystemExit) as e:       # 4 steps on 6 clips: a collapsed encoder, said loudly
+        run(["encoder", "train", "--data", str(data), "--out", str(out), "--state", str(state), "--epochs", "2",
+             "--batch-size", "4", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "collapsed" in err and "median similarity" in err and "Traceback" not in err
+    meta = json.loads((out / "encoder.json").read_text())                # still written, for inspection
     assert meta["training"]["steps"] == 4 and meta["window_seconds"] == 0.5 and meta["hop_seconds"] == 0.25
     assert json.loads((state / "state.json").read_text())["step"] == 4
     first = load_encoder(out, cache=False)
     # resuming continues from the saved state instead of starting over
-    run(["encoder", "train", "--data", str(data), "--out", str(out), "--state", str(state), "--epochs", "2",
-         "--batch-size", "4", "--no-progress"])
+    with pytest.raises(SystemExit):
+        run(["encoder", "train", "--data", str(data), "--out", str(out), "--state", str(state), "--epochs", "2",
+             "--batch-size", "4", "--no-progress"])
     assert "resuming encoder training at step 4" in capsys.readouterr().out
     assert load_encoder(out, cache=False).weights_hash == first.weights_hash      # already complete: unchanged
     run(["encoder", "finetune-head", "--encoder", str(out), "--data", str(data), "--out", str(tmp_path / "head"),
