@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,8 @@ def split_set(root: Path, work: Path, seed: int = 0) -> tuple[Path, list[tuple[s
     rng = np.random.default_rng(seed)
     held = []
     idx_root = work / "index"
+    if idx_root.exists():                       # a fresh split every run (the set may have changed)
+        shutil.rmtree(idx_root)
     for c in classes:
         fs = [f for f, k in files if k == c]
         mask = np.zeros(len(fs), bool)
@@ -98,16 +101,23 @@ def make_copies(waves, n_random: int, n_short: int, seed: int = 1):
     return pick, [plain_copy(waves[i], rng) for i in pick], len(short)
 
 
-def gain_twins(waves, i) -> set:
-    """Indices of clips equal to clip ``i`` up to gain (same length, waveform correlation > 0.999)."""
+def same_recording(a: np.ndarray, b: np.ndarray, threshold: float = 0.99) -> bool:
+    """Whether two clips are one recording up to gain and a time shift: the peak of their normalised
+    waveform cross-correlation reaches ``threshold`` (a test on the samples, independent of any feature)."""
+    n = len(a) + len(b) - 1
+    nfft = 1 << (n - 1).bit_length()
+    xc = np.fft.irfft(np.fft.rfft(a, nfft) * np.conj(np.fft.rfft(b, nfft)), nfft)
+    return float(np.abs(xc).max() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)) >= threshold
+
+
+def gain_twins(waves, i, candidates=None) -> set:
+    """Clips that are the same recording as clip ``i`` (up to gain and shift; lengths within 25 %)."""
     w = waves[i]
     out = {i}
-    for j, v in enumerate(waves):
-        if j != i and abs(len(v) - len(w)) <= 1:
-            m = min(len(w), len(v))
-            c = float(np.dot(w[:m], v[:m]) / (np.linalg.norm(w[:m]) * np.linalg.norm(v[:m]) + 1e-12))
-            if c > 0.999:
-                out.add(j)
+    for j in (range(len(waves)) if candidates is None else candidates):
+        v = waves[j]
+        if j != i and 0.8 <= len(v) / len(w) <= 1.25 and same_recording(w, v):
+            out.add(j)
     return out
 
 
@@ -131,7 +141,7 @@ def worker(args) -> dict:
     res = idx.search(copies, k=5, same_class=cls, sample_rate=SR, progress=False)
     r1 = r5 = flagged = 0
     for q, i in enumerate(pick):
-        ok = {row_of_ds[j] for j in gain_twins(waves_i, i)}
+        ok = {row_of_ds[j] for j in gain_twins(waves_i, i, np.flatnonzero(labels_i == labels_i[i]))}
         top = [m.clip for m in res[q]]
         r1 += bool(top[:1] and top[0] in ok)
         r5 += bool(set(top) & ok)
@@ -154,7 +164,8 @@ def worker(args) -> dict:
     for w, r, c in zip(waves, fres, fcls):
         if not len(r):
             continue
-        if len(gain_twins(waves_i + [w], len(waves_i))) > 1:     # the same recording is indexed (up to gain)
+        same = np.flatnonzero(labels_i == classes.index(c))
+        if len(gain_twins(waves_i + [w], len(waves_i), same)) > 1:    # the same recording is indexed (up to gain)
             twins_n += 1
             twins_flag += _is_copy(idx, r[0], c)
             continue
@@ -232,7 +243,7 @@ def baselines(set_root: Path, work: Path, n_copies: int, n_short: int) -> list[d
             s = fi @ fc[q]
             s[labels != labels[i]] = -np.inf
             top = np.argsort(-s)[:5]
-            ok = gain_twins(waves, i)
+            ok = gain_twins(waves, i, np.flatnonzero(labels == labels[i]))
             r1 += top[0] in ok
             r5 += bool(set(top.tolist()) & ok)
         out.append({"name": name, "recall1": r1 / len(pick), "recall5": r5 / len(pick)})

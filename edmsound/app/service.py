@@ -181,9 +181,13 @@ class Neighbour:
     path: Path | None = None
     note: str = ""
     figure: np.ndarray | None = None   # rendered spectrogram, when requested
+    signal_similarity: float | None = None   # gain- and onset-normalised log-mel correlation
+    evidence: tuple = ()               # tiers that call this a copy: "embedding", "signal"
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "similarity": round(self.similarity, 6),
+                "signal_similarity": None if self.signal_similarity is None else round(self.signal_similarity, 6),
+                "copy": bool(self.evidence), "evidence": list(self.evidence),
                 "percentile": round(self.percentile, 2) if math.isfinite(self.percentile) else None,
                 "class": self.class_name, "source": self.source, "training_clip": self.clip_id,
                 "query_offset": round(self.query_offset, 4), "train_offset": round(self.train_offset, 4),
@@ -604,7 +608,8 @@ class EDMSoundService:
                            class_name=m.class_name, source=m.source, clip_id=int(m.clip),
                            query_offset=float(m.query_offset), train_offset=float(m.train_offset),
                            above_p95=bool(thr is not None and m.similarity > thr), wave=wave,
-                           sample_rate=self.sample_rate if wave is not None else 0, note=note)
+                           sample_rate=self.sample_rate if wave is not None else 0, note=note,
+                           signal_similarity=m.signal_similarity, evidence=tuple(m.evidence))
             if wave is not None:
                 nb.spec = self.encode(wave)
                 if out_dir is not None:
@@ -639,13 +644,19 @@ class EDMSoundService:
         if thr is None:
             return {**base, "level": "unknown",
                     "text": f"top-1 similarity {top.similarity:.3f}; no training reference distribution for {scope}"}
-        if top.similarity > thr:
+        sig = "" if top.signal_similarity is None else f", signal similarity {top.signal_similarity:.3f}"
+        if top.evidence:
+            text = (f"closer to a training clip than training recordings are to each other: "
+                    f"{' and '.join(top.evidence)} above the 95th percentile of training clips vs each other "
+                    f"({scope}, both tiers together); top-1 similarity {top.similarity:.3f}{sig}; percentile {pct}")
+            level = "high"
+        elif top.similarity > thr:
             text = (f"above the training set's 95th percentile: top-1 similarity {top.similarity:.3f} > "
                     f"{thr:.3f} (p95 of training clips vs each other, {scope}); percentile {pct}")
             level = "high"
         else:
             text = (f"below the training set's 95th percentile: top-1 similarity {top.similarity:.3f} <= "
-                    f"{thr:.3f} (p95 of training clips vs each other, {scope}); percentile {pct}")
+                    f"{thr:.3f} (p95 of training clips vs each other, {scope}){sig}; percentile {pct}")
             level = "low"
         if st.get("stitching"):
             text += f"; possible stitching copy ({st['reason']})"

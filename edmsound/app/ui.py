@@ -196,8 +196,10 @@ class Handlers:
             if j < len(nbs):
                 nb = nbs[j]
                 vis.append(gr.update(visible=True))
-                flag = " · **above p95**" if nb.above_p95 else ""
-                infos.append(f"**#{nb.rank}** · similarity **{nb.similarity:.3f}** · percentile "
+                flag = (f" · **copy ({' + '.join(nb.evidence)})**" if nb.evidence else
+                        " · **above p95**" if nb.above_p95 else "")
+                sig = "" if nb.signal_similarity is None else f" · signal {nb.signal_similarity:.3f}"
+                infos.append(f"**#{nb.rank}** · similarity **{nb.similarity:.3f}**{sig} · percentile "
                              f"{_fmt(nb.percentile, 1)}{flag}  \n{nb.class_name} · `{nb.source}`"
                              + (f"  \n_{nb.note}_" if nb.note else ""))
                 audios.append(str(nb.path) if nb.path is not None else None)

@@ -167,6 +167,7 @@ class CopyIndex:
         if self.signal is not None and len(self.signal) != n:
             raise CorruptIndexError(f"the index has {len(self.signal)} signal fingerprints for {n} clips")
         self._neighbours = neighbours(self.dup_pairs, n)
+        self._thresholds: dict = {}
         if len(self.sources) != n or len(self.ref_same) != n or len(self.ref_all) != n:
             raise ValueError("index metadata is inconsistent (per-clip arrays differ in length)")
         if index.ntotal != len(self.clip_of_vec):
@@ -370,6 +371,35 @@ class CopyIndex:
                 out[lo + i:lo + i + len(sims)] = np.where(np.isfinite(b), b, np.nan)
         return out
 
+    def copy_thresholds(self, class_index: int | None, signal: bool = True, rate: float = 0.05) -> tuple[float, float]:
+        """(embedding, signal) similarities above which a match is a copy, for one class (None: all classes).
+
+        With one tier this is its training 95th percentile (the paper's mark). With both, one percentile
+        q >= 95 is used for both, the smallest at which no more than ``rate`` of the training recordings
+        would be flagged against the others by either tier, so two tiers together keep the paper's 5 %."""
+        key = (class_index, bool(signal), float(rate))
+        if key in self._thresholds:
+            return self._thresholds[key]
+        mask = np.ones(self.num_clips, bool) if class_index is None else self.labels == class_index
+        e = (self.ref_all if class_index is None else self.ref_same)[mask]
+        sg = (self.sig_ref_all if class_index is None else self.sig_ref_same)[mask]
+        ok = np.isfinite(e)
+        if not ok.any():
+            out = (float("inf"), float("inf"))
+        elif not signal or self.signal is None or not np.isfinite(sg).any():
+            out = (float(np.percentile(e[ok], 100 * (1 - rate))), float("inf"))
+        else:
+            ok &= np.isfinite(sg)
+            e, sg = e[ok], sg[ok]
+            lo, hi = 100 * (1 - rate), 100.0
+            for _ in range(30):                  # bisection on the shared percentile
+                q = (lo + hi) / 2
+                flagged = np.mean((e > np.percentile(e, q)) | (sg > np.percentile(sg, q)))
+                lo, hi = (lo, q) if flagged <= rate else (q, hi)
+            out = (float(np.percentile(e, hi)), float(np.percentile(sg, hi)))
+        self._thresholds[key] = out
+        return out
+
     # ------------------------------------------------------------------------------ near-duplicates
     def duplicate_groups(self) -> list[list[int]]:
         """Groups of indexed clips that are near-duplicates of each other (as close as plain copies are),
@@ -557,13 +587,13 @@ class CopyIndex:
             ev, ssim, spct = [], None, None
             ref = self._reference_of(clip, same, signal=False)
             pct = _percentile(ref, sim)
-            if len(ref) and sim > np.percentile(ref, 95):
+            t_emb, t_sig = self.copy_thresholds(int(self.labels[clip]) if same else None, signal=sig_sims is not None)
+            if sim > t_emb:
                 ev.append("embedding")
             if sig_sims is not None:
                 ssim = float(sig_sims[clip])
-                sref = self._reference_of(clip, same, signal=True)
-                spct = _percentile(sref, ssim)
-                if len(sref) and ssim > np.percentile(sref, 95):
+                spct = _percentile(self._reference_of(clip, same, signal=True), ssim)
+                if ssim > t_sig:
                     ev.append("signal")
             matches.append(Match(0, sim, clip, self.sources[clip], self.classes[self.labels[clip]], qo, to, pct,
                                  ssim, spct, tuple(ev)))

@@ -35,7 +35,7 @@ __all__ = ["SignalConfig", "signal_fingerprints", "onset_sample", "calibrate_cop
 class SignalConfig:
     sample_rate: int = 16000
     n_fft: int = 1024
-    hop: int = 256
+    hop: int = 512
     n_mels: int = 32
     seconds: float = 1.0           # aligned part compared after the onset
     onset_db: float = 30.0         # onset = first sample within this of the clip's peak

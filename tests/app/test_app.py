@@ -159,8 +159,9 @@ def test_neighbours_percentiles_risk_and_side_by_side(service):
     clip = service.generate("high", "euler", 4, 2.0, seed=3, n=1).clips[0]
     res = service.neighbours(clip, k=3)
     assert 1 <= len(res.neighbours) <= 3 and res.same_class and res.scope == "high"
-    sims = [nb.similarity for nb in res.neighbours]
+    sims = [(nb.similarity + nb.signal_similarity) / 2 for nb in res.neighbours]     # ranked by both tiers
     assert sims == sorted(sims, reverse=True) and [nb.rank for nb in res.neighbours] == list(range(1, len(sims) + 1))
+    assert all(-1 <= nb.signal_similarity <= 1 and set(nb.evidence) <= {"embedding", "signal"} for nb in res.neighbours)
     for nb in res.neighbours:
         assert nb.class_name == "high" and 0 <= nb.percentile <= 100 and nb.wave is not None
         assert sf.info(str(nb.path)).subtype == "PCM_16" and nb.spec.shape == clip.spec.shape
@@ -189,8 +190,9 @@ def test_a_copied_training_clip_is_flagged(service, assets):
     res = service.neighbours(fake, k=2, write_files=False)
     top = res.neighbours[0]
     assert Path(top.source).name == "low_1.wav" and top.similarity > 0.999
-    assert top.above_p95 and res.risk["level"] == "high"
-    assert res.risk["text"].startswith("above the training set's 95th percentile")
+    assert top.above_p95 and res.risk["level"] == "high" and top.evidence == ("embedding", "signal")
+    assert top.signal_similarity > 0.999 and top.to_dict()["copy"] is True
+    assert res.risk["text"].startswith("closer to a training clip than training recordings are to each other")
 
 
 def test_missing_index_runs_without_neighbours(assets, tmp_path):
