@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import load_safetensors, read_config, resolve_model_dir
+from .storage import load_safetensors, load_weights, read_config, resolve_model_dir
 from .edm import EDMPrecond
 from .presets import Preset
 from .unet import EfficientUNet
@@ -27,9 +27,6 @@ def load_denoiser(path, device="cpu", weights: str = "ema", bf16: bool | None = 
     preset, classes = read_config(model_dir)
     den = build_denoiser(preset, len(classes), bf16=bf16)
     sd = load_safetensors(model_dir / f"{weights}.safetensors")
-    missing, unexpected = den.net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{model_dir}/{weights}.safetensors does not match the preset's network "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    load_weights(den.net, sd, model_dir / f"{weights}.safetensors")
     den = den.to(device).eval().requires_grad_(False)
     return den, preset, classes, model_dir

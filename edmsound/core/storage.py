@@ -90,16 +90,115 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
-def latest_checkpoint(run_dir) -> Path | None:
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder) -> None:
+    """Record the size and sha256 of every file of a checkpoint folder (written last)."""
+    folder = Path(folder)
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")}
+    atomic_write_json(folder / MANIFEST, {"files": files})
+
+
+def verify_checkpoint(folder) -> str | None:
+    """None when a checkpoint folder is intact, else one line saying what is wrong. Folders with a manifest
+    are checked file by file (size, sha256); older ones by reading every JSON file and every safetensors
+    header (a truncated safetensors file no longer matches its header)."""
+    from safetensors import safe_open
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        return "state.json is missing (an incomplete checkpoint)"
+    man = folder / MANIFEST
+    if man.is_file():
+        try:
+            files = json.loads(man.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            return f"{MANIFEST} is unreadable ({e})"
+        for name, want in files.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} is truncated or altered ({f.stat().st_size} bytes, expected {want['bytes']})"
+            if file_sha256(f) != want["sha256"]:
+                return f"{name} is corrupt (sha256 differs from the manifest)"
+        return None
+    for f in sorted(folder.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+        except Exception as e:
+            return f"{f.name} is unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def latest_checkpoint(run_dir, verify: bool = True) -> Path | None:
+    """The newest intact checkpoint of a run directory (``latest.json``'s first; a broken one is skipped
+    with a one-line warning naming it and the reason), or None when the run has none."""
+    import sys
     run_dir = Path(run_dir)
     ptr = run_dir / LATEST
-    if not ptr.is_file():
+    cands = sorted((p for p in run_dir.glob("ckpt-*") if p.is_dir()), key=_step_of, reverse=True)
+    if ptr.is_file():
+        try:
+            named = run_dir / json.loads(ptr.read_text())["checkpoint"]
+            cands = [named] + [c for c in cands if c != named]
+        except (ValueError, KeyError):
+            print(f"warning: {ptr} is unreadable; looking for the newest intact checkpoint", file=sys.stderr)
+    if not cands:
         return None
-    name = json.loads(ptr.read_text())["checkpoint"]
-    path = run_dir / name
-    if not (path / "state.json").is_file():
-        raise ValueError(f"{ptr} points at {path}, which is incomplete")
-    return path
+    for c in cands:
+        why = verify_checkpoint(c) if verify else (None if (c / "state.json").is_file() else "incomplete")
+        if why is None:
+            return c
+        print(f"warning: skipping broken checkpoint {c}: {why}", file=sys.stderr)
+    raise ValueError(f"{run_dir} has no intact checkpoint ({len(cands)} broken); start a new run with another --out")
+
+
+def clean_orphans(run_dir) -> list[Path]:
+    """Remove temporary folders and files left by a checkpoint write that was killed; returns them."""
+    import shutil
+    run_dir = Path(run_dir)
+    gone = []
+    if not run_dir.is_dir():
+        return gone
+    for p in run_dir.glob(".ckpt-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone.append(p)
+    for p in run_dir.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
+    """``module.load_state_dict(tensors)`` with one clear line for a file that does not fit the network
+    (missing or unexpected tensors, or the first shape that differs) instead of PyTorch's list."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    wrong = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in own.items()
+             if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+    if wrong:
+        k, got, need = wrong[0]
+        raise ValueError(f"{where} does not fit this network: tensor {k} is {list(got)} in the file, the network "
+                         f"needs {list(need)} ({len(wrong)} tensor(s) differ); was it trained with another preset "
+                         "or number of classes?")
+    if missing or unexpected:
+        raise ValueError(f"{where} does not fit this network: {len(missing)} tensor(s) missing (e.g. "
+                         f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 
 
 # --- model directories ------------------------------------------------------------------------------

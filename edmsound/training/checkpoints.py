@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.storage import LATEST, _fsync_dir, atomic_save_safetensors, atomic_write_json
+from ..core.storage import (LATEST, _fsync_dir, _step_of, atomic_save_safetensors, atomic_write_json, verify_checkpoint,
+                            write_manifest)
 
 
 # --- optimizer state <-> flat tensors + json ------------------------------------------------------
@@ -50,6 +51,7 @@ def save_training_checkpoint(run_dir, step: int, tensors: dict[str, dict[str, to
             atomic_save_safetensors(tmp / f"{name}.safetensors", group)
         for name, obj in json_files.items():
             atomic_write_json(tmp / f"{name}.json", obj)
+        write_manifest(tmp)                          # sizes and sha256: resume can tell a damaged checkpoint
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -58,9 +60,13 @@ def save_training_checkpoint(run_dir, step: int, tensors: dict[str, dict[str, to
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_json(run_dir / LATEST, {"checkpoint": final.name, "step": step})
-    olds = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir() and p != final)
-    for p in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    # prune: broken checkpoints go; of the intact older ones the newest keep-1 stay (never a broken one
+    # in place of an intact one)
+    olds = sorted((p for p in run_dir.glob("ckpt-*") if p.is_dir() and p != final), key=_step_of, reverse=True)
+    intact = [p for p in olds if verify_checkpoint(p) is None]
+    for p in olds:
+        if p not in intact[: max(0, keep - 1)]:
+            shutil.rmtree(p, ignore_errors=True)
     return final
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core.storage import (atomic_write_json, latest_checkpoint, load_safetensors, read_config, resolve_model_dir,
-    write_model_dir)
+from ..core.storage import (atomic_write_json, clean_orphans, latest_checkpoint, load_safetensors, load_weights,
+                            read_config, resolve_model_dir, write_model_dir)
 from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_checkpoint
 from ..core.codec import SpectrogramCodec
 from ..data.folder import load_folder, split_indices
@@ -77,6 +77,9 @@ class Trainer:
         self.max_minutes = max_minutes
         self._stop_requested = False
 
+        if self.is_main:
+            for p in clean_orphans(self.run_dir):           # left by a checkpoint write that was killed
+                print(f"removed {p.name}, left by an interrupted checkpoint write")
         ckpt = latest_checkpoint(self.run_dir) if self.run_dir.is_dir() else None
         if ckpt is not None and not resume:
             raise FileExistsError(f"{self.run_dir} already has a checkpoint ({ckpt.name}); pass --resume to "
@@ -140,8 +143,8 @@ class Trainer:
 
     # --- state ------------------------------------------------------------------------------------
     def _load_training_checkpoint(self, ckpt: Path):
-        self.raw_net.load_state_dict(load_safetensors(ckpt / "model.safetensors"))
-        self.ema.net.load_state_dict(load_safetensors(ckpt / "ema.safetensors"))
+        load_weights(self.raw_net, load_safetensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+        load_weights(self.ema.net, load_safetensors(ckpt / "ema.safetensors"), ckpt / "ema.safetensors")
         opt_t = load_safetensors(ckpt / "optimizer.safetensors")
         state = json.loads((ckpt / "state.json").read_text())
         optimizer_from_flat(self.opt, opt_t, state["optimizer"])
@@ -165,8 +168,8 @@ class Trainer:
         ema = load_safetensors(model_dir / "ema.safetensors")
         raw_path = model_dir / "model.safetensors"
         raw = load_safetensors(raw_path) if raw_path.is_file() else ema
-        self.raw_net.load_state_dict({k: v.float() for k, v in raw.items()})
-        self.ema.net.load_state_dict({k: v.float() for k, v in ema.items()})
+        load_weights(self.raw_net, raw, raw_path if raw_path.is_file() else model_dir / "ema.safetensors")
+        load_weights(self.ema.net, ema, model_dir / "ema.safetensors")
         info_path = model_dir / "info.json"
         if info_path.is_file():
             info = json.loads(info_path.read_text())
