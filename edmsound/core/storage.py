@@ -53,8 +53,8 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, _umask_mode())   # mkstemp creates 0600; give the file ordinary permissions
         yield tmp
+        os.chmod(tmp, _umask_mode())   # mkstemp (and some writers) create 0600: ordinary permissions, set last
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
