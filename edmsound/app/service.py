@@ -20,6 +20,7 @@ the index names; the only files it writes are WAVs under its own temporary direc
 from __future__ import annotations
 
 import logging
+import os
 import math
 import shutil
 import tempfile
@@ -46,6 +47,8 @@ log = logging.getLogger("edmsound.app")
 
 MAX_NFE = 50            # the app's cap (the pipeline allows 200): keeps one request interactive on a CPU
 MAX_VARIATIONS = 4      # clips per request
+MAX_COST = 400          # network evaluations per request (NFE x clips x samplers, x2 when guided): any generate
+                        # fits (50 x 4 x 2); a compare of every sampler at NFE 50 with guidance does not
 MAX_K = 10              # neighbours per query
 DEFAULT_K = 5
 SEED_MAX = 2 ** 31 - 1
@@ -332,8 +335,26 @@ class EDMSoundService:
     def valid_nfes(self, sampler: str) -> list[int]:
         return valid_nfes(self.check_sampler(sampler), self.max_nfe)
 
+    @staticmethod
+    def check_cost(nfe_per_clip, clips: int, guided: bool) -> int:
+        """Network evaluations a request will spend; over :data:`MAX_COST` is refused naming the limit.
+        ``nfe_per_clip``: one NFE, or a list with one per sampler of a comparison."""
+        nfes = list(nfe_per_clip) if isinstance(nfe_per_clip, (list, tuple)) else [nfe_per_clip]
+        cost = sum(int(x) for x in nfes) * int(clips) * (2 if guided else 1)
+        if cost > MAX_COST:
+            what = (f"{len(nfes)} samplers x NFE {max(nfes)}" if len(nfes) > 1 else f"NFE {nfes[0]}") + \
+                (f" x {clips} clips" if clips > 1 else "") + (" x 2 for guidance" if guided else "")
+            raise ValueError(f"this request would spend {cost} network evaluations ({what}); the limit is {MAX_COST} "
+                             "per request: choose fewer samplers or clips, a lower NFE, or guidance 1")
+        return cost
+
+    @property
+    def checkpoint_name(self) -> str:
+        """The checkpoint's folder name (what visitors see: the server's paths stay on the server)."""
+        return os.path.basename(os.path.normpath(str(self.pipeline.checkpoint)))
+
     def info(self) -> dict:
-        d = {"checkpoint": self.pipeline.checkpoint, "device": str(self.pipeline.device),
+        d = {"checkpoint": self.checkpoint_name, "device": str(self.pipeline.device),
              "classes": self.classes, "samplers": self.samplers, "sample_rate": self.sample_rate,
              "seconds": round(self.pipeline.codec.num_samples / self.sample_rate, 4),
              "max_nfe": self.max_nfe, "guidance_range": list(GUIDANCE_RANGE), "max_variations": MAX_VARIATIONS,
@@ -493,6 +514,7 @@ class EDMSoundService:
         if figures is not None:
             self.check_mode(figures)
         steps = steps_for_nfe(sampler, nfe)
+        self.check_cost(nfe, n, guidance != 1.0)
         callback = None
         if progress is not None:
             progress(0, steps, f"sampling {class_name} with {sampler}")
@@ -504,6 +526,7 @@ class EDMSoundService:
                                      target=target)
         settings = dict(gen.settings)
         settings["wall_seconds"] = settings["seconds"]
+        settings["checkpoint"] = self.checkpoint_name
         clips = self._clips(gen, self._request_dir() if write_files else None)
         result = GenerateResult(clips=clips, settings=settings)
         if figures is not None:
@@ -539,6 +562,7 @@ class EDMSoundService:
             eff = snap_nfe(s, nfe, self.max_nfe)
             note = "" if eff == nfe else f"{s} spends odd budgets only: NFE {eff} instead of {nfe}"
             plan.append((s, eff, note))
+        self.check_cost([eff for _, eff, _ in plan], 1, guidance != 1.0)
         total = sum(steps_for_nfe(s, eff) for s, eff, _ in plan)
         done = 0
         out_dir = self._request_dir() if write_files else None
@@ -558,7 +582,7 @@ class EDMSoundService:
             entries.append(CompareEntry(sampler=s, nfe_requested=nfe, nfe=eff, note=note, clip=clip))
         settings = {"class": class_name, "seed": seed, "nfe": nfe, "guidance": guidance,
                     "guidance_interval": interval_list(interval), "sample_rate": self.sample_rate, "seconds": round(time.perf_counter() - t0, 4),
-                    "checkpoint": self.pipeline.checkpoint, "device": str(self.pipeline.device)}
+                    "checkpoint": self.checkpoint_name, "device": str(self.pipeline.device)}
         result = CompareResult(entries=entries, settings=settings)
         if figures is not None:
             result.figures = [self.spectrogram_image(e.clip.spec, figures, f"{e.sampler}: {e.clip.name}")

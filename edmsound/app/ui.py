@@ -22,6 +22,7 @@ import html  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import secrets  # noqa: E402
+import threading  # noqa: E402
 from types import MappingProxyType  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -49,6 +50,56 @@ LEVEL_DEFAULT_TARGET = {"off": -1.0, "peak": -1.0, "lufs": -14.0}
 RISK_STYLE = MappingProxyType({"high": ("#7f1d1d", "#fee2e2", "#dc2626", "⚠ copy risk"),
                                "low": ("#14532d", "#dcfce7", "#16a34a", "✓ no sign of copying"),
                                "unknown": ("#374151", "#f3f4f6", "#9ca3af", "? copy risk unknown")})
+
+
+_CACHE_DIR: list[str] = []
+
+
+def private_cache_dir() -> str:
+    """Gradio's file cache in a folder of this process alone (mode 0700, removed at exit), so the file route
+    reaches only what this app wrote, not other programs' files in the shared system temp folder. A
+    ``GRADIO_TEMP_DIR`` set by the operator is kept."""
+    import atexit
+    import shutil
+    import tempfile
+    if os.environ.get("GRADIO_TEMP_DIR") and not _CACHE_DIR:
+        return os.environ["GRADIO_TEMP_DIR"]
+    if not _CACHE_DIR:
+        d = tempfile.mkdtemp(prefix="edmsound-gradio-")       # 0700
+        atexit.register(shutil.rmtree, d, True)
+        _CACHE_DIR.append(d)
+        os.environ["GRADIO_TEMP_DIR"] = d
+    return _CACHE_DIR[0]
+
+
+class SessionGate:
+    """At most ``limit`` compute requests of one browser session at a time: one visitor cannot fill the
+    shared compute slots with a burst while others wait."""
+
+    def __init__(self, limit: int = 1):
+        self.limit = int(limit)
+        self._lock = threading.Lock()
+        self._active: dict[str, int] = {}
+
+    def enter(self, session_id: str | None) -> None:
+        if session_id is None:
+            return
+        with self._lock:
+            n = self._active.get(session_id, 0)
+            if n >= self.limit:
+                raise ValueError(f"this session already has {n} request(s) running (the limit is {self.limit} at a "
+                                 "time): wait for it to finish or press Cancel")
+            self._active[session_id] = n + 1
+
+    def leave(self, session_id: str | None) -> None:
+        if session_id is None:
+            return
+        with self._lock:
+            n = self._active.get(session_id, 0) - 1
+            if n <= 0:
+                self._active.pop(session_id, None)
+            else:
+                self._active[session_id] = n
 
 
 def launch_kwargs(**overrides) -> dict:
@@ -132,15 +183,21 @@ class Handlers:
     ``session`` is the per-user ``gr.State``: ``{"clips": [Clip], "settings": dict, "neighbours":
     NeighbourResult | None}``; compare results live in a second state."""
 
-    def __init__(self, service: EDMSoundService):
+    def __init__(self, service: EDMSoundService, per_session: int = 1):
         self.svc = service
+        self.gate = SessionGate(per_session)
 
     # --- generate --------------------------------------------------------------------------------
     @_guard
     def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None,
-                 progress=gr.Progress()):
-        res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n, progress=_progress_adapter(progress),
-                                normalize=level, target=target)
+                 request: gr.Request = None, progress=gr.Progress()):
+        sid = getattr(request, "session_hash", None)
+        self.gate.enter(sid)
+        try:
+            res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n,
+                                    progress=_progress_adapter(progress), normalize=level, target=target)
+        finally:
+            self.gate.leave(sid)
         session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
         return session, res.to_dict(), res.paths
 
@@ -271,8 +328,14 @@ class Handlers:
 
     # --- compare ---------------------------------------------------------------------------------
     @_guard
-    def compare(self, class_name, seed, nfe, guidance, samplers, progress=gr.Progress()):
-        res = self.svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress))
+    def compare(self, class_name, seed, nfe, guidance, samplers, request: gr.Request = None,
+                progress=gr.Progress()):
+        sid = getattr(request, "session_hash", None)
+        self.gate.enter(sid)
+        try:
+            res = self.svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress))
+        finally:
+            self.gate.leave(sid)
         return res, res.to_dict(), res.paths
 
     @_guard
@@ -336,6 +399,7 @@ def guidance_info(defaults: dict, class_name: str) -> str:
 
 def build_demo(service: EDMSoundService) -> gr.Blocks:
     """The whole app for one loaded service. Queue: CONCURRENCY jobs at once, QUEUE_SIZE waiting."""
+    private_cache_dir()
     svc = service
     h = Handlers(service)
     d = svc.defaults
@@ -353,7 +417,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                     f"encoder `{info['index']['encoder']}`" if info["index"] else
                     f"copy index: none ({svc.index_note}) — neighbours panel off")
         gr.Markdown(f"# EDMSound\nClass-conditional diffusion on complex STFT spectrograms (Zhu et al. 2023). "
-                    f"Checkpoint `{os.path.basename(os.path.normpath(info['checkpoint']))}` on **{info['device']}**, "
+                    f"Checkpoint `{info['checkpoint']}` on **{info['device']}**, "
                     f"{info['sample_rate']} Hz, {info['seconds']:g} s clips, {len(classes)} classes · {idx_line}.")
 
         with gr.Tab("Generate", id="generate"):
@@ -379,6 +443,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                         target = gr.Number(value=LEVEL_DEFAULT_TARGET["off"], label="Target", visible=False,
                                            elem_id="level-target", scale=1)
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
                     view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
                 with gr.Column(scale=3):
                     summary = gr.Markdown("", elem_id="settings-summary")
@@ -459,6 +524,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
             with gr.Row():
                 c_view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="cmp-view")
                 c_go = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+                c_stop = gr.Button("Cancel", variant="stop", elem_id="cmp-cancel-btn")
             c_vis, c_title, c_audio, c_img = [], [], [], []
             for j in range(0, len(samplers), 2):
                 with gr.Row():
@@ -522,6 +588,8 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
             preprocess=False, show_progress_on=[c_settings] + c_title[:1], **heavy)
         cmp_outputs = c_vis + c_title + c_audio + c_img
         cmp_event.success(h.render_compare, [compare_state, c_view], cmp_outputs, preprocess=False, **ui_only)
+        stop.click(None, None, None, cancels=[gen_event], queue=False)
+        c_stop.click(None, None, None, cancels=[cmp_event], queue=False)
         c_view.input(h.render_compare, [compare_state, c_view], cmp_outputs, preprocess=False,
                      trigger_mode="always_last", **ui_only)
 

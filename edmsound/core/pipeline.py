@@ -63,9 +63,14 @@ def check_nfe(sampler: str, nfe) -> int:
 
 
 class EDMSoundPipeline:
-    def __init__(self, checkpoint, device: str | None = None, weights: str = "ema", dtype=torch.float32):
+    def __init__(self, checkpoint, device: str | None = None, weights: str = "ema", dtype=torch.float32,
+                 bf16: bool | None = None):
+        """``bf16``: the network's bfloat16 autocast (None: as the preset trained it). Off, a batch gives
+        the single calls' clips to float rounding; on, a batch differs from single calls by about 1 %
+        (the autocast kernels depend on the batch shape)."""
         self.device = torch.device(device or default_device())
-        self.model, self.preset, self.classes, self.model_dir = load_denoiser(checkpoint, self.device, weights)
+        self.model, self.preset, self.classes, self.model_dir = load_denoiser(checkpoint, self.device, weights,
+                                                                              bf16=bf16)
         self.codec = SpectrogramCodec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)

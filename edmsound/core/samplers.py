@@ -115,15 +115,17 @@ def _randn_like(x: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
     batch, or a sequence of ``B`` generators: then row ``b`` is drawn from
     ``generator[b]`` alone, so batched and single-sample runs agree exactly.
     """
+    # drawn in float32 whatever the state's dtype, so a float64 run uses the same noise as a float32 one
     if generator is None:
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        return torch.randn(x.shape, dtype=torch.float32, device=x.device).to(x.dtype)
     if isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                           device=generator.device).to(device=x.device, dtype=x.dtype)
     gens = list(generator)
     if len(gens) != x.shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {x.shape[0]}")
-    rows = [torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in gens]
-    return torch.stack(rows)
+    rows = [torch.randn(x.shape[1:], generator=g, dtype=torch.float32, device=g.device) for g in gens]
+    return torch.stack(rows).to(device=x.device, dtype=x.dtype)
 
 
 def _phi(k: int, z: float) -> float:
@@ -238,9 +240,9 @@ def sample_edm_stochastic(
     callback=None,
     generator: GeneratorArg = None,
     S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = math.inf,
-    S_noise: float = 1.0,
+    S_tmin: float = 0.05,
+    S_tmax: float = 50.0,
+    S_noise: float = 1.003,
 ) -> torch.Tensor:
     """EDM Algorithm 2 (stochastic Heun with "churn").
 
@@ -250,7 +252,9 @@ def sample_edm_stochastic(
     exactly and draws no random numbers.  ``generator`` may be a single
     ``torch.Generator`` or a list of one generator per batch element (row ``b``
     only consumes ``generator[b]``, so a batch reproduces single-sample runs).
-    NFE = 2 * steps - 1 (same as Heun).
+    NFE = 2 * steps - 1 (same as Heun). The churn window and noise default to EDM's published
+    settings (Karras et al. 2022, Table 5, ImageNet-64: S_tmin 0.05, S_tmax 50, S_noise 1.003; they
+    use S_churn 40): steps below sigma 0.05 and above sigma 50 are not churned.
     """
     return _heun_like(denoiser, x, sigmas, callback, generator,
                       float(S_churn), float(S_tmin), float(S_tmax), float(S_noise))
@@ -260,15 +264,37 @@ def sample_edm_stochastic(
 # DPM-Solver++ multistep (Lu et al. 2022), data prediction, lambda = -log sigma
 # ---------------------------------------------------------------------------
 
+LOWER_ORDER_FINAL_BELOW = 15    # steps; as in the official DPM-Solver / UniPC code
+
+
+def _final_order(order: int, i: int, n_nonzero: int, lower_order_final: bool) -> int:
+    """The order step ``i`` may use: with ``lower_order_final`` and fewer than 15 steps, at most one more
+    than the steps left (the last nonzero step 2nd order, the one before 3rd), so the last steps, the
+    largest in lambda on short schedules, do not extrapolate a cubic from far-away evaluations (the
+    ``lower_order_final`` of the DPM-Solver++ and UniPC reference code, one order higher: on a mixture
+    with an exact ODE solution this flipped fewer trajectories at NFE 4-10 than lowering to 1st order)."""
+    if lower_order_final and n_nonzero < LOWER_ORDER_FINAL_BELOW:
+        return max(1, min(order, n_nonzero - i + 1))
+    return order
+
+
+def _nonzero_steps(sig) -> int:
+    return len(sig) - 1 - (1 if sig[-1] == 0.0 else 0)
+
+
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, generator=None) -> torch.Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, generator=None,
+                    lower_order_final: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), 1 NFE per step.
 
     First step is first order (DPM-Solver++(1) == DDIM == EDM Euler); the last
-    step to sigma = 0 returns the denoised estimate.
+    step to sigma = 0 returns the denoised estimate. ``lower_order_final`` (off by
+    default) caps the order at the steps left plus one on schedules of under 15 steps, which for this
+    2nd-order method changes nothing (kept for a uniform signature).
     """
     in_dtype = x.dtype
     x, sig = _prepare(x, sigmas)
+    n_nz = _nonzero_steps(sig)
     den_prev, h_prev = None, None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -278,7 +304,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=Non
             x = den  # lambda -> inf: the 1st-order update reduces to x = D
             break
         h = math.log(s / s_next)  # h_i = lambda_{i+1} - lambda_i
-        if den_prev is None:
+        if den_prev is None or _final_order(2, i, n_nz, lower_order_final) < 2:
             d_eff = den
         else:
             # Alg. 2: r_i = h_{i-1}/h_i, D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}
@@ -291,17 +317,21 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=Non
 
 
 @torch.no_grad()
-def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, generator=None) -> torch.Tensor:
+def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, generator=None,
+                    lower_order_final: bool = True) -> torch.Tensor:
     """Deterministic DPM-Solver++(3M), 1 NFE per step.
 
     The data prediction is extrapolated by the polynomial through the last three
     evaluations (as a function of lambda = -log sigma) and the exponential
     integral is taken exactly (DPM-Solver++ eq. 9 / the phi_2, phi_3 terms of the
     3rd-order multistep update).  Steps 1 and 2 use orders 1 and 2; the last
-    step to sigma = 0 returns the denoised estimate.
+    step to sigma = 0 returns the denoised estimate. With ``lower_order_final``
+    (default) and fewer than 15 steps, the last nonzero step is 2nd order, which keeps
+    4-10 evaluation schedules from diverging.
     """
     in_dtype = x.dtype
     x, sig = _prepare(x, sigmas)
+    n_nz = _nonzero_steps(sig)
     hist = []  # [(lambda_j, D_j)], newest last
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -313,10 +343,11 @@ def sample_dpmpp_3m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=Non
         lam = -math.log(s)
         hist.append((lam, den))
         hist = hist[-3:]
-        if len(hist) == 1:
+        p = min(len(hist), _final_order(3, i, n_nz, lower_order_final))
+        if p == 1:
             coeffs = [den]  # DPM-Solver++(1)
-        elif len(hist) == 2:
-            (l1, d1), _ = hist
+        elif p == 2:
+            (l1, d1), _ = hist[-2:]
             h1 = lam - l1
             coeffs = [den, (den - d1) / h1]  # linear in u = lambda - lambda_i (2nd order)
         else:
@@ -356,7 +387,7 @@ def _lagrange_weights(nodes: Sequence[float], a: float, b: float) -> List[float]
 
 @torch.no_grad()
 def sample_deis(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, generator=None,
-                order: int = 3) -> torch.Tensor:
+                order: int = 3, lower_order_final: bool = True) -> torch.Tensor:
     """rhoAB-DEIS (Zhang & Chen 2022, Sec. 4 / eq. 15) with alpha = 1, rho = sigma.
 
     In the EDM parameterisation the PF-ODE is dx/dsigma = eps(x, sigma) with
@@ -365,12 +396,15 @@ def sample_deis(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, g
     ``order`` evaluations and integrated exactly over [sigma_i, sigma_{i+1}]:
         x_{i+1} = x_i + sum_j C_ij eps_{i-j},  C_ij = int_{sigma_i}^{sigma_{i+1}} l_j(sigma) dsigma.
     Lower orders are used while the history fills; order 1 equals Euler; the
-    last step to sigma = 0 returns the denoised estimate.  1 NFE per step.
+    last step to sigma = 0 returns the denoised estimate.  1 NFE per step. With
+    ``lower_order_final`` (default) and fewer than 15 steps the last nonzero step
+    uses at most order 2.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"deis order must be 1, 2 or 3, got {order!r}")
     in_dtype = x.dtype
     x, sig = _prepare(x, sigmas)
+    n_nz = _nonzero_steps(sig)
     hist = []  # [(sigma_j, eps_j)], newest last
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -382,9 +416,10 @@ def sample_deis(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, g
         eps = (x - den) / s
         hist.append((s, eps))
         hist = hist[-order:]
-        nodes = [t for t, _ in hist]
+        use = hist[-min(len(hist), _final_order(order, i, n_nz, lower_order_final)):]
+        nodes = [t for t, _ in use]
         w = _lagrange_weights(nodes, s, s_next)
-        for wj, (_, e) in zip(w, hist):
+        for wj, (_, e) in zip(w, use):
             x = x + wj * e
     return x.to(in_dtype)
 
@@ -408,7 +443,7 @@ def _unipc_coefficients(rks: Sequence[float], b: Sequence[float]) -> List[float]
 
 @torch.no_grad()
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, generator=None,
-                 order: int = 2, variant: str = "bh2") -> torch.Tensor:
+                 order: int = 2, variant: str = "bh2", lower_order_final: bool = True) -> torch.Tensor:
     """UniPC multistep sampler (data prediction, B(h) variant ``bh1`` or ``bh2``).
 
     Step i -> i+1 (lambda = -log sigma, h = lambda_{i+1} - lambda_i, p = current order):
@@ -423,6 +458,8 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, 
     D_{i+1} (evaluated at the predicted point) is kept for the next step, so each
     step costs exactly one NFE.  No corrector is applied at the last nonzero sigma
     (its result would be discarded), and the final step to sigma = 0 returns D.
+    With ``lower_order_final`` (default, as in the official UniPC code) and fewer
+    than 15 steps, the last nonzero step uses at most order 2.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
@@ -431,6 +468,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, 
     in_dtype = x.dtype
     x, sig = _prepare(x, sigmas)
     n = len(sig) - 1
+    n_nz = _nonzero_steps(sig)
     x_eval = x  # point at which the current D was evaluated (the predictor output)
     den = _denoise(denoiser, x, sig[0])
     hist = []  # [(lambda_j, D_j)], newest last
@@ -443,13 +481,13 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, 
         lam = -math.log(s)
         hist.append((lam, den))
         hist = hist[-order:]
-        p = len(hist)
+        p = min(len(hist), _final_order(order, i, n_nz, lower_order_final))
         h = math.log(s / s_next)
         hh = -h
         B = hh if variant == "bh1" else math.expm1(hh)
         # b_m = m! * hh * phi_{m+1}(hh) / B(h), m = 1..p
         b = [math.factorial(m) * hh * _phi(m + 1, hh) / B for m in range(1, p + 1)]
-        prev = hist[:-1][::-1]  # (lambda_{i-1}, D_{i-1}), (lambda_{i-2}, D_{i-2}), ...
+        prev = hist[-p:-1][::-1] if p > 1 else []  # (lambda_{i-1}, D_{i-1}), (lambda_{i-2}, D_{i-2}), ...
         rks = [(lk - lam) / h for lk, _ in prev]
         d1s = [(dk - den) / rk for (_, dk), rk in zip(prev, rks)]
         x_lin = (s_next / s) * x - math.expm1(hh) * den  # DPM-Solver++(1) / DDIM part

@@ -443,3 +443,48 @@ def test_python_app_py_serves_and_rejects_a_missing_index(assets, tmp_path):
     assert ("memory allocator: jemalloc" in out) == (find_jemalloc() is not None), out
     workdir = re.search(r"generated audio is kept in (\S+)", out).group(1)
     assert workdir.startswith(tempfile.gettempdir()) and not Path(workdir).exists()
+
+
+def test_a_request_over_the_cost_cap_is_refused_naming_the_limit(service, client):
+    from edmsound.app.service import MAX_COST
+    with pytest.raises(ValueError, match=rf"the limit is {MAX_COST} per request"):
+        service.compare("low", 0, MAX_NFE, 3.0, list(service.samplers))
+    assert service.check_cost(MAX_NFE, MAX_VARIATIONS, True) <= MAX_COST       # every generate fits
+    with pytest.raises(Exception, match=rf"network evaluations .* the limit is {MAX_COST}"):
+        client.predict("high", 1, MAX_NFE, 3.0, list(service.samplers), api_name="/compare")
+    settings, _ = client.predict("low", "euler", 3, 1.0, 7, 1, api_name="/generate")   # still serving
+    assert settings["nfe"] == 3
+
+
+def test_visitors_see_no_server_paths(service, client):
+    assert "/" not in service.info()["checkpoint"]
+    settings, _ = client.predict("low", "euler", 3, 1.0, 7, 1, api_name="/generate")
+    assert "/" not in settings["checkpoint"] and str(service.pipeline.checkpoint) not in str(settings)
+
+
+def test_one_session_runs_one_request_at_a_time():
+    from edmsound.app.ui import SessionGate
+    gate = SessionGate(1)
+    gate.enter("a")
+    with pytest.raises(ValueError, match="already has 1 request"):
+        gate.enter("a")
+    gate.enter("b")                                   # other visitors are not held up
+    gate.leave("a")
+    gate.enter("a")
+    gate.leave("a")
+    gate.leave("b")
+    assert gate._active == {}
+
+
+def test_gradio_cache_is_private_to_the_process(server):
+    d = os.environ["GRADIO_TEMP_DIR"]
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    shared = Path(tempfile.gettempdir()) / "gradio"
+    shared.mkdir(exist_ok=True)
+    planted = shared / "planted_by_another_program.txt"
+    planted.write_text("not yours")
+    try:
+        r = httpx.get(f"{server}/gradio_api/file={planted}")
+        assert r.status_code in (403, 404) and "not yours" not in r.text
+    finally:
+        planted.unlink()

@@ -488,8 +488,8 @@ def test_nfe10_multistep_beat_heun_and_euler():
            for name in ("euler", "dpmpp_2m", "dpmpp_3m", "deis", "unipc")}
     heun9 = _rms(_errors(setting, "heun", S.steps_for_nfe("heun", 9)))
     heun11 = _rms(_errors(setting, "heun", S.steps_for_nfe("heun", 11)))
-    for name in ("dpmpp_2m", "dpmpp_3m", "deis", "unipc"):
-        assert rms[name] < heun9 / 3, (name, rms[name], heun9)
+    for name in ("dpmpp_2m", "dpmpp_3m", "deis", "unipc"):   # (3M's last step is 2nd order: 2.9x, not 3x)
+        assert rms[name] < heun9 / (2.5 if name == "dpmpp_3m" else 3), (name, rms[name], heun9)
         assert rms[name] < heun11, (name, rms[name], heun11)
     for name in ("dpmpp_2m", "deis", "unipc"):
         assert rms[name] < 0.8 * rms["euler"], (name, rms[name], rms["euler"])
@@ -536,3 +536,68 @@ def test_edm_stochastic_per_sample_generators_reproduce_single_runs():
     other = S.sample_edm_stochastic(gmm.denoiser, x, sig,
                                     generator=[torch.Generator().manual_seed(s + 100) for s in seeds], **opts)
     assert (other - batch).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# low NFE: multistep samplers of order 3 must not diverge on the last steps
+# ---------------------------------------------------------------------------
+
+def _mode_flips(name: str, nfe: int, sigma_max: float, rho: float, **options) -> int:
+    """Trajectories (of 64) whose end lands in another mixture mode than the exact ODE solution's."""
+    gmm = edmsound_mixture()
+    z = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(77))
+    ref = reference_solution(gmm, z * sigma_max, sigma_max, 1e-4, rtol=1e-10, atol=1e-12, method="DOP853")
+    out, _ = S.sample(name, gmm.denoiser, z, nfe=nfe, sigma_min=1e-4, sigma_max=sigma_max, rho=rho, **options)
+    return int((gmm.classify(out) != gmm.classify(ref)).sum())
+
+
+@pytest.mark.parametrize("sigma_max,rho", [(3.0, 9.0), (15.0, 2.5)])     # the earlier shipped and the current schedule
+@pytest.mark.parametrize("nfe", [4, 5, 6, 8, 10])
+@pytest.mark.parametrize("name,options,baseline", [("dpmpp_3m", {}, "dpmpp_2m"), ("unipc", {"order": 3}, "dpmpp_2m"),
+                                                   ("deis", {"order": 3}, "euler")])
+def test_order3_multistep_no_more_mode_flips_than_their_2nd_or_1st_order_kin(name, options, baseline, nfe, sigma_max,
+                                                                             rho):
+    """Trajectories ending in another mode than the exact ODE's: DPM-Solver++(3M) and UniPC-3 no more than
+    DPM-Solver++(2M); DEIS-3 (a polynomial in sigma) no more than Euler, its 1st-order case."""
+    base = _mode_flips(baseline, nfe, sigma_max, rho)
+    got = _mode_flips(name, nfe, sigma_max, rho, **options)
+    assert got <= base + 2, (name, nfe, got, base)
+
+
+def test_lower_order_final_is_what_removes_the_divergence():
+    """Without lower-order final steps, order 3 at NFE 6 on the rho 2.5 schedule flips more trajectories;
+    the option changes nothing at NFE >= 20 (15 steps or more)."""
+    for name, opts in (("dpmpp_3m", {}), ("unipc", {"order": 3})):
+        bad = _mode_flips(name, 6, 15.0, 2.5, lower_order_final=False, **opts)
+        good = _mode_flips(name, 6, 15.0, 2.5, **opts)
+        assert bad >= good + 4, (name, bad, good)
+    gmm = edmsound_mixture()
+    z = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for name, opts in (("dpmpp_3m", {}), ("unipc", {"order": 3}), ("deis", {}), ("dpmpp_2m", {})):
+        a, _ = S.sample(name, gmm.denoiser, z, nfe=20, sigma_min=1e-4, sigma_max=3.0, rho=9.0, **opts)
+        b, _ = S.sample(name, gmm.denoiser, z, nfe=20, sigma_min=1e-4, sigma_max=3.0, rho=9.0,
+                        lower_order_final=not opts.get("lower_order_final", name != "dpmpp_2m"), **opts)
+        assert torch.equal(a, b), name
+
+
+def test_churn_noise_does_not_depend_on_the_state_dtype():
+    gmm = edmsound_mixture()
+    sig = karras_sigmas(6, 1e-3, 3.0, 7.0)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        x = (z * 3.0).to(dtype)
+        outs.append(S.sample_edm_stochastic(gmm.denoiser, x, sig.to(dtype), S_churn=10.0, S_tmin=0.0, S_tmax=100.0,
+                                            generator=torch.Generator().manual_seed(9)).double())
+    assert (outs[0] - outs[1]).abs().max() < 1e-4                  # the same noise; only rounding differs
+
+
+def test_edm_stochastic_default_window_leaves_first_and_last_steps_alone():
+    gmm = edmsound_mixture()
+    sig = karras_sigmas(8, 0.002, 80.0, 7.0)
+    z = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seen = []
+    S.sample_edm_stochastic(gmm.denoiser, z * 80.0, sig, S_churn=40.0, callback=seen.append,
+                            generator=torch.Generator().manual_seed(0))
+    churned = [d["sigma_hat"] > float(sig[d["i"]]) + 1e-12 for d in seen]
+    assert not churned[0] and not churned[-1] and any(churned)      # sigma 80 > S_tmax 50; last below 0.05
