@@ -5,8 +5,9 @@ the sidecar). Nothing is normalised unless asked: ``normalize="peak"`` / ``"lufs
 per clip (:mod:`edmsound.audio.loudness`), recorded per clip in ``Generation.normalization`` and the sidecar.
 
 Reproducibility: clip i of a call with seed s uses its own generator seeded with s + i for its initial
-noise (and, for the stochastic sampler, its churn noise), so a batch reproduces the clips of single
-calls. The sampler state is float32 (float64 on request) whatever autocast the network uses.
+noise (and, for the stochastic sampler, its churn noise), so a batch starts from the single calls' noise.
+The sampler state is float32 (float64 on request); under the network's bf16 autocast a batch differs from
+single calls by about 2 % (kernels depend on the batch shape), with ``bf16=False`` by float rounding only.
 """
 from __future__ import annotations
 
