@@ -301,46 +301,36 @@ def main():
         sys.exit(f"error: real sets {', '.join(missing)} are not in {sets_root}; fetch them first: "
                  f"python benchmarks/real_sets.py --out {sets_root}")
     codes = [("this checkout", str(ROOT))] + ([("before", a.before)] if a.before else [])
-    rows, base = [], {}
+    rows, base, builds = [], {}, []
     if a.builtin:
         for label, path in codes:
             index = str(ROOT / "checkpoints" / "index") if label == "this checkout" else a.before_index
-            if index is None:
-                continue
-            env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
-            cmd = [sys.executable, __file__, "--worker", "--index", index, "--code", label, "--threads", str(a.threads)]
-            print(f"built-in: {label} ...", flush=True)
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"error: worker failed on the built-in set ({label}):\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print("  ", rows[-1], flush=True)
+            if index is not None:
+                rows.append(run_worker(f"built-in: {label}", path, ["--index", index, "--code", label], a))
     for s in names:
         for label, path in codes:
-            env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
-            work = Path(a.work) / s
-            cmd = [sys.executable, __file__, "--worker", "--set-root", str(sets_root / s), "--name", s, "--code",
-                   label, "--work", str(work), "--copies", str(a.copies), "--short", str(a.short),
-                   "--threads", str(a.threads)]
-            print(f"{s}: {label} ...", flush=True)
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"error: worker failed on {s} ({label}):\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print("  ", rows[-1], flush=True)
+            rows.append(run_worker(f"{s}: {label}", path, [
+                "--set-root", str(sets_root / s), "--name", s, "--code", label, "--work", str(Path(a.work) / s),
+                "--copies", str(a.copies), "--short", str(a.short)], a))
         base[s] = baselines(sets_root / s, Path(a.work) / s, a.copies, a.short)
-    builds = []
     for label, path in codes:
-        env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
-        cmd = [sys.executable, __file__, "--worker", "--build-only", "--set-root",
-               ",".join(str(sets_root / s) for s in names), "--code", label, "--work", a.work, "--threads", str(a.threads)]
-        print(f"build of every clip: {label} ...", flush=True)
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"error: build worker failed ({label}):\n{out.stderr[-3000:]}")
-        builds.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print("  ", builds[-1], flush=True)
+        builds.append(run_worker(f"build of every clip: {label}", path, [
+            "--build-only", "--set-root", ",".join(str(sets_root / s) for s in names), "--code", label,
+            "--work", a.work], a))
     write_table(rows, base, a, Path(a.out), builds)
+
+
+def run_worker(what: str, package_path: str, args: list[str], a) -> dict:
+    """One worker process with ``package_path`` first on the import path; its JSON result."""
+    env = dict(os.environ, PYTHONPATH=package_path, HF_HUB_OFFLINE="1")
+    print(f"{what} ...", flush=True)
+    out = subprocess.run([sys.executable, __file__, "--worker", "--threads", str(a.threads)] + args, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: worker failed ({what}):\n{out.stderr[-3000:]}")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print("  ", row, flush=True)
+    return row
 
 
 def _f(x) -> str:
