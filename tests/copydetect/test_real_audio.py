@@ -200,3 +200,23 @@ def test_head_epochs_scale_with_the_data():
     assert auto_epochs(5600 * 3, 256) == 200                       # the built-in set: its 200 epochs
     assert auto_epochs(600 * 4, 256) == 1300                       # a small set: more passes, same steps
     assert auto_epochs(10, 256) == 2000                            # capped
+
+
+def test_index_build_finetunes_the_head_on_the_sets_own_copies(tree, tmp_path, capsys):
+    """The paper's procedure in one command: a head trained on this set's augmented copies, then the index."""
+    out = tmp_path / "idx"
+    cli_main(["index", "build", "--data", str(tree), "--out", str(out), "--finetune-head", "--no-progress"])
+    text = capsys.readouterr().out
+    assert "head trained on 15 clips" in text and "group(s) of near-duplicates" in text
+    head = json.loads((out / "head" / "head.json").read_text())
+    assert head["training"]["epochs"] >= 200 and head["training"]["clips"] == 15
+    idx = CopyIndex.load(out)
+    assert idx.encoder_info["has_head"] and idx.encoder.name.endswith("+copy-head")
+    assert idx.encoder.weights_hash != load_encoder("default", head="default").weights_hash
+    m = idx.search([hit(60 + 7, 0.37, 10, seed=1)], k=1, same_class="kick", sample_rate=SR)[0][0]
+    assert m.source.endswith("kick1.wav") and m.copy
+
+
+def test_index_build_on_another_set_says_how_to_finetune(tree, tmp_path, capsys):
+    cli_main(["index", "build", "--data", str(tree), "--out", str(tmp_path / "i2"), "--no-progress"])
+    assert "--finetune-head" in capsys.readouterr().out
