@@ -299,6 +299,7 @@ class Handlers:
         if res is None or not res.neighbours:
             return [None, None, None, None, None, ""]
         sbs = self.svc.side_by_side(res, res.neighbours[0].rank if rank is None else rank, mode)
+        res.shown_pair = sbs                         # kept, so a view toggle redraws without recomputing
         nb = sbs["neighbour"]
         w = res.window_seconds
         rows = [[p["label"], f"{p['query_offset']:.2f}–{p['query_offset'] + w:.2f}",
@@ -316,6 +317,26 @@ class Handlers:
             matrix_md = f"_{nb.note}_"
         return [str(res.query.path) if res.query.path else None, str(nb.path) if nb.path else None,
                 sbs["query_image"], sbs["neighbour_image"], rows, matrix_md]
+
+    @_guard
+    def rerender_view(self, session, mode):
+        """A spectrogram-view toggle: only the images change. The clip spectrograms, the neighbours' and the
+        side-by-side pair (its window marks reused: no embedding is recomputed); players and tables stay."""
+        mode = _mode(mode)
+        clips = (session or {}).get("clips") or []
+        out = [gr.update(value=self.svc.spectrogram_image(clips[i].spec, mode, f"clip {i + 1}: {clips[i].name}"),
+                         label=f"Clip {i + 1} · {MODE_LABELS[mode]}") if i < len(clips) else gr.update()
+               for i in range(MAX_VARIATIONS)]
+        res = (session or {}).get("neighbours")
+        nbs = res.neighbours if res is not None else []
+        out += [self.svc.neighbour_image(nbs[j], mode) if j < len(nbs) else gr.update() for j in range(MAX_K)]
+        shown = getattr(res, "shown_pair", None) if res is not None else None
+        if shown is None:
+            return out + [gr.update(), gr.update()]
+        q = res.query
+        return out + [self.svc.spectrogram_image(q.spec, mode, f"generated: {q.name} (matching windows shaded)",
+                                                 shown["query_marks"]),
+                      self.svc.neighbour_image(shown["neighbour"], mode, shown["train_marks"])]
 
     @_guard
     def rerender(self, session, mode, pair=None):
@@ -577,7 +598,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
             then_show_neighbours(pick.input(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
                                             preprocess=False, show_progress_on=[badge], **ui_only))
             pair.input(h.side_by_side, [session, pair, view], sbs_outputs, preprocess=False, **ui_only)
-        view.input(h.rerender, [session, view, pair], clip_outputs + nb_outputs + sbs_outputs, preprocess=False,
+        view.input(h.rerender_view, [session, view], images + nb_img + [sbs_q_img, sbs_t_img], preprocess=False,
                    trigger_mode="always_last", **ui_only)
 
         cmp_event = c_go.click(

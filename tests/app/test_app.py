@@ -249,6 +249,17 @@ def test_handlers_called_directly(service):
     q_audio, t_audio, q_img, t_img, pairs, matrix_md = h.side_by_side(session2, 1, "magphase")
     assert q_audio.endswith(".wav") and t_audio.endswith(".wav") and q_img.ndim == t_img.ndim == 3
     assert pairs and pairs[0][0] == "A" and "cosine similarity" in matrix_md
+    # a view toggle redraws only the images, reusing the pair's window marks (nothing is embedded again)
+    embedded = []
+    real = service.index.embed_queries
+    service.index.embed_queries = lambda *a, **k: embedded.append(1) or real(*a, **k)
+    try:
+        view = h.rerender_view(session2, "realimag")
+    finally:
+        service.index.embed_queries = real
+    assert len(view) == MAX_VARIATIONS + MAX_K + 2 and not embedded
+    assert view[-2].shape == q_img.shape and not np.array_equal(view[-2], q_img)      # another view, same marks
+    assert view[0]["label"].endswith("real + imaginary") and view[0]["value"].ndim == 3
 
     state, cmp_json, cmp_paths = h.compare("low", 0, 4, 1.0, ["euler", "heun", "euler"])
     assert [s["sampler"] for s in cmp_json["samplers"]] == ["euler", "heun"] and len(cmp_paths) == 2
@@ -488,3 +499,18 @@ def test_gradio_cache_is_private_to_the_process(server):
         assert r.status_code in (403, 404) and "not yours" not in r.text
     finally:
         planted.unlink()
+
+
+def test_a_session_cannot_run_two_requests_at_once_through_the_server(server):
+    c = Client(server, verbose=False)
+    jobs = [c.submit("low", "dpmpp_2m", MAX_NFE, 3.0, 1 + i, MAX_VARIATIONS, api_name="/generate") for i in range(2)]
+    outcomes = []
+    for j in jobs:
+        try:
+            j.result(timeout=300)
+            outcomes.append("ok")
+        except Exception as e:
+            outcomes.append(str(e))
+    assert outcomes.count("ok") == 1
+    refused = next(o for o in outcomes if o != "ok")
+    assert "already has 1 request(s) running" in refused and "the limit is 1 at a time" in refused
