@@ -102,9 +102,37 @@ class SessionGate:
                 self._active[session_id] = n
 
 
+class SecurityHeaders:
+    """ASGI middleware adding response headers every page and file of the app gets: no MIME sniffing (a
+    served file is never run as another type), no full referrer to other sites, no camera, microphone or
+    location. No frame restrictions: Hugging Face Spaces shows the app in a frame."""
+    HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"strict-origin-when-cross-origin"),
+               (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"))
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                have = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in self.HEADERS if k not in have]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def launch_kwargs(**overrides) -> dict:
-    """The settings ``app.py`` and the tests launch with (no uploads, system fonts, no SSR)."""
+    """The settings ``app.py`` and the tests launch with (uploads capped, security headers, system fonts,
+    no SSR)."""
+    from starlette.middleware import Middleware
     kw = dict(max_file_size=MAX_UPLOAD, ssr_mode=False, show_error=True, footer_links=["api", "settings"],
+              app_kwargs={"middleware": [Middleware(SecurityHeaders)]},
               theme=gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                    font_mono=["ui-monospace", "monospace"]))
     kw.update(overrides)

@@ -514,3 +514,12 @@ def test_a_session_cannot_run_two_requests_at_once_through_the_server(server):
     assert outcomes.count("ok") == 1
     refused = next(o for o in outcomes if o != "ok")
     assert "already has 1 request(s) running" in refused and "the limit is 1 at a time" in refused
+
+
+def test_every_response_carries_the_security_headers(server, client):
+    _, files = client.predict("low", "euler", 3, 1.0, 7, 1, api_name="/generate")
+    for path in ("/", "/gradio_api/info", "/gradio_api/file=" + files[0] if files[0].startswith("/") else "/"):
+        r = httpx.get(f"{server}{path}")
+        assert r.headers.get("x-content-type-options") == "nosniff", path
+        assert r.headers.get("referrer-policy") == "strict-origin-when-cross-origin"
+        assert "microphone=()" in r.headers.get("permissions-policy", "")
