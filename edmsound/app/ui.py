@@ -80,6 +80,18 @@ class SessionGate:
         self.limit = int(limit)
         self._lock = threading.Lock()
         self._active: dict[str, int] = {}
+        self._stop: set[str] = set()
+
+    def cancel(self, session_id: str | None) -> bool:
+        """Ask this session's running request to stop (at its next sampler step); False when none runs."""
+        with self._lock:
+            if session_id is None or session_id not in self._active:
+                return False
+            self._stop.add(session_id)
+            return True
+
+    def cancelled(self, session_id: str | None) -> bool:
+        return session_id is not None and session_id in self._stop
 
     def enter(self, session_id: str | None) -> None:
         if session_id is None:
@@ -98,6 +110,7 @@ class SessionGate:
             n = self._active.get(session_id, 0) - 1
             if n <= 0:
                 self._active.pop(session_id, None)
+                self._stop.discard(session_id)
             else:
                 self._active[session_id] = n
 
@@ -155,8 +168,14 @@ def _guard(fn):
     return wrapper
 
 
-def _progress_adapter(progress):
+class Cancelled(ValueError):
+    """The visitor pressed Cancel: the running request stops at its next sampler step."""
+
+
+def _progress_adapter(progress, cancelled=lambda: False):
     def report(done, total, desc):
+        if cancelled():
+            raise Cancelled("cancelled: the request was stopped before it finished")
         try:
             progress((int(done), int(total)), desc=desc, unit="steps")
         except Exception:  # noqa: BLE001 - progress is cosmetic; never fail a generation because of it
@@ -223,7 +242,8 @@ class Handlers:
         self.gate.enter(sid)
         try:
             res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n,
-                                    progress=_progress_adapter(progress), normalize=level, target=target)
+                                    progress=_progress_adapter(progress, lambda: self.gate.cancelled(sid)),
+                                    normalize=level, target=target)
         finally:
             self.gate.leave(sid)
         session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
@@ -375,6 +395,10 @@ class Handlers:
         pair_now = nbs[-1].get("value") if isinstance(nbs[-1], dict) else None
         return clips + nbs + self.side_by_side(session, pair_now, mode)
 
+    def stop(self, request: gr.Request = None) -> None:
+        """Cancel: this session's running generate or compare stops at its next sampler step."""
+        self.gate.cancel(getattr(request, "session_hash", None))
+
     # --- compare ---------------------------------------------------------------------------------
     @_guard
     def compare(self, class_name, seed, nfe, guidance, samplers, request: gr.Request = None,
@@ -382,7 +406,8 @@ class Handlers:
         sid = getattr(request, "session_hash", None)
         self.gate.enter(sid)
         try:
-            res = self.svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress))
+            res = self.svc.compare(class_name, seed, nfe, guidance, samplers,
+                                   progress=_progress_adapter(progress, lambda: self.gate.cancelled(sid)))
         finally:
             self.gate.leave(sid)
         return res, res.to_dict(), res.paths
@@ -637,8 +662,10 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
             preprocess=False, show_progress_on=[c_settings] + c_title[:1], **heavy)
         cmp_outputs = c_vis + c_title + c_audio + c_img
         cmp_event.success(h.render_compare, [compare_state, c_view], cmp_outputs, preprocess=False, **ui_only)
-        stop.click(None, None, None, cancels=[gen_event], queue=False)
-        c_stop.click(None, None, None, cancels=[cmp_event], queue=False)
+        stop.click(h.stop, None, None, queue=False, api_name="stop",
+                   api_description="Stop this session's running generate or compare at its next sampler step "
+                                   "(it then ends with the error 'cancelled: ...').")
+        c_stop.click(h.stop, None, None, queue=False, api_visibility="private")
         c_view.input(h.render_compare, [compare_state, c_view], cmp_outputs, preprocess=False,
                      trigger_mode="always_last", **ui_only)
 

@@ -293,7 +293,7 @@ def test_handler_errors_are_gr_errors(service):
 def test_api_has_exactly_the_named_endpoints(client):
     api = client.view_api(print_info=False, return_format="dict")
     named = api["named_endpoints"]
-    assert set(named) == {"/generate", "/neighbours", "/compare"} and not api["unnamed_endpoints"]
+    assert set(named) == {"/generate", "/neighbours", "/compare", "/stop"} and not api["unnamed_endpoints"]
     assert [p["parameter_name"] for p in named["/generate"]["parameters"]] == \
         ["class_name", "sampler", "nfe", "guidance", "seed", "n", "level", "target"]
     assert [p["parameter_name"] for p in named["/neighbours"]["parameters"]] == ["clip_number", "k"]
@@ -523,3 +523,16 @@ def test_every_response_carries_the_security_headers(server, client):
         assert r.headers.get("x-content-type-options") == "nosniff", path
         assert r.headers.get("referrer-policy") == "strict-origin-when-cross-origin"
         assert "microphone=()" in r.headers.get("permissions-policy", "")
+
+
+def test_a_running_generate_can_be_cancelled(server):
+    """The Cancel button's endpoint, against the real server: the running request stops at its next step and
+    the session can generate again at once."""
+    c = Client(server, verbose=False)
+    job = c.submit("high", "dpmpp_2m", MAX_NFE, 3.0, 5, MAX_VARIATIONS, api_name="/generate")
+    time.sleep(0.3)
+    c.predict(api_name="/stop")
+    with pytest.raises(Exception, match="cancelled: the request was stopped"):
+        job.result(timeout=120)
+    settings, files = c.predict("low", "euler", 3, 1.0, 7, 1, api_name="/generate")   # the session goes on
+    assert settings["nfe"] == 3 and len(files) == 1
