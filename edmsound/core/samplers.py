@@ -289,8 +289,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=Non
 
     First step is first order (DPM-Solver++(1) == DDIM == EDM Euler); the last
     step to sigma = 0 returns the denoised estimate. ``lower_order_final`` (off by
-    default) caps the order at the steps left plus one on schedules of under 15 steps, which for this
-    2nd-order method changes nothing (kept for a uniform signature).
+    default) makes the last nonzero step 1st order on schedules of under 15 steps (the reference code's
+    rule); on the mixture ODE it did not reduce mode flips at NFE 4-10, so it stays off.
     """
     in_dtype = x.dtype
     x, sig = _prepare(x, sigmas)
@@ -304,7 +304,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=Non
             x = den  # lambda -> inf: the 1st-order update reduces to x = D
             break
         h = math.log(s / s_next)  # h_i = lambda_{i+1} - lambda_i
-        if den_prev is None or _final_order(2, i, n_nz, lower_order_final) < 2:
+        if den_prev is None or (lower_order_final and n_nz < LOWER_ORDER_FINAL_BELOW and i == n_nz - 1):
             d_eff = den
         else:
             # Alg. 2: r_i = h_{i-1}/h_i, D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}
