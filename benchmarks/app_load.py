@@ -9,7 +9,9 @@ Launches the app on the embedded default (model + copy index) on 127.0.0.1 and, 
    second request is refused at once (one running request per session);
 3. 8 concurrent sessions sending cheap generates with bad inputs mixed in: every error must be clear (name
    what was wrong and what is allowed); errors that are not are counted as unclear;
-4. the server's resident memory over 200 requests (after a warm-up of 20): first vs last.
+4. the server's resident memory over 200 requests (after a warm-up of 20): first vs last;
+5. idle click-to-audio in headless Chromium (Debian's, when installed): from the Generate click to the
+   clip's player holding its WAV, at the shipped settings.
 
 Bounded in count and time; loopback only. Writes ``benchmarks/results/app_load.md``.
 Run: ``python benchmarks/app_load.py [--requests 200]``
@@ -59,6 +61,36 @@ def cheap(client, seed: int) -> float:
     t = time.perf_counter()
     client.predict("footstep", "dpmpp_2m", 8, 1.0, seed, 1, api_name="/generate")
     return time.perf_counter() - t
+
+
+def click_to_audio(url: str, rounds: int) -> list[float]:
+    """Seconds from a click on Generate to the first player holding the new clip's WAV (headless Chromium)."""
+    from playwright.sync_api import expect, sync_playwright
+    times = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(url, wait_until="domcontentloaded")
+            expect(page.locator("#generate-btn")).to_be_visible(timeout=60_000)
+            link = page.locator("#clip-audio-0 a[download]")
+            for r in range(rounds + 1):
+                before = link.get_attribute("href") if link.count() else None
+                page.locator("#seed input").fill(str(1000 + r))   # a new clip (the same one is cached)
+                page.locator("#seed input").press("Tab")
+                t = time.perf_counter()
+                page.locator("#generate-btn").click()
+                page.wait_for_function(
+                    "prev => { const a = document.querySelector('#clip-audio-0 a[download]');"
+                    " return a && a.getAttribute('href') && a.getAttribute('href') !== prev; }",
+                    arg=before, timeout=120_000, polling=20)
+                if r:                                    # the first is a warm-up
+                    times.append(time.perf_counter() - t)
+                page.wait_for_timeout(1500)              # let the neighbours finish before the next click
+        finally:
+            browser.close()
+    return times
 
 
 def q(xs, p) -> float:
@@ -113,6 +145,7 @@ def main():
                         unclear.append(str(e)[:200])
         with ThreadPoolExecutor(8) as ex:
             list(ex.map(session, range(8)))
+        clicks = click_to_audio(url, 5) if Path("/usr/bin/chromium").exists() else []
         # (4) memory over many requests
         rss = []
         c = Client(url, verbose=False)
@@ -144,6 +177,9 @@ def main():
              f"| the other session's second max-cost request | refused at once {len(refused)} of "
              f"{max(2, a.rounds // 2)} times: `{refused[0][:120] if refused else ''}` |",
              f"| 8 sessions, bad inputs mixed in: succeeded / errors / unclear errors | {ok} / {errors} / {len(unclear)} |",
+             (f"| idle click-to-audio in Chromium (shipped settings), p50 / max of {len(clicks)} | "
+              f"{q(clicks, 50):.2f} s / {max(clicks):.2f} s |" if clicks else
+              "| idle click-to-audio | not measured (no /usr/bin/chromium) |"),
              f"| resident memory after request 20 -> {a.requests} | {rss[0]:.0f} MB -> {rss[-1]:.0f} MB "
              f"({growth:+.1f} %) |" if len(rss) == 2 else "| resident memory | not measured (time limit) |"]
     if unclear:

@@ -105,3 +105,16 @@ def test_wrong_shape_weights_are_one_line(tone_tree, tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and k in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_written_files_have_ordinary_modes(tone_tree, tmp_path):
+    """Exported weights and JSON get the umask's ordinary mode (0644 under umask 022), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        tr = Trainer(get_preset("tiny"), tone_tree, tmp_path / "run", steps=1, progress=False)
+        tr.run()
+        tr.export(tmp_path / "model")
+    finally:
+        os.umask(old)
+    for f in list((tmp_path / "model").iterdir()) + list((tmp_path / "run").glob("ckpt-*/*")):
+        assert f.stat().st_mode & 0o777 == 0o644, f
