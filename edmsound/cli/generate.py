@@ -18,10 +18,20 @@ def _cmd_generate(a):
     norm, target = (("peak", a.normalize_peak) if a.normalize_peak is not None else
                     ("lufs", a.normalize_lufs) if a.normalize_lufs is not None else (None, None))
     pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
+    init = None
+    if a.vary is not None:
+        from .. import read_clip
+        init, why, _ = read_clip(a.vary, pipe.sample_rate)
+        if init is None:
+            raise ValueError(f"--vary {a.vary}: {why}")
+    elif a.strength is not None:
+        raise ValueError("--strength goes with --vary FILE (the clip to make variations of)")
     try:
         gen = pipe.generate(a.class_name, n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
                             seed=a.seed, batch_size=a.batch_size, progress=True,
-                            guidance_interval=a.guidance_interval, normalize=norm, target=target)
+                            guidance_interval=a.guidance_interval, normalize=norm, target=target,
+                            init=init, strength=(0.5 if a.strength is None else a.strength) if init is not None
+                            else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -50,6 +60,11 @@ def register(subparsers) -> None:
     g.add_argument("--device", default=None)
     g.add_argument("--out", required=True)
     g.add_argument("--no-figures", action="store_true")
+    g.add_argument("--vary", default=None, metavar="FILE",
+                   help="make variations of this clip (any audio format; cut or padded to the model's length)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how far variations move from --vary's clip, in (0, 1]: 0 keeps it, 1 is a fresh "
+                        "generation (default 0.5)")
     norm = g.add_mutually_exclusive_group()
     norm.add_argument("--normalize-peak", type=peak_target, default=None, metavar="DBFS",
                       help="scale each clip so its sample peak reads DBFS (in [-60, 0]); default: no normalisation, "

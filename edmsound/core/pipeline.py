@@ -12,6 +12,7 @@ single calls by about 2 % (kernels depend on the batch shape), with ``bf16=False
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,19 +113,48 @@ class EDMSoundPipeline:
             return self.preset.guidance_interval_for(class_name)
         return check_guidance_interval(interval)
 
+    def strength_sigma(self, strength) -> float:
+        """The noise level a variation of ``strength`` in (0, 1] starts from: log-uniform between the
+        preset's sigma_min (0: the clip itself) and sigma_max (1: as far as a fresh generation)."""
+        try:
+            st = float(strength)
+        except (TypeError, ValueError):
+            st = math.nan
+        if not (0.0 < st <= 1.0):
+            raise ValueError(f"strength must be in (0, 1] (0 keeps the clip, 1 is a fresh generation), got {strength!r}")
+        e = self.preset.edm
+        return float(e.sigma_min * (e.sigma_max / e.sigma_min) ** st)
+
+    def encode_clip(self, wave) -> torch.Tensor:
+        """A clip at the pipeline's rate -> its complex spectrogram (1, C, F, T), cut or zero-padded to the
+        model's length."""
+        w = np.asarray(wave, np.float32)
+        if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)):
+            raise ValueError("the source clip must be a non-empty 1-D array of finite samples")
+        n = self.codec.num_samples
+        w = w[:n] if len(w) >= n else np.pad(w, (0, n - len(w)))
+        return self.codec.encode(torch.from_numpy(w)[None])
+
     def sample_specs(self, class_name: str, seeds: list[int], sampler: str, nfe: int, guidance: float,
-                     callback=None, guidance_interval=None, **options) -> tuple[torch.Tensor, int, int]:
+                     callback=None, guidance_interval=None, init: torch.Tensor | None = None,
+                     sigma_start: float | None = None, **options) -> tuple[torch.Tensor, int, int]:
         """Spectrograms for one batch of seeds; returns (specs, network evaluations counted, of which guided).
-        ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`."""
+        ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`.
+        ``init`` (1, C, F, T) with ``sigma_start``: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis
+        and Editing with Stochastic Differential Equations"): the clip's spectrogram plus noise at
+        ``sigma_start``, solved back to sigma_min with the same exact NFE budget."""
         label = self.class_index(class_name)
         fn = get_sampler(sampler)
         nfe = check_nfe(sampler, nfe)
         guidance = check_guidance(guidance)
         guidance_interval = check_guidance_interval(guidance_interval)
         e = self.preset.edm
-        sigmas = karras_sigmas(steps_for_nfe(sampler, nfe), e.sigma_min, e.sigma_max, e.rho)
+        top = e.sigma_max if init is None else float(sigma_start)
+        sigmas = karras_sigmas(steps_for_nfe(sampler, nfe), e.sigma_min, top, e.rho)
         noise, gens = self.noise(seeds)
         x = (noise * float(sigmas[0])).to(self.device)
+        if init is not None:
+            x = x + init.to(device=self.device, dtype=x.dtype)
         labels = torch.full((len(seeds),), label, dtype=torch.long, device=self.device)
         guided = GuidedDenoiser(self.model, labels, guidance, guidance_interval)
         counter = CountingDenoiser(guided)
@@ -134,11 +164,13 @@ class EDMSoundPipeline:
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
                  callback=None, guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
-                 target: float | None = None, **options) -> Generation:
+                 target: float | None = None, init=None, strength: float | None = None, **options) -> Generation:
         """``guidance_interval``: ``"default"`` (the class's shipped interval), None / "none" (guidance at every
         noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi). ``normalize``: None / "off"
         (default: the clips as the model made them), "peak" (``target`` dBFS sample peak) or "lufs" (``target``
-        LUFS integrated loudness, true peak held at or below -1 dBTP); each clip's level is measured either way."""
+        LUFS integrated loudness, true peak held at or below -1 dBTP); each clip's level is measured either way.
+        ``init`` (a clip at the pipeline's rate) with ``strength`` in (0, 1]: variations of that clip (SDEdit,
+        see :meth:`sample_specs`); clip i still uses seed + i."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
         self.class_index(class_name)
@@ -149,6 +181,12 @@ class EDMSoundPipeline:
         norm_mode, norm_target = loudness.check_target(normalize, target)
         if not 1 <= int(n) <= MAX_CLIPS:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
+        init_spec = sigma_start = None
+        if init is not None or strength is not None:
+            if init is None or strength is None:
+                raise ValueError("variations need both a source clip (init) and a strength in (0, 1]")
+            sigma_start = self.strength_sigma(strength)
+            init_spec = self.encode_clip(init)
         seed = int(seed)
         seeds = [seed + i for i in range(int(n))]
         batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -156,7 +194,8 @@ class EDMSoundPipeline:
         t0 = time.perf_counter()
         for b in tqdm(batches, desc=f"{class_name}", disable=not progress or len(batches) < 2, unit="batch"):
             s, c, guided = self.sample_specs(class_name, b, sampler, nfe, guidance, callback=callback,
-                                             guidance_interval=interval, **options)
+                                             guidance_interval=interval, init=init_spec, sigma_start=sigma_start,
+                                             **options)
             specs.append(s)
             counts.append(c)
         specs = torch.cat(specs)
@@ -180,6 +219,8 @@ class EDMSoundPipeline:
                     "real_time_factor": round(wall / (len(seeds) * self.codec.num_samples / self.sample_rate), 4),
                     "normalize": None if norm_mode is None else {"mode": norm_mode, "target": norm_target},
                     "checkpoint": self.checkpoint, "device": str(self.device)}
+        if init_spec is not None:
+            settings["variation"] = {"strength": float(strength), "sigma_start": round(sigma_start, 6)}
         return Generation(waves=waves, specs=specs, seeds=seeds, settings=settings, levels=levels,
                           normalization=reports)
 

@@ -163,3 +163,50 @@ def test_cli_user_errors_are_one_line_and_tracebacks_only_on_request(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
     r = subprocess.run(cmd, env=dict(env, EDMSOUND_DEBUG="1"), capture_output=True, text=True, timeout=120)
     assert "Traceback" in r.stderr
+
+
+def test_variations_stay_near_the_source_at_low_strength_and_reproduce_alone(pipe):
+    """SDEdit variations: strength 0.02 keeps the clip (the denoiser is near identity at sigma_min), strength
+    1 moves far from it; the NFE budget is exact; variation i reproduces alone with seed + i."""
+    import numpy as np
+    src = pipe.generate(pipe.classes[0], n=1, sampler="euler", nfe=4, seed=3).waves[0]
+    near = pipe.generate(pipe.classes[0], n=2, sampler="euler", nfe=4, seed=10, init=src, strength=0.02)
+    far = pipe.generate(pipe.classes[0], n=2, sampler="euler", nfe=4, seed=10, init=src, strength=1.0)
+    assert near.settings["nfe"] == 4 and near.settings["variation"]["strength"] == 0.02
+
+    def rel(a):
+        return float(np.linalg.norm(a - src) / np.linalg.norm(src))
+    assert max(rel(w) for w in near.waves) < 0.05
+    assert min(rel(w) for w in far.waves) > 5 * max(rel(w) for w in near.waves)
+    one = pipe.generate(pipe.classes[0], n=1, sampler="euler", nfe=4, seed=11, init=src, strength=0.02)
+    assert np.allclose(one.waves[0], near.waves[1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        pipe.generate(pipe.classes[0], init=src, strength=0.0)
+    with pytest.raises(ValueError, match="both a source clip"):
+        pipe.generate(pipe.classes[0], strength=0.5)
+
+
+def test_cli_variations_of_a_file(tiny_ckpt, tmp_path, capsys):
+    import json
+    import numpy as np
+    import soundfile as sf
+    from edmsound.cli import main
+    from edmsound.core.pipeline import EDMSoundPipeline
+    p = EDMSoundPipeline(tiny_ckpt, device="cpu")
+    src = tmp_path / "mine.flac"
+    sf.write(src, 0.3 * np.sin(np.arange(p.codec.num_samples + 500) / 7).astype(np.float32), p.sample_rate)
+    main(["generate", "--checkpoint", str(tiny_ckpt), "--class", p.classes[0], "--vary", str(src), "--strength",
+          "0.3", "--n", "2", "--sampler", "euler", "--nfe", "3", "--out", str(tmp_path / "out"), "--no-figures"])
+    sidecars = sorted((tmp_path / "out").glob("*.json"))
+    assert len(sidecars) == 2
+    side = json.loads(sidecars[0].read_text())
+    assert side["variation"]["strength"] == 0.3 and side["nfe"] == 3
+    for argv, msg in ((["--strength", "0.5"], "--strength goes with --vary"),
+                      (["--vary", str(tmp_path / "missing.wav")], "unreadable"),
+                      (["--vary", str(src), "--strength", "2"], "strength must be in (0, 1]")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--checkpoint", str(tiny_ckpt), "--class", p.classes[0], "--out",
+                  str(tmp_path / "x"), "--no-figures"] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
