@@ -499,8 +499,9 @@ class EDMSoundService:
     def generate(self, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *, progress=None,
                  figures: str | None = None, write_files: bool = True,
                  guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
-                 target: float | None = None) -> GenerateResult:
-        """``n`` clips of ``class_name`` (clip i uses seed + i). ``progress(done, total, desc)`` is called
+                 target: float | None = None, init=None, strength=None) -> GenerateResult:
+        """``n`` clips of ``class_name`` (clip i uses seed + i); with ``init`` (a clip's wave) and ``strength``
+        in (0, 1], variations of that clip (SDEdit). ``progress(done, total, desc)`` is called
         once per solver step; ``figures`` = a spectrogram view ('magphase' / 'realimag') renders them.
         ``guidance_interval``: "default" (the class's shipped one), None or (lo, hi) noise levels.
         ``normalize``: None / "off" (default), "peak" (``target`` dBFS) or "lufs" (``target`` LUFS); every clip's
@@ -523,7 +524,7 @@ class EDMSoundService:
                 progress(int(info["i"]) + 1, steps, f"sampling {class_name} with {sampler}")
         gen = self.pipeline.generate(class_name, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed,
                                      callback=callback, guidance_interval=interval, normalize=normalize,
-                                     target=target)
+                                     target=target, init=init, strength=strength)
         settings = dict(gen.settings)
         settings["wall_seconds"] = settings["seconds"]
         settings["checkpoint"] = self.checkpoint_name

@@ -395,6 +395,27 @@ class Handlers:
         pair_now = nbs[-1].get("value") if isinstance(nbs[-1], dict) else None
         return clips + nbs + self.side_by_side(session, pair_now, mode)
 
+    @_guard
+    def vary(self, clip_number, strength, n, seed, session, request: gr.Request = None, progress=gr.Progress()):
+        """Variations of clip ``clip_number`` of this session's last generation, with its class, sampler, NFE
+        and guidance; ``strength`` in (0, 1] (0 keeps it, 1 is a fresh generation)."""
+        clips = (session or {}).get("clips") or []
+        if not clips:
+            raise ValueError("no generated clips in this session: generate first, then vary one of them")
+        i = as_int(1 if clip_number is None else clip_number, "clip number", 1, len(clips))
+        src = clips[i - 1]
+        st = src.settings
+        sid = getattr(request, "session_hash", None)
+        self.gate.enter(sid)
+        try:
+            res = self.svc.generate(src.class_name, st["sampler"], st["nfe"], st["guidance"], seed, n,
+                                    progress=_progress_adapter(progress, lambda: self.gate.cancelled(sid)),
+                                    init=src.wave, strength=strength)
+        finally:
+            self.gate.leave(sid)
+        session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
+        return session, res.to_dict(), res.paths
+
     def stop(self, request: gr.Request = None) -> None:
         """Cancel: this session's running generate or compare stops at its next sampler step."""
         self.gate.cancel(getattr(request, "session_hash", None))
@@ -518,6 +539,13 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                                            elem_id="level-target", scale=1)
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                    with gr.Row(equal_height=True):
+                        vary_clip = gr.Number(value=1, precision=0, minimum=1, maximum=MAX_VARIATIONS,
+                                              label="Clip to vary", elem_id="vary-clip", scale=1)
+                        vary_strength = gr.Slider(0.05, 1.0, value=0.4, step=0.05, label="Variation strength",
+                                                  info="0 keeps the clip, 1 is a fresh generation",
+                                                  elem_id="vary-strength", scale=2)
+                        vary_btn = gr.Button("Vary", elem_id="vary-btn", scale=1)
                     view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
                 with gr.Column(scale=3):
                     summary = gr.Markdown("", elem_id="settings-summary")
@@ -634,6 +662,14 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
             preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
         rendered = gen_event.success(h.render_after_generate, [session, view], clip_outputs + [pick], preprocess=False,
                                      **ui_only)
+        vary_event = vary_btn.click(
+            h.vary, [vary_clip, vary_strength, n, seed, session], [session, settings, files], api_name="vary",
+            api_description="Variations (1-4) of clip `clip_number` of this session's last /generate or /vary "
+                            "call, with its class, sampler, NFE and guidance: `strength` in (0, 1] (0 keeps the "
+                            "clip, 1 is a fresh generation). Returns settings and WAV files like /generate.",
+            preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
+        rendered_vary = vary_event.success(h.render_after_generate, [session, view], clip_outputs + [pick],
+                                           preprocess=False, **ui_only)
 
         def then_show_neighbours(event):
             return event.success(h.render_neighbours, [session, view], nb_outputs, preprocess=False, **ui_only) \
@@ -646,7 +682,8 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                             "and the neighbours' WAV files.",
             preprocess=False, show_progress_on=[badge], **heavy))
         if svc.has_index:          # neighbours of clip 1 right after generating, and when another clip is picked
-            then_show_neighbours(rendered.success(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
+            for done in (rendered, rendered_vary):
+                then_show_neighbours(done.success(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
                                                   preprocess=False, show_progress_on=[badge], **ui_only))
             then_show_neighbours(pick.input(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
                                             preprocess=False, show_progress_on=[badge], **ui_only))

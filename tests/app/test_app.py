@@ -293,7 +293,7 @@ def test_handler_errors_are_gr_errors(service):
 def test_api_has_exactly_the_named_endpoints(client):
     api = client.view_api(print_info=False, return_format="dict")
     named = api["named_endpoints"]
-    assert set(named) == {"/generate", "/neighbours", "/compare", "/stop"} and not api["unnamed_endpoints"]
+    assert set(named) == {"/generate", "/neighbours", "/compare", "/stop", "/vary"} and not api["unnamed_endpoints"]
     assert [p["parameter_name"] for p in named["/generate"]["parameters"]] == \
         ["class_name", "sampler", "nfe", "guidance", "seed", "n", "level", "target"]
     assert [p["parameter_name"] for p in named["/neighbours"]["parameters"]] == ["clip_number", "k"]
@@ -536,3 +536,19 @@ def test_a_running_generate_can_be_cancelled(server):
         job.result(timeout=120)
     settings, files = c.predict("low", "euler", 3, 1.0, 7, 1, api_name="/generate")   # the session goes on
     assert settings["nfe"] == 3 and len(files) == 1
+
+
+def test_variations_of_a_generated_clip_through_the_server(server):
+    c = Client(server, verbose=False)
+    with pytest.raises(Exception, match="generate first"):
+        c.predict(1, 0.5, 1, 0, api_name="/vary")
+    settings, files = c.predict("low", "euler", 4, 1.0, 7, 1, api_name="/generate")
+    src, _ = sf.read(files[0], dtype="float64")
+    vs, vfiles = c.predict(1, 0.02, 2, 30, api_name="/vary")
+    assert vs["variation"]["strength"] == 0.02 and vs["nfe"] == 4 and vs["sampler"] == "euler" and len(vfiles) == 2
+    assert [cl["seed"] for cl in vs["clips"]] == [30, 31]
+    for f in vfiles:
+        w, _ = sf.read(f, dtype="float64")
+        assert np.linalg.norm(w - src) / np.linalg.norm(src) < 0.1          # low strength: near the source
+    with pytest.raises(Exception, match=r"strength must be in \(0, 1\]"):
+        c.predict(1, 0.0, 1, 0, api_name="/vary")
