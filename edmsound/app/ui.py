@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported
 
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import html  # noqa: E402
 import logging  # noqa: E402
@@ -92,6 +93,15 @@ class SessionGate:
 
     def cancelled(self, session_id: str | None) -> bool:
         return session_id is not None and session_id in self._stop
+
+    @contextlib.contextmanager
+    def running(self, session_id: str | None):
+        """``with gate.running(sid) as stopped:`` holds the session's slot; ``stopped()`` says Cancel was pressed."""
+        self.enter(session_id)
+        try:
+            yield lambda: self.cancelled(session_id)
+        finally:
+            self.leave(session_id)
 
     def enter(self, session_id: str | None) -> None:
         if session_id is None:
@@ -238,14 +248,9 @@ class Handlers:
     @_guard
     def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None,
                  request: gr.Request = None, progress=gr.Progress()):
-        sid = getattr(request, "session_hash", None)
-        self.gate.enter(sid)
-        try:
+        with self.gate.running(getattr(request, "session_hash", None)) as stopped:
             res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n,
-                                    progress=_progress_adapter(progress, lambda: self.gate.cancelled(sid)),
-                                    normalize=level, target=target)
-        finally:
-            self.gate.leave(sid)
+                                    progress=_progress_adapter(progress, stopped), normalize=level, target=target)
         session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
         return session, res.to_dict(), res.paths
 
@@ -405,14 +410,9 @@ class Handlers:
         i = as_int(1 if clip_number is None else clip_number, "clip number", 1, len(clips))
         src = clips[i - 1]
         st = src.settings
-        sid = getattr(request, "session_hash", None)
-        self.gate.enter(sid)
-        try:
+        with self.gate.running(getattr(request, "session_hash", None)) as stopped:
             res = self.svc.generate(src.class_name, st["sampler"], st["nfe"], st["guidance"], seed, n,
-                                    progress=_progress_adapter(progress, lambda: self.gate.cancelled(sid)),
-                                    init=src.wave, strength=strength)
-        finally:
-            self.gate.leave(sid)
+                                    progress=_progress_adapter(progress, stopped), init=src.wave, strength=strength)
         session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
         return session, res.to_dict(), res.paths
 
@@ -424,13 +424,8 @@ class Handlers:
     @_guard
     def compare(self, class_name, seed, nfe, guidance, samplers, request: gr.Request = None,
                 progress=gr.Progress()):
-        sid = getattr(request, "session_hash", None)
-        self.gate.enter(sid)
-        try:
-            res = self.svc.compare(class_name, seed, nfe, guidance, samplers,
-                                   progress=_progress_adapter(progress, lambda: self.gate.cancelled(sid)))
-        finally:
-            self.gate.leave(sid)
+        with self.gate.running(getattr(request, "session_hash", None)) as stopped:
+            res = self.svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress, stopped))
         return res, res.to_dict(), res.paths
 
     @_guard

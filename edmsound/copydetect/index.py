@@ -167,7 +167,7 @@ class CopyIndex:
         if self.signal is not None and len(self.signal) != n:
             raise CorruptIndexError(f"the index has {len(self.signal)} signal fingerprints for {n} clips")
         self._neighbours = neighbours(self.dup_pairs, n)
-        self._thresholds: dict = {}
+        self._thresholds: dict = {}          # decision thresholds and per-class references, computed once
         if len(self.sources) != n or len(self.ref_same) != n or len(self.ref_all) != n:
             raise ValueError("index metadata is inconsistent (per-clip arrays differ in length)")
         if index.ntotal != len(self.clip_of_vec):
@@ -538,15 +538,19 @@ class CopyIndex:
         return SignalConfig(**self.params["signal"]) if "signal" in self.params else SignalConfig()
 
     def _reference_of(self, clip: int, same_class: bool, signal: bool) -> np.ndarray:
-        ref = (self.sig_ref_same if same_class else self.sig_ref_all) if signal else \
-            (self.ref_same if same_class else self.ref_all)
-        ref = ref[self.labels == self.labels[clip]] if same_class else ref
-        return ref[np.isfinite(ref)]
+        """The finite reference similarities a match with ``clip`` is judged against (cached per class)."""
+        key = ("ref", int(self.labels[clip]) if same_class else None, bool(signal))
+        if key not in self._thresholds:
+            ref = (self.sig_ref_same if same_class else self.sig_ref_all) if signal else \
+                (self.ref_same if same_class else self.ref_all)
+            ref = ref[self.labels == self.labels[clip]] if same_class else ref
+            self._thresholds[key] = ref[np.isfinite(ref)]
+        return self._thresholds[key]
 
     def _clip_similarity(self, qwin: np.ndarray, qoffs: np.ndarray, clip: int) -> tuple[float, float, float]:
         """(max over window pairs between query windows and one indexed clip's windows, query offset,
         training offset of that pair)."""
-        ids = np.flatnonzero(self.clip_of_vec == clip)
+        ids = np.arange(*np.searchsorted(self.clip_of_vec, [clip, clip + 1]))   # a clip's vectors are contiguous
         sims = qwin @ np.stack([self.index.reconstruct(int(i)) for i in ids]).T
         q, t = np.unravel_index(int(np.argmax(sims)), sims.shape)
         return float(sims[q, t]), float(qoffs[q]), float(self.offset_of_vec[ids[t]])
