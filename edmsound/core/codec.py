@@ -3,7 +3,9 @@
 EDMSound (Zhu et al. 2023, Sec. 2): X = STFT(x) with a periodic Hann window, center=True; amplitude
 compression  X~ = alpha * |X|^beta * exp(i * angle(X)); real and imaginary parts become channels.
 The inverse undoes the compression exactly and applies the iSTFT with ``length=``: no vocoder and no
-phase reconstruction are needed.
+phase reconstruction are needed. Besides the model's fixed clip length, spectrograms of any number of frames
+(long clips made window by window) and circular ones (loops: the frame after the last is the first) decode
+exactly too.
 """
 from __future__ import annotations
 
@@ -61,15 +63,21 @@ class SpectrogramCodec:
         c = self.config
         return torch.polar((Y.abs() / c.alpha) ** (1.0 / c.beta), Y.angle())
 
-    def encode(self, wave) -> torch.Tensor:
-        """(B, N) or (N,) wave (numpy or torch) -> (B, 2, F, T) float tensor."""
+    def frames_for(self, num_samples: int) -> int:
+        """Frames of the centred STFT of a wave of ``num_samples`` samples."""
+        return 1 + int(num_samples) // self.config.hop_length
+
+    def encode(self, wave, fit: bool = True) -> torch.Tensor:
+        """(B, N) or (N,) wave (numpy or torch) -> (B, 2, F, T) float tensor; ``fit=False`` keeps the
+        wave's own length (T = 1 + N // hop) instead of cutting or padding it to the model's clip."""
         if isinstance(wave, np.ndarray):
             wave = torch.from_numpy(wave)
         if wave.dim() == 1:
             wave = wave[None]
         if not wave.is_floating_point():
             raise TypeError("encode expects a floating-point wave")
-        wave = self.fit_length(wave)
+        if fit:
+            wave = self.fit_length(wave)
         c = self.config
         X = torch.stft(wave, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft,
                        window=self._window(wave.device, wave.dtype), center=True, pad_mode="reflect",
@@ -83,13 +91,31 @@ class SpectrogramCodec:
             raise ValueError(f"expected (B, 2, F, T), got {tuple(spec.shape)}")
         return torch.complex(spec[:, 0].contiguous(), spec[:, 1].contiguous())
 
-    def decode(self, spec: torch.Tensor) -> torch.Tensor:
-        """(B, 2, F, T) -> (B, num_samples) wave, the exact inverse of ``encode``."""
+    def decode(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """(B, 2, F, T) -> (B, length) wave, the exact inverse of ``encode``; ``length`` defaults to the
+        model's clip length (``num_samples``) and may be any length up to (T - 1) * hop."""
         spec = spec.float() if spec.dtype in (torch.float16, torch.bfloat16) else spec
         X = self.decompress(self.to_complex(spec))
         c = self.config
         return torch.istft(X, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft,
-                           window=self._window(X.device, spec.dtype), center=True, length=self.num_samples)
+                           window=self._window(X.device, spec.dtype), center=True,
+                           length=self.num_samples if length is None else int(length))
+
+    def decode_loop(self, spec: torch.Tensor) -> torch.Tensor:
+        """A circular spectrogram (frame T follows frame T - 1 as frame 0) -> one period of T * hop samples.
+
+        The frames are wrapped around on both sides before the inverse STFT, so every sample of the period
+        is the overlap-add of the same frames a periodic signal would have: played back to back, the period
+        has no seam. Exact: the period of a periodic wave encoded with :meth:`encode` comes back."""
+        c = self.config
+        T = spec.shape[-1]
+        pad = -(-c.n_fft // c.hop_length)           # frames whose windows reach into the period from outside
+        if pad > T:
+            raise ValueError(f"a loop needs at least {pad} frames, got {T}")
+        ring = torch.cat([spec[..., T - pad:], spec, spec[..., :pad]], dim=-1)
+        wave = self.decode(ring, length=(T + 2 * pad - 1) * c.hop_length)
+        start = pad * c.hop_length
+        return wave[..., start:start + T * c.hop_length]
 
     def magnitude_db(self, spec: torch.Tensor) -> torch.Tensor:
         """Log magnitude (dB) of the uncompressed STFT, for plots."""

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from .codec import SpectrogramCodec
 from ..audio import loudness
 from ..audio.io import write_wav
+from .inpainting import (KnownRegionDenoiser, bin_span, check_band, check_span, frame_span, plan_windows,
+                         seam_window, window_seed)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
 from .model import load_denoiser
 from .samplers import SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
@@ -31,6 +33,7 @@ from .schedules import karras_sigmas
 
 MAX_NFE = 200
 MAX_CLIPS = 64
+MAX_SECONDS = 60.0      # longest clip made or taken as a source (window by window)
 PRESET_DEFAULT = "default"     # guidance_interval argument: use the checkpoint preset's shipped interval
 
 
@@ -137,12 +140,15 @@ class EDMSoundPipeline:
 
     def sample_specs(self, class_name: str, seeds: list[int], sampler: str, nfe: int, guidance: float,
                      callback=None, guidance_interval=None, init: torch.Tensor | None = None,
-                     sigma_start: float | None = None, **options) -> tuple[torch.Tensor, int, int]:
+                     sigma_start: float | None = None, known: torch.Tensor | None = None,
+                     keep: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, int, int]:
         """Spectrograms for one batch of seeds; returns (specs, network evaluations counted, of which guided).
         ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`.
-        ``init`` (1, C, F, T) with ``sigma_start``: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis
+        ``init`` (1 or B, C, F, T) with ``sigma_start``: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis
         and Editing with Stochastic Differential Equations"): the clip's spectrogram plus noise at
-        ``sigma_start``, solved back to sigma_min with the same exact NFE budget."""
+        ``sigma_start``, solved back to sigma_min with the same exact NFE budget. ``known`` (1 or B, C, F, T)
+        with ``keep`` (bool, broadcastable): those entries are held at ``known`` and come back exactly
+        (:mod:`edmsound.core.inpainting`)."""
         label = self.class_index(class_name)
         fn = get_sampler(sampler)
         nfe = check_nfe(sampler, nfe)
@@ -158,8 +164,59 @@ class EDMSoundPipeline:
         labels = torch.full((len(seeds),), label, dtype=torch.long, device=self.device)
         guided = GuidedDenoiser(self.model, labels, guidance, guidance_interval)
         counter = CountingDenoiser(guided)
-        out = fn(counter, x, sigmas, callback=callback, generator=gens, **options)
+        denoiser = counter
+        if known is not None:
+            known = known.to(device=self.device, dtype=x.dtype)
+            keep = keep.to(device=self.device).bool()
+            if init is None:              # the kept entries start on the source's own noising trajectory
+                x = torch.where(keep, x + known, x)
+            denoiser = KnownRegionDenoiser(counter, known, keep.to(x.dtype))
+        out = fn(denoiser, x, sigmas, callback=callback, generator=gens, **options)
+        if known is not None:
+            out = torch.where(keep, known.to(out.dtype), out)      # exact, even where D returned non-finite values
         return out.float().cpu(), counter.count, guided.guided_calls
+
+    def _settle(self, class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n) -> dict:
+        """The checked request: everything a generation needs besides its source and tool."""
+        sampler = sampler or self.preset.default_sampler
+        nfe = self.preset.default_nfe if nfe is None else nfe
+        self.class_index(class_name)
+        guidance = self.preset.guidance_for(class_name) if guidance is None else guidance
+        get_sampler(sampler)
+        nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
+        interval = self.resolve_guidance_interval(guidance_interval, class_name)
+        norm_mode, norm_target = loudness.check_target(normalize, target)
+        if not 1 <= int(n) <= MAX_CLIPS:
+            raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
+        return dict(class_name=class_name, sampler=sampler, nfe=nfe, guidance=guidance, interval=interval,
+                    norm_mode=norm_mode, norm_target=norm_target, n=int(n))
+
+    def _finish(self, req: dict, waves: np.ndarray, specs: torch.Tensor, seeds: list[int], seed: int,
+                nfe_total: int, guided: int, wall: float, extra: dict | None = None) -> Generation:
+        """Levels (and the asked-for normalisation) per clip, and the settings every sidecar carries."""
+        reports: list[dict | None] = [None] * len(seeds)
+        if req["norm_mode"] is not None:
+            for i in range(len(waves)):
+                waves[i], rep = loudness.normalize(waves[i], self.sample_rate, req["norm_mode"], req["norm_target"])
+                reports[i] = rep.to_dict()
+        levels = [rep["after"] if rep else loudness.measure(w, self.sample_rate).to_dict()   # measured once
+                  for w, rep in zip(waves, reports)]
+        audio_s = waves.shape[1] / self.sample_rate
+        settings = {"class": req["class_name"], "sampler": req["sampler"], "nfe": req["nfe"],
+                    "guidance": req["guidance"], "guidance_interval": interval_list(req["interval"]),
+                    "guided_nfe": guided,      # evaluations (per window) that ran the double (guided) batch
+                    "seed": seed, "n": len(seeds), "sample_rate": self.sample_rate,
+                    "seconds": round(wall, 4), "seconds_per_clip": round(wall / len(seeds), 4),
+                    "audio_seconds": round(audio_s, 4),
+                    "real_time_factor": round(wall / (len(seeds) * audio_s), 4),
+                    "normalize": None if req["norm_mode"] is None else {"mode": req["norm_mode"],
+                                                                        "target": req["norm_target"]},
+                    "checkpoint": self.checkpoint, "device": str(self.device)}
+        if nfe_total != req["nfe"]:
+            settings["nfe_total"] = nfe_total          # several windows: NFE per window x windows
+        settings.update(extra or {})
+        return Generation(waves=waves, specs=specs, seeds=seeds, settings=settings, levels=levels,
+                          normalization=reports)
 
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
@@ -171,16 +228,7 @@ class EDMSoundPipeline:
         LUFS integrated loudness, true peak held at or below -1 dBTP); each clip's level is measured either way.
         ``init`` (a clip at the pipeline's rate) with ``strength`` in (0, 1]: variations of that clip (SDEdit,
         see :meth:`sample_specs`); clip i still uses seed + i."""
-        sampler = sampler or self.preset.default_sampler
-        nfe = self.preset.default_nfe if nfe is None else nfe
-        self.class_index(class_name)
-        guidance = self.preset.guidance_for(class_name) if guidance is None else guidance
-        get_sampler(sampler)
-        nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
-        interval = self.resolve_guidance_interval(guidance_interval, class_name)
-        norm_mode, norm_target = loudness.check_target(normalize, target)
-        if not 1 <= int(n) <= MAX_CLIPS:
-            raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
         init_spec = sigma_start = None
         if init is not None or strength is not None:
             if init is None or strength is None:
@@ -188,46 +236,210 @@ class EDMSoundPipeline:
             sigma_start = self.strength_sigma(strength)
             init_spec = self.encode_clip(init)
         seed = int(seed)
-        seeds = [seed + i for i in range(int(n))]
+        seeds = [seed + i for i in range(req["n"])]
         batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
         specs, counts, guided = [], [], 0
         t0 = time.perf_counter()
         for b in tqdm(batches, desc=f"{class_name}", disable=not progress or len(batches) < 2, unit="batch"):
-            s, c, guided = self.sample_specs(class_name, b, sampler, nfe, guidance, callback=callback,
-                                             guidance_interval=interval, init=init_spec, sigma_start=sigma_start,
-                                             **options)
+            s, c, guided = self.sample_specs(class_name, b, req["sampler"], req["nfe"], req["guidance"],
+                                             callback=callback, guidance_interval=req["interval"], init=init_spec,
+                                             sigma_start=sigma_start, **options)
             specs.append(s)
             counts.append(c)
         specs = torch.cat(specs)
         waves = self.codec.decode(specs).numpy().astype(np.float32)
         wall = time.perf_counter() - t0
-        if any(c != nfe for c in counts):
-            raise RuntimeError(f"{sampler} made {counts} network evaluations per batch, expected {nfe}")
-        reports: list[dict | None] = [None] * len(seeds)
-        if norm_mode is not None:
-            for i in range(len(waves)):
-                waves[i], rep = loudness.normalize(waves[i], self.sample_rate, norm_mode, norm_target)
-                reports[i] = rep.to_dict()
-        levels = [rep["after"] if rep else loudness.measure(w, self.sample_rate).to_dict()   # measured once
-                  for w, rep in zip(waves, reports)]
-        settings = {"class": class_name, "sampler": sampler, "nfe": counts[0], "guidance": guidance,
-                    "guidance_interval": interval_list(interval),
-                    "guided_nfe": guided,      # evaluations that ran the double (guided) batch
-                    "seed": seed, "n": int(n), "sample_rate": self.sample_rate,
-                    "seconds": round(wall, 4), "seconds_per_clip": round(wall / len(seeds), 4),
-                    "audio_seconds": round(self.codec.num_samples / self.sample_rate, 4),
-                    "real_time_factor": round(wall / (len(seeds) * self.codec.num_samples / self.sample_rate), 4),
-                    "normalize": None if norm_mode is None else {"mode": norm_mode, "target": norm_target},
-                    "checkpoint": self.checkpoint, "device": str(self.device)}
+        if any(c != req["nfe"] for c in counts):
+            raise RuntimeError(f"{req['sampler']} made {counts} network evaluations per batch, expected {req['nfe']}")
+        extra = None
         if init_spec is not None:
-            settings["variation"] = {"strength": float(strength), "sigma_start": round(sigma_start, 6)}
-        return Generation(waves=waves, specs=specs, seeds=seeds, settings=settings, levels=levels,
-                          normalization=reports)
+            extra = {"tool": "vary", "variation": {"strength": float(strength), "sigma_start": round(sigma_start, 6)}}
+        return self._finish(req, waves, specs, seeds, seed, req["nfe"], guided, wall, extra)
+
+    # --- editing: region regeneration, longer clips, loops (:mod:`edmsound.core.inpainting`) ------------------
+    @property
+    def window_frames(self) -> int:
+        """Frames of one model window (the clip length the network was trained on)."""
+        return self.codec.shape[-1]
+
+    def _source(self, clip, what: str = "source clip") -> np.ndarray:
+        w = np.asarray(clip, np.float32)
+        if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)):
+            raise ValueError(f"the {what} must be a non-empty 1-D array of finite samples")
+        if len(w) > MAX_SECONDS * self.sample_rate:
+            raise ValueError(f"the {what} is {len(w) / self.sample_rate:.1f} s long; at most {MAX_SECONDS:g} s")
+        return w
+
+    def check_seconds(self, seconds, what: str = "length") -> float:
+        lo = self.codec.num_samples / self.sample_rate
+        try:
+            sec = float(seconds)
+        except (TypeError, ValueError):
+            sec = math.nan
+        if not (lo - 1e-9 <= sec <= MAX_SECONDS):
+            raise ValueError(f"the {what} must be between {lo:.3f} s (one model window) and {MAX_SECONDS:g} s, "
+                             f"got {seconds!r}")
+        return sec
+
+    def fill(self, buffer: torch.Tensor, todo: np.ndarray, req: dict, seeds: list[int], *,
+             context: int | None = None, seam: int | None = None, init_strength: float | None = None,
+             progress: bool = False, callback=None, **options) -> tuple[torch.Tensor, int, int, int]:
+        """Make the entries ``todo`` (F, N) of the spectrograms ``buffer`` (B, C, F, N), window by window, each
+        window seeing what is known and what earlier windows made; ``seam`` frames of a circular buffer's wrap
+        point are remade last with context from both sides. ``init_strength``: start the entries to make from
+        the buffer's own content at that strength (SDEdit) instead of from noise. Returns (buffer, windows,
+        network evaluations, guided evaluations per window)."""
+        W = self.window_frames
+        context = W // 2 if context is None else int(context)
+        plan = plan_windows(todo, W, context) if todo.any() else []
+        if seam:
+            plan.append(seam_window(buffer.shape[-1], W, seam))
+        sigma_start = None if init_strength is None else self.strength_sigma(init_strength)
+        buffer = buffer.clone()
+        total = guided = 0
+        for k, win in enumerate(tqdm(plan, desc=req["class_name"], disable=not progress or len(plan) < 2,
+                                     unit="window")):
+            frames = torch.from_numpy(win.frames)
+            known = buffer[..., frames]
+            keep = torch.from_numpy(~win.generate)[None, None]                 # (1, 1, F or 1, W)
+            wseeds = [window_seed(s, k) for s in seeds]
+            step_cb = None if callback is None else (lambda info, k=k: callback(dict(info, window=k,
+                                                                                        windows=len(plan))))
+            out, count, guided = self.sample_specs(req["class_name"], wseeds, req["sampler"], req["nfe"],
+                                                   req["guidance"], callback=step_cb,
+                                                   guidance_interval=req["interval"], known=known, keep=keep,
+                                                   init=None if sigma_start is None else known,
+                                                   sigma_start=sigma_start, **options)
+            if count != req["nfe"]:
+                raise RuntimeError(f"{req['sampler']} made {count} network evaluations, expected {req['nfe']}")
+            total += count
+            buffer[..., frames] = out
+        return buffer, len(plan), total, guided
+
+    def regenerate(self, clip, class_name: str, start: float, end: float, low_hz: float | None = None,
+                   high_hz: float | None = None, n: int = 1, seed: int = 0, sampler: str | None = None,
+                   nfe: int | None = None, guidance: float | None = None, strength: float | None = None,
+                   guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
+                   progress: bool = False, callback=None, **options) -> Generation:
+        """Regenerate the time span [start, end) seconds of ``clip`` (optionally only the band [low_hz, high_hz])
+        and keep the rest: outside ``n_fft`` samples around the span the output is the source (see
+        :mod:`edmsound.core.inpainting`). ``strength`` in (0, 1]: remake the region starting from its own
+        content (a variation of the region) instead of from noise."""
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        src = self._source(clip)
+        length = len(src)
+        a, b = check_span(start, end, length / self.sample_rate)
+        lo, hi = check_band(low_hz, high_hz, self.sample_rate)
+        c = self.codec.config
+        padded = np.pad(src, (0, max(0, self.codec.num_samples - length)))
+        spec = self.codec.encode(torch.from_numpy(padded)[None], fit=False)
+        F, N = spec.shape[-2:]
+        fa, fb = frame_span(a, b, self.sample_rate, c.hop_length, c.n_fft, N)
+        ba, bb = bin_span(lo, hi, self.sample_rate, F)
+        todo = np.zeros((F, N), dtype=bool)
+        todo[ba:bb, fa:fb] = True
+        seed = int(seed)
+        seeds = [seed + i for i in range(req["n"])]
+        t0 = time.perf_counter()
+        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1), todo, req, seeds,
+                                                init_strength=strength, progress=progress, callback=callback,
+                                                **options)
+        waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
+        extra = {"tool": "regen", "span": [a, b], "band": [lo, hi], "frames": [fa, fb], "bins": [ba, bb],
+                 "windows": windows, "strength": None if strength is None else float(strength),
+                 "kept_outside": [max(0.0, a - c.n_fft / self.sample_rate),
+                                  min(length / self.sample_rate, b + c.n_fft / self.sample_rate)]}
+        return self._finish(req, waves, buf, seeds, seed, total, guided, time.perf_counter() - t0, extra)
+
+    def extend(self, clip, class_name: str, seconds: float, n: int = 1, seed: int = 0, sampler: str | None = None,
+               nfe: int | None = None, guidance: float | None = None, guidance_interval=PRESET_DEFAULT,
+               normalize: str | None = None, target: float | None = None, context: int | None = None,
+               progress: bool = False, callback=None, **options) -> Generation:
+        """Continue ``clip`` (or, with ``clip=None``, start from nothing) to ``seconds`` in total, one model
+        window at a time: each window keeps ``context`` frames (default half a window) of what is already
+        there and makes the rest; the windows' frames join in one inverse STFT, with no crossfade. The source's
+        samples come back unchanged up to ``n_fft`` samples before its end."""
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        total_s = self.check_seconds(seconds)
+        length = int(round(total_s * self.sample_rate))
+        src = None if clip is None else self._source(clip)
+        if src is not None and len(src) >= length:
+            raise ValueError(f"the clip is already {len(src) / self.sample_rate:.3f} s long; "
+                             f"ask for more than that (got {total_s:g} s)")
+        c = self.codec.config
+        base = np.zeros(length, np.float32)
+        if src is not None:
+            base[:len(src)] = src
+        spec = self.codec.encode(torch.from_numpy(base)[None], fit=False)
+        F, N = spec.shape[-2:]
+        first = 0 if src is None else frame_span(len(src) / self.sample_rate, total_s, self.sample_rate,
+                                                 c.hop_length, c.n_fft, N)[0]
+        todo = np.zeros((F, N), dtype=bool)
+        todo[:, first:] = True
+        seed = int(seed)
+        seeds = [seed + i for i in range(req["n"])]
+        t0 = time.perf_counter()
+        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1), todo, req, seeds,
+                                                context=context, progress=progress, callback=callback, **options)
+        waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
+        extra = {"tool": "extend" if src is not None else "long", "length_seconds": round(length / self.sample_rate, 4),
+                 "source_seconds": None if src is None else round(len(src) / self.sample_rate, 4),
+                 "windows": windows, "context_frames": self.window_frames // 2 if context is None else int(context)}
+        return self._finish(req, waves, buf, seeds, seed, total, guided, time.perf_counter() - t0, extra)
+
+    def generate_long(self, class_name: str, seconds: float, **kwargs) -> Generation:
+        """A clip of ``seconds`` (one model window up to ``MAX_SECONDS``), made window by window
+        (:meth:`extend` from nothing)."""
+        return self.extend(None, class_name, seconds, **kwargs)
+
+    def loop(self, class_name: str, seconds: float | None = None, clip=None, n: int = 1, seed: int = 0,
+             sampler: str | None = None, nfe: int | None = None, guidance: float | None = None,
+             guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
+             seam: int | None = None, progress: bool = False, callback=None, **options) -> Generation:
+        """A seamless loop: a clip whose end flows into its start. The frames are a ring (frame N follows
+        N - 1 as frame 0): after the clip is made (or, with ``clip``, taken from the source, cut to whole
+        frames), ``seam`` frames around the wrap point (default a quarter window) are remade in a window centred
+        on it, with the end before and the start after it as context, and the ring decodes circularly
+        (:meth:`SpectrogramCodec.decode_loop`): played back to back, the clip has no seam."""
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        hop = self.codec.config.hop_length
+        W = self.window_frames
+        if clip is not None:
+            src = self._source(clip)
+            sec = len(src) / self.sample_rate if seconds is None else float(seconds)
+            sec = self.check_seconds(min(sec, len(src) / self.sample_rate), "loop source")
+        else:
+            sec = self.check_seconds(self.codec.num_samples / self.sample_rate if seconds is None else seconds, "loop length")
+        N = max(W, int(round(sec * self.sample_rate / hop)))
+        period = N * hop
+        seam = W // 4 if seam is None else int(seam)
+        seed = int(seed)
+        seeds = [seed + i for i in range(req["n"])]
+        t0 = time.perf_counter()
+        if clip is not None:
+            if len(src) < period:
+                N -= 1
+                period = N * hop
+            # frames of the period as one window of a periodic signal sees them: wrap the source around
+            ring = np.concatenate([src[period - hop * 8:period], src[:period], src[:hop * 8]])
+            spec = self.codec.encode(torch.from_numpy(ring)[None], fit=False)[..., 8:8 + N]
+            todo = np.zeros((spec.shape[-2], N), dtype=bool)
+        else:
+            spec = torch.zeros(1, *self.codec.shape[:2], N)
+            todo = np.ones((spec.shape[-2], N), dtype=bool)
+        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1), todo, req, seeds, seam=seam,
+                                                progress=progress, callback=callback, **options)
+        waves = self.codec.decode_loop(buf).numpy().astype(np.float32)
+        extra = {"tool": "loop", "length_seconds": round(period / self.sample_rate, 4), "seam_frames": seam,
+                 "windows": windows, "source": clip is not None}
+        return self._finish(req, waves, buf, seeds, seed, total, guided, time.perf_counter() - t0, extra)
 
 
 def clip_stem(settings: dict, seed: int) -> str:
+    """``class[_tool]_sampler_nfeN_wG_seedS``: the settings a listener compares, in the file name."""
     g = f"{settings['guidance']:g}".replace(".", "p")
-    return f"{settings['class']}_{settings['sampler']}_nfe{settings['nfe']}_w{g}_seed{seed}"
+    tool = f"_{settings['tool']}" if settings.get("tool") else ""
+    return f"{settings['class']}{tool}_{settings['sampler']}_nfe{settings['nfe']}_w{g}_seed{seed}"
 
 
 def save_generation(gen: Generation, out_dir, codec, figures: bool = True) -> list[Path]:

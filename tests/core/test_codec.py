@@ -68,3 +68,33 @@ def test_invalid_configs_rejected():
         SpectrogramCodec(CodecConfig(beta=1.5))
     with pytest.raises(ValueError, match=r"\(B, 2, F, T\)"):
         SpectrogramCodec(PRESETS["tiny"].codec).decode(torch.zeros(1, 3, 32, 64))
+
+
+def test_any_length_and_circular_spectrograms_decode_exactly():
+    """Long clips are one spectrogram of many windows; a loop's ring of frames decodes to one period of a
+    periodic wave, so played back to back it has no seam."""
+    codec = SpectrogramCodec(PRESETS["tiny"].codec)
+    hop = codec.config.hop_length
+    rng = np.random.default_rng(0)
+    long = (0.1 * rng.standard_normal(37 * hop + 11)).astype(np.float32)
+    spec = codec.encode(long, fit=False)
+    assert spec.shape[-1] == codec.frames_for(len(long)) == 38
+    back = codec.decode(spec, length=len(long))[0].numpy()
+    assert np.abs(back - long).max() < 1e-5
+    T = 20
+    period = (0.1 * rng.standard_normal(T * hop)).astype(np.float32)
+    ring = codec.encode(np.tile(period, 4), fit=False)[..., T:2 * T]     # frames of one period, away from edges
+    one = codec.decode_loop(ring)[0].numpy()
+    assert one.shape == (T * hop,) and np.abs(one - period).max() < 1e-5
+    # a ring made of frames that do not come from a periodic wave still tiles without a jump at the wrap
+    noisy = ring + 0.05 * torch.randn(ring.shape, generator=torch.Generator().manual_seed(1))
+    w = codec.decode_loop(noisy)[0].numpy()
+    tiled = np.tile(w, 2)
+    plain = np.tile(codec.decode(noisy, length=T * hop)[0].numpy(), 2)
+    mid = slice(T * hop - 2 * hop, T * hop + 2 * hop)
+    # the circular inverse at the wrap is the inverse of the frames that surround it
+    ring3 = codec.decode(torch.cat([noisy, noisy, noisy], -1), length=3 * T * hop)[0].numpy()
+    assert np.abs(tiled[mid] - ring3[T * hop:][mid]).max() < 1e-5
+    assert np.abs(plain[mid] - ring3[T * hop:][mid]).max() > 1e-3    # a plain inverse, tiled, jumps at the wrap
+    with pytest.raises(ValueError, match="at least"):
+        codec.decode_loop(ring[..., :1])
