@@ -13,32 +13,98 @@ def _cmd_samplers(a):
         print(f"{name:16s} NFE budgets: {', '.join(map(str, v))}, ...")
 
 
+def _pair(text: str | None, what: str, example: str):
+    if text is None:
+        return None
+    parts = [t for t in text.replace(",", " ").split() if t]
+    try:
+        vals = [None if t in ("-", "none") else float(t) for t in parts]
+    except ValueError:
+        vals = []
+    if len(vals) != 2:
+        raise ValueError(f"{what} must be two numbers like {example}, got {text!r}")
+    return vals
+
+
+def _read_source(path, flag: str, pipe):
+    from .. import read_clip
+    from ..core.pipeline import MAX_SECONDS
+    wave, why, cut = read_clip(path, pipe.sample_rate, max_samples=int(MAX_SECONDS * pipe.sample_rate))
+    if wave is None:
+        raise ValueError(f"{flag} {path}: {why}")
+    if cut is not None:
+        print(f"note: {path} is {cut[0]:.1f} s long; its first {MAX_SECONDS:g} s are used", file=sys.stderr)
+    return wave
+
+
+def _check_tools(a) -> str:
+    """Which tool the flags ask for, or a one-line error for flags that do not go together."""
+    tools = [t for t in ("vary", "regen", "extend", "loop") if getattr(a, t) is not None]
+    if len(tools) > 1:
+        raise ValueError(f"choose one of --vary, --regen, --extend, --loop (got {', '.join('--' + t for t in tools)})")
+    tool = tools[0] if tools else ("long" if a.seconds is not None else "generate")
+    if a.strength is not None and tool not in ("vary", "regen"):
+        raise ValueError("--strength goes with --vary FILE (the clip to make variations of) or --regen FILE")
+    if (a.span is not None or a.band is not None) and tool != "regen":
+        raise ValueError("--span and --band go with --regen FILE (the clip whose region to regenerate)")
+    if tool == "regen" and a.span is None:
+        a.span = "0,inf"
+    if tool == "extend" and a.seconds is None:
+        raise ValueError("--extend FILE needs --seconds (the total length to continue it to)")
+    if tool in ("vary", "regen") and a.seconds is not None:
+        raise ValueError(f"--seconds goes with --extend, --loop or alone (a long clip), not with --{tool}")
+    return tool
+
+
 def _cmd_generate(a):
     from .. import describe_level, EDMSoundPipeline, format_guidance_interval, save_generation
     norm, target = (("peak", a.normalize_peak) if a.normalize_peak is not None else
                     ("lufs", a.normalize_lufs) if a.normalize_lufs is not None else (None, None))
-    pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
-    init = None
-    if a.vary is not None:
-        from .. import read_clip
-        init, why, _ = read_clip(a.vary, pipe.sample_rate)
-        if init is None:
-            raise ValueError(f"--vary {a.vary}: {why}")
-    elif a.strength is not None:
-        raise ValueError("--strength goes with --vary FILE (the clip to make variations of)")
     try:
-        gen = pipe.generate(a.class_name, n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance,
-                            seed=a.seed, batch_size=a.batch_size, progress=True,
-                            guidance_interval=a.guidance_interval, normalize=norm, target=target,
-                            init=init, strength=(0.5 if a.strength is None else a.strength) if init is not None
-                            else None)
+        tool = _check_tools(a)
+        span = _pair(a.span, "--span", "0.2,0.5 (seconds)")
+        if span is not None:
+            span = [0.0 if span[0] is None else span[0], float("inf") if span[1] is None else span[1]]
+        band = _pair(a.band, "--band", "2000,4000 (Hz; '2000,-' up to Nyquist)")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
+    common = dict(n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance, seed=a.seed,
+                  guidance_interval=a.guidance_interval, normalize=norm, target=target, progress=True)
+    try:
+        if tool == "vary":
+            init = _read_source(a.vary, "--vary", pipe)
+            gen = pipe.generate(a.class_name, batch_size=a.batch_size, init=init,
+                                strength=0.5 if a.strength is None else a.strength, **common)
+        elif tool == "regen":
+            clip = _read_source(a.regen, "--regen", pipe)
+            end = min(span[1], len(clip) / pipe.sample_rate)
+            low, high = band if band is not None else (None, None)
+            gen = pipe.regenerate(clip, a.class_name, span[0], end, low_hz=low, high_hz=high, strength=a.strength,
+                                  **common)
+        elif tool == "extend":
+            gen = pipe.extend(_read_source(a.extend, "--extend", pipe), a.class_name, a.seconds, **common)
+        elif tool == "loop":
+            clip = None if a.loop == "" else _read_source(a.loop, "--loop", pipe)
+            gen = pipe.loop(a.class_name, a.seconds, clip=clip, **common)
+        elif tool == "long":
+            gen = pipe.generate_long(a.class_name, a.seconds, **common)
+        else:
+            gen = pipe.generate(a.class_name, batch_size=a.batch_size, **common)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     paths = save_generation(gen, a.out, pipe.codec, figures=not a.no_figures)
     s = gen.settings
-    print(f"{len(paths)} clip(s) of {s['class']} with {s['sampler']} at NFE {s['nfe']} (counted), guidance "
-          f"{s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}): {s['seconds']:.2f} s ({s['real_time_factor']:.2f}x real time) -> {a.out}")
+    what = {"generate": "clip(s)", "vary": "variation(s)", "regen": "regenerated clip(s)", "extend": "continued clip(s)",
+            "loop": "loop(s)", "long": "long clip(s)"}[tool]
+    budget = f"NFE {s['nfe']} (counted)"
+    if "nfe_total" in s:
+        budget += f" x {s['windows']} windows = {s['nfe_total']}"
+    print(f"{len(paths)} {what} of {s['class']}, {s['audio_seconds']:.2f} s each, with {s['sampler']} at {budget}, "
+          f"guidance {s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}): {s['seconds']:.2f} s "
+          f"({s['real_time_factor']:.2f}x real time) -> {a.out}")
     for p, lv, rep in zip(paths, gen.levels, gen.normalization):
         print(f"  {p.name}: {describe_level(lv, rep)}")
 
@@ -60,11 +126,24 @@ def register(subparsers) -> None:
     g.add_argument("--device", default=None)
     g.add_argument("--out", required=True)
     g.add_argument("--no-figures", action="store_true")
-    g.add_argument("--vary", default=None, metavar="FILE",
-                   help="make variations of this clip (any audio format; cut or padded to the model's length)")
-    g.add_argument("--strength", type=float, default=None,
-                   help="how far variations move from --vary's clip, in (0, 1]: 0 keeps it, 1 is a fresh "
-                        "generation (default 0.5)")
+    tools = g.add_argument_group("sound-designer tools (one at a time; sources in any audio format)")
+    tools.add_argument("--vary", default=None, metavar="FILE",
+                       help="make variations of this clip (cut or padded to the model's length)")
+    tools.add_argument("--strength", type=float, default=None,
+                       help="how far --vary's variations (default 0.5) or --regen's region (default: made anew) "
+                            "move from the source, in (0, 1]: 0 keeps it, 1 is a fresh generation")
+    tools.add_argument("--regen", default=None, metavar="FILE",
+                       help="regenerate a region of this clip (--span, optionally --band) and keep the rest")
+    tools.add_argument("--span", default=None, metavar="START,END", help="--regen's time span in seconds")
+    tools.add_argument("--band", default=None, metavar="LOW,HIGH",
+                       help="--regen only this frequency band, in Hz ('2000,-' is everything above 2000 Hz)")
+    tools.add_argument("--extend", default=None, metavar="FILE",
+                       help="continue this clip to --seconds in total, one model window at a time")
+    tools.add_argument("--seconds", type=float, default=None,
+                       help="length of a long clip (alone), of --extend's result, or of a --loop (up to 60 s)")
+    tools.add_argument("--loop", nargs="?", const="", default=None, metavar="FILE",
+                       help="make a seamless loop (--seconds long; default one model window), or with FILE make "
+                            "that clip loop seamlessly")
     norm = g.add_mutually_exclusive_group()
     norm.add_argument("--normalize-peak", type=peak_target, default=None, metavar="DBFS",
                       help="scale each clip so its sample peak reads DBFS (in [-60, 0]); default: no normalisation, "

@@ -183,3 +183,41 @@ def test_editing_rejects_bad_requests_with_one_line(pipe):
         pipe.regenerate(np.full(100, np.nan, np.float32), pipe.classes[0], 0, 0.001)
     with pytest.raises(ValueError, match="loop length"):
         pipe.loop(pipe.classes[0], seconds=0.01)
+
+
+def test_cli_tools_write_clips_with_their_settings(tiny_ckpt, tmp_path, capsys):
+    import json
+    import soundfile as sf
+    from edmsound.cli import main
+    from edmsound.core.pipeline import EDMSoundPipeline
+    p = EDMSoundPipeline(tiny_ckpt, device="cpu")
+    src = tmp_path / "mine.wav"
+    sf.write(src, _src(p, seed=5), p.sample_rate)
+    dur = p.codec.num_samples / p.sample_rate
+    base = ["generate", "--checkpoint", str(tiny_ckpt), "--class", p.classes[0], "--sampler", "euler", "--nfe", "2",
+            "--no-figures"]
+    runs = {"regen": ["--regen", str(src), "--span", f"{dur / 3},{dur / 2}", "--band", "0,1000"],
+            "extend": ["--extend", str(src), "--seconds", f"{3 * dur}"],
+            "loop": ["--loop", "--seconds", f"{2 * dur}"],
+            "long": ["--seconds", f"{2.5 * dur}"]}
+    for tool, argv in runs.items():
+        out = tmp_path / tool
+        main(base + argv + ["--out", str(out)])
+        side = json.loads(next(out.glob("*.json")).read_text())
+        wav = next(out.glob("*.wav"))
+        assert side["tool"] == tool and f"_{tool}_" in wav.name
+        assert sf.info(wav).frames == round(side["audio_seconds"] * p.sample_rate)
+    assert json.loads(next((tmp_path / "regen").glob("*.json")).read_text())["band"] == [0.0, 1000.0]
+    capsys.readouterr()
+    for argv, msg in ((["--regen", str(src), "--extend", str(src)], "choose one of"),
+                      (["--span", "0,1"], "--span and --band go with --regen"),
+                      (["--extend", str(src)], "needs --seconds"),
+                      (["--regen", str(src), "--span", "1"], "--span must be two numbers"),
+                      (["--loop", "--strength", "0.5"], "--strength goes with"),
+                      (["--seconds", "0.001"], "one model window")):
+        with pytest.raises(SystemExit) as e:
+            main(base + argv + ["--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (argv, err)
+    assert not (tmp_path / "x").exists()
