@@ -16,19 +16,20 @@ PKG = ROOT / "edmsound"
 
 PUBLIC_API = [
     "AUDIO_EXTENSIONS", "AudioSet", "BUILTIN_CLASSES", "ClassifierConfig", "ClipLevel", "CopyIndex",
-    "EDMSoundPipeline", "EDMSoundService", "GUIDANCE_RANGE", "Generation", "GuidedDenoiser", "MAX_CLIPS", "MAX_NFE",
-    "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS", "SpectrogramCodec", "Trainer",
-    "TrainingDiverged", "analyse_copies", "build_demo", "build_denoiser", "calibrate_class_guidance",
-    "check_guidance", "check_guidance_interval", "check_level_target", "chosen_text", "clip_stem",
-    "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_model", "format_class_guidance",
-    "format_guidance_interval", "get_preset", "get_sampler", "get_schedule", "init_distributed", "integrated_lufs",
-    "interval_list", "jemalloc_loaded", "karras_sigmas", "launch_kwargs", "load_audio", "load_classifier",
-    "load_denoiser", "load_encoder", "load_folder", "load_reference", "load_results", "load_training_set",
-    "measure_level", "normalize_level", "parse_points", "plan_sweep", "quality_targets", "read_clip", "read_config",
-    "reexec_with_jemalloc", "resolve_model_dir", "save_generation", "spectrogram_figure", "steps_for_nfe",
-    "stitching_analysis", "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_encoder",
-    "train_head", "true_peak_dbtp", "valid_nfes", "wav_bytes", "with_sampling_defaults", "write_calibration",
-    "write_class_guidance", "write_dataset", "write_wav", "__version__",
+    "EDMSoundPipeline", "EDMSoundService", "EXPORT_FORMATS", "GUIDANCE_RANGE", "Generation", "GuidedDenoiser",
+    "MAX_CLIPS", "MAX_NFE", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
+    "SpectrogramCodec", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "build_demo",
+    "build_denoiser", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
+    "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
+    "export_model", "export_zip", "format_class_guidance", "format_guidance_interval", "get_preset", "get_sampler",
+    "get_schedule", "init_distributed", "integrated_lufs", "interval_list", "jemalloc_loaded", "karras_sigmas",
+    "launch_kwargs", "load_audio", "load_classifier", "load_denoiser", "load_encoder", "load_folder",
+    "load_reference", "load_results", "load_training_set", "measure_level", "normalize_level", "parse_points",
+    "plan_sweep", "quality_targets", "read_clip", "read_config", "read_upload", "reexec_with_jemalloc",
+    "resolve_model_dir", "save_generation", "spectrogram_figure", "steps_for_nfe", "stitching_analysis",
+    "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_encoder", "train_head",
+    "true_peak_dbtp", "valid_nfes", "wav_bytes", "with_sampling_defaults", "write_calibration",
+    "write_class_guidance", "write_dataset", "write_export", "write_wav", "__version__",
 ]
 
 # which subpackages each may import (the layering: audio -> core -> data, training -> copydetect, evaluation -> app, cli)

@@ -14,8 +14,9 @@ and exposes plain-Python methods that the Gradio handlers (:mod:`edmsound.app_ui
 
 Every user-facing value is validated here; a bad value raises ``ValueError`` whose message names the
 allowed range or the valid values (the UI turns it into ``gr.Error``). The service never reads a path
-that comes from a caller: the only files it reads are its checkpoint, its index and the training clips
-the index names; the only files it writes are WAVs under its own temporary directory.
+that comes from a caller: the only files it reads are its checkpoint, its index, the training clips the index
+names and uploads the app's server has already placed in its own upload folder (:meth:`read_source`); the only
+files it writes are WAVs and exports under its own temporary directory.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ SEED_MAX = 2 ** 31 - 1
 MODE_LABELS = MappingProxyType({"magphase": "log magnitude + phase", "realimag": "real + imaginary"})
 HEUN_LIKE = ("heun", "edm_stochastic")
 FILE_MAX_AGE_S = 3600   # generated WAVs older than this are deleted from the service's temp dir
+MAX_TOOL_SECONDS = 12.0  # longest clip the app's tools make (the library allows 60 s); uploads may be up to 60 s
+TOOLS = ("vary", "regen", "extend", "long", "loop")
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -123,8 +126,9 @@ class Clip:
     class_name: str
     seed: int
     settings: dict            # settings of the request, with this clip's seed
-    name: str                 # file stem: class_sampler_nfeN_wG_seedS
+    name: str                 # file stem: class[_tool]_sampler_nfeN_wG_seedS
     path: Path | None = None  # its 16-bit WAV in the service's temp dir
+    uid: int | None = None    # its number in the session's history
     level: dict | None = None          # LUFS, true peak, sample peak, RMS of the clip as delivered
     normalization: dict | None = None  # what the opt-in normalisation did (None: nothing)
 
@@ -141,7 +145,9 @@ class Clip:
         return wav_bytes(self.wave, self.sample_rate)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "class": self.class_name, "seed": self.seed,
+        return {"name": self.name, "class": self.class_name, "seed": self.seed, "number": self.uid,
+                "tool": self.settings.get("tool") or "generate",
+                "seconds": round(len(self.wave) / self.sample_rate, 4),
                 "peak": round(float(np.abs(self.wave).max()), 4) if self.wave.size else 0.0,
                 "level": self.level, "normalization": self.normalization,
                 "file": self.path.name if self.path else None}
@@ -438,6 +444,10 @@ class EDMSoundService:
         path.write_bytes(wav_bytes(wave, sample_rate))
         return path
 
+    def write_clip(self, clip: Clip) -> Path:
+        """A clip's 16-bit WAV written again (its first file expires after ``file_max_age_s``)."""
+        return self._write(self._request_dir() / f"{clip.name}.wav", clip.wave, clip.sample_rate)
+
     # --- figures -------------------------------------------------------------------------------
     def spectrogram_figure(self, spec, mode: str = "magphase", title: str | None = None, marks=None):
         """A matplotlib Figure (already detached from pyplot, so it is garbage-collected normally)."""
@@ -533,6 +543,108 @@ class EDMSoundService:
         if figures is not None:
             result.figures = [self.spectrogram_image(c.spec, figures, c.name) for c in clips]
         return result
+
+    # --- sound-designer tools ---------------------------------------------------------------------
+    def read_source(self, path) -> tuple[np.ndarray, str]:
+        """An uploaded file (already in the app's upload folder) as a source clip at the model's rate:
+        WAV/FLAC/OGG/MP3, at most 20 MB and 60 s; every violation is one line."""
+        from .. import read_upload
+        wave = read_upload(path, self.sample_rate)
+        return wave, Path(str(path)).name
+
+    def check_seconds(self, seconds, what: str = "length") -> float:
+        lo = self.pipeline.codec.num_samples / self.sample_rate
+        try:
+            sec = float(seconds)
+        except (TypeError, ValueError):
+            sec = math.nan
+        if not lo - 1e-9 <= sec <= MAX_TOOL_SECONDS:
+            raise ValueError(f"the {what} must be between {lo:.3f} s (one model window) and {MAX_TOOL_SECONDS:g} s "
+                             f"in the app, got {seconds!r}")
+        return sec
+
+    def edit(self, tool: str, source, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *,
+             strength=None, span=None, band=None, seconds=None, progress=None, figures: str | None = None,
+             write_files: bool = True, normalize: str | None = None, target: float | None = None) -> GenerateResult:
+        """One of the tools on ``source`` (a wave at the model's rate; None for a long clip or a loop made from
+        nothing): ``"vary"`` (``strength``), ``"regen"`` (``span`` seconds, optional ``band`` Hz, optional
+        ``strength``), ``"extend"`` / ``"long"`` / ``"loop"`` (``seconds``). The request's cost is every window's
+        NFE x clips (x2 when guided), checked against :data:`MAX_COST` before anything runs."""
+        if tool not in TOOLS:
+            raise ValueError(f"unknown tool {tool!r}; valid: {', '.join(TOOLS)}")
+        class_name, sampler, nfe, guidance, seed = self._validate(class_name, sampler, nfe, guidance, seed)
+        normalize, target = check_level_target(normalize, target)
+        n = self.check_n(n)
+        if seed + n - 1 > SEED_MAX:
+            raise ValueError(f"seed + variations - 1 must be <= {SEED_MAX}; allowed seeds: [0, {SEED_MAX - n + 1}]")
+        if figures is not None:
+            self.check_mode(figures)
+        p = self.pipeline
+        src_s = None if source is None else len(source) / self.sample_rate
+        if tool in ("vary", "regen", "extend") and source is None:
+            raise ValueError(f"{tool} needs a source clip: a clip of this session or an uploaded file")
+        if tool == "vary":
+            windows = 1
+        elif tool == "regen":
+            start, end = (None, None) if span is None else span
+            span, band = p.check_region(start, end, src_s, *(band or (None, None)))
+            windows = p.windows_for("regen", source_seconds=src_s, span=span)
+        elif tool == "loop" and source is not None:
+            windows = 1
+        else:
+            seconds = self.check_seconds(seconds, "loop length" if tool == "loop" else "length")
+            if tool == "extend" and seconds <= src_s:
+                raise ValueError(f"the source is already {src_s:.2f} s long; ask for more than that "
+                                 f"(up to {MAX_TOOL_SECONDS:g} s)")
+            windows = p.windows_for(tool, seconds=seconds, source_seconds=src_s if tool == "extend" else None)
+        self.check_cost(nfe * windows, n, guidance != 1.0)
+        steps = steps_for_nfe(sampler, nfe)
+        callback = None
+        desc = f"{tool} {class_name} with {sampler}"
+        if progress is not None:
+            progress(0, steps * windows, desc)
+
+            def callback(info):
+                progress(int(info.get("window", 0)) * steps + int(info["i"]) + 1, steps * windows, desc)
+        common = dict(n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed, callback=callback,
+                      normalize=normalize, target=target)
+        if tool == "vary":
+            gen = p.generate(class_name, init=source, strength=strength, **common)
+        elif tool == "regen":
+            gen = p.regenerate(source, class_name, span[0], span[1], low_hz=band[0], high_hz=band[1],
+                               strength=strength, **common)
+        elif tool == "extend":
+            gen = p.extend(source, class_name, seconds, **common)
+        elif tool == "long":
+            gen = p.generate_long(class_name, seconds, **common)
+        else:
+            gen = p.loop(class_name, seconds if source is None else None, clip=source, **common)
+        settings = dict(gen.settings)
+        settings["wall_seconds"] = settings["seconds"]
+        settings["checkpoint"] = self.checkpoint_name
+        clips = self._clips(gen, self._request_dir() if write_files else None)
+        result = GenerateResult(clips=clips, settings=settings)
+        if figures is not None:
+            result.figures = [self.spectrogram_image(c.spec, figures, c.name) for c in clips]
+        return result
+
+    def export(self, clips: list[Clip], fmt: str = "wav16", normalize: str | None = None,
+               target: float | None = None) -> Path:
+        """The clips as one file (a single clip) or a zip of audio files with JSON sidecars, written in the
+        service's own folder; names carry class, tool, sampler, NFE, guidance and seed."""
+        from .. import export_clip, write_export
+        if not clips:
+            raise ValueError("nothing to export: keep at least one clip of this session")
+        normalize, target = check_level_target(normalize, target)
+        d = self._request_dir()
+        if len(clips) == 1:
+            c = clips[0]
+            name, data, _ = export_clip(c.wave, c.sample_rate, c.settings, fmt, normalize, target)
+            path = d / name
+            path.write_bytes(data)
+            return path
+        return write_export(d / f"edmsound-{len(clips)}-clips.zip", [(c.wave, c.settings) for c in clips],
+                            self.sample_rate, fmt, normalize, target)
 
     def compare(self, class_name, seed=0, nfe=None, guidance=None, samplers=None, *, progress=None,
                 figures: str | None = None, write_files: bool = True,

@@ -28,9 +28,9 @@ from types import MappingProxyType  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from .. import format_guidance_interval  # noqa: E402
-from .service import (DEFAULT_K, MAX_K, MAX_VARIATIONS, MODE_LABELS, SEED_MAX, EDMSoundService, as_int, nfe_rule,
-    nfe_slider_spec, snap_nfe)
+from .. import UPLOAD_EXTENSIONS, format_guidance_interval  # noqa: E402
+from .service import (DEFAULT_K, MAX_K, MAX_TOOL_SECONDS, MAX_VARIATIONS, MODE_LABELS, SEED_MAX, EDMSoundService,
+    as_int, nfe_rule, nfe_slider_spec, snap_nfe)
 
 __all__ = ["build_demo", "Handlers", "launch_kwargs", "QUEUE_SIZE", "CONCURRENCY"]
 
@@ -38,8 +38,12 @@ log = logging.getLogger("edmsound.app")
 
 QUEUE_SIZE = 32          # requests waiting at most (more are refused: "queue is full")
 CONCURRENCY = 2          # model / index / plotting jobs running at once, all events together
-MAX_UPLOAD = "1mb"       # the app takes no uploads; anything posted to /upload is capped
+MAX_UPLOAD = "25mb"      # the server's hard cap on a posted file; the tools' own limit (20 MB, 60 s) names itself
 STATE_TTL_S = 3600       # a session's clips are dropped an hour after they were made
+HISTORY_MAX = 48         # clips a session's history holds (the oldest leave first)
+HISTORY_HEADERS = ("#", "clip", "tool", "class", "seconds", "LUFS", "true peak (dBTP)", "kept")
+SOURCE_CHOICES = (("a clip of the last generation", "clip"), ("the uploaded file", "upload"))
+EXPORT_CHOICES = (("WAV 16-bit", "wav16"), ("WAV 24-bit", "wav24"), ("FLAC", "flac"))
 VIEW_CHOICES = tuple((label, mode) for mode, label in MODE_LABELS.items())
 NB_HEADERS = ("rank", "similarity", "percentile", "class", "training clip", "generated window (s)",
               "training window (s)", "> p95")
@@ -246,13 +250,12 @@ class Handlers:
 
     # --- generate --------------------------------------------------------------------------------
     @_guard
-    def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None,
+    def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None, session=None,
                  request: gr.Request = None, progress=gr.Progress()):
         with self.gate.running(getattr(request, "session_hash", None)) as stopped:
             res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n,
                                     progress=_progress_adapter(progress, stopped), normalize=level, target=target)
-        session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
-        return session, res.to_dict(), res.paths
+        return _after(session, res), res.to_dict(), res.paths
 
     def _clip_slots(self, session, mode):
         clips = (session or {}).get("clips") or []
@@ -261,13 +264,15 @@ class Handlers:
             if i < len(clips):
                 c = clips[i]
                 groups.append(gr.update(visible=True))
-                audios.append(gr.update(value=str(c.path),
-                                        label=f"Clip {i + 1} · seed {c.seed} · {c.level_text or '16-bit WAV'}"))
+                looped = c.settings.get("tool") == "loop"
+                audios.append(gr.update(value=str(c.path), loop=looped,
+                                        label=f"Clip {i + 1} · seed {c.seed} · {c.level_text or '16-bit WAV'}"
+                                              + (" · plays looped" if looped else "")))
                 images.append(gr.update(value=self.svc.spectrogram_image(c.spec, mode, f"clip {i + 1}: {c.name}"),
                                         label=f"Clip {i + 1} · {MODE_LABELS[mode]}"))
             else:
                 groups.append(gr.update(visible=i == 0))
-                audios.append(None)
+                audios.append(gr.update(value=None, loop=False))
                 images.append(None)
         return groups + audios + images
 
@@ -401,20 +406,154 @@ class Handlers:
         return clips + nbs + self.side_by_side(session, pair_now, mode)
 
     @_guard
-    def vary(self, clip_number, strength, n, seed, session, request: gr.Request = None, progress=gr.Progress()):
-        """Variations of clip ``clip_number`` of this session's last generation, with its class, sampler, NFE
-        and guidance; ``strength`` in (0, 1] (0 keeps it, 1 is a fresh generation)."""
-        clips = (session or {}).get("clips") or []
-        if not clips:
-            raise ValueError("no generated clips in this session: generate first, then vary one of them")
-        i = as_int(1 if clip_number is None else clip_number, "clip number", 1, len(clips))
-        src = clips[i - 1]
-        st = src.settings
+    def vary(self, clip_number, strength, n, seed, session, source="clip", class_name=None, sampler=None, nfe=None,
+             guidance=None, request: gr.Request = None, progress=gr.Progress()):
+        """Variations of the source: clip ``clip_number`` of this session's last generation (with its class,
+        sampler, NFE and guidance) or the uploaded file (with the given ones); ``strength`` in (0, 1]."""
+        wave, src = self._source(session, source, clip_number)
+        st = src.settings if src is not None else {"class": class_name, "sampler": sampler, "nfe": nfe,
+                                                   "guidance": guidance}
         with self.gate.running(getattr(request, "session_hash", None)) as stopped:
-            res = self.svc.generate(src.class_name, st["sampler"], st["nfe"], st["guidance"], seed, n,
-                                    progress=_progress_adapter(progress, stopped), init=src.wave, strength=strength)
-        session = {"clips": res.clips, "settings": res.to_dict(), "neighbours": None}
-        return session, res.to_dict(), res.paths
+            res = self.svc.edit("vary", wave, st["class"], st["sampler"], st["nfe"], st["guidance"], seed, n,
+                                strength=strength, progress=_progress_adapter(progress, stopped))
+        return _after(session, res), res.to_dict(), res.paths
+
+    # --- sound-designer tools --------------------------------------------------------------------
+    @staticmethod
+    def _source(session, source, clip_number):
+        """(wave, Clip or None) of the chosen source: a clip of the last generation or the uploaded file."""
+        session = session or {}
+        if source == "upload":
+            up = session.get("source")
+            if up is None:
+                raise ValueError("no uploaded file in this session: upload a WAV, FLAC, OGG or MP3 clip first "
+                                 "(at most 20 MB and 60 s)")
+            return up["wave"], None
+        if source not in (None, "clip"):
+            raise ValueError(f"unknown source {source!r}; valid: clip, upload")
+        clips = session.get("clips") or []
+        if not clips:
+            raise ValueError("no generated clips in this session: generate first, then use one of them as the "
+                             "source (or upload a file)")
+        i = as_int(1 if clip_number is None else clip_number, "clip number", 1, len(clips))
+        return clips[i - 1].wave, clips[i - 1]
+
+    def _tool(self, tool, session, request, progress, source=None, clip_number=None, class_name=None,
+              sampler=None, nfe=None, guidance=None, seed=0, n=1, level="off", target=None, **params):
+        wave = None
+        if source is not None:
+            wave, _ = self._source(session, source, clip_number)
+        with self.gate.running(getattr(request, "session_hash", None)) as stopped:
+            res = self.svc.edit(tool, wave, class_name, sampler, nfe, guidance, seed, n, normalize=level,
+                                target=target, progress=_progress_adapter(progress, stopped), **params)
+        return _after(session, res), res.to_dict(), res.paths
+
+    @_guard
+    def upload_source(self, path, session):
+        """An uploaded file becomes this session's source (read, checked and resampled once)."""
+        if not path:
+            raise ValueError("no file: upload a WAV, FLAC, OGG or MP3 clip (at most 20 MB and 60 s)")
+        wave, name = self.svc.read_source(path)
+        session = dict(session or {}, source={"wave": wave, "name": name})
+        sec = len(wave) / self.svc.sample_rate
+        return session, f"Source: **{html.escape(name)}**, {sec:.2f} s at {self.svc.sample_rate} Hz"
+
+    @_guard
+    def regenerate(self, source, clip_number, start, end, low_hz, high_hz, strength, class_name, sampler, nfe,
+                   guidance, seed, n, level, target, session, request: gr.Request = None, progress=gr.Progress()):
+        """Regenerate the span [start, end) s of the source (a band low_hz-high_hz Hz, 0 = open) and keep the
+        rest; ``strength`` 1 makes the region anew, lower starts from its own content."""
+        band = (None if not low_hz else low_hz, None if not high_hz else high_hz)
+        st = None if strength is None or float(strength) >= 1.0 else strength
+        return self._tool("regen", session, request, progress, source, clip_number, class_name, sampler, nfe,
+                          guidance, seed, n, level, target, span=(start, end), band=band, strength=st)
+
+    @_guard
+    def extend(self, source, clip_number, seconds, class_name, sampler, nfe, guidance, seed, n, level, target,
+               session, request: gr.Request = None, progress=gr.Progress()):
+        """Continue the source to ``seconds`` in total."""
+        return self._tool("extend", session, request, progress, source, clip_number, class_name, sampler, nfe,
+                          guidance, seed, n, level, target, seconds=seconds)
+
+    @_guard
+    def long(self, seconds, class_name, sampler, nfe, guidance, seed, n, level, target, session,
+             request: gr.Request = None, progress=gr.Progress()):
+        """A clip of ``seconds`` made window by window."""
+        return self._tool("long", session, request, progress, None, None, class_name, sampler, nfe, guidance,
+                          seed, n, level, target, seconds=seconds)
+
+    @_guard
+    def loop(self, seconds, from_source, source, clip_number, class_name, sampler, nfe, guidance, seed, n, level,
+             target, session, request: gr.Request = None, progress=gr.Progress()):
+        """A seamless loop of ``seconds``; with ``from_source``, the source made to loop seamlessly."""
+        return self._tool("loop", session, request, progress, source if from_source else None, clip_number,
+                          class_name, sampler, nfe, guidance, seed, n, level, target,
+                          seconds=None if from_source else seconds)
+
+    # --- the session: history, keep, export ---------------------------------------------------------
+    @_guard
+    def render_history(self, session):
+        """The history table, the Keep choices (and what is kept) and the clip picker."""
+        history = (session or {}).get("history") or []
+        kept = set((session or {}).get("kept") or ())
+        rows = [[c.uid, c.name, c.settings.get("tool") or "generate", c.class_name,
+                 round(len(c.wave) / c.sample_rate, 2), (c.level or {}).get("lufs"),
+                 (c.level or {}).get("true_peak_dbtp"), "yes" if c.uid in kept else ""] for c in history]
+        choices = [(f"#{c.uid} {c.name}", c.uid) for c in history]
+        return (rows, gr.update(choices=choices, value=[c.uid for c in history if c.uid in kept]),
+                gr.update(choices=choices, value=history[-1].uid if history else None))
+
+    @_guard
+    def history(self, session):
+        """The session's clips (oldest first) with their settings and whether each is kept."""
+        kept = set((session or {}).get("kept") or ())
+        return [dict(c.to_dict(), settings=c.settings, kept=c.uid in kept)
+                for c in (session or {}).get("history") or []]
+
+    @_guard
+    def keep(self, numbers, session):
+        """Keep exactly the clips ``numbers`` (their # in the history); the others stay until removed."""
+        history = (session or {}).get("history") or []
+        have = {c.uid for c in history}
+        try:
+            chosen = {int(x) for x in (numbers or [])}
+        except (TypeError, ValueError):
+            raise ValueError(f"clip numbers must be whole numbers from the history, got {numbers!r}") from None
+        unknown = sorted(chosen - have)
+        if unknown:
+            raise ValueError(f"no clip #{unknown[0]} in this session's history; have: "
+                             f"{', '.join(str(u) for u in sorted(have)) or 'none'}")
+        session = dict(session or {}, kept=sorted(chosen))
+        return session, self.history(session)
+
+    @_guard
+    def remove_unkept(self, session):
+        """Drop every clip of the history that is not kept."""
+        kept = set((session or {}).get("kept") or ())
+        history = [c for c in (session or {}).get("history") or [] if c.uid in kept]
+        session = dict(session or {}, history=history)
+        return session, self.history(session)
+
+    @_guard
+    def export(self, fmt, level, target, session):
+        """The kept clips as one file (a single clip) or a zip with JSON sidecars."""
+        kept = set((session or {}).get("kept") or ())
+        clips = [c for c in (session or {}).get("history") or [] if c.uid in kept]
+        if not clips:
+            raise ValueError("nothing to export: tick the clips to keep in the session's history first")
+        return str(self.svc.export(clips, fmt, level, target))
+
+    @_guard
+    def play(self, number, session):
+        """A history clip's player (its WAV written again if the first one has expired)."""
+        history = {c.uid: c for c in (session or {}).get("history") or []}
+        if number not in history:
+            raise ValueError("pick a clip of this session's history")
+        c = history[number]
+        if c.path is None or not c.path.exists():
+            c.path = self.svc.write_clip(c)
+        return gr.update(value=str(c.path), loop=c.settings.get("tool") == "loop",
+                         label=f"#{c.uid} {c.name} · {c.level_text}")
 
     def stop(self, request: gr.Request = None) -> None:
         """Cancel: this session's running generate or compare stops at its next sampler step."""
@@ -477,6 +616,20 @@ class Handlers:
         return secrets.randbelow(SEED_MAX + 1)
 
 
+def _after(session, res) -> dict:
+    """The session after a generation: its clips are the result's (the tools and neighbours use them); every
+    clip joins the history with the next number; the upload and what is kept stay."""
+    old = session or {}
+    uid = int(old.get("next_uid") or 1)
+    for c in res.clips:
+        c.uid = uid
+        uid += 1
+    history = (list(old.get("history") or []) + list(res.clips))[-HISTORY_MAX:]
+    have = {c.uid for c in history}
+    return {"clips": res.clips, "settings": res.to_dict(), "neighbours": None, "history": history, "next_uid": uid,
+            "kept": [u for u in old.get("kept") or () if u in have], "source": old.get("source")}
+
+
 def guidance_info(defaults: dict, class_name: str) -> str:
     """The guidance slider's note: what the scale means, where (noise levels) it applies for ``class_name``,
     and whether the default follows the class."""
@@ -534,13 +687,50 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                                            elem_id="level-target", scale=1)
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
-                    with gr.Row(equal_height=True):
-                        vary_clip = gr.Number(value=1, precision=0, minimum=1, maximum=MAX_VARIATIONS,
-                                              label="Clip to vary", elem_id="vary-clip", scale=1)
-                        vary_strength = gr.Slider(0.05, 1.0, value=0.4, step=0.05, label="Variation strength",
-                                                  info="0 keeps the clip, 1 is a fresh generation",
-                                                  elem_id="vary-strength", scale=2)
-                        vary_btn = gr.Button("Vary", elem_id="vary-btn", scale=1)
+                    with gr.Accordion("Sound-design tools", open=True, elem_id="tools"):
+                        gr.Markdown("Work on a **source**: a clip of the last generation or your own file. The "
+                                    "tools use the class, sampler, NFE, guidance, seed and variations above "
+                                    "(variations of a generated clip keep that clip's settings).")
+                        with gr.Row(equal_height=True):
+                            src_kind = gr.Radio(list(SOURCE_CHOICES), value="clip", label="Source",
+                                                elem_id="source-kind", scale=3)
+                            vary_clip = gr.Number(value=1, precision=0, minimum=1, maximum=MAX_VARIATIONS,
+                                                  label="Clip", elem_id="vary-clip", scale=1)
+                        upload = gr.File(label="Upload a source: WAV, FLAC, OGG or MP3, at most 20 MB and 60 s "
+                                               "(any sample rate)", file_types=list(UPLOAD_EXTENSIONS), type="filepath",
+                                         file_count="single", elem_id="upload-source", height=90)
+                        upload_md = gr.Markdown("", elem_id="upload-status")
+                        with gr.Tab("Vary", id="tool-vary"):
+                            vary_strength = gr.Slider(0.05, 1.0, value=0.4, step=0.05, label="Variation strength",
+                                                      info="0 keeps the clip, 1 is a fresh generation",
+                                                      elem_id="vary-strength")
+                            vary_btn = gr.Button("Vary", elem_id="vary-btn")
+                        with gr.Tab("Region", id="tool-region"):
+                            with gr.Row():
+                                rg_start = gr.Number(value=0.3, label="From (s)", elem_id="region-start", minimum=0)
+                                rg_end = gr.Number(value=0.6, label="To (s)", elem_id="region-end", minimum=0)
+                                rg_low = gr.Number(value=0, label="Band from (Hz, 0 = all)", elem_id="region-low",
+                                                   minimum=0)
+                                rg_high = gr.Number(value=0, label="Band to (Hz, 0 = all)", elem_id="region-high",
+                                                    minimum=0)
+                            rg_strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Region strength",
+                                                    info="1 makes the region anew; lower keeps more of it",
+                                                    elem_id="region-strength")
+                            rg_btn = gr.Button("Regenerate region", elem_id="region-btn")
+                        with gr.Tab("Extend", id="tool-extend"):
+                            ex_seconds = gr.Number(value=4.0, label=f"Total length (s, up to {MAX_TOOL_SECONDS:g})",
+                                                   elem_id="extend-seconds", minimum=1, maximum=MAX_TOOL_SECONDS)
+                            with gr.Row():
+                                ex_btn = gr.Button("Continue the source", elem_id="extend-btn")
+                                long_btn = gr.Button("Long clip from nothing", elem_id="long-btn")
+                        with gr.Tab("Loop", id="tool-loop"):
+                            lp_seconds = gr.Number(value=2.0, label=f"Loop length (s, up to {MAX_TOOL_SECONDS:g})",
+                                                   elem_id="loop-seconds", minimum=1, maximum=MAX_TOOL_SECONDS)
+                            with gr.Row():
+                                lp_btn = gr.Button("Make a loop", elem_id="loop-btn")
+                                lp_src_btn = gr.Button("Make the source loop", elem_id="loop-source-btn")
+                            lp_from = gr.Checkbox(value=False, visible=False)
+                            lp_from_src = gr.Checkbox(value=True, visible=False)
                     view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
                 with gr.Column(scale=3):
                     summary = gr.Markdown("", elem_id="settings-summary")
@@ -608,6 +798,28 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                         nb_json = gr.JSON(label="Neighbours", elem_id="neighbours-json")
                         nb_files = gr.File(label="Neighbour WAVs", file_count="multiple", interactive=False)
 
+        with gr.Tab("Session", id="session"):
+            gr.Markdown("Every clip of this session, with its settings. Tick the ones to **keep**, then export "
+                        "them: one file, or a zip with a JSON sidecar per clip (file names carry class, tool, "
+                        "sampler, NFE, guidance and seed). Clips stay for an hour after your last action.")
+            hist_table = gr.Dataframe(headers=list(HISTORY_HEADERS), interactive=False, wrap=True,
+                                      label="History", elem_id="history-table")
+            keep = gr.CheckboxGroup([], value=[], label="Keep", elem_id="keep")
+            with gr.Row(equal_height=True):
+                hist_pick = gr.Dropdown([], value=None, label="Play clip", elem_id="history-pick", scale=1)
+                hist_audio = _player("History clip", "history-audio", scale=3)
+            with gr.Row(equal_height=True):
+                ex_fmt = gr.Radio(list(EXPORT_CHOICES), value="wav16", label="Format", elem_id="export-format")
+                ex_level = gr.Radio(list(LEVEL_CHOICES), value="off", label="Level at export",
+                                    elem_id="export-level")
+                ex_target = gr.Number(value=LEVEL_DEFAULT_TARGET["off"], label="Target", visible=False,
+                                      elem_id="export-target")
+            with gr.Row():
+                rm_btn = gr.Button("Remove clips not kept", elem_id="remove-btn")
+                exp_btn = gr.Button("Export kept clips", variant="primary", elem_id="export-btn")
+            exp_file = gr.File(label="Export", interactive=False, elem_id="export-file")
+            hist_json = gr.JSON(visible=False)
+
         with gr.Tab("Compare samplers", id="compare"):
             gr.Markdown("Same class, seed, NFE and guidance across samplers. Heun-type samplers spend odd budgets "
                         "only (2 evaluations per step, 1 for the last): with an even NFE they use NFE − 1.")
@@ -648,7 +860,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         c_cls.change(h.class_changed, [c_cls], [c_guid], api_visibility="private", queue=False, preprocess=False)
 
         gen_event = go.click(
-            h.generate, [cls, sampler, nfe, guidance, seed, n, level, target], [session, settings, files],
+            h.generate, [cls, sampler, nfe, guidance, seed, n, level, target, session], [session, settings, files],
             api_name="generate",
             api_description="Generate 1-4 clips: returns the settings used (NFE counted, wall time, real-time "
                             "factor; per clip its name, LUFS and true peak) and the 16-bit WAV files. `level`: "
@@ -657,14 +869,69 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
             preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
         rendered = gen_event.success(h.render_after_generate, [session, view], clip_outputs + [pick], preprocess=False,
                                      **ui_only)
-        vary_event = vary_btn.click(
-            h.vary, [vary_clip, vary_strength, n, seed, session], [session, settings, files], api_name="vary",
-            api_description="Variations (1-4) of clip `clip_number` of this session's last /generate or /vary "
-                            "call, with its class, sampler, NFE and guidance: `strength` in (0, 1] (0 keeps the "
-                            "clip, 1 is a fresh generation). Returns settings and WAV files like /generate.",
-            preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
-        rendered_vary = vary_event.success(h.render_after_generate, [session, view], clip_outputs + [pick],
-                                           preprocess=False, **ui_only)
+        made = dict(preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
+        knobs = [cls, sampler, nfe, guidance, seed, n, level, target]
+        tool_events = {
+            "vary": vary_btn.click(
+                h.vary, [vary_clip, vary_strength, n, seed, session, src_kind, cls, sampler, nfe, guidance],
+                [session, settings, files], api_name="vary",
+                api_description="Variations (1-4) of the source: clip `clip_number` of this session's last "
+                                "generation (with its class, sampler, NFE and guidance) or, with source='upload', "
+                                "the file of /upload_source (with the given class, sampler, NFE, guidance): "
+                                "`strength` in (0, 1] (0 keeps the clip, 1 is a fresh generation).", **made),
+            "regen": rg_btn.click(
+                h.regenerate, [src_kind, vary_clip, rg_start, rg_end, rg_low, rg_high, rg_strength] + knobs + [session],
+                [session, settings, files], api_name="regenerate",
+                api_description="Regenerate the span [start, end) seconds of the source (source='clip' with "
+                                "`clip_number`, or 'upload'), optionally only the band [low_hz, high_hz] Hz (0 = "
+                                "open), and keep the rest: outside the STFT overlap at the border the samples are "
+                                "the source's. `strength` 1 makes the region anew.", **made),
+            "extend": ex_btn.click(
+                h.extend, [src_kind, vary_clip, ex_seconds] + knobs + [session], [session, settings, files],
+                api_name="extend",
+                api_description=f"Continue the source to `seconds` in total (up to {MAX_TOOL_SECONDS:g} s), one "
+                                "model window at a time, joined in one inverse STFT.", **made),
+            "long": long_btn.click(
+                h.long, [ex_seconds] + knobs + [session], [session, settings, files], api_name="long",
+                api_description=f"A clip of `seconds` (up to {MAX_TOOL_SECONDS:g} s) made window by window.",
+                **made),
+            "loop": lp_btn.click(
+                h.loop, [lp_seconds, lp_from, src_kind, vary_clip] + knobs + [session], [session, settings, files],
+                api_name="loop",
+                api_description="A seamless loop of `seconds` (its end flows into its start); with from_source="
+                                "True, the source made to loop seamlessly (its wrap point remade).", **made),
+            "loop-source": lp_src_btn.click(
+                h.loop, [lp_seconds, lp_from_src, src_kind, vary_clip] + knobs + [session],
+                [session, settings, files], api_visibility="private", **made),
+        }
+        upload.upload(h.upload_source, [upload, session], [session, upload_md], api_name="upload_source",
+                      api_description="Upload a source clip (WAV/FLAC/OGG/MP3, at most 20 MB and 60 s, any rate) "
+                                      "for the tools with source='upload'.", **heavy)
+        hist_outputs = [hist_table, keep, hist_pick]
+        rendered_tools = []
+        for ev in [gen_event] + list(tool_events.values()):
+            ev.success(h.render_history, [session], hist_outputs, preprocess=False, **ui_only)
+            if ev is not gen_event:
+                rendered_tools.append(ev.success(h.render_after_generate, [session, view], clip_outputs + [pick],
+                                                 preprocess=False, **ui_only))
+        keep.input(h.keep, [keep, session], [session, hist_json], api_name="keep", preprocess=False,
+                   api_description="Keep exactly the clips `numbers` (their # in /history); /export exports them.",
+                   **heavy).success(h.render_history, [session], hist_outputs, preprocess=False, **ui_only)
+        rm_btn.click(h.remove_unkept, [session], [session, hist_json], api_name="remove_unkept", preprocess=False,
+                     api_description="Remove every clip of the history that is not kept.", **heavy) \
+            .success(h.render_history, [session], hist_outputs, preprocess=False, **ui_only)
+        hist_btn = gr.Button(visible=False)
+        hist_btn.click(h.history, [session], [hist_json], api_name="history", preprocess=False,
+                       api_description="This session's clips (oldest first): number, name, tool, class, seconds, "
+                                       "level, settings and whether each is kept.", **heavy)
+        exp_btn.click(h.export, [ex_fmt, ex_level, ex_target, session], [exp_file], api_name="export",
+                      preprocess=False,
+                      api_description="The kept clips as one file or a zip with JSON sidecars: `fmt` wav16, wav24 "
+                                      "or flac; `level` 'off', 'peak' or 'lufs' with `target`.", **heavy)
+        ex_level.change(h.level_changed, [ex_level], [ex_target], api_visibility="private", queue=False,
+                        preprocess=False)
+        hist_pick.input(h.play, [hist_pick, session], [hist_audio], api_visibility="private", preprocess=False,
+                        **heavy)
 
         def then_show_neighbours(event):
             return event.success(h.render_neighbours, [session, view], nb_outputs, preprocess=False, **ui_only) \
@@ -677,7 +944,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                             "and the neighbours' WAV files.",
             preprocess=False, show_progress_on=[badge], **heavy))
         if svc.has_index:          # neighbours of clip 1 right after generating, and when another clip is picked
-            for done in (rendered, rendered_vary):
+            for done in [rendered] + rendered_tools:
                 then_show_neighbours(done.success(h.neighbours, [pick, k, session], [session, nb_json, nb_files],
                                                   preprocess=False, show_progress_on=[badge], **ui_only))
             then_show_neighbours(pick.input(h.neighbours, [pick, k, session], [session, nb_json, nb_files],

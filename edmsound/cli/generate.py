@@ -28,7 +28,7 @@ def _pair(text: str | None, what: str, example: str):
 
 def _read_source(path, flag: str, pipe):
     from .. import read_clip
-    from ..core.pipeline import MAX_SECONDS
+    MAX_SECONDS = pipe.max_seconds
     wave, why, cut = read_clip(path, pipe.sample_rate, max_samples=int(MAX_SECONDS * pipe.sample_rate))
     if wave is None:
         raise ValueError(f"{flag} {path}: {why}")

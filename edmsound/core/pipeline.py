@@ -257,6 +257,12 @@ class EDMSoundPipeline:
         return self._finish(req, waves, specs, seeds, seed, req["nfe"], guided, wall, extra)
 
     # --- editing: region regeneration, longer clips, loops (:mod:`edmsound.core.inpainting`) ------------------
+    max_seconds = MAX_SECONDS
+
+    def check_region(self, start, end, duration: float, low_hz=None, high_hz=None):
+        """``((start, end), (low_hz, high_hz))`` checked against a clip of ``duration`` seconds and Nyquist."""
+        return check_span(start, end, duration, "region"), check_band(low_hz, high_hz, self.sample_rate)
+
     @property
     def window_frames(self) -> int:
         """Frames of one model window (the clip length the network was trained on)."""
@@ -315,6 +321,35 @@ class EDMSoundPipeline:
             total += count
             buffer[..., frames] = out
         return buffer, len(plan), total, guided
+
+    def windows_for(self, tool: str, seconds: float | None = None, source_seconds: float | None = None,
+                    span: tuple[float, float] | None = None, context: int | None = None) -> int:
+        """How many model windows a tool will sample (each spends the NFE budget once), before running it:
+        ``"regen"`` (``span`` of a ``source_seconds`` clip), ``"extend"`` / ``"long"`` (to ``seconds``, from a
+        ``source_seconds`` clip or from nothing), ``"loop"`` (``seconds``; with ``source_seconds``, the source's
+        seam only)."""
+        c, W, sr = self.codec.config, self.window_frames, self.sample_rate
+        context = W // 2 if context is None else int(context)
+
+        def count(first: int, last: int, N: int) -> int:
+            todo = np.zeros((1, N), dtype=bool)
+            todo[:, first:last] = True
+            return len(plan_windows(todo, W, context)) if todo.any() else 0
+        if tool == "regen":
+            length = max(int(round(source_seconds * sr)), self.codec.num_samples)
+            N = self.codec.frames_for(length)
+            return count(*frame_span(span[0], span[1], sr, c.hop_length, c.n_fft, N), N)
+        if tool in ("extend", "long"):
+            length = int(round(self.check_seconds(seconds) * sr))
+            N = self.codec.frames_for(length)
+            first = 0 if not source_seconds else frame_span(source_seconds, length / sr, sr, c.hop_length, c.n_fft, N)[0]
+            return count(first, N, N)
+        if tool == "loop":
+            if source_seconds:
+                return 1
+            N = max(W, int(round(self.check_seconds(seconds, "loop length") * sr / c.hop_length)))
+            return count(0, N, N) + 1
+        raise ValueError(f"unknown tool {tool!r}; valid: regen, extend, long, loop")
 
     def regenerate(self, clip, class_name: str, start: float, end: float, low_hz: float | None = None,
                    high_hz: float | None = None, n: int = 1, seed: int = 0, sampler: str | None = None,

@@ -221,3 +221,17 @@ def test_cli_tools_write_clips_with_their_settings(tiny_ckpt, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], (argv, err)
     assert not (tmp_path / "x").exists()
+
+
+def test_windows_for_predicts_the_windows_each_tool_samples(pipe):
+    src = _src(pipe, seed=3)
+    dur = len(src) / pipe.sample_rate
+    cases = [("regen", dict(source_seconds=dur, span=(0.2 * dur, 0.5 * dur)),
+              lambda: pipe.regenerate(src, pipe.classes[0], 0.2 * dur, 0.5 * dur, sampler="euler", nfe=1)),
+             ("extend", dict(seconds=2.7 * dur, source_seconds=dur),
+              lambda: pipe.extend(src, pipe.classes[0], 2.7 * dur, sampler="euler", nfe=1)),
+             ("long", dict(seconds=3.3 * dur), lambda: pipe.generate_long(pipe.classes[0], 3.3 * dur, sampler="euler", nfe=1)),
+             ("loop", dict(seconds=2.2 * dur), lambda: pipe.loop(pipe.classes[0], 2.2 * dur, sampler="euler", nfe=1)),
+             ("loop", dict(source_seconds=dur), lambda: pipe.loop(pipe.classes[0], clip=np.tile(src, 2), sampler="euler", nfe=1))]
+    for tool, kw, run in cases:
+        assert pipe.windows_for(tool, **kw) == run().settings["windows"], tool
