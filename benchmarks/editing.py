@@ -4,9 +4,10 @@ and do long clips stay in their category and at their level?
 Measured per class and overall (the checkpoint's default sampler, NFE and guidance throughout):
 
 1. **Joins** (:mod:`edmsound.evaluation.joins`: spectral flux and level step across a position, 40 ms each side).
-   * continuation joins: ``generate_long`` to ``--seconds``; window k > 0 makes frames from its first frame not
-     yet made, so its join is at that frame x hop samples (from :func:`edmsound.core.inpainting.plan_windows`);
-   * a control: the same long clips half-way between joins (the model's own changes inside a window);
+   * continuation joins: ``generate_long`` to ``--seconds``; its model windows (half a window apart, sampled
+     together and averaged where they overlap) begin or end every half window: those edges are scored (from
+     :func:`edmsound.core.inpainting.tile_starts`);
+   * a control: the same long clips half-way between edges (the model's own changes inside a window);
    * naive crossfade: independent ``generate`` clips, as many as the long clip has windows, concatenated with a
      50-ms linear crossfade (the same number of joins; scored at the crossfades' centres);
    * loop wraps: ``loop`` clips scored at the wrap of ``np.tile(w, 2)``; naive loops: a ``generate_long`` clip of
@@ -52,7 +53,7 @@ if str(ROOT) not in sys.path:
 
 from edmsound.audio import loudness as LN  # noqa: E402
 from edmsound.audio.io import load_audio  # noqa: E402
-from edmsound.core.inpainting import plan_windows  # noqa: E402
+from edmsound.core.inpainting import tile_starts  # noqa: E402
 from edmsound.evaluation import joins as J  # noqa: E402
 from edmsound.evaluation import metrics as M  # noqa: E402
 
@@ -87,13 +88,13 @@ def real_clips(data: Path, class_name: str, sr: int, n: int, seed: int) -> np.nd
     return np.stack([np.pad(np.asarray(c, np.float32), (0, L - len(c))) for c in clips])
 
 
-def join_frames(p, num_samples: int, context: int | None = None) -> list[int]:
-    """First frame each window of ``generate_long`` makes (window 0 starts at frame 0)."""
+def join_frames(p, num_samples: int, context: int | None = None) -> tuple[list[int], int]:
+    """Frames where a window of ``generate_long`` begins or ends (with 0 first), and the number of windows."""
     N = p.codec.frames_for(num_samples)
-    F = p.codec.shape[1]
     W = p.window_frames
-    plan = plan_windows(np.ones((F, N), bool), W, W // 2 if context is None else context)
-    return [int(w.frames[np.flatnonzero(w.generate.any(axis=0))[0]]) for w in plan]
+    starts = tile_starts(np.ones((1, N), bool), W, W - (W // 2 if context is None else context))
+    edges = sorted({s for s in starts if s > 0} | {s + W for s in starts if s + W < N})
+    return [0] + edges, len(starts)
 
 
 def crossfade(clips: list[np.ndarray], n: int) -> tuple[np.ndarray, list[int]]:
@@ -163,10 +164,9 @@ def run(a) -> dict:
     data = Path(a.data)
 
     long_len = int(round(a.seconds * sr))
-    firsts = join_frames(p, long_len)
+    firsts, n_windows = join_frames(p, long_len)
     join_pos = [f * hop for f in firsts[1:]]
-    mid_pos = [(f + p.window_frames // 4) * hop for f in firsts[1:]]      # half-way between joins (64-frame steps)
-    n_windows = len(firsts)
+    mid_pos = [(f + p.window_frames // 4) * hop for f in firsts[1:]]      # half-way between edges (64-frame steps)
     n_cut = long_len // ns                                               # model-length windows per long clip
     n_gen = a.per_class * n_cut                                          # clips per class for FAD / fit
     xf = int(round(CROSSFADE_S * sr))

@@ -590,7 +590,7 @@ class EDMSoundService:
             span, band = p.check_region(start, end, src_s, *(band or (None, None)))
             windows = p.windows_for("regen", source_seconds=src_s, span=span)
         elif tool == "loop" and source is not None:
-            windows = 1
+            windows = p.windows_for("loop", source_seconds=min(src_s, MAX_TOOL_SECONDS))
         else:
             seconds = self.check_seconds(seconds, "loop length" if tool == "loop" else "length")
             if tool == "extend" and seconds <= src_s:
@@ -602,10 +602,10 @@ class EDMSoundService:
         callback = None
         desc = f"{tool} {class_name} with {sampler}"
         if progress is not None:
-            progress(0, steps * windows, desc)
+            progress(0, steps, desc)
 
             def callback(info):
-                progress(int(info.get("window", 0)) * steps + int(info["i"]) + 1, steps * windows, desc)
+                progress(int(info["i"]) + 1, steps, desc)
         common = dict(n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed, callback=callback,
                       normalize=normalize, target=target)
         if tool == "vary":
@@ -618,7 +618,8 @@ class EDMSoundService:
         elif tool == "long":
             gen = p.generate_long(class_name, seconds, **common)
         else:
-            gen = p.loop(class_name, seconds if source is None else None, clip=source, **common)
+            length = seconds if source is None else min(src_s, MAX_TOOL_SECONDS)     # a source: its first 12 s
+            gen = p.loop(class_name, length, clip=source, **common)
         settings = dict(gen.settings)
         settings["wall_seconds"] = settings["seconds"]
         settings["checkpoint"] = self.checkpoint_name

@@ -42,6 +42,8 @@ MAX_UPLOAD = "25mb"      # the server's hard cap on a posted file; the tools' ow
 STATE_TTL_S = 3600       # a session's clips are dropped an hour after they were made
 HISTORY_MAX = 48         # clips a session's history holds (the oldest leave first)
 HISTORY_HEADERS = ("#", "clip", "tool", "class", "seconds", "LUFS", "true peak (dBTP)", "kept")
+TOOL_NAMES = MappingProxyType({"vary": "variation", "regen": "region regenerated", "extend": "continued",
+                               "long": "long clip", "loop": "seamless loop"})
 SOURCE_CHOICES = (("a clip of the last generation", "clip"), ("the uploaded file", "upload"))
 EXPORT_CHOICES = (("WAV 16-bit", "wav16"), ("WAV 24-bit", "wav24"), ("FLAC", "flac"))
 VIEW_CHOICES = tuple((label, mode) for mode, label in MODE_LABELS.items())
@@ -232,7 +234,11 @@ def _settings_md(settings: dict) -> str:
     interval = settings.get("guidance_interval")
     guided = "" if interval is None or settings["guidance"] == 1.0 else \
         f" for {format_guidance_interval(interval)} ({settings.get('guided_nfe', '?')} of the evaluations)"
-    return (f"**{settings['class']}** · {settings['sampler']} · NFE counted **{settings['nfe']}** · "
+    tool = settings.get("tool")
+    windows = f" × {settings['windows']} windows = {settings['nfe_total']}" if "nfe_total" in settings else ""
+    length = f" · **{settings['audio_seconds']:.2f} s**" if tool in ("extend", "long", "loop") else ""
+    return (f"**{settings['class']}**" + (f" · *{TOOL_NAMES.get(tool, tool)}*" if tool else "") + length +
+            f" · {settings['sampler']} · NFE counted **{settings['nfe']}**{windows} · "
             f"guidance {settings['guidance']:g}{guided} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
             f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']})")
 
@@ -616,6 +622,11 @@ class Handlers:
         return secrets.randbelow(SEED_MAX + 1)
 
 
+def _use_upload() -> str:
+    """After an upload, the tools work on it."""
+    return "upload"
+
+
 def _after(session, res) -> dict:
     """The session after a generation: its clips are the result's (the tools and neighbours use them); every
     clip joins the history with the next number; the upload and what is kept stay."""
@@ -687,6 +698,19 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                                            elem_id="level-target", scale=1)
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
+                    view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
+                with gr.Column(scale=3):
+                    summary = gr.Markdown("", elem_id="settings-summary")
+                    groups, audios, images = [], [], []
+                    for i in range(MAX_VARIATIONS):
+                        with gr.Group(visible=i == 0) as g:
+                            audios.append(_player(f"Clip {i + 1}", f"clip-audio-{i}"))
+                            images.append(_figure(f"Clip {i + 1} spectrogram", f"clip-spec-{i}"))
+                        groups.append(g)
+                    with gr.Accordion("Settings used and WAV files", open=False):
+                        settings = gr.JSON(label="Settings used", elem_id="settings-json")
+                        files = gr.File(label="16-bit WAV files", file_count="multiple", interactive=False,
+                                        elem_id="wav-files")
                     with gr.Accordion("Sound-design tools", open=True, elem_id="tools"):
                         gr.Markdown("Work on a **source**: a clip of the last generation or your own file. The "
                                     "tools use the class, sampler, NFE, guidance, seed and variations above "
@@ -698,7 +722,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                                                   label="Clip", elem_id="vary-clip", scale=1)
                         upload = gr.File(label="Upload a source: WAV, FLAC, OGG or MP3, at most 20 MB and 60 s "
                                                "(any sample rate)", file_types=list(UPLOAD_EXTENSIONS), type="filepath",
-                                         file_count="single", elem_id="upload-source", height=90)
+                                         file_count="single", elem_id="upload-source", height=150)
                         upload_md = gr.Markdown("", elem_id="upload-status")
                         with gr.Tab("Vary", id="tool-vary"):
                             vary_strength = gr.Slider(0.05, 1.0, value=0.4, step=0.05, label="Variation strength",
@@ -731,19 +755,6 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                                 lp_src_btn = gr.Button("Make the source loop", elem_id="loop-source-btn")
                             lp_from = gr.Checkbox(value=False, visible=False)
                             lp_from_src = gr.Checkbox(value=True, visible=False)
-                    view = gr.Radio(list(VIEW_CHOICES), value="magphase", label="Spectrogram view", elem_id="view")
-                with gr.Column(scale=3):
-                    summary = gr.Markdown("", elem_id="settings-summary")
-                    groups, audios, images = [], [], []
-                    for i in range(MAX_VARIATIONS):
-                        with gr.Group(visible=i == 0) as g:
-                            audios.append(_player(f"Clip {i + 1}", f"clip-audio-{i}"))
-                            images.append(_figure(f"Clip {i + 1} spectrogram", f"clip-spec-{i}"))
-                        groups.append(g)
-                    with gr.Accordion("Settings used and WAV files", open=False):
-                        settings = gr.JSON(label="Settings used", elem_id="settings-json")
-                        files = gr.File(label="16-bit WAV files", file_count="multiple", interactive=False,
-                                        elem_id="wav-files")
 
             with gr.Column(elem_id="neighbours-panel"):
                 gr.Markdown("## Training neighbours\nThe nearest clips of the training set (FAISS index of "
@@ -906,7 +917,8 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         }
         upload.upload(h.upload_source, [upload, session], [session, upload_md], api_name="upload_source",
                       api_description="Upload a source clip (WAV/FLAC/OGG/MP3, at most 20 MB and 60 s, any rate) "
-                                      "for the tools with source='upload'.", **heavy)
+                                      "for the tools with source='upload'.", **heavy) \
+            .success(_use_upload, None, [src_kind], api_visibility="private", queue=False)
         hist_outputs = [hist_table, keep, hist_pick]
         rendered_tools = []
         for ev in [gen_event] + list(tool_events.values()):

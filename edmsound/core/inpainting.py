@@ -1,5 +1,6 @@
-"""Sampling with part of the spectrogram known: the mask, the denoiser that holds the known part, and the plan
-of model-sized windows that fills any number of frames (region regeneration, longer clips, loops).
+"""Sampling with part of the spectrogram known and beyond the model's window: the mask, the denoiser that holds
+the known part, and the tiling of model-sized windows that makes any number of frames (region regeneration,
+longer clips, continuations, loops).
 
 Known values are held by the replacement method (Song et al. 2021, "Score-Based Generative Modeling through
 Stochastic Differential Equations", App. I.2; the per-step replacement of RePaint, Lugmayr et al. 2022, without
@@ -16,7 +17,6 @@ output waveform is the source's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,48 +80,63 @@ def check_band(low, high, sample_rate: int) -> tuple[float | None, float | None]
     return lo, hi
 
 
-# --- window plans -------------------------------------------------------------------------------------
+# --- tiles: any number of frames from model-sized windows -----------------------------------------------
 
-@dataclass(frozen=True)
-class Window:
-    frames: np.ndarray          # the buffer frames this window covers (indices; a seam window wraps around)
-    generate: np.ndarray        # (F, W) bool: entries of the window the sampler makes (the rest are known)
-
-
-def plan_windows(todo: np.ndarray, width: int, context: int) -> list[Window]:
-    """Windows of ``width`` frames that together make every True entry of ``todo`` (F, N), each with up to
-    ``context`` already-known frames before its first entry to make (its left context; later windows see what
-    earlier ones made, and a window clamped at the end sees more). A loop's wrap point is remade afterwards by
-    :func:`seam_window`."""
-    todo = np.array(todo, dtype=bool)
-    F, N = todo.shape
+def tile_starts(todo: np.ndarray, width: int, stride: int, circular: bool = False) -> list[int]:
+    """First frames of the windows that cover every True entry of ``todo`` (F, N): every ``stride`` frames (the
+    last one clamped to the end), or around a ring when ``circular``; windows with nothing to make are left out."""
+    todo = np.asarray(todo, dtype=bool)
+    N = todo.shape[-1]
     if N < width:
-        raise ValueError(f"a buffer of {N} frames is shorter than the model's window of {width}")
-    if not 0 <= context < width:
-        raise ValueError(f"context must be in [0, {width}), got {context}")
-    windows = []
-    while todo.any():
-        first = int(np.flatnonzero(todo.any(axis=0))[0])
-        start = min(max(first - context, 0), N - width)
-        frames = start + np.arange(width)
-        windows.append(Window(frames=frames, generate=todo[:, frames].copy()))
-        todo[:, frames] = False
-    return windows
+        raise ValueError(f"{N} frames is shorter than the model's window of {width}")
+    if not 0 < stride <= width:
+        raise ValueError(f"the window stride must be in [1, {width}], got {stride}")
+    if circular:
+        starts = list(range(0, N, stride))
+    else:
+        starts = list(range(0, N - width + 1, stride))
+        if starts[-1] + width < N:
+            starts.append(N - width)
+    cols = todo.any(axis=0)
+    return [s0 for s0 in starts if cols[(s0 + np.arange(width)) % N].any()]
 
 
-def seam_window(num_frames: int, width: int, seam: int) -> Window:
-    """The window that remakes a loop's wrap point: ``seam`` frames centred on it (half at the end, half at
-    the start), the rest of a ``width``-frame window centred on it kept as context from both sides."""
-    if not 0 < seam < width <= num_frames:
-        raise ValueError(f"need 0 < seam < window <= loop frames, got seam {seam}, window {width}, loop {num_frames}")
-    frames = (num_frames - width // 2 + np.arange(width)) % num_frames
-    gen = np.zeros(width, dtype=bool)
-    gen[width // 2 - seam // 2: width // 2 - seam // 2 + seam] = True
-    return Window(frames=frames, generate=np.broadcast_to(gen, (1, width)).copy())
+class TiledDenoiser:
+    """MultiDiffusion (Bar-Tal et al. 2023, "MultiDiffusion: Fusing Diffusion Paths for Controlled Image
+    Generation"): the denoiser of a spectrogram longer than the model's window is the weighted average, frame by
+    frame, of the model's denoised estimates of overlapping windows, all evaluated at every step (in chunks of
+    ``chunk`` windows). Every frame is thus a consensus of the windows that see it, at every noise level, so no
+    frame is a hard boundary between two independent generations. ``circular``: windows wrap around (a loop).
+    Each window is weighted by a raised-cosine profile that favours its centre; frames covered by no window
+    (nothing to make there) pass the input through."""
 
+    def __init__(self, denoiser, starts: list[int], width: int, num_frames: int, circular: bool = False,
+                 chunk: int = 16):
+        self.denoiser = denoiser
+        self.width, self.N, self.chunk = int(width), int(num_frames), max(1, int(chunk))
+        self.index = torch.from_numpy((np.asarray(starts)[:, None] + np.arange(width)) % num_frames)   # (K, W)
+        if not circular and int(self.index.max()) >= num_frames:
+            raise ValueError("a window reaches past the last frame")
+        self.profile = torch.sin(torch.pi * (torch.arange(width, dtype=torch.float64) + 0.5) / width) ** 2 + 1e-3
 
-def window_seed(seed: int, window: int) -> int:
-    """Seed of window ``window`` of a clip whose seed is ``seed`` (window 0 uses the clip's own seed)."""
-    if window == 0:
-        return int(seed)
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(window)]).generate_state(1)[0] & 0x7FFFFFFF)
+    @property
+    def windows(self) -> int:
+        return self.index.shape[0]
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        K, W = self.index.shape
+        acc = torch.zeros_like(x)
+        wsum = torch.zeros(self.N, dtype=x.dtype, device=x.device)
+        prof = self.profile.to(device=x.device, dtype=x.dtype)
+        for k0 in range(0, K, self.chunk):
+            idx = self.index[k0:k0 + self.chunk].to(x.device)                      # (k, W)
+            k = idx.shape[0]
+            tiles = x[..., idx]                                                      # (B, C, F, k, W)
+            tiles = tiles.permute(3, 0, 1, 2, 4).reshape(k * B, *x.shape[1:-1], W)  # window-major
+            out = self.denoiser(tiles, sigma.repeat(k)).to(x.dtype)
+            out = out.reshape(k, B, *x.shape[1:-1], W).permute(1, 2, 3, 0, 4)       # (B, C, F, k, W)
+            acc.index_add_(-1, idx.reshape(-1), (out * prof).reshape(*x.shape[:-1], k * W))
+            wsum.index_add_(0, idx.reshape(-1), prof.repeat(k))
+        covered = wsum > 0
+        return torch.where(covered, acc / wsum.clamp_min(1e-12), x)

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .codec import SpectrogramCodec
 from ..audio import loudness
 from ..audio.io import write_wav
-from .inpainting import (KnownRegionDenoiser, bin_span, check_band, check_span, frame_span, plan_windows,
-                         seam_window, window_seed)
+from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
+                         tile_starts)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
 from .model import load_denoiser
 from .samplers import SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
@@ -98,10 +98,11 @@ class EDMSoundPipeline:
         return self.classes.index(class_name)
 
     # --- sampling ----------------------------------------------------------------------------------
-    def noise(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Unit Gaussian noise, one generator per clip (seeded with its own seed)."""
+    def noise(self, seeds: list[int], frames: int | None = None) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Unit Gaussian noise, one generator per clip (seeded with its own seed); ``frames`` for spectrograms
+        longer than one model window (the first window's noise is the same as a single clip's)."""
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        shape = self.codec.shape
+        shape = self.codec.shape if frames is None else (*self.codec.shape[:-1], int(frames))
         x = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens])
         return x.to(self.dtype), gens
 
@@ -141,14 +142,17 @@ class EDMSoundPipeline:
     def sample_specs(self, class_name: str, seeds: list[int], sampler: str, nfe: int, guidance: float,
                      callback=None, guidance_interval=None, init: torch.Tensor | None = None,
                      sigma_start: float | None = None, known: torch.Tensor | None = None,
-                     keep: torch.Tensor | None = None, **options) -> tuple[torch.Tensor, int, int]:
+                     keep: torch.Tensor | None = None, tiles: list[int] | None = None, circular: bool = False,
+                     **options) -> tuple[torch.Tensor, int, int]:
         """Spectrograms for one batch of seeds; returns (specs, network evaluations counted, of which guided).
         ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`.
         ``init`` (1 or B, C, F, T) with ``sigma_start``: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis
         and Editing with Stochastic Differential Equations"): the clip's spectrogram plus noise at
         ``sigma_start``, solved back to sigma_min with the same exact NFE budget. ``known`` (1 or B, C, F, T)
-        with ``keep`` (bool, broadcastable): those entries are held at ``known`` and come back exactly
-        (:mod:`edmsound.core.inpainting`)."""
+        with ``keep`` (bool, broadcastable): those entries are held at ``known`` and come back exactly.
+        ``tiles`` (first frames of model windows): T may exceed one window; every step averages the windows'
+        estimates (``circular``: around a ring). See :mod:`edmsound.core.inpainting`. The counted evaluations
+        are per window: each of the ``len(tiles)`` windows spends them."""
         label = self.class_index(class_name)
         fn = get_sampler(sampler)
         nfe = check_nfe(sampler, nfe)
@@ -157,13 +161,22 @@ class EDMSoundPipeline:
         e = self.preset.edm
         top = e.sigma_max if init is None else float(sigma_start)
         sigmas = karras_sigmas(steps_for_nfe(sampler, nfe), e.sigma_min, top, e.rho)
-        noise, gens = self.noise(seeds)
+        frames = None
+        for t in (known, init):
+            if t is not None:
+                frames = t.shape[-1]
+        noise, gens = self.noise(seeds, frames)
         x = (noise * float(sigmas[0])).to(self.device)
         if init is not None:
             x = x + init.to(device=self.device, dtype=x.dtype)
-        labels = torch.full((len(seeds),), label, dtype=torch.long, device=self.device)
+        T, W = x.shape[-1], self.window_frames
+        if tiles is None and (T != W or circular):
+            raise ValueError(f"a spectrogram of {T} frames needs windows (tiles); the model's window is {W}")
+        K = 1 if tiles is None else len(tiles)
+        labels = torch.full((len(seeds) * K,), label, dtype=torch.long, device=self.device)
         guided = GuidedDenoiser(self.model, labels, guidance, guidance_interval)
-        counter = CountingDenoiser(guided)
+        inner = guided if tiles is None else TiledDenoiser(guided, tiles, W, T, circular=circular)
+        counter = CountingDenoiser(inner)
         denoiser = counter
         if known is not None:
             known = known.to(device=self.device, dtype=x.dtype)
@@ -287,54 +300,48 @@ class EDMSoundPipeline:
                              f"got {seconds!r}")
         return sec
 
-    def fill(self, buffer: torch.Tensor, todo: np.ndarray, req: dict, seeds: list[int], *,
-             context: int | None = None, seam: int | None = None, init_strength: float | None = None,
-             progress: bool = False, callback=None, **options) -> tuple[torch.Tensor, int, int, int]:
-        """Make the entries ``todo`` (F, N) of the spectrograms ``buffer`` (B, C, F, N), window by window, each
-        window seeing what is known and what earlier windows made; ``seam`` frames of a circular buffer's wrap
-        point are remade last with context from both sides. ``init_strength``: start the entries to make from
-        the buffer's own content at that strength (SDEdit) instead of from noise. Returns (buffer, windows,
-        network evaluations, guided evaluations per window)."""
+    def fill(self, buffer: torch.Tensor, todo: np.ndarray, req: dict, seeds: list[int], *, circular: bool = False,
+             context: int | None = None, init_strength: float | None = None, progress: bool = False,
+             callback=None, **options) -> tuple[torch.Tensor, int, int, int]:
+        """Make the entries ``todo`` (F, N) of the spectrograms ``buffer`` (B, C, F, N) and keep the rest, with
+        model windows every ``W - context`` frames (default: half a window apart) sampled together and averaged
+        where they overlap (``circular``: around a ring, for loops). ``init_strength``: start the entries to make
+        from the buffer's own content at that strength (SDEdit) instead of from noise. Returns (buffer, windows,
+        network evaluations in all, guided evaluations per window)."""
         W = self.window_frames
         context = W // 2 if context is None else int(context)
-        plan = plan_windows(todo, W, context) if todo.any() else []
-        if seam:
-            plan.append(seam_window(buffer.shape[-1], W, seam))
+        if not 0 <= context < W:
+            raise ValueError(f"context must be in [0, {W}) frames, got {context}")
+        starts = tile_starts(todo, W, W - context, circular=circular)
+        if not starts:
+            return buffer.clone(), 0, 0, 0
         sigma_start = None if init_strength is None else self.strength_sigma(init_strength)
-        buffer = buffer.clone()
-        total = guided = 0
-        for k, win in enumerate(tqdm(plan, desc=req["class_name"], disable=not progress or len(plan) < 2,
-                                     unit="window")):
-            frames = torch.from_numpy(win.frames)
-            known = buffer[..., frames]
-            keep = torch.from_numpy(~win.generate)[None, None]                 # (1, 1, F or 1, W)
-            wseeds = [window_seed(s, k) for s in seeds]
-            step_cb = None if callback is None else (lambda info, k=k: callback(dict(info, window=k,
-                                                                                        windows=len(plan))))
-            out, count, guided = self.sample_specs(req["class_name"], wseeds, req["sampler"], req["nfe"],
-                                                   req["guidance"], callback=step_cb,
-                                                   guidance_interval=req["interval"], known=known, keep=keep,
-                                                   init=None if sigma_start is None else known,
-                                                   sigma_start=sigma_start, **options)
-            if count != req["nfe"]:
-                raise RuntimeError(f"{req['sampler']} made {count} network evaluations, expected {req['nfe']}")
-            total += count
-            buffer[..., frames] = out
-        return buffer, len(plan), total, guided
+        keep = torch.from_numpy(~np.asarray(todo, bool))[None, None]                 # (1, 1, F, N)
+        out, count, guided = self.sample_specs(req["class_name"], seeds, req["sampler"], req["nfe"], req["guidance"],
+                                               callback=callback, guidance_interval=req["interval"], known=buffer,
+                                               keep=keep, init=None if sigma_start is None else buffer,
+                                               sigma_start=sigma_start, tiles=starts, circular=circular, **options)
+        if count != req["nfe"]:
+            raise RuntimeError(f"{req['sampler']} made {count} network evaluations, expected {req['nfe']}")
+        return out, len(starts), count * len(starts), guided
 
     def windows_for(self, tool: str, seconds: float | None = None, source_seconds: float | None = None,
                     span: tuple[float, float] | None = None, context: int | None = None) -> int:
-        """How many model windows a tool will sample (each spends the NFE budget once), before running it:
+        """How many model windows a tool will sample (each spends the NFE budget), before running it:
         ``"regen"`` (``span`` of a ``source_seconds`` clip), ``"extend"`` / ``"long"`` (to ``seconds``, from a
-        ``source_seconds`` clip or from nothing), ``"loop"`` (``seconds``; with ``source_seconds``, the source's
-        seam only)."""
+        ``source_seconds`` clip or from nothing), ``"loop"`` (``seconds``; with ``source_seconds``, a source
+        whose wrap point is remade)."""
         c, W, sr = self.codec.config, self.window_frames, self.sample_rate
-        context = W // 2 if context is None else int(context)
+        stride = W - (W // 2 if context is None else int(context))
 
-        def count(first: int, last: int, N: int) -> int:
+        def count(first: int, last: int, N: int, circular: bool = False) -> int:
             todo = np.zeros((1, N), dtype=bool)
-            todo[:, first:last] = True
-            return len(plan_windows(todo, W, context)) if todo.any() else 0
+            if circular and first > last:
+                todo[:, first:] = True
+                todo[:, :last] = True
+            else:
+                todo[:, first:last] = True
+            return len(tile_starts(todo, W, stride, circular)) if todo.any() else 0
         if tool == "regen":
             length = max(int(round(source_seconds * sr)), self.codec.num_samples)
             N = self.codec.frames_for(length)
@@ -345,11 +352,19 @@ class EDMSoundPipeline:
             first = 0 if not source_seconds else frame_span(source_seconds, length / sr, sr, c.hop_length, c.n_fft, N)[0]
             return count(first, N, N)
         if tool == "loop":
+            sec = source_seconds if source_seconds else self.check_seconds(seconds, "loop length")
+            N = self._loop_frames(sec, source=bool(source_seconds))
             if source_seconds:
-                return 1
-            N = max(W, int(round(self.check_seconds(seconds, "loop length") * sr / c.hop_length)))
-            return count(0, N, N) + 1
+                seam = W // 4
+                return count(N - seam // 2, seam - seam // 2, N, circular=True)
+            return count(0, N, N, circular=True)
         raise ValueError(f"unknown tool {tool!r}; valid: regen, extend, long, loop")
+
+    def _loop_frames(self, seconds: float, source: bool = False) -> int:
+        """Frames of a loop of ``seconds`` (at least one window; a source's loop never reaches past its end)."""
+        hop, W = self.codec.config.hop_length, self.window_frames
+        n = seconds * self.sample_rate / hop
+        return max(W, int(n) if source else int(round(n)))
 
     def regenerate(self, clip, class_name: str, start: float, end: float, low_hz: float | None = None,
                    high_hz: float | None = None, n: int = 1, seed: int = 0, sampler: str | None = None,
@@ -376,7 +391,7 @@ class EDMSoundPipeline:
         seed = int(seed)
         seeds = [seed + i for i in range(req["n"])]
         t0 = time.perf_counter()
-        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1), todo, req, seeds,
+        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1).contiguous(), todo, req, seeds,
                                                 init_strength=strength, progress=progress, callback=callback,
                                                 **options)
         waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
@@ -414,7 +429,7 @@ class EDMSoundPipeline:
         seed = int(seed)
         seeds = [seed + i for i in range(req["n"])]
         t0 = time.perf_counter()
-        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1), todo, req, seeds,
+        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1).contiguous(), todo, req, seeds,
                                                 context=context, progress=progress, callback=callback, **options)
         waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
         extra = {"tool": "extend" if src is not None else "long", "length_seconds": round(length / self.sample_rate, 4),
@@ -430,43 +445,48 @@ class EDMSoundPipeline:
     def loop(self, class_name: str, seconds: float | None = None, clip=None, n: int = 1, seed: int = 0,
              sampler: str | None = None, nfe: int | None = None, guidance: float | None = None,
              guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
-             seam: int | None = None, progress: bool = False, callback=None, **options) -> Generation:
+             progress: bool = False, callback=None, **options) -> Generation:
         """A seamless loop: a clip whose end flows into its start. The frames are a ring (frame N follows
-        N - 1 as frame 0): after the clip is made (or, with ``clip``, taken from the source, cut to whole
-        frames), ``seam`` frames around the wrap point (default a quarter window) are remade in a window centred
-        on it, with the end before and the start after it as context, and the ring decodes circularly
-        (:meth:`SpectrogramCodec.decode_loop`): played back to back, the clip has no seam."""
+        N - 1 as frame 0) and the model windows wrap around it, so the wrap point is made like any other frame
+        (:class:`~edmsound.core.inpainting.TiledDenoiser` with ``circular=True``). With ``clip``, the source cut to
+        whole frames is kept and only a quarter window of frames around its wrap point is remade, with its end
+        and its start as context. The ring decodes circularly (:meth:`SpectrogramCodec.decode_loop`): played
+        back to back, the clip has no seam."""
         req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
         hop = self.codec.config.hop_length
         W = self.window_frames
         if clip is not None:
             src = self._source(clip)
-            sec = len(src) / self.sample_rate if seconds is None else float(seconds)
-            sec = self.check_seconds(min(sec, len(src) / self.sample_rate), "loop source")
+            sec = len(src) / self.sample_rate if seconds is None else min(float(seconds), len(src) / self.sample_rate)
+            sec = self.check_seconds(sec, "loop source")
         else:
-            sec = self.check_seconds(self.codec.num_samples / self.sample_rate if seconds is None else seconds, "loop length")
-        N = max(W, int(round(sec * self.sample_rate / hop)))
+            sec = self.check_seconds(self.codec.num_samples / self.sample_rate if seconds is None else seconds,
+                                     "loop length")
+        N = self._loop_frames(sec, source=clip is not None)
         period = N * hop
-        seam = W // 4 if seam is None else int(seam)
+        seam = W // 4
         seed = int(seed)
         seeds = [seed + i for i in range(req["n"])]
+        F = self.codec.shape[1]
         t0 = time.perf_counter()
         if clip is not None:
             if len(src) < period:
-                N -= 1
-                period = N * hop
-            # frames of the period as one window of a periodic signal sees them: wrap the source around
-            ring = np.concatenate([src[period - hop * 8:period], src[:period], src[:hop * 8]])
-            spec = self.codec.encode(torch.from_numpy(ring)[None], fit=False)[..., 8:8 + N]
-            todo = np.zeros((spec.shape[-2], N), dtype=bool)
+                raise ValueError(f"the loop source must be at least one model window ({W * hop / self.sample_rate:.3f} s)")
+            pad = -(-self.codec.config.n_fft // hop)
+            # frames of the period as a periodic signal's STFT sees them: the source wrapped around
+            ring = np.concatenate([src[period - hop * pad:period], src[:period], src[:hop * pad]])
+            spec = self.codec.encode(torch.from_numpy(ring)[None], fit=False)[..., pad:pad + N]
+            todo = np.zeros((F, N), dtype=bool)
+            todo[:, :seam - seam // 2] = True
+            todo[:, N - seam // 2:] = True
         else:
-            spec = torch.zeros(1, *self.codec.shape[:2], N)
-            todo = np.ones((spec.shape[-2], N), dtype=bool)
-        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1), todo, req, seeds, seam=seam,
-                                                progress=progress, callback=callback, **options)
+            spec = torch.zeros(1, 2, F, N)
+            todo = np.ones((F, N), dtype=bool)
+        buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1).contiguous(), todo, req, seeds,
+                                                circular=True, progress=progress, callback=callback, **options)
         waves = self.codec.decode_loop(buf).numpy().astype(np.float32)
-        extra = {"tool": "loop", "length_seconds": round(period / self.sample_rate, 4), "seam_frames": seam,
-                 "windows": windows, "source": clip is not None}
+        extra = {"tool": "loop", "length_seconds": round(period / self.sample_rate, 4), "windows": windows,
+                 "source": clip is not None, "seam_frames": seam if clip is not None else None}
         return self._finish(req, waves, buf, seeds, seed, total, guided, time.perf_counter() - t0, extra)
 
 

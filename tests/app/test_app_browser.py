@@ -132,3 +132,77 @@ def test_generate_and_neighbours_in_chromium(app_url, tmp_path):
         finally:
             browser.close()
     assert not outside, f"the page fetched something outside the app: {outside[:5]}"
+
+
+def test_sound_design_tools_and_session_export_in_chromium(app_url, tmp_path):
+    """Each tool once from the page: upload a file, vary it, regenerate a region, continue, loop (the player
+    loops), then keep two clips in the Session tab and export them as a zip."""
+    import zipfile
+
+    import numpy as np
+    import soundfile as sf
+    from playwright.sync_api import expect, sync_playwright
+    url, svc = app_url
+    slow = "EDMSOUND_APP_CHECKPOINT" in os.environ
+    timeout = 600_000 if slow else 120_000
+    dur = svc.pipeline.codec.num_samples / svc.sample_rate
+    src = tmp_path / "my take.flac"
+    t = np.arange(int(1.5 * 44100)) / 44100
+    sf.write(src, 0.3 * np.sin(2 * np.pi * 220 * t), 44100)
+    summary = "#settings-summary"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+            page.goto(url, wait_until="domcontentloaded")
+            expect(page.locator("#generate-btn")).to_be_visible(timeout=60_000)
+
+            page.locator("#upload-source input[type=file]").set_input_files(str(src))
+            expect(page.locator("#upload-status")).to_contain_text("my take.flac", timeout=timeout)
+            expect(page.locator("#source-kind input[value=upload]")).to_be_checked(timeout=timeout)   # chosen
+            page.locator("#vary-btn").click()
+            expect(page.locator(summary)).to_contain_text("variation", timeout=timeout)
+            wait_idle(page, timeout)
+
+            page.locator("#source-kind").get_by_text("a clip of the last generation").click()
+            page.get_by_role("tab", name="Region").click()
+            page.locator("#region-start input").fill(f"{dur / 4:.3f}")
+            page.locator("#region-end input").fill(f"{dur / 2:.3f}")
+            page.locator("#region-btn").click()
+            expect(page.locator(summary)).to_contain_text("region regenerated", timeout=timeout)
+            wait_idle(page, timeout)
+
+            page.get_by_role("tab", name="Extend").click()
+            page.locator("#extend-seconds input").fill(f"{3 * dur:.3f}")
+            page.locator("#extend-btn").click()
+            expect(page.locator(summary)).to_contain_text("continued", timeout=timeout)
+            expect(page.locator(summary)).to_contain_text("windows", timeout=timeout)
+            wait_idle(page, timeout)
+
+            page.get_by_role("tab", name="Loop").click()
+            page.locator("#loop-seconds input").fill(f"{2 * dur:.3f}")
+            page.locator("#loop-btn").click()
+            expect(page.locator(summary)).to_contain_text("seamless loop", timeout=timeout)
+            expect(page.locator("#clip-audio-0")).to_contain_text("plays looped", timeout=timeout)
+            wait_idle(page, timeout)
+
+            page.get_by_role("tab", name="Session").click()
+            table = page.locator("#history-table")
+            for tool in ("vary", "regen", "extend", "loop"):
+                expect(table).to_contain_text(tool, timeout=timeout)
+            boxes = page.locator("#keep label")
+            expect(boxes).to_have_count(4, timeout=timeout)
+            boxes.nth(1).click()
+            boxes.nth(3).click()
+            wait_idle(page, timeout)
+            page.locator("#export-btn").click()
+            link = page.locator("#export-file a[download]").first
+            expect(link).to_be_attached(timeout=timeout)
+            with page.expect_download(timeout=timeout) as dl:
+                link.click()
+            path = tmp_path / "export.zip"
+            dl.value.save_as(path)
+            names = zipfile.ZipFile(path).namelist()
+            assert len(names) == 4 and any("_regen_" in n for n in names) and any("_loop_" in n for n in names)
+        finally:
+            browser.close()

@@ -73,7 +73,7 @@ def test_tools_through_the_handlers_and_the_session_history(service, tmp_path):
     s, st, _ = h.vary(1, 0.5, 1, 4, s, "upload", "high", "euler", 3, 1.0)
     assert st["class"] == "high" and st["tool"] == "vary"
     s, st, _ = h.loop(None, True, "upload", None, *KNOBS, 0, 1, "off", None, s)
-    assert st["windows"] == 1 and st["source"] is True
+    assert st["windows"] == service.pipeline.windows_for("loop", source_seconds=1.5) and st["source"] is True
     # the history: every clip in order, numbered; keep, remove, export
     hist = h.history(s)
     assert [c["number"] for c in hist] == list(range(1, 9))

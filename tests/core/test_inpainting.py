@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from edmsound.core.inpainting import (KnownRegionDenoiser, bin_span, frame_span, plan_windows, seam_window,
-                                      window_seed)
+from edmsound.core.inpainting import KnownRegionDenoiser, TiledDenoiser, bin_span, frame_span, tile_starts
 from edmsound.core.samplers import SAMPLERS
 
 DETERMINISTIC = [s for s in SAMPLERS if s != "edm_stochastic"]
@@ -34,24 +33,44 @@ def test_bin_span_covers_the_band():
     assert bin_span(None, None, 16000, 128) == (0, 128)
 
 
-def test_plan_windows_makes_everything_once_with_left_context():
+def test_tile_starts_cover_what_is_to_make():
     todo = np.zeros((3, 300), bool)
     todo[:, 100:300] = True
     todo[1, 20:30] = True
-    plan = plan_windows(todo, width=64, context=32)
-    made = np.zeros_like(todo, dtype=int)
-    for w in plan:
-        assert len(w.frames) == 64 and np.all(np.diff(w.frames) == 1)
-        made[:, w.frames] += w.generate
-        first = w.frames[np.flatnonzero(w.generate.any(0))[0]]
-        assert first - w.frames[0] >= min(32, first)            # at least the context before the first frame it makes
-    assert np.array_equal(made, todo.astype(int))
+    starts = tile_starts(todo, width=64, stride=32)
+    covered = np.zeros(300, bool)
+    for s0 in starts:
+        covered[s0:s0 + 64] = True
+        assert todo[:, s0:s0 + 64].any()                              # no window without something to make
+    assert covered[todo.any(0)].all() and starts[-1] == 300 - 64     # the last window is clamped to the end
+    ring = tile_starts(np.ones((1, 100), bool), 64, 32, circular=True)
+    assert ring == [0, 32, 64, 96]                                    # windows wrap around a loop
     with pytest.raises(ValueError, match="shorter than the model's window"):
-        plan_windows(np.ones((1, 10), bool), 64, 32)
-    s = seam_window(200, 64, 16)
-    assert list(s.frames[:32]) == list(range(168, 200)) and list(s.frames[32:]) == list(range(32))
-    assert s.generate.sum() == 16 and s.generate[0, 24:40].all()
-    assert window_seed(7, 0) == 7 and window_seed(7, 1) != window_seed(7, 2) != window_seed(8, 1)
+        tile_starts(np.ones((1, 10), bool), 64, 32)
+
+
+def test_tiled_denoiser_averages_overlapping_windows():
+    """Windows that agree give back their common estimate exactly (the weights are normalised); where they
+    disagree each frame is a weighted average, favouring the window whose centre is nearer; a ring wraps."""
+    x = torch.randn(2, 2, 4, 100, dtype=torch.float64)
+    calls = []
+
+    def double(t, s):
+        calls.append(t.shape[0])
+        return 2 * t
+    tiled = TiledDenoiser(double, [0, 18, 36], 64, 100, chunk=2)
+    torch.testing.assert_close(tiled(x, torch.ones(2, dtype=torch.float64)), 2 * x)
+    assert calls == [4, 2]                                            # windows evaluated in chunks, batch-major
+
+    def which(t, s):                                                  # each window answers its own number
+        k = t.shape[0] // 2
+        return torch.arange(k, dtype=t.dtype).repeat_interleave(2)[:, None, None, None].expand_as(t).clone()
+    out = TiledDenoiser(which, [0, 36], 64, 100)(x, torch.ones(2, dtype=torch.float64))
+    assert torch.all(out[..., :36] == 0) and torch.all(out[..., 64:] == 1)      # one window only
+    mid = out[0, 0, 0, 36:64]
+    assert torch.all(torch.diff(mid) > 0) and 0 < mid[0] < 0.5 < mid[-1] < 1    # a smooth hand-over
+    ring = TiledDenoiser(which, [0, 50], 64, 100, circular=True)(x, torch.ones(2, dtype=torch.float64))
+    assert 0 < ring[0, 0, 0, 5] < 1                                   # frame 5 is seen by both (the second wraps)
 
 
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
@@ -120,7 +139,7 @@ def test_regenerate_a_span_of_a_clip_longer_than_a_window(pipe):
     outside = np.ones(len(src), bool)
     outside[int(lo * sr):int(np.ceil(hi * sr))] = False
     assert np.abs(gen.waves[0, outside] - src[outside]).max() < 1e-5
-    assert gen.settings["windows"] == 1
+    assert 1 <= gen.settings["windows"] <= 3                      # only the windows that see the span
 
 
 def test_extend_continues_the_source_window_by_window(pipe):
@@ -232,6 +251,6 @@ def test_windows_for_predicts_the_windows_each_tool_samples(pipe):
               lambda: pipe.extend(src, pipe.classes[0], 2.7 * dur, sampler="euler", nfe=1)),
              ("long", dict(seconds=3.3 * dur), lambda: pipe.generate_long(pipe.classes[0], 3.3 * dur, sampler="euler", nfe=1)),
              ("loop", dict(seconds=2.2 * dur), lambda: pipe.loop(pipe.classes[0], 2.2 * dur, sampler="euler", nfe=1)),
-             ("loop", dict(source_seconds=dur), lambda: pipe.loop(pipe.classes[0], clip=np.tile(src, 2), sampler="euler", nfe=1))]
+             ("loop", dict(source_seconds=2 * dur), lambda: pipe.loop(pipe.classes[0], clip=np.tile(src, 2), sampler="euler", nfe=1))]
     for tool, kw, run in cases:
         assert pipe.windows_for(tool, **kw) == run().settings["windows"], tool
