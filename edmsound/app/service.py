@@ -506,6 +506,17 @@ class EDMSoundService:
             clips.append(clip)
         return clips
 
+    def _result(self, gen, write_files: bool, figures: str | None) -> GenerateResult:
+        """A pipeline generation as the app's result: clips (with their WAVs), settings, optional figures."""
+        settings = dict(gen.settings)
+        settings["wall_seconds"] = settings["seconds"]
+        settings["checkpoint"] = self.checkpoint_name
+        clips = self._clips(gen, self._request_dir() if write_files else None)
+        result = GenerateResult(clips=clips, settings=settings)
+        if figures is not None:
+            result.figures = [self.spectrogram_image(c.spec, figures, c.name) for c in clips]
+        return result
+
     def generate(self, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *, progress=None,
                  figures: str | None = None, write_files: bool = True,
                  guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
@@ -535,14 +546,7 @@ class EDMSoundService:
         gen = self.pipeline.generate(class_name, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed,
                                      callback=callback, guidance_interval=interval, normalize=normalize,
                                      target=target, init=init, strength=strength)
-        settings = dict(gen.settings)
-        settings["wall_seconds"] = settings["seconds"]
-        settings["checkpoint"] = self.checkpoint_name
-        clips = self._clips(gen, self._request_dir() if write_files else None)
-        result = GenerateResult(clips=clips, settings=settings)
-        if figures is not None:
-            result.figures = [self.spectrogram_image(c.spec, figures, c.name) for c in clips]
-        return result
+        return self._result(gen, write_files, figures)
 
     # --- sound-designer tools ---------------------------------------------------------------------
     def read_source(self, path) -> tuple[np.ndarray, str]:
@@ -620,14 +624,7 @@ class EDMSoundService:
         else:
             length = seconds if source is None else min(src_s, MAX_TOOL_SECONDS)     # a source: its first 12 s
             gen = p.loop(class_name, length, clip=source, **common)
-        settings = dict(gen.settings)
-        settings["wall_seconds"] = settings["seconds"]
-        settings["checkpoint"] = self.checkpoint_name
-        clips = self._clips(gen, self._request_dir() if write_files else None)
-        result = GenerateResult(clips=clips, settings=settings)
-        if figures is not None:
-            result.figures = [self.spectrogram_image(c.spec, figures, c.name) for c in clips]
-        return result
+        return self._result(gen, write_files, figures)
 
     def export(self, clips: list[Clip], fmt: str = "wav16", normalize: str | None = None,
                target: float | None = None) -> Path:

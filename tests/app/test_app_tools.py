@@ -12,29 +12,14 @@ import pytest
 import soundfile as sf
 from gradio_client import Client, handle_file
 
-from test_app import app_assets, launch
+from test_app import assets, server, service  # noqa: F401 - the app tests' fixtures, shared
 
-from edmsound.app.service import MAX_TOOL_SECONDS, EDMSoundService
+from edmsound.app.service import MAX_TOOL_SECONDS
 from edmsound.app.ui import Handlers
 
 pytestmark = pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated")
 
 KNOBS = ("low", "euler", 3, 1.0)          # class, sampler, NFE, guidance
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    model, index, _ = app_assets(tmp_path_factory.getbasetemp() / "app_assets")
-    svc = EDMSoundService.from_paths(model, index=index, device="cpu")
-    yield svc
-    svc.close()
-
-
-@pytest.fixture(scope="module")
-def server(service):
-    demo, url = launch(service)
-    yield url
-    demo.close()
 
 
 def _tone(path, seconds, sr=44100, channels=2, fmt=None):
