@@ -108,7 +108,8 @@ class TiledDenoiser:
     ``chunk`` windows). Every frame is thus a consensus of the windows that see it, at every noise level, so no
     frame is a hard boundary between two independent generations. ``circular``: windows wrap around (a loop).
     Each window is weighted by a raised-cosine profile that favours its centre; frames covered by no window
-    (nothing to make there) pass the input through."""
+    (nothing to make there) pass the input through. It wraps the network (``model(x, sigma, labels)``, so
+    guidance counts one call per step) or any ``denoiser(x, sigma)``."""
 
     def __init__(self, denoiser, starts: list[int], width: int, num_frames: int, circular: bool = False,
                  chunk: int = 16):
@@ -123,8 +124,14 @@ class TiledDenoiser:
     def windows(self) -> int:
         return self.index.shape[0]
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_class(self) -> int:
+        return self.denoiser.null_class
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, C, F, N), ``sigma`` (B,); ``labels`` (B,) when the wrapped model takes class labels."""
         B = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(B)
         K, W = self.index.shape
         acc = torch.zeros_like(x)
         wsum = torch.zeros(self.N, dtype=x.dtype, device=x.device)
@@ -134,7 +141,8 @@ class TiledDenoiser:
             k = idx.shape[0]
             tiles = x[..., idx]                                                      # (B, C, F, k, W)
             tiles = tiles.permute(3, 0, 1, 2, 4).reshape(k * B, *x.shape[1:-1], W)  # window-major
-            out = self.denoiser(tiles, sigma.repeat(k)).to(x.dtype)
+            extra = () if labels is None else (labels.repeat(k),)
+            out = self.denoiser(tiles, sigma.repeat(k), *extra).to(x.dtype)
             out = out.reshape(k, B, *x.shape[1:-1], W).permute(1, 2, 3, 0, 4)       # (B, C, F, k, W)
             acc.index_add_(-1, idx.reshape(-1), (out * prof).reshape(*x.shape[:-1], k * W))
             wsum.index_add_(0, idx.reshape(-1), prof.repeat(k))

@@ -172,11 +172,10 @@ class EDMSoundPipeline:
         T, W = x.shape[-1], self.window_frames
         if tiles is None and (T != W or circular):
             raise ValueError(f"a spectrogram of {T} frames needs windows (tiles); the model's window is {W}")
-        K = 1 if tiles is None else len(tiles)
-        labels = torch.full((len(seeds) * K,), label, dtype=torch.long, device=self.device)
-        guided = GuidedDenoiser(self.model, labels, guidance, guidance_interval)
-        inner = guided if tiles is None else TiledDenoiser(guided, tiles, W, T, circular=circular)
-        counter = CountingDenoiser(inner)
+        labels = torch.full((len(seeds),), label, dtype=torch.long, device=self.device)
+        model = self.model if tiles is None else TiledDenoiser(self.model, tiles, W, T, circular=circular)
+        guided = GuidedDenoiser(model, labels, guidance, guidance_interval)
+        counter = CountingDenoiser(guided)
         denoiser = counter
         if known is not None:
             known = known.to(device=self.device, dtype=x.dtype)

@@ -254,3 +254,12 @@ def test_windows_for_predicts_the_windows_each_tool_samples(pipe):
              ("loop", dict(source_seconds=2 * dur), lambda: pipe.loop(pipe.classes[0], clip=np.tile(src, 2), sampler="euler", nfe=1))]
     for tool, kw, run in cases:
         assert pipe.windows_for(tool, **kw) == run().settings["windows"], tool
+
+
+def test_many_windows_in_chunks_with_guidance_count_one_call_per_step(pipe):
+    """More windows than one chunk holds, guided: labels follow each chunk, and guidance counts each solver
+    step once (the NFE per window), not once per chunk."""
+    W = pipe.window_frames
+    sec = 20 * W * pipe.codec.config.hop_length / pipe.sample_rate     # ~39 windows: 3 chunks of 16
+    gen = pipe.generate_long(pipe.classes[0], sec, sampler="euler", nfe=2, guidance=2.0, guidance_interval=None)
+    assert gen.settings["windows"] > 32 and gen.settings["guided_nfe"] == 2 and np.isfinite(gen.waves).all()
