@@ -49,6 +49,7 @@ _export("edmsound.data.synth", "synthesize", "write_dataset", BUILTIN_CLASSES="C
 # training
 _export("edmsound.training.trainer", "Trainer", "TrainingDiverged", "train", "init_distributed")
 _export("edmsound.training.export", "export_model", "with_sampling_defaults")
+_export("edmsound.training.distill", "Distiller")
 # copy detection
 _export("edmsound.copydetect.encoders", "load_encoder")
 _export("edmsound.copydetect.pretrain", "train_encoder")

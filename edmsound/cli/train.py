@@ -56,6 +56,26 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
+def _cmd_distill(a):
+    import torch
+    from .. import Distiller, TrainingDiverged
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        d = Distiller(a.teacher, a.data, a.out, student_nfe=a.nfe, teacher_solver=a.teacher_solver,
+                      guidance=a.guidance, steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
+                      progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
+                      checkpoint_every=a.checkpoint_every)
+        result = d.run()
+        if a.export:
+            d.export(a.export)
+            print(f"exported the {a.nfe}-step student to {a.export}")
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    print(json.dumps(result))
+
+
 def _cmd_export(a):
     from .. import export_model
     try:
@@ -113,6 +133,30 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--no-jemalloc", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    d = subparsers.add_parser("distill", help="progressive distillation: a student that takes in one step what "
+                                              "its teacher takes in two")
+    d.add_argument("--teacher", required=True, help="a model directory (the shipped model, or a student)")
+    d.add_argument("--data", required=True, help="class-per-folder tree (the teacher's training data)")
+    d.add_argument("--out", required=True, help="run directory")
+    d.add_argument("--nfe", type=int, required=True,
+                   help="the student's steps (network evaluations); a student teacher of N steps needs N/2")
+    d.add_argument("--teacher-solver", choices=["heun", "euler"], default=None,
+                   help="the teacher's steps (default: heun for a trained model, euler for a student)")
+    d.add_argument("--guidance", type=float, default=None,
+                   help="the teacher's guidance scale the student learns (default: the teacher's shipped one)")
+    d.add_argument("--steps", type=int, default=2000, help="total optimizer steps (default 2000)")
+    d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--lr", type=float, default=None)
+    d.add_argument("--checkpoint-every", type=int, default=None)
+    d.add_argument("--resume", action="store_true", help="continue the run in --out")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    d.add_argument("--export", default=None, help="write the student's model directory here when done")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_cmd_distill)
 
     e = subparsers.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)

@@ -253,9 +253,13 @@ class Trainer:
         for i in range(0, len(self.val_labels), 32):
             y = self.codec.encode(self.val_waves[i:i + 32]).to(self.device)
             lab = self.val_labels[i:i + 32].to(self.device)
-            total += float(edm_loss(self.ema, y, lab, self.preset.edm, generator=g).sum())
+            total += float(self.loss(self.ema, y, lab, generator=g).sum())
             n += len(lab)
         return total / n
+
+    def loss(self, model, y: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample training loss of ``model`` on clean spectrograms ``y`` (the EDM loss)."""
+        return edm_loss(model, y, labels, self.preset.edm, generator=generator)
 
     def _request_stop(self, signum, frame):
         self._stop_requested = True
@@ -267,7 +271,7 @@ class Trainer:
         labels = self.train_labels[idx].to(self.device)
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
-        loss = edm_loss(self.denoiser, y, labels, self.preset.edm, generator=self.gen).mean()
+        loss = self.loss(self.denoiser, y, labels, generator=self.gen).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)

@@ -1,0 +1,97 @@
+"""Progressive distillation: nested schedules, the step-matching target (analytic), Heun vs Euler teachers on an
+exact ODE, and a short resumable run on the tiny checkpoint that exports an ``euler`` student of M steps."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edmsound.core.pipeline import EDMSoundPipeline
+from edmsound.core.schedules import karras_sigmas
+from edmsound.training.distill import (Distiller, distill_targets, solver_step, student_sigma_min, teacher_grid)
+
+S2 = 0.25 ** 2          # data variance of a zero-mean Gaussian: D(x, sigma) = S2 / (S2 + sigma^2) x exactly
+
+
+def gaussian_D(x, sigma):
+    s = sigma.reshape((-1,) + (1,) * (x.dim() - 1))
+    return S2 / (S2 + s ** 2) * x
+
+
+def exact_flow(x, s_from, s_to):
+    """The probability-flow ODE of that Gaussian, solved exactly: x scales with sqrt(S2 + sigma^2)."""
+    r = torch.sqrt((S2 + s_to ** 2) / (S2 + s_from ** 2)).reshape((-1,) + (1,) * (x.dim() - 1))
+    return x * r
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8])
+def test_the_student_schedule_is_every_other_teacher_level(M):
+    grid = teacher_grid(0.002, 15.0, 2.5, M)
+    student = karras_sigmas(M, student_sigma_min(grid), 15.0, 2.5)
+    torch.testing.assert_close(student[:-1], grid[0:2 * M:2], rtol=1e-9, atol=0)
+    assert student[-1] == 0 and grid[-1] == 0 and len(grid) == 2 * M + 1
+
+
+def test_one_euler_step_with_the_target_lands_where_two_teacher_steps_do():
+    torch.manual_seed(0)
+    grid = teacher_grid(0.002, 15.0, 2.5, 4)
+    y = 0.25 * torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    noise = torch.randn_like(y)
+    k = torch.tensor([0, 1, 2, 3, 3, 0])
+    for solver in ("euler", "heun"):
+        x_a, sa, target = distill_targets(gaussian_D, y, grid, k, noise, solver)
+        sc = grid[2 * k + 2]
+        b = (-1, 1, 1, 1)
+        student = x_a + (sc - sa).reshape(b) * (x_a - target) / sa.reshape(b)       # one Euler step, D = target
+        x_b = solver_step(gaussian_D, x_a, sa, grid[2 * k + 1], solver)
+        x_c = solver_step(gaussian_D, x_b, grid[2 * k + 1], sc, solver)
+        last = sc == 0
+        torch.testing.assert_close(student[~last], x_c[~last])
+        torch.testing.assert_close(target[last], x_c[last])        # the last step: the teacher's output itself
+
+
+def test_heun_teacher_steps_converge_one_order_faster_than_euler():
+    """Local error of one step on the exact flow: Euler O(h^2), Heun O(h^3); halving the step divides them by
+    about 4 and 8 (measured from the two smallest steps)."""
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for h in (0.1, 0.05, 0.025):
+        s, s_next = torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 0.5 - h, dtype=torch.float64)
+        exact = exact_flow(x, s, s_next)
+        for sv in ("euler", "heun"):
+            err[sv, h] = float((solver_step(gaussian_D, x, s, s_next, sv) - exact).abs().max())
+    assert 3.0 < err["euler", 0.05] / err["euler", 0.025] < 5.5
+    assert 6.0 < err["heun", 0.05] / err["heun", 0.025] < 10.0
+    assert err["heun", 0.025] < 0.2 * err["euler", 0.025]
+    s = torch.full((4,), 15.0, dtype=torch.float64)
+    zero = solver_step(gaussian_D, x, s, torch.zeros(4, dtype=torch.float64), "heun")
+    torch.testing.assert_close(zero, gaussian_D(x, s))              # a step to 0 is the denoised value
+
+
+def test_distill_runs_resumes_and_exports_a_student(tiny_ckpt, tone_tree, tmp_path):
+    run = tmp_path / "run"
+    d = Distiller(tiny_ckpt, tone_tree, run, student_nfe=2, steps=6, progress=False, batch_size=4,
+                  checkpoint_every=3)
+    first = d.run()
+    assert first["step"] == 6
+    import csv
+    losses = [float(r["loss"]) for r in csv.DictReader(open(run / "log.csv"))]
+    assert losses and all(np.isfinite(losses)) and d.teacher_solver == "heun"
+    info = json.loads((run / "distillation.json").read_text())
+    assert info["student_nfe"] == 2 and len(info["grid"]) == 5
+    d2 = Distiller(tiny_ckpt, tone_tree, run, student_nfe=2, steps=9, progress=False, batch_size=4,
+                   checkpoint_every=3, resume=True)
+    assert d2.step == first["step"]
+    d2.run()
+    out = tmp_path / "student"
+    d2.export(out)
+    pipe = EDMSoundPipeline(out, device="cpu")
+    assert pipe.preset.default_sampler == "euler" and pipe.preset.default_nfe == 2
+    assert pipe.preset.edm.sigma_min == pytest.approx(info["grid"][2], rel=1e-5)
+    gen = pipe.generate(pipe.classes[0], n=2, seed=0)
+    assert gen.settings["nfe"] == 2 and np.isfinite(gen.waves).all()
+    # halving again: the student is the teacher (Euler steps), and only half its steps are allowed
+    d3 = Distiller(out, tone_tree, tmp_path / "run1", student_nfe=1, steps=1, progress=False, batch_size=2)
+    assert d3.teacher_solver == "euler" and d3.distillation["lineage"][-1] == "student"
+    with pytest.raises(ValueError, match="the next student takes 1 steps"):
+        Distiller(out, tone_tree, tmp_path / "run2", student_nfe=2, steps=1, progress=False)
