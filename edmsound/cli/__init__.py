@@ -1,6 +1,6 @@
 """The ``edmsound`` command line: a thin layer over the library's public API, one module per command family.
 
-- :mod:`.train`: ``data synth|info``, ``train``, ``export``
+- :mod:`.train`: ``data synth|info``, ``train``, ``distill``, ``export``
 - :mod:`.generate`: ``generate``, ``samplers``
 - :mod:`.copy`: ``encoder train|finetune-head|convert-laion``, ``index build|query``, ``copies``
 - :mod:`.evaluate`: ``classifier train``, ``evaluate``, ``calibrate-guidance``, ``quality-report``

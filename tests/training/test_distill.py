@@ -95,3 +95,19 @@ def test_distill_runs_resumes_and_exports_a_student(tiny_ckpt, tone_tree, tmp_pa
     assert d3.teacher_solver == "euler" and d3.distillation["lineage"][-1] == "student"
     with pytest.raises(ValueError, match="the next student takes 1 steps"):
         Distiller(out, tone_tree, tmp_path / "run2", student_nfe=2, steps=1, progress=False)
+
+
+def test_cli_distill_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_path, capsys):
+    from edmsound.cli import main
+    main(["distill", "--teacher", str(tiny_ckpt), "--data", str(tone_tree), "--out", str(tmp_path / "r"),
+          "--nfe", "2", "--steps", "2", "--batch-size", "2", "--no-progress", "--export", str(tmp_path / "s")])
+    assert json.loads((tmp_path / "s" / "info.json").read_text())["distillation"]["student_nfe"] == 2
+    capsys.readouterr()
+    for argv, msg in ((["--teacher", str(tmp_path / "s"), "--nfe", "2"], "the next student takes 1 steps"),
+                      (["--teacher", str(tiny_ckpt), "--nfe", "0"], "whole number >= 1"),
+                      (["--teacher", str(tiny_ckpt), "--nfe", "2", "--teacher-solver", "rk4"], "invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            main(["distill", "--data", str(tone_tree), "--out", str(tmp_path / "x"), "--no-progress"] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert msg in err[-1], err
