@@ -396,8 +396,8 @@ class EDMSoundPipeline:
         waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
         extra = {"tool": "regen", "span": [a, b], "band": [lo, hi], "frames": [fa, fb], "bins": [ba, bb],
                  "windows": windows, "strength": None if strength is None else float(strength),
-                 "kept_outside": [max(0.0, a - c.n_fft / self.sample_rate),
-                                  min(length / self.sample_rate, b + c.n_fft / self.sample_rate)]}
+                 "kept_outside": [round(max(0.0, a - c.n_fft / self.sample_rate), 6),
+                                  round(min(length / self.sample_rate, b + c.n_fft / self.sample_rate), 6)]}
         return self._finish(req, waves, buf, seeds, seed, total, guided, time.perf_counter() - t0, extra)
 
     def extend(self, clip, class_name: str, seconds: float, n: int = 1, seed: int = 0, sampler: str | None = None,

@@ -1,0 +1,206 @@
+"""Few-step students against their teacher, side by side in one run: quality, signal measures and speed.
+
+For each student (a model directory exported by ``edmsound distill``, sampled with ``euler`` at its own M steps)
+and for the teacher at its shipped settings and at the students' budgets with the training-free samplers:
+
+* ``edmsound evaluate`` on the same reference, seeds and clip count: FAD / the training-subset baseline (the noise
+  floor), KID, category fit (classifier top-1), diversity ratio, level gap and worst band gap per class;
+* seconds per clip (8 clips per call, after a warm-up, every configuration on this machine in this run);
+* trajectory error: the RMS distance (compressed complex spectrogram) from the teacher's own fine solution of the
+  same noise (Heun on the teacher's 2M-level grid, what the student was trained to match), beside the teacher's
+  Euler and DPM-Solver++(2M) at the student's budget on the same noise.
+
+    python benchmarks/distill.py --students runs/student8 --n-per-class 64
+    python benchmarks/distill.py --students runs/student8,runs/student4 --n-per-class 16 --out /tmp/distill
+
+Writes ``distill.md``, ``distill.json`` and ``distill.png`` (quality against seconds per clip) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edmsound import EDMSoundPipeline, evaluate_sweep, karras_sigmas, parse_points  # noqa: E402
+from edmsound.training.distill import solver_step, teacher_grid  # noqa: E402
+
+TRAINING_FREE = ("dpmpp_2m", "deis", "unipc")
+
+
+def _overall(results: dict) -> dict[tuple, dict]:
+    """(sampler, nfe) -> the summary of the generated rows: overall FAD ratio and KID, worst class of the rest."""
+    out = {}
+    rows = [r for r in results["rows"] if r["kind"] == "generated"]
+    for key in sorted({(r["sampler"], int(r["nfe"])) for r in rows}):
+        per = [r for r in rows if (r["sampler"], int(r["nfe"])) == key and r["class"] != "overall"]
+        ov = next((r for r in rows if (r["sampler"], int(r["nfe"])) == key and r["class"] == "overall"), {})
+        out[key] = {"fad_ratio": ov.get("fad_vs_baseline"), "kid": ov.get("kid"),
+                    "fit_min": min(r["accuracy"] for r in per), "fit_mean": float(np.mean([r["accuracy"] for r in per])),
+                    "diversity_min": min(r["diversity_ratio"] for r in per),
+                    "level_gap_max": max(abs(r["level_gap_db"]) for r in per),
+                    "band_gap_max": max(abs(r["band_gap_worst_db"]) for r in per)}
+    return out
+
+
+def seconds_per_clip(pipe, sampler: str, nfe: int, cls: str, n: int = 8, repeats: int = 2) -> float:
+    pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, guidance=1.0, seed=123)          # warm-up
+    t = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, guidance=1.0, seed=200 + r)
+        t.append((time.perf_counter() - t0) / n)
+    return float(min(t))
+
+
+@torch.no_grad()
+def trajectory_errors(teacher, students: dict, n: int = 16, seed: int = 5) -> dict:
+    """RMS distance from the teacher's Heun solution on each student's 2M-level grid, for the student and for
+    the teacher's Euler / DPM-Solver++(2M) at M evaluations, on the same noise (float64 states)."""
+    e = teacher.preset.edm
+    out = {}
+    for name, (spipe, M) in students.items():
+        grid = teacher_grid(e.sigma_min, e.sigma_max, e.rho, M)
+        cls = teacher.classes
+        labels = torch.tensor([i % len(cls) for i in range(n)])
+        noise, _ = teacher.noise(list(range(seed, seed + n)))
+        x0 = noise.double() * float(grid[0])
+
+        def D(model):
+            return lambda x, s: model(x, s, labels).double()
+        x = x0.clone()
+        for i in range(len(grid) - 1):                                       # teacher's fine solution
+            x = solver_step(D(teacher.model), x, grid[i].expand(n), grid[i + 1].expand(n), "heun")
+        ref = x
+        res = {}
+        sgrid = karras_sigmas(M, spipe.preset.edm.sigma_min, e.sigma_max, e.rho)
+        from edmsound import get_sampler
+        res[f"student euler:{M}"] = get_sampler("euler")(D(spipe.model), x0.clone(), sgrid)
+        res[f"teacher euler:{M}"] = get_sampler("euler")(D(teacher.model), x0.clone(), sgrid)
+        tgrid = karras_sigmas(M, e.sigma_min, e.sigma_max, e.rho)
+        res[f"teacher dpmpp_2m:{M}"] = get_sampler("dpmpp_2m")(D(teacher.model), x0.clone(), tgrid)
+        scale = float(ref.pow(2).mean().sqrt())
+        out[name] = {k: float((v - ref).pow(2).mean().sqrt()) / scale for k, v in res.items()}
+    return out
+
+
+def run(a) -> dict:
+    torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1)))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = EDMSoundPipeline(a.teacher, device="cpu")
+    students = {}
+    for s in [t for t in a.students.split(",") if t.strip()]:
+        p = EDMSoundPipeline(s, device="cpu")
+        info = json.loads((p.model_dir / "info.json").read_text())
+        if "distillation" not in info:
+            raise SystemExit(f"error: {s} is not a distilled student (its info.json has no 'distillation')")
+        students[Path(s).name] = (p, int(p.preset.default_nfe))
+    budgets = sorted({m for _, m in students.values()})
+    shipped = (teacher.preset.default_sampler, teacher.preset.default_nfe)
+    tpoints = [f"{shipped[0]}:{shipped[1]}:1"] + [f"{s}:{m}:1" for m in budgets for s in TRAINING_FREE + ("euler",)
+                                                    if (s, m) != shipped]
+    common = dict(samplers=[], nfes=[], guidances=[], n_per_class=a.n_per_class, reference_per_class=a.reference,
+                  seed=a.seed, progress=not a.no_progress, index="none" if a.no_copies else "default")
+    res = {"teacher": _overall(evaluate_sweep(a.teacher, out / "teacher", points=parse_points(",".join(tpoints)),
+                                              **common))}
+    for name, (p, m) in students.items():
+        res[name] = _overall(evaluate_sweep(p.model_dir, out / name, points=parse_points(f"euler:{m}:1"), **common))
+    cls = teacher.classes[0]
+    speed = {("teacher",) + k: seconds_per_clip(teacher, k[0], k[1], cls) for k in res["teacher"]}
+    for name, (p, m) in students.items():
+        speed[(name, "euler", m)] = seconds_per_clip(p, "euler", m, cls)
+    traj = trajectory_errors(teacher, students)
+    rows = []
+    for who, table in res.items():
+        for (sampler, nfe), q in table.items():
+            rows.append({"model": who, "sampler": sampler, "nfe": nfe, **q,
+                         "seconds_per_clip": speed.get((who, sampler, nfe))})
+    return {"rows": rows, "trajectory": traj, "shipped": list(shipped),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "load_before": os.getloadavg()[0], "date": date.today().isoformat()},
+            "n_per_class": a.n_per_class}
+
+
+def _f(v, nd=3):
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    ship = next(x for x in r["rows"] if x["model"] == "teacher" and [x["sampler"], x["nfe"]] == r["shipped"])
+    L = ["# Few-step students against their teacher", "",
+         f"`benchmarks/distill.py`, {m['date']}, {m['platform']}, {m['cpus']} CPUs, {m['threads']} torch threads "
+         f"(load {m['load_before']:.1f} before); {r['n_per_class']} clips per class, the same seeds and reference for "
+         "every row; FAD ratio = FAD / FAD of a training subset of the same size (the noise floor is 1).", "",
+         "| model | sampler | NFE | FAD ratio | KID | fit (min / mean) | diversity min | max level gap (dB) | "
+         "max band gap (dB) | s / clip | speed-up vs shipped |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in sorted(r["rows"], key=lambda x: (x["nfe"], x["model"] != "teacher", x["sampler"])):
+        up = (ship["seconds_per_clip"] / x["seconds_per_clip"]) if x["seconds_per_clip"] else None
+        L.append(f"| {x['model']} | {x['sampler']} | {x['nfe']} | {_f(x['fad_ratio'], 2)} | {_f(x['kid'], 4)} | "
+                 f"{_f(x['fit_min'], 2)} / {_f(x['fit_mean'], 2)} | {_f(x['diversity_min'], 2)} | "
+                 f"{_f(x['level_gap_max'], 1)} | {_f(x['band_gap_max'], 1)} | {_f(x['seconds_per_clip'], 3)} | "
+                 f"{_f(up, 2)}x |")
+    L += ["", "Trajectory error (RMS distance from the teacher's Heun solution on the student's 2M-level grid, "
+          "relative to its RMS; same noise, 16 clips):", "", "| student | " + " | ".join(
+              next(iter(r["trajectory"].values())).keys()) + " |",
+          "|---" * (1 + len(next(iter(r["trajectory"].values())))) + "|"]
+    for name, t in r["trajectory"].items():
+        L.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in t.values()) + " |")
+    return "\n".join(L) + "\n"
+
+
+def plot(r: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for x in r["rows"]:
+        if x["seconds_per_clip"] is None or x["fad_ratio"] is None:
+            continue
+        mk = "o" if x["model"] == "teacher" else "*"
+        ax.scatter(x["seconds_per_clip"], x["fad_ratio"], marker=mk, s=80 if mk == "*" else 30)
+        ax.annotate(f"{x['model'] if x['model'] != 'teacher' else ''} {x['sampler']}:{x['nfe']}".strip(),
+                    (x["seconds_per_clip"], x["fad_ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("seconds per clip (this machine)")
+    ax.set_ylabel("FAD / training-subset FAD")
+    ax.set_title("Quality against speed: teacher samplers (o) and students (*)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default="checkpoints/default")
+    ap.add_argument("--students", required=True, help="comma-separated student model directories")
+    ap.add_argument("--n-per-class", type=int, default=64)
+    ap.add_argument("--reference", type=int, default=200, help="built-in reference clips per class")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-copies", action="store_true", help="skip the copy-detection columns (faster)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill"))
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    r = run(a)
+    out = Path(a.out)
+    (out / "distill.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+    (out / "distill.md").write_text(markdown(r))
+    plot(r, out / "distill.png")
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
