@@ -314,7 +314,7 @@ class EDMSoundService:
 
     @property
     def samplers(self) -> list[str]:
-        return list(SAMPLERS)
+        return self.pipeline.samplers
 
     @property
     def sample_rate(self) -> int:
@@ -339,7 +339,12 @@ class EDMSoundService:
                 "class_guidance_interval": {c: interval_list(p.guidance_interval_for(c)) for c in self.classes}}
 
     def valid_nfes(self, sampler: str) -> list[int]:
-        return valid_nfes(self.check_sampler(sampler), self.max_nfe)
+        return self.pipeline.valid_nfes(self.check_sampler(sampler), self.max_nfe)
+
+    def nfe_slider(self, sampler: str) -> dict:
+        """The NFE slider's minimum / maximum / step for ``sampler`` (a student: its one budget)."""
+        m = self.pipeline.student_nfe
+        return {"minimum": m, "maximum": m, "step": 1} if m else nfe_slider_spec(sampler, self.max_nfe)
 
     @staticmethod
     def check_cost(nfe_per_clip, clips: int, guided: bool) -> int:
@@ -379,12 +384,13 @@ class EDMSoundService:
         return class_name
 
     def check_sampler(self, sampler) -> str:
-        if not isinstance(sampler, str) or sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if not isinstance(sampler, str) or sampler not in self.samplers:
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(self.samplers)}")
         return sampler
 
     def check_nfe(self, sampler: str, nfe) -> int:
         nfe = as_int(nfe, "NFE", 1, self.max_nfe)
+        self.pipeline.check_student(sampler, nfe)
         if nfe not in valid_nfes(sampler, self.max_nfe):
             lower = snap_nfe(sampler, nfe, self.max_nfe)
             upper = [v for v in valid_nfes(sampler, self.max_nfe) if v > nfe]
@@ -660,7 +666,7 @@ class EDMSoundService:
         if isinstance(samplers, str):
             samplers = [samplers]
         if not isinstance(samplers, (list, tuple)) or not samplers:
-            raise ValueError(f"choose at least one sampler; valid: {', '.join(SAMPLERS)}")
+            raise ValueError(f"choose at least one sampler; valid: {', '.join(self.samplers)}")
         chosen = []
         for s in samplers:
             s = self.check_sampler(s)

@@ -30,7 +30,7 @@ import gradio as gr  # noqa: E402
 
 from .. import UPLOAD_EXTENSIONS, format_guidance_interval  # noqa: E402
 from .service import (DEFAULT_K, MAX_K, MAX_TOOL_SECONDS, MAX_VARIATIONS, MODE_LABELS, SEED_MAX, EDMSoundService,
-    as_int, nfe_rule, nfe_slider_spec, snap_nfe)
+    as_int, nfe_rule, snap_nfe)
 
 __all__ = ["build_demo", "Handlers", "launch_kwargs", "QUEUE_SIZE", "CONCURRENCY"]
 
@@ -600,7 +600,7 @@ class Handlers:
         """The NFE slider for ``sampler``: its min/step/max allow valid budgets only (Heun: odd values)."""
         if sampler not in self.svc.samplers:
             return gr.update()
-        spec = nfe_slider_spec(sampler, self.svc.max_nfe)
+        spec = self.svc.nfe_slider(sampler)
         return gr.update(value=snap_nfe(sampler, nfe, self.svc.max_nfe),
                          info=f"{sampler}: {nfe_rule(sampler, self.svc.max_nfe)}", **spec)
 
@@ -658,7 +658,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
     h = Handlers(service)
     d = svc.defaults
     classes, samplers = svc.classes, svc.samplers
-    nfe0 = nfe_slider_spec(d["sampler"], svc.max_nfe)
+    nfe0 = svc.nfe_slider(d["sampler"])
     heavy = dict(concurrency_limit=CONCURRENCY, concurrency_id="compute")
     ui_only = dict(api_visibility="private", **heavy)
     info = svc.info()

@@ -86,11 +86,26 @@ class EDMSoundPipeline:
         return self.preset.codec.sample_rate
 
     @property
+    def student_nfe(self) -> int | None:
+        """A distilled student's only budget (it samples with euler at exactly this NFE); None: any."""
+        return self.preset.student_nfe
+
+    @property
     def samplers(self) -> list[str]:
-        return list(SAMPLERS)
+        return ["euler"] if self.student_nfe else list(SAMPLERS)
 
     def valid_nfes(self, sampler: str, max_nfe: int = 50) -> list[int]:
+        if self.student_nfe:
+            self.check_student(sampler, self.student_nfe)
+            return [self.student_nfe]
         return valid_nfes(sampler, max_nfe)
+
+    def check_student(self, sampler: str, nfe) -> None:
+        """A student refuses any sampler or budget but the one it was distilled for, naming it."""
+        m = self.student_nfe
+        if m and (sampler != "euler" or int(nfe) != m):
+            raise ValueError(f"this checkpoint is a distilled {m}-step student: it samples with euler at NFE {m} "
+                             f"only (got {sampler} at NFE {nfe})")
 
     def class_index(self, class_name: str) -> int:
         if class_name not in self.classes:
@@ -196,6 +211,7 @@ class EDMSoundPipeline:
         guidance = self.preset.guidance_for(class_name) if guidance is None else guidance
         get_sampler(sampler)
         nfe, guidance = check_nfe(sampler, nfe), check_guidance(guidance)
+        self.check_student(sampler, nfe)
         interval = self.resolve_guidance_interval(guidance_interval, class_name)
         norm_mode, norm_target = loudness.check_target(normalize, target)
         if not 1 <= int(n) <= MAX_CLIPS:

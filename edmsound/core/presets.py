@@ -147,6 +147,9 @@ class Preset:
     # ((class, (lo, hi) | None), ...): a class whose variety collapses when guided at mid noise levels can be
     # guided only at the highest ones (also chosen by calibrate-guidance). None: the preset interval for all.
     default_class_guidance_interval: tuple[tuple[str, tuple[float, float] | None], ...] | None = None
+    # A distilled student (`edmsound distill`) samples with euler at exactly this many evaluations, on its own
+    # schedule; None: any sampler and budget.
+    student_nfe: int | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -204,6 +207,7 @@ class Preset:
                                        else tuple(float(v) for v in d["default_guidance_interval"])),
             default_class_guidance=class_guidance_pairs(d.get("default_class_guidance")),
             default_class_guidance_interval=class_interval_pairs(d.get("default_class_guidance_interval")),
+            student_nfe=None if d.get("student_nfe") is None else int(d["student_nfe"]),
         )
 
     def replace_train(self, **kw) -> "Preset":

@@ -20,6 +20,7 @@ the teacher.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class Distiller(Trainer):
         if solver not in TEACHER_SOLVERS:
             raise ValueError(f"unknown teacher solver {solver!r}; valid: {', '.join(TEACHER_SOLVERS)}")
         if was_student:
-            t_nfe = tpreset.default_nfe
+            t_nfe = tpreset.student_nfe or tpreset.default_nfe
             if 2 * M != t_nfe:
                 raise ValueError(f"the teacher is a {t_nfe}-step student: the next student takes {t_nfe // 2} "
                                  f"steps (got --nfe {M})" if t_nfe % 2 == 0 else
@@ -110,7 +111,8 @@ class Distiller(Trainer):
         self.teacher_interval = tpreset.default_guidance_interval
         student = with_sampling_defaults(tpreset, "euler", M, guidance=1.0, guidance_interval="none",
                                          sigma_min=student_sigma_min(self.grid))
-        student = student.replace_train(batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every)
+        student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
+                                                            checkpoint_every=checkpoint_every), student_nfe=M)
         self.distillation = {"teacher": teacher_dir.name, "teacher_nfe_grid": 2 * M, "student_nfe": M,
                              "teacher_solver": solver, "teacher_guidance": w,
                              "teacher_guidance_interval": None if self.teacher_interval is None

@@ -90,6 +90,19 @@ def test_distill_runs_resumes_and_exports_a_student(tiny_ckpt, tone_tree, tmp_pa
     assert pipe.preset.edm.sigma_min == pytest.approx(info["grid"][2], rel=1e-5)
     gen = pipe.generate(pipe.classes[0], n=2, seed=0)
     assert gen.settings["nfe"] == 2 and np.isfinite(gen.waves).all()
+    # a student samples the way it was distilled, and says so to anyone who asks otherwise
+    assert pipe.samplers == ["euler"] and pipe.valid_nfes("euler") == [2] and pipe.student_nfe == 2
+    for kw in (dict(sampler="dpmpp_2m", nfe=2), dict(sampler="euler", nfe=4)):
+        with pytest.raises(ValueError, match="distilled 2-step student: it samples with euler at NFE 2 only"):
+            pipe.generate(pipe.classes[0], **kw)
+    from edmsound.app.service import EDMSoundService
+    svc = EDMSoundService(pipe)
+    assert svc.samplers == ["euler"] and svc.nfe_slider("euler") == {"minimum": 2, "maximum": 2, "step": 1}
+    with pytest.raises(ValueError, match="unknown sampler 'heun'; valid: euler"):
+        svc.generate(pipe.classes[0], "heun", 2)
+    with pytest.raises(ValueError, match="2-step student"):
+        svc.generate(pipe.classes[0], "euler", 3)
+    svc.close()
     # halving again: the student is the teacher (Euler steps), and only half its steps are allowed
     d3 = Distiller(out, tone_tree, tmp_path / "run1", student_nfe=1, steps=1, progress=False, batch_size=2)
     assert d3.teacher_solver == "euler" and d3.distillation["lineage"][-1] == "student"
