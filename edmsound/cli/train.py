@@ -35,7 +35,9 @@ def _cmd_train(a):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
                                                  checkpoint_every=a.checkpoint_every,
-                                                 ema_halflife_steps=a.ema_halflife
+                                                 ema_halflife_steps=a.ema_halflife, loss=a.loss
+                                                 ).replace_net(attention=False if a.no_attention else None,
+                                                               norm=a.norm
                                                  ).replace_noise(p_mean=a.p_mean, p_std=a.p_std
                                                  ).replace_sampling(sigma_max=a.sigma_max, rho=a.rho,
                                                                     sigma_min=a.sigma_min)
@@ -123,6 +125,12 @@ def register(subparsers) -> None:
     t.add_argument("--rho", type=positive, default=None, help="the sampler's Karras rho recorded in the export")
     t.add_argument("--sigma-min", type=positive, default=None, help="the sampler's lowest noise level in the export")
     t.add_argument("--checkpoint-every", type=int, default=None)
+    ab = t.add_argument_group("ablation switches (recorded in the checkpoint's config)")
+    ab.add_argument("--loss", choices=["l2", "l1"], default=None,
+                    help="training loss, both with EDM's per-noise-level balance (default: the preset's, l2)")
+    ab.add_argument("--no-attention", action="store_true", help="no self-attention in the U-Net")
+    ab.add_argument("--norm", choices=["group", "none"], default=None,
+                    help="the U-Net blocks' normalisation (default: the preset's, group)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)

@@ -82,9 +82,18 @@ class EDMPrecond(nn.Module):
         return c_skip.reshape(bshape) * x + c_out.reshape(bshape) * F_x.to(dtype).contiguous()
 
 
+LOSSES = ("l2", "l1")
+
+
 def edm_loss(denoiser: EDMPrecond, y: torch.Tensor, labels: torch.Tensor, cfg: EDMConfig,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample EDM loss (B,) with log-normal sigma, lambda(sigma) weighting and label dropout."""
+             generator: torch.Generator | None = None, kind: str = "l2") -> torch.Tensor:
+    """Per-sample EDM loss (B,) with log-normal sigma, lambda(sigma) weighting and label dropout.
+
+    ``kind`` "l2": lambda(sigma) ||D - y||^2 (EDM), i.e. the squared error of the network's effective target
+    (D - y = c_out (F - F_target), lambda = 1 / c_out^2). "l1": sqrt(lambda(sigma)) |D - y| = |F - F_target|, the
+    absolute error of the same target, so every noise level keeps EDM's balance (an ablation switch)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
     b = y.shape[0]
     rnd = torch.randn(b, device=y.device, generator=generator)
     sigma = (rnd * cfg.p_std + cfg.p_mean).exp()
@@ -94,4 +103,6 @@ def edm_loss(denoiser: EDMPrecond, y: torch.Tensor, labels: torch.Tensor, cfg: E
         labels = torch.where(drop, torch.full_like(labels, denoiser.null_class), labels)
     D = denoiser(y + noise, sigma, labels)
     weight = loss_weight(sigma, cfg.sigma_data)
+    if kind == "l1":
+        return weight.sqrt() * (D - y).abs().flatten(1).mean(dim=1)
     return weight * ((D - y) ** 2).flatten(1).mean(dim=1)

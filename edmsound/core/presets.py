@@ -56,6 +56,8 @@ class NetConfig:
     emb_dim: int = 512
     dropout: float = 0.0
     channels_last: bool = False
+    attention: bool = True                  # False: no self-attention anywhere (attn_levels and the middle ignored)
+    norm: str = "group"                     # "group": GroupNorm in every block; "none": no normalisation
 
     @property
     def downsample_factor(self) -> int:
@@ -85,6 +87,7 @@ class TrainConfig:
     ema_halflife_steps: float = 500.0   # EMA decay = 0.5 ** (1 / halflife), ramped up early
     ema_rampup: float = 0.1             # halflife <= ramp * step (EDM's ema_rampup_ratio)
     checkpoint_every: int = 250
+    loss: str = "l2"                    # "l2" or "l1", both with EDM's lambda(sigma) balance (see edm_loss)
     log_every: int = 10
     steps: int = 100_000
     bf16: bool = True
@@ -209,6 +212,12 @@ class Preset:
             default_class_guidance_interval=class_interval_pairs(d.get("default_class_guidance_interval")),
             student_nfe=None if d.get("student_nfe") is None else int(d["student_nfe"]),
         )
+
+    def replace_net(self, **kw) -> "Preset":
+        """The network's settings replaced (None keeps the preset's), e.g. the ablation switches
+        ``attention=False`` or ``norm="none"``; a different network, so a run cannot resume across it."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        return dataclasses.replace(self, net=dataclasses.replace(self.net, **kw)) if kw else self
 
     def replace_train(self, **kw) -> "Preset":
         kw = {k: v for k, v in kw.items() if v is not None}

@@ -58,13 +58,24 @@ class CrossEmbedLayer(nn.Module):
         return torch.cat([conv(x) for conv in self.convs], dim=1)
 
 
+NORMS = ("group", "none")
+
+
+def make_norm(kind: str, groups: int, ch: int) -> nn.Module:
+    """The blocks' normalisation: GroupNorm, or none (an ablation switch)."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown normalisation {kind!r}; valid: {', '.join(NORMS)}")
+    return nn.GroupNorm(groups, ch) if kind == "group" else nn.Identity()
+
+
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float = 0.0,
+                 norm: str = "group"):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = make_norm(norm, groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = make_norm(norm, groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -78,11 +89,11 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int, norm: str = "group"):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = make_norm(norm, groups, ch)
         self.qkv = nn.Conv2d(ch, 3 * inner, 1, bias=False)
         self.out = zero_init(nn.Conv2d(inner, ch, 1))
 
@@ -136,13 +147,16 @@ class EfficientUNet(nn.Module):
 
         self.init_conv = CrossEmbedLayer(in_channels, chans[0], cfg.init_kernels)
 
+        def attention(ch):
+            return AttentionBlock(ch, cfg.attn_heads, cfg.attn_head_dim, cfg.groups, cfg.norm) if cfg.attention \
+                else None
+
         def level_blocks(ch_in, ch, level):
             blocks = nn.ModuleList()
             for _ in range(1 + cfg.num_res_blocks):   # Imagen: an initial block + num_res_blocks
-                blocks.append(ResBlock(ch_in, ch, E, cfg.groups, cfg.dropout))
+                blocks.append(ResBlock(ch_in, ch, E, cfg.groups, cfg.dropout, cfg.norm))
                 ch_in = ch
-            attn = (AttentionBlock(ch, cfg.attn_heads, cfg.attn_head_dim, cfg.groups)
-                    if level in cfg.attn_levels else None)
+            attn = attention(ch) if level in cfg.attn_levels else None
             return blocks, attn
 
         self.downs = nn.ModuleList()
@@ -155,22 +169,21 @@ class EfficientUNet(nn.Module):
             prev = ch
 
         mid = chans[-1]
-        self.mid1 = ResBlock(mid, mid, E, cfg.groups, cfg.dropout)
-        self.mid_attn = AttentionBlock(mid, cfg.attn_heads, cfg.attn_head_dim, cfg.groups)
-        self.mid2 = ResBlock(mid, mid, E, cfg.groups, cfg.dropout)
+        self.mid1 = ResBlock(mid, mid, E, cfg.groups, cfg.dropout, cfg.norm)
+        self.mid_attn = attention(mid) or nn.Identity()
+        self.mid2 = ResBlock(mid, mid, E, cfg.groups, cfg.dropout, cfg.norm)
 
         self.ups = nn.ModuleList()
         for i in reversed(range(len(chans))):
             ch = chans[i]
             level = nn.Module()
             level.blocks = nn.ModuleList(
-                ResBlock(2 * ch, ch, E, cfg.groups, cfg.dropout) for _ in range(1 + cfg.num_res_blocks))
-            level.attn = (AttentionBlock(ch, cfg.attn_heads, cfg.attn_head_dim, cfg.groups)
-                          if i in cfg.attn_levels else None)
+                ResBlock(2 * ch, ch, E, cfg.groups, cfg.dropout, cfg.norm) for _ in range(1 + cfg.num_res_blocks))
+            level.attn = attention(ch) if i in cfg.attn_levels else None
             level.up = Upsample(ch, chans[i - 1]) if i > 0 else nn.Identity()
             self.ups.append(level)
 
-        self.out_norm = nn.GroupNorm(cfg.groups, chans[0])
+        self.out_norm = make_norm(cfg.norm, cfg.groups, chans[0])
         self.out_conv = zero_init(nn.Conv2d(chans[0], in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:

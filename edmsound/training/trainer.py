@@ -259,7 +259,7 @@ class Trainer:
 
     def loss(self, model, y: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Per-sample training loss of ``model`` on clean spectrograms ``y`` (the EDM loss)."""
-        return edm_loss(model, y, labels, self.preset.edm, generator=generator)
+        return edm_loss(model, y, labels, self.preset.edm, generator=generator, kind=self.preset.train.loss)
 
     def _request_stop(self, signum, frame):
         self._stop_requested = True
