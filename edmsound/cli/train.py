@@ -38,6 +38,7 @@ def _cmd_train(a):
                                                  ema_halflife_steps=a.ema_halflife, loss=a.loss
                                                  ).replace_net(attention=False if a.no_attention else None,
                                                                norm=a.norm
+                                                 ).replace_codec(representation=a.representation
                                                  ).replace_noise(p_mean=a.p_mean, p_std=a.p_std
                                                  ).replace_sampling(sigma_max=a.sigma_max, rho=a.rho,
                                                                     sigma_min=a.sigma_min)
@@ -131,6 +132,9 @@ def register(subparsers) -> None:
     ab.add_argument("--no-attention", action="store_true", help="no self-attention in the U-Net")
     ab.add_argument("--norm", choices=["group", "none"], default=None,
                     help="the U-Net blocks' normalisation (default: the preset's, group)")
+    ab.add_argument("--representation", choices=["complex", "magnitude"], default=None,
+                    help="what the model sees: the complex spectrogram (default) or its magnitude only, the phase "
+                         "recovered by Griffin-Lim when decoding (a baseline)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)

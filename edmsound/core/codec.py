@@ -37,8 +37,8 @@ class SpectrogramCodec:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """Shape (2, F, T) of one encoded clip."""
-        return (2, self.config.num_bins, self.config.num_frames)
+        """Shape (C, F, T) of one encoded clip (C = 2: real and imaginary)."""
+        return (self.config.channels, self.config.num_bins, self.config.num_frames)
 
     def _window(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype)
@@ -121,3 +121,60 @@ class SpectrogramCodec:
         """Log magnitude (dB) of the uncompressed STFT, for plots."""
         X = self.decompress(self.to_complex(spec))
         return 20 * torch.log10(X.abs().clamp_min(1e-5))
+
+
+class MagnitudeCodec(SpectrogramCodec):
+    """The magnitude-only baseline: the model sees alpha * |X|^beta (one channel) and the phase is recovered at
+    decoding by fast Griffin-Lim (Perraudin et al. 2013, momentum 0.99; Griffin & Lim 1984) from a fixed random
+    start, ``griffin_lim_iters`` iterations. Decoding is no longer exact: the round trip of a real clip keeps its
+    magnitudes only up to what the iterations find a consistent phase for."""
+
+    MOMENTUM = 0.99
+
+    def encode(self, wave, fit: bool = True) -> torch.Tensor:
+        spec = super().encode(wave, fit)
+        return torch.sqrt(spec[:, 0] ** 2 + spec[:, 1] ** 2)[:, None]
+
+    def magnitude(self, spec: torch.Tensor) -> torch.Tensor:
+        """(B, 1, F, T) compressed magnitude -> (B, F, T) linear magnitude (negative values count as 0)."""
+        c = self.config
+        return (spec[:, 0].float().clamp_min(0) / c.alpha) ** (1.0 / c.beta)
+
+    def decode(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        c = self.config
+        if spec.dim() != 4 or spec.shape[1] != 1:
+            raise ValueError(f"expected (B, 1, F, T), got {tuple(spec.shape)}")
+        mag = self.magnitude(spec)
+        length = self.num_samples if length is None else int(length)
+        win = self._window(mag.device, mag.dtype)
+        kw = dict(n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft, window=win, center=True)
+        g = torch.Generator().manual_seed(0)
+        phase = torch.rand(mag.shape, generator=g).to(mag.device) * 2 * torch.pi
+        X = torch.polar(mag, phase)
+        prev = torch.zeros_like(X)
+        for _ in range(max(1, c.griffin_lim_iters)):
+            wave = torch.istft(X, length=length, **kw)
+            Y = torch.stft(wave, pad_mode="reflect", return_complex=True, **kw)
+            Z = Y + self.MOMENTUM * (Y - prev) if self.MOMENTUM else Y     # fast Griffin-Lim
+            prev = Y
+            X = torch.polar(mag, Z.angle())
+        return torch.istft(X, length=length, **kw)
+
+    def magnitude_db(self, spec: torch.Tensor) -> torch.Tensor:
+        return 20 * torch.log10(self.magnitude(spec).clamp_min(1e-5))
+
+    def to_complex(self, spec: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a magnitude-only spectrogram has no phase (its codec recovers one when decoding)")
+
+    def decode_loop(self, spec: torch.Tensor) -> torch.Tensor:
+        raise ValueError("loops need the complex representation")
+
+
+REPRESENTATIONS = ("complex", "magnitude")
+
+
+def make_codec(config: CodecConfig) -> SpectrogramCodec:
+    """The codec of a preset's representation."""
+    if config.representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {config.representation!r}; valid: {', '.join(REPRESENTATIONS)}")
+    return SpectrogramCodec(config) if config.representation == "complex" else MagnitudeCodec(config)

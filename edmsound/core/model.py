@@ -12,7 +12,7 @@ from .unet import EfficientUNet
 
 
 def build_denoiser(preset: Preset, num_classes: int, bf16: bool | None = None) -> EDMPrecond:
-    net = EfficientUNet(preset.net, num_classes=num_classes)
+    net = EfficientUNet(preset.net, num_classes=num_classes, in_channels=preset.codec.channels)
     use_bf16 = preset.train.bf16 if bf16 is None else bf16
     fmt = torch.channels_last if preset.net.channels_last else torch.contiguous_format
     net.to(memory_format=fmt)

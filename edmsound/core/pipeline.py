@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .codec import SpectrogramCodec
+from .codec import make_codec
 from ..audio import loudness
 from ..audio.io import write_wav
 from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
@@ -76,7 +76,7 @@ class EDMSoundPipeline:
         self.device = torch.device(device or default_device())
         self.model, self.preset, self.classes, self.model_dir = load_denoiser(checkpoint, self.device, weights,
                                                                               bf16=bf16)
-        self.codec = SpectrogramCodec(self.preset.codec)
+        self.codec = make_codec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
 

@@ -21,9 +21,14 @@ def spectrogram_figure(spec: torch.Tensor, codec, mode: str = "magphase", title:
     if spec.dim() == 4:
         spec = spec[0]
     cfg = codec.config
-    dur = codec.num_samples / cfg.sample_rate
+    dur = (spec.shape[-1] - 1) * cfg.hop_length / cfg.sample_rate          # any length (long clips, loops)
     extent = [0, dur, 0, cfg.sample_rate / 2000]
-    if mode == "magphase":
+    if spec.shape[0] == 1:                       # a magnitude-only representation: no phase to show
+        mag = codec.magnitude_db(spec[None])[0].numpy()
+        panels = [("log magnitude (dB)", mag, "magma", (mag.max() - 80, mag.max())),
+                  ("compressed magnitude (the model's channel)", spec[0].numpy(), "magma",
+                   (0.0, float(spec.max()) or 1.0))]
+    elif mode == "magphase":
         X = codec.decompress(torch.complex(spec[0], spec[1]))
         mag = 20 * np.log10(np.maximum(X.abs().numpy(), 1e-5))
         panels = [("log magnitude (dB)", mag, "magma", (mag.max() - 80, mag.max())),

@@ -20,6 +20,14 @@ class CodecConfig:
     beta: float = 0.5          # amplitude compression exponent: |X|^beta
     alpha: float = 0.3         # scale after compression
     frames_multiple: int = 32  # T is rounded up to a multiple of this (U-Net downsampling)
+    # What the model sees: "complex" (real + imaginary of the compressed STFT, exact inverse; the paper's) or
+    # "magnitude" (the compressed magnitude only, phase recovered by Griffin-Lim: a baseline).
+    representation: str = "complex"
+    griffin_lim_iters: int = 64   # "magnitude": iterations of fast Griffin-Lim at decoding
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.representation == "complex" else 1
 
     @property
     def num_bins(self) -> int:
@@ -212,6 +220,11 @@ class Preset:
             default_class_guidance_interval=class_interval_pairs(d.get("default_class_guidance_interval")),
             student_nfe=None if d.get("student_nfe") is None else int(d["student_nfe"]),
         )
+
+    def replace_codec(self, **kw) -> "Preset":
+        """The codec's settings replaced (None keeps the preset's), e.g. ``representation="magnitude"``."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        return dataclasses.replace(self, codec=dataclasses.replace(self.codec, **kw)) if kw else self
 
     def replace_net(self, **kw) -> "Preset":
         """The network's settings replaced (None keeps the preset's), e.g. the ablation switches

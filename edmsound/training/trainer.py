@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..core.storage import (atomic_write_json, clean_orphans, latest_checkpoint, load_safetensors, load_weights,
                             read_config, resolve_model_dir, write_model_dir)
 from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_checkpoint
-from ..core.codec import SpectrogramCodec
+from ..core.codec import make_codec
 from ..data.folder import load_folder, split_indices
 from ..core.edm import edm_loss
 from ..core.model import build_denoiser
@@ -92,7 +92,7 @@ class Trainer:
             classes = stored_classes
         self.preset = preset
         self.total_steps = int(steps if steps is not None else preset.train.steps)
-        self.codec = SpectrogramCodec(preset.codec)
+        self.codec = make_codec(preset.codec)
 
         # --- data -------------------------------------------------------------------------------
         data = load_folder(data_dir, preset.codec.sample_rate, preset.codec.num_samples, classes=classes,
