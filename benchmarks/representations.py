@@ -2,7 +2,8 @@
 
 For every representation behind the codec interface (``complex``: the compressed complex STFT with its exact
 inverse; ``magnitude``: the compressed magnitude with the phase recovered by fast Griffin-Lim at several iteration
-counts), each clip is encoded and decoded at the default preset's codec settings, and scored:
+counts; ``mel``: a log-mel spectrogram, back through the filterbank's pseudo-inverse and Griffin-Lim), each clip
+is encoded and decoded at the default preset's codec settings, and scored:
 
 * waveform SNR (dB) of the decoded clip against the original;
 * spectral convergence ||  |STFT(decoded)| - |STFT(original)| || / || |STFT(original)| || (0 = the same magnitudes);
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from edmsound import get_preset, load_folder  # noqa: E402
 from edmsound.core.codec import make_codec  # noqa: E402
 
-VARIANTS = (("complex", None), ("magnitude", 16), ("magnitude", 64), ("magnitude", 256))
+VARIANTS = (("complex", None), ("magnitude", 16), ("magnitude", 64), ("magnitude", 256), ("mel", 64))
 
 
 def scores(codec_cfg, waves: torch.Tensor, rep: str, iters) -> dict:

@@ -132,9 +132,9 @@ def register(subparsers) -> None:
     ab.add_argument("--no-attention", action="store_true", help="no self-attention in the U-Net")
     ab.add_argument("--norm", choices=["group", "none"], default=None,
                     help="the U-Net blocks' normalisation (default: the preset's, group)")
-    ab.add_argument("--representation", choices=["complex", "magnitude"], default=None,
-                    help="what the model sees: the complex spectrogram (default) or its magnitude only, the phase "
-                         "recovered by Griffin-Lim when decoding (a baseline)")
+    ab.add_argument("--representation", choices=["complex", "magnitude", "mel"], default=None,
+                    help="what the model sees: the complex spectrogram (default), its magnitude only or a log-mel "
+                         "spectrogram, the phase recovered by Griffin-Lim when decoding (baselines)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)

@@ -141,10 +141,13 @@ class MagnitudeCodec(SpectrogramCodec):
         return (spec[:, 0].float().clamp_min(0) / c.alpha) ** (1.0 / c.beta)
 
     def decode(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        c = self.config
         if spec.dim() != 4 or spec.shape[1] != 1:
             raise ValueError(f"expected (B, 1, F, T), got {tuple(spec.shape)}")
-        mag = self.magnitude(spec)
+        return self.griffin_lim(self.magnitude(spec), length)
+
+    def griffin_lim(self, mag: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """(B, F, T) linear STFT magnitudes -> (B, length) wave with a phase found by fast Griffin-Lim."""
+        c = self.config
         length = self.num_samples if length is None else int(length)
         win = self._window(mag.device, mag.dtype)
         kw = dict(n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft, window=win, center=True)
@@ -170,11 +173,38 @@ class MagnitudeCodec(SpectrogramCodec):
         raise ValueError("loops need the complex representation")
 
 
-REPRESENTATIONS = ("complex", "magnitude")
+class MelCodec(MagnitudeCodec):
+    """The log-mel cascade baseline without a trained vocoder: the model sees a log mel spectrogram (as many mel
+    bands as STFT bins, so the U-Net's shape is unchanged), ``(log10(mel power + 1e-5) + 2.5) / 2.5``; decoding
+    maps it back to linear magnitudes through the filterbank's pseudo-inverse (negative power clipped) and finds a
+    phase by fast Griffin-Lim. Both steps lose information: the round trip is further from the clip than the
+    magnitude codec's."""
+
+    FLOOR, OFFSET, SCALE = 1e-5, 2.5, 2.5
+
+    def __init__(self, config: CodecConfig):
+        super().__init__(config)
+        from ..audio.mel import mel_filterbank
+        fb = torch.from_numpy(mel_filterbank(config.sample_rate, config.n_fft, config.num_bins))   # (F, M)
+        self.fb = fb
+        self.fb_pinv = torch.linalg.pinv(fb.double()).float()                                        # (M, F)
+
+    def encode(self, wave, fit: bool = True) -> torch.Tensor:
+        mag = super().magnitude(super().encode(wave, fit))             # (B, F, T) linear |X|
+        mel = torch.einsum("fm,bft->bmt", self.fb.to(mag.dtype), mag ** 2)
+        return ((torch.log10(mel + self.FLOOR) + self.OFFSET) / self.SCALE)[:, None]
+
+    def magnitude(self, spec: torch.Tensor) -> torch.Tensor:
+        mel = (10 ** (spec[:, 0].float() * self.SCALE - self.OFFSET) - self.FLOOR).clamp_min(0)
+        power = torch.einsum("mf,bmt->bft", self.fb_pinv, mel).clamp_min(0)
+        return power.sqrt()
+
+
+REPRESENTATIONS = ("complex", "magnitude", "mel")
 
 
 def make_codec(config: CodecConfig) -> SpectrogramCodec:
     """The codec of a preset's representation."""
     if config.representation not in REPRESENTATIONS:
         raise ValueError(f"unknown representation {config.representation!r}; valid: {', '.join(REPRESENTATIONS)}")
-    return SpectrogramCodec(config) if config.representation == "complex" else MagnitudeCodec(config)
+    return {"complex": SpectrogramCodec, "magnitude": MagnitudeCodec, "mel": MelCodec}[config.representation](config)
