@@ -3,7 +3,7 @@
 - :mod:`.train`: ``data synth|info``, ``train``, ``distill``, ``export``
 - :mod:`.generate`: ``generate``, ``samplers``
 - :mod:`.copy`: ``encoder train|finetune-head|convert-laion``, ``index build|query``, ``copies``
-- :mod:`.evaluate`: ``classifier train``, ``evaluate``, ``calibrate-guidance``, ``quality-report``
+- :mod:`.evaluate`: ``classifier train``, ``evaluate``, ``ablate``, ``calibrate-guidance``, ``quality-report``
 """
 from __future__ import annotations
 

@@ -91,6 +91,18 @@ def _cmd_evaluate(a):
         sys.exit(2)
 
 
+def _cmd_ablate(a):
+    from ..evaluation.ablate import run_ablation
+    set_threads(a)
+    rows = run_ablation(a.data, a.out, preset=a.preset, variants=a.variants, steps=a.steps, seed=a.seed,
+                        n_per_class=a.n_per_class, reference=a.reference, classifier=a.classifier,
+                        encoder=a.encoder, batch_size=a.batch_size, progress=not a.no_progress,
+                        max_minutes=a.max_minutes)
+    print((Path(a.out) / "ablation.md").read_text())
+    if len(rows) < len(a.variants.split(",")):
+        print("some variants are not finished: run the same command again to resume them", file=sys.stderr)
+
+
 def _cmd_quality_report(a):
     from .. import (format_class_guidance, format_guidance_interval, load_results, quality_targets, read_config,
                     resolve_model_dir, targets_markdown)
@@ -223,6 +235,26 @@ def register(subparsers) -> None:
     k.add_argument("--clear", action="store_true", help="remove the checkpoint's per-class scales and exit")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=_cmd_calibrate)
+
+    ab = subparsers.add_parser("ablate", help="train and evaluate ablation variants (loss, attention, "
+                                              "normalisation, representation) with the same data, steps and seeds")
+    ab.add_argument("--data", required=True, help="class-per-folder training tree")
+    ab.add_argument("--out", required=True, help="folder for every variant's run, model and evaluation")
+    ab.add_argument("--preset", default="default")
+    ab.add_argument("--variants", default="base,l1,no-attention,no-norm,magnitude,mel",
+                    help="comma-separated: base, l1, no-attention, no-norm, magnitude, mel (combine with '+')")
+    ab.add_argument("--steps", type=int, default=2000, help="training steps of every variant")
+    ab.add_argument("--batch-size", type=int, default=None)
+    ab.add_argument("--n-per-class", type=int, default=32)
+    ab.add_argument("--reference", default="builtin", help="held-out real clips ('builtin' or a directory)")
+    ab.add_argument("--classifier", default="default", help="classifier directory, 'default' or 'none'")
+    ab.add_argument("--encoder", default="default")
+    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--threads", type=int, default=None)
+    ab.add_argument("--max-minutes", type=float, default=None,
+                    help="training budget of this call; unfinished variants resume on the next")
+    ab.add_argument("--no-progress", action="store_true")
+    ab.set_defaults(func=_cmd_ablate)
 
     e = subparsers.add_parser("evaluate", help="FAD, KID, classifier scores, diversity and copying per "
                                                "(sampler, NFE, guidance), per class")
