@@ -64,6 +64,7 @@ _export("edmsound.evaluation.classifier", "ClassifierConfig", "train_classifier"
 _export("edmsound.evaluation.calibrate", "calibrate_class_guidance", "write_calibration", "write_class_guidance",
         "chosen_text")
 _export("edmsound.evaluation.quality", "quality_targets", "targets_markdown", "load_results")
+_export("edmsound.evaluation.ablate", "run_ablation")
 # the app and process setup
 _export("edmsound.app.service", "EDMSoundService")
 _export("edmsound.app.ui", "build_demo", "launch_kwargs")

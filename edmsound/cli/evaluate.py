@@ -92,7 +92,7 @@ def _cmd_evaluate(a):
 
 
 def _cmd_ablate(a):
-    from ..evaluation.ablate import run_ablation
+    from .. import run_ablation
     set_threads(a)
     rows = run_ablation(a.data, a.out, preset=a.preset, variants=a.variants, steps=a.steps, seed=a.seed,
                         n_per_class=a.n_per_class, reference=a.reference, classifier=a.classifier,
