@@ -129,6 +129,14 @@ def _cat(acc: dict) -> dict:
     return {m: np.concatenate(acc[m]) if acc.get(m) else np.zeros(0) for m in J.MEASURES}
 
 
+def wrap_scores(waves, sr: int) -> dict:
+    """Join measures at the wrap point of each clip played twice."""
+    acc = {}
+    for w in waves:
+        _scores_add(acc, J.join_scores(np.tile(w, 2), sr, [len(w)]))
+    return _cat(acc)
+
+
 def both_within(scores: dict, ref: dict, q: float = Q) -> float:
     thr = {m: np.percentile(ref[m], q) for m in J.MEASURES}
     ok = np.ones(len(scores[J.MEASURES[0]]), bool)
@@ -225,17 +233,11 @@ def run(a) -> dict:
         # loops and naive loops
         bar.set_postfix_str(f"{c}: loop {a.loop_seconds:g} s x{a.loops_per_class}")
         lp = p.loop(c, a.loop_seconds, n=a.loops_per_class, seed=base + 2000)
-        acc = {}
-        for w in lp.waves:
-            _scores_add(acc, J.join_scores(np.tile(w, 2), sr, [len(w)]))
-        scores["loop"][c] = _cat(acc)
+        scores["loop"][c] = wrap_scores(lp.waves, sr)
         bar.update()
         bar.set_postfix_str(f"{c}: naive loop x{a.loops_per_class}")
         nl = p.generate_long(c, a.loop_seconds, n=a.loops_per_class, seed=base + 3000)
-        acc = {}
-        for w in nl.waves:
-            _scores_add(acc, J.join_scores(np.tile(w, 2), sr, [len(w)]))
-        scores["naive_loop"][c] = _cat(acc)
+        scores["naive_loop"][c] = wrap_scores(nl.waves, sr)
         bar.update()
         # kept regions: a real and a generated source, two spans each, and one band regeneration
         bar.set_postfix_str(f"{c}: regenerate")
