@@ -563,15 +563,7 @@ class EDMSoundService:
         return wave, Path(str(path)).name
 
     def check_seconds(self, seconds, what: str = "length") -> float:
-        lo = self.pipeline.codec.num_samples / self.sample_rate
-        try:
-            sec = float(seconds)
-        except (TypeError, ValueError):
-            sec = math.nan
-        if not lo - 1e-9 <= sec <= MAX_TOOL_SECONDS:
-            raise ValueError(f"the {what} must be between {lo:.3f} s (one model window) and {MAX_TOOL_SECONDS:g} s "
-                             f"in the app, got {seconds!r}")
-        return sec
+        return self.pipeline.check_seconds(seconds, what, hi=MAX_TOOL_SECONDS, where=" in the app")
 
     def edit(self, tool: str, source, class_name, sampler=None, nfe=None, guidance=None, seed=0, n=1, *,
              strength=None, span=None, band=None, seconds=None, progress=None, figures: str | None = None,

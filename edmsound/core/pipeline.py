@@ -147,9 +147,7 @@ class EDMSoundPipeline:
     def encode_clip(self, wave) -> torch.Tensor:
         """A clip at the pipeline's rate -> its complex spectrogram (1, C, F, T), cut or zero-padded to the
         model's length."""
-        w = np.asarray(wave, np.float32)
-        if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)):
-            raise ValueError("the source clip must be a non-empty 1-D array of finite samples")
+        w = self._source(wave, limit=False)
         n = self.codec.num_samples
         w = w[:n] if len(w) >= n else np.pad(w, (0, n - len(w)))
         return self.codec.encode(torch.from_numpy(w)[None])
@@ -296,22 +294,25 @@ class EDMSoundPipeline:
         """Frames of one model window (the clip length the network was trained on)."""
         return self.codec.shape[-1]
 
-    def _source(self, clip, what: str = "source clip") -> np.ndarray:
+    def _source(self, clip, what: str = "source clip", limit: bool = True) -> np.ndarray:
+        """A source clip as float32 samples, checked (and, with ``limit``, at most ``MAX_SECONDS`` long)."""
         w = np.asarray(clip, np.float32)
         if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)):
             raise ValueError(f"the {what} must be a non-empty 1-D array of finite samples")
-        if len(w) > MAX_SECONDS * self.sample_rate:
+        if limit and len(w) > MAX_SECONDS * self.sample_rate:
             raise ValueError(f"the {what} is {len(w) / self.sample_rate:.1f} s long; at most {MAX_SECONDS:g} s")
         return w
 
-    def check_seconds(self, seconds, what: str = "length") -> float:
+    def check_seconds(self, seconds, what: str = "length", hi: float = MAX_SECONDS, where: str = "") -> float:
+        """``seconds`` as a float between one model window and ``hi``, or one line saying so (``where``: e.g.
+        " in the app", for a caller with a lower cap)."""
         lo = self.codec.num_samples / self.sample_rate
         try:
             sec = float(seconds)
         except (TypeError, ValueError):
             sec = math.nan
-        if not (lo - 1e-9 <= sec <= MAX_SECONDS):
-            raise ValueError(f"the {what} must be between {lo:.3f} s (one model window) and {MAX_SECONDS:g} s, "
+        if not (lo - 1e-9 <= sec <= hi):
+            raise ValueError(f"the {what} must be between {lo:.3f} s (one model window) and {hi:g} s{where}, "
                              f"got {seconds!r}")
         return sec
 
