@@ -26,7 +26,7 @@ def _export(module: str, *names: str, **renamed: str) -> None:
 # generate
 _export("edmsound.core.pipeline", "EDMSoundPipeline", "Generation", "save_generation", "clip_stem", "PRESET_DEFAULT",
         "MAX_NFE", "MAX_CLIPS")
-_export("edmsound.core.samplers", "SAMPLERS", "get_sampler", "valid_nfes", "steps_for_nfe")
+_export("edmsound.core.samplers", "SAMPLERS", "FEW_STEP_SAMPLERS", "get_sampler", "valid_nfes", "steps_for_nfe")
 _export("edmsound.core.schedules", "karras_sigmas", "get_schedule")
 _export("edmsound.core.guidance", "GuidedDenoiser", "GUIDANCE_RANGE", "check_guidance", "check_guidance_interval",
         "format_guidance_interval", "interval_list")
@@ -50,6 +50,7 @@ _export("edmsound.data.synth", "synthesize", "write_dataset", BUILTIN_CLASSES="C
 _export("edmsound.training.trainer", "Trainer", "TrainingDiverged", "train", "init_distributed")
 _export("edmsound.training.export", "export_model", "with_sampling_defaults")
 _export("edmsound.training.distill", "Distiller")
+_export("edmsound.training.consistency", "ConsistencyTuner")
 # copy detection
 _export("edmsound.copydetect.encoders", "load_encoder")
 _export("edmsound.copydetect.pretrain", "train_encoder")

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "edmsound"
 
 PUBLIC_API = [
-    "AUDIO_EXTENSIONS", "AudioSet", "BUILTIN_CLASSES", "ClassifierConfig", "ClipLevel", "CopyIndex", "Distiller",
-    "EDMSoundPipeline", "EDMSoundService", "EXPORT_FORMATS", "GUIDANCE_RANGE", "Generation", "GuidedDenoiser",
+    "AUDIO_EXTENSIONS", "AudioSet", "BUILTIN_CLASSES", "ClassifierConfig", "ClipLevel", "ConsistencyTuner",
+    "CopyIndex", "Distiller", "EDMSoundPipeline", "EDMSoundService", "EXPORT_FORMATS", "FEW_STEP_SAMPLERS",
+    "GUIDANCE_RANGE", "Generation", "GuidedDenoiser",
     "MAX_CLIPS", "MAX_NFE", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
     "SpectrogramCodec", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "build_demo",
     "build_denoiser", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",

@@ -342,9 +342,11 @@ class EDMSoundService:
         return self.pipeline.valid_nfes(self.check_sampler(sampler), self.max_nfe)
 
     def nfe_slider(self, sampler: str) -> dict:
-        """The NFE slider's minimum / maximum / step for ``sampler`` (a student: its one budget)."""
-        m = self.pipeline.student_nfe
-        return {"minimum": m, "maximum": m, "step": 1} if m else nfe_slider_spec(sampler, self.max_nfe)
+        """The NFE slider's minimum / maximum / step for ``sampler`` (a student: the budgets it was trained for)."""
+        budgets = self.pipeline.student_budgets()
+        if budgets:
+            return {"minimum": budgets[0], "maximum": budgets[-1], "step": 1}
+        return nfe_slider_spec(sampler, self.max_nfe)
 
     @staticmethod
     def check_cost(nfe_per_clip, clips: int, guided: bool) -> int:

@@ -7,10 +7,12 @@ from .args import lufs_target, peak_target
 
 
 def _cmd_samplers(a):
-    from .. import SAMPLERS, valid_nfes
+    from .. import FEW_STEP_SAMPLERS, SAMPLERS, valid_nfes
     for name in SAMPLERS:
         v = valid_nfes(name, 20)
         print(f"{name:16s} NFE budgets: {', '.join(map(str, v))}, ...")
+    for name in FEW_STEP_SAMPLERS:
+        print(f"{name:16s} consistency-tuned models only, at the budgets they were tuned for")
 
 
 def _pair(text: str | None, what: str, example: str):

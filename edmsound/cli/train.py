@@ -59,6 +59,26 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
+def _cmd_consistency(a):
+    import torch
+    from .. import ConsistencyTuner, TrainingDiverged
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        c = ConsistencyTuner(a.teacher, a.data, a.out, max_nfe=a.max_nfe, stages=a.stages, sigma_mid=a.sigma_mid,
+                             steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
+                             progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size,
+                             lr=a.lr, checkpoint_every=a.checkpoint_every)
+        result = c.run()
+        if a.export:
+            c.export(a.export)
+            print(f"exported the consistency-tuned model (NFE 1 to {a.max_nfe}) to {a.export}")
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    print(json.dumps(result))
+
+
 def _cmd_distill(a):
     import torch
     from .. import Distiller, TrainingDiverged
@@ -169,6 +189,30 @@ def register(subparsers) -> None:
     d.add_argument("--export", default=None, help="write the student's model directory here when done")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_cmd_distill)
+
+    c = subparsers.add_parser("consistency-tune", help="easy consistency tuning: a model that samples in 1 to a "
+                                                        "few evaluations with the consistency sampler")
+    c.add_argument("--teacher", required=True, help="a model directory (a diffusion model, e.g. the shipped one)")
+    c.add_argument("--data", required=True, help="class-per-folder tree (the teacher's training data)")
+    c.add_argument("--out", required=True, help="run directory")
+    c.add_argument("--max-nfe", type=int, default=4,
+                   help="the largest budget the tuned model accepts (it samples at 1 to this; default 4)")
+    c.add_argument("--stages", type=int, default=8,
+                   help="times the gap between the paired noise levels halves over the run (default 8)")
+    c.add_argument("--sigma-mid", type=float, default=0.3,
+                   help="the lowest level multistep sampling re-noises to (default 0.3)")
+    c.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default 4000)")
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--lr", type=float, default=None)
+    c.add_argument("--checkpoint-every", type=int, default=None)
+    c.add_argument("--resume", action="store_true", help="continue the run in --out")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    c.add_argument("--export", default=None, help="write the tuned model directory here when done")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_cmd_consistency)
 
     e = subparsers.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)

@@ -28,7 +28,7 @@ from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_ban
                          tile_starts)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
 from .model import load_denoiser
-from .samplers import SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
+from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
 
 MAX_NFE = 200
@@ -87,23 +87,47 @@ class EDMSoundPipeline:
 
     @property
     def student_nfe(self) -> int | None:
-        """A distilled student's only budget (it samples with euler at exactly this NFE); None: any."""
+        """A few-step student's budget (see :attr:`student_sampler`); None: any sampler and budget."""
         return self.preset.student_nfe
 
     @property
+    def student_sampler(self) -> str | None:
+        """The one sampler a few-step student takes: ``euler`` (distilled: exactly :attr:`student_nfe`
+        evaluations) or ``consistency`` (consistency-tuned: 1 to :attr:`student_nfe`); None: any solver."""
+        return (self.preset.student_sampler or "euler") if self.student_nfe else None
+
+    @property
     def samplers(self) -> list[str]:
-        return ["euler"] if self.student_nfe else list(SAMPLERS)
+        return [self.student_sampler] if self.student_nfe else list(SAMPLERS)
 
     def valid_nfes(self, sampler: str, max_nfe: int = 50) -> list[int]:
         if self.student_nfe:
             self.check_student(sampler, self.student_nfe)
-            return [self.student_nfe]
+            return self.student_budgets()
+        self.check_student(sampler, 1)
         return valid_nfes(sampler, max_nfe)
 
-    def check_student(self, sampler: str, nfe) -> None:
-        """A student refuses any sampler or budget but the one it was distilled for, naming it."""
+    def student_budgets(self) -> list[int]:
+        """The budgets a student accepts (empty for a diffusion model: any the sampler can spend)."""
         m = self.student_nfe
-        if m and (sampler != "euler" or int(nfe) != m):
+        if not m:
+            return []
+        return list(range(1, m + 1)) if self.student_sampler == "consistency" else [m]
+
+    def check_student(self, sampler: str, nfe) -> None:
+        """A student refuses any sampler or budget but those it was trained for, naming them; a diffusion model
+        refuses the few-step samplers (they need a model trained to jump)."""
+        m, own = self.student_nfe, self.student_sampler
+        if not m:
+            if sampler in FEW_STEP_SAMPLERS:
+                raise ValueError(f"the {sampler} sampler needs a consistency-tuned model; this one is a diffusion "
+                                 f"model: use one of {', '.join(SAMPLERS)}")
+            return
+        if own == "consistency":
+            if sampler != own or not 1 <= int(nfe) <= m:
+                raise ValueError(f"this checkpoint is a consistency-tuned model: it samples with consistency at "
+                                 f"NFE 1 to {m} only (got {sampler} at NFE {nfe})")
+        elif sampler != own or int(nfe) != m:
             raise ValueError(f"this checkpoint is a distilled {m}-step student: it samples with euler at NFE {m} "
                              f"only (got {sampler} at NFE {nfe})")
 

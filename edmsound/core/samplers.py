@@ -44,7 +44,9 @@ __all__ = [
     "sample_dpmpp_3m",
     "sample_deis",
     "sample_unipc",
+    "sample_consistency",
     "SAMPLERS",
+    "FEW_STEP_SAMPLERS",
     "get_sampler",
     "nfe_for_steps",
     "steps_for_nfe",
@@ -510,6 +512,28 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None, 
 
 
 # ---------------------------------------------------------------------------
+# few-step models
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas, *, callback=None,
+                       generator=None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Alg. 1): the model maps a noisy
+    state straight to a clean estimate; every later level re-noises that estimate with fresh noise and maps it
+    again. 1 NFE per step. Meant for consistency-tuned models (``edmsound consistency-tune``): a diffusion
+    model's one-shot estimate at high noise is the blurry mean, not a sample."""
+    in_dtype = x.dtype
+    x, sig = _prepare(x, sigmas)
+    den = x
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        den = _denoise(denoiser, x, s)
+        _report(callback, i, x, s, s_next, den)
+        x = den if s_next == 0.0 else den + s_next * _randn_like(den, generator)
+    return x.to(in_dtype)
+
+
+# ---------------------------------------------------------------------------
 # registry and NFE accounting
 # ---------------------------------------------------------------------------
 
@@ -523,16 +547,27 @@ SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "unipc": sample_unipc,
 }
 
+# samplers for models trained to jump far (consistency models), kept apart from the ODE/SDE solvers above that
+# every diffusion model can use; a model that needs one names it in its preset (``student_sampler``)
+FEW_STEP_SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
+    "consistency": sample_consistency,
+}
+
 # samplers that spend two evaluations per step except the last (Euler) one
 _HEUN_LIKE = frozenset({"heun", "edm_stochastic"})
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a sampler function by registry name."""
+    """Look up a sampler function by registry name (the solvers, then the few-step samplers)."""
     try:
         return SAMPLERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}") from None
+        pass
+    try:
+        return FEW_STEP_SAMPLERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)} "
+                         f"(consistency models: {', '.join(FEW_STEP_SAMPLERS)})") from None
 
 
 def _as_positive_int(value, what: str) -> int:

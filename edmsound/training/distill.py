@@ -93,6 +93,9 @@ class Distiller(Trainer):
         M = int(student_nfe)
         if M < 1 or M != student_nfe:
             raise ValueError(f"the student's NFE must be a whole number >= 1, got {student_nfe!r}")
+        if "consistency" in tinfo:
+            raise ValueError(f"{teacher_dir} is a consistency-tuned model (it samples with the consistency "
+                             "sampler); distil from a diffusion model or a distilled student")
         was_student = "distillation" in tinfo
         solver = teacher_solver or ("euler" if was_student else "heun")
         if solver not in TEACHER_SOLVERS:
@@ -112,7 +115,8 @@ class Distiller(Trainer):
         student = with_sampling_defaults(tpreset, "euler", M, guidance=1.0, guidance_interval="none",
                                          sigma_min=student_sigma_min(self.grid))
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
-                                                            checkpoint_every=checkpoint_every), student_nfe=M)
+                                                            checkpoint_every=checkpoint_every), student_nfe=M,
+                                      student_sampler="euler")
         self.distillation = {"teacher": teacher_dir.name, "teacher_nfe_grid": 2 * M, "student_nfe": M,
                              "teacher_solver": solver, "teacher_guidance": w,
                              "teacher_guidance_interval": None if self.teacher_interval is None

@@ -1,0 +1,140 @@
+"""Easy consistency tuning (ECT; Geng et al., ICLR 2025, "Consistency Models Made Easy"): a diffusion model is tuned
+into a consistency model, one that maps a noisy clip at any level straight to its clean end point, so it samples in
+one to a few evaluations (:func:`edmsound.core.samplers.sample_consistency`).
+
+No teacher runs during tuning: the model is its own target. For a training clip ``y``, one unit noise ``n`` and two
+levels r < t on the same trajectory,
+
+    x_t = y + t n,   x_r = y + r n
+    loss = w(t, r) d(D(x_t, t), sg[D(x_r, r)])        (sg: no gradient; the target is y itself where r = 0)
+
+with w(t, r) = 1 / (t - r) and d the pseudo-Huber distance sqrt(mean(delta^2) + c^2) - c. The gap between the levels
+shrinks in stages (ECT's schedule): r = t (1 - n(t) / q^ceil(i / d)), n(t) = 1 + k sigmoid(-b t'), clamped at 0.
+Stage 0 (r = 0 everywhere) is plain denoising — the diffusion model's own training, so tuning starts where the
+model is; each later stage halves (q = 2) the gap, until the model is self-consistent along short stretches of the
+trajectory. ECT's constants assume data of std 0.5; here t' = t * 0.5 / sigma_data and c scales the same way, so
+they mean the same thing on spectrograms of std sigma_data. Noise levels t are drawn from the model's own training
+distribution (log-normal with its P_mean and P_std).
+
+Classifier-free guidance: the tuned model learns the conditional model (labels still dropped at the training rate,
+so guidance stays possible at sampling); the shipped default's guidance is 1 in every class, so this is the model
+users hear. To bake a guided teacher into a student use progressive distillation (:mod:`.distill`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..core.storage import atomic_write_json, latest_checkpoint, read_config, resolve_model_dir
+from .export import with_sampling_defaults
+from .trainer import Trainer
+
+ECT_Q = 2.0          # the gap halves every stage
+ECT_K = 8.0          # n(t) = 1 + k sigmoid(-b t'): wider gaps at low noise
+ECT_B = 1.0
+HUBER_C = 0.00054    # pseudo-Huber constant per element for data of std 0.5 (iCT's 0.00054 sqrt(d) on the norm)
+
+
+def ect_gap_ratio(t: torch.Tensor, stage: int, sigma_data: float, q: float = ECT_Q, k: float = ECT_K,
+                  b: float = ECT_B) -> torch.Tensor:
+    """(t - r) / t for levels ``t`` at ``stage`` (0: r = 0, plain denoising), in [0, 1]."""
+    t_unit = t * (0.5 / sigma_data)
+    n = 1.0 + k * torch.sigmoid(-b * t_unit)
+    return (n / q ** int(stage)).clamp(max=1.0)
+
+
+def ect_levels(t: torch.Tensor, stage: int, sigma_data: float) -> torch.Tensor:
+    """The inner level r for each outer level ``t`` (0 where the gap covers the whole trajectory)."""
+    return t * (1.0 - ect_gap_ratio(t, stage, sigma_data))
+
+
+def pseudo_huber(delta: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample sqrt(mean(delta^2) + c^2) - c: like L2 for large errors' direction, like L1 for their size."""
+    return (delta.flatten(1).pow(2).mean(dim=1) + c * c).sqrt() - c
+
+
+def ect_loss(model, y: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, r: torch.Tensor, noise: torch.Tensor,
+             sigma_data: float) -> torch.Tensor:
+    """Per-sample ECT loss of ``model`` (called as ``model(x, sigma, labels)``) for levels r < t (r may be 0)."""
+    b = (-1,) + (1,) * (y.dim() - 1)
+    x_t = y + t.reshape(b) * noise
+    with torch.no_grad():
+        pos = r > 0
+        r_eval = torch.where(pos, r, t)                  # any level where the target is y itself
+        target = model(y + r_eval.reshape(b) * noise, r_eval, labels)
+        target = torch.where(pos.reshape(b), target.to(y.dtype), y)
+    f_t = model(x_t, t, labels)
+    c = HUBER_C * sigma_data / 0.5
+    return pseudo_huber(f_t - target, c) / (t - r)
+
+
+class ConsistencyTuner(Trainer):
+    """:class:`Trainer` whose loss is easy consistency tuning of a model directory (resumable, checkpointed, logged
+    and exported the same way). The exported model samples with ``consistency`` at 1 to ``max_nfe`` evaluations
+    on a Karras schedule from the model's sigma_max down to ``sigma_mid`` (the lowest level it re-noises to)."""
+
+    def __init__(self, teacher, data_dir, run_dir, *, max_nfe: int = 4, stages: int = 8, sigma_mid: float = 0.3,
+                 steps: int | None = None, resume: bool = False, seed: int = 0, device: str = "cpu",
+                 progress: bool = True, max_minutes: float | None = None, batch_size: int | None = None,
+                 lr: float | None = None, checkpoint_every: int | None = None):
+        teacher_dir = resolve_model_dir(teacher)
+        tpreset, classes = read_config(teacher_dir)
+        tinfo = json.loads((teacher_dir / "info.json").read_text()) if (teacher_dir / "info.json").is_file() else {}
+        if "distillation" in tinfo or "consistency" in tinfo:
+            raise ValueError(f"{teacher_dir} is already a few-step student; tune a diffusion model")
+        M = int(max_nfe)
+        if M < 1 or M != max_nfe:
+            raise ValueError(f"the largest budget must be a whole number >= 1, got {max_nfe!r}")
+        S = int(stages)
+        if S < 1 or S != stages:
+            raise ValueError(f"stages must be a whole number >= 1, got {stages!r}")
+        e = tpreset.edm
+        if not (math.isfinite(sigma_mid) and e.sigma_min <= sigma_mid < e.sigma_max):
+            raise ValueError(f"sigma_mid must be in [{e.sigma_min:g}, {e.sigma_max:g}), got {sigma_mid!r}")
+        student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
+                                         sigma_min=float(sigma_mid))
+        student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
+                                                            checkpoint_every=checkpoint_every),
+                                      student_nfe=M, student_sampler="consistency")
+        self.stages = S
+        self.consistency = {"method": "ECT", "teacher": teacher_dir.name, "max_nfe": M, "stages": S,
+                            "sigma_mid": float(sigma_mid), "q": ECT_Q, "k": ECT_K, "b": ECT_B,
+                            "lineage": [teacher_dir.name]}
+        fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
+        super().__init__(student, data_dir, run_dir, steps=steps, resume=resume,
+                         init=teacher_dir if fresh else None, seed=seed,
+                         device=device, progress=progress, max_minutes=max_minutes, classes=list(classes))
+        if fresh:
+            # the tuning's own steps count from 0 (the teacher's training is in the lineage)
+            self.consistency["teacher_steps"] = self.step
+            self.consistency["teacher_train_seconds"] = round(self.wall_time, 1)
+            self.step = self.warmup_start = 0
+            self.wall_time = 0.0
+            self.segments = []
+        if self.is_main:
+            atomic_write_json(self.run_dir / "consistency.json", self.consistency)
+
+    def stage(self, step: int | None = None) -> int:
+        """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``."""
+        step = self.step if step is None else step
+        per = max(1, self.total_steps // self.stages)
+        return min(self.stages, -(-int(step) // per))
+
+    def loss(self, model, y, labels, generator):
+        e = self.preset.edm
+        bsz = y.shape[0]
+        t = (torch.randn(bsz, generator=generator) * e.p_std + e.p_mean).exp().clamp(e.sigma_min, e.sigma_max)
+        noise = torch.randn(y.shape, generator=generator)
+        if e.label_dropout > 0:
+            drop = torch.rand(bsz, generator=generator) < e.label_dropout
+            labels = torch.where(drop.to(labels.device), torch.full_like(labels, model.null_class), labels)
+        t = t.to(device=y.device, dtype=y.dtype)
+        r = ect_levels(t, self.stage(), e.sigma_data)
+        return ect_loss(model, y, labels, t, r, noise.to(y.device), e.sigma_data)
+
+    def info(self) -> dict:
+        return dict(super().info(), consistency=dict(self.consistency, final_stage=self.stage()))

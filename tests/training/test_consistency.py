@@ -1,0 +1,157 @@
+"""Consistency tuning and sampling: the multistep sampler on an exact consistency function (analytic), ECT's level
+schedule and loss (zero exactly for a self-consistent model), and a short resumable run on the tiny checkpoint that
+exports a model taking only the consistency sampler at 1..M evaluations."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edmsound.core.pipeline import EDMSoundPipeline
+from edmsound.core.samplers import FEW_STEP_SAMPLERS, get_sampler, sample, sample_consistency
+from edmsound.training.consistency import ConsistencyTuner, ect_gap_ratio, ect_levels, ect_loss
+
+S = 0.25                      # data: zero-mean Gaussian of std S
+
+
+def exact_f(x, sigma):
+    """The exact consistency function of that data: the probability-flow ODE solved from sigma to 0."""
+    s = sigma.reshape((-1,) + (1,) * (x.dim() - 1))
+    return x * S / torch.sqrt(S ** 2 + s ** 2)
+
+
+def posterior_mean(x, sigma):
+    s = sigma.reshape((-1,) + (1,) * (x.dim() - 1))
+    return S ** 2 / (S ** 2 + s ** 2) * x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_multistep_consistency_sampling_with_the_exact_function_draws_the_data_distribution(steps):
+    g = torch.Generator().manual_seed(steps)
+    sigmas = torch.tensor([15.0, 2.0, 0.6, 0.3][:steps] + [0.0], dtype=torch.float64)
+    x = torch.randn(20000, 4, generator=g, dtype=torch.float64) * float(np.hypot(S, 15.0))   # the exact marginal
+    out = sample_consistency(exact_f, x, sigmas, generator=g)
+    assert abs(float(out.std()) / S - 1) < 0.02
+    # a diffusion model's one-shot estimate is the posterior mean: nearly silent from sigma 15
+    mean_only = sample_consistency(posterior_mean, x, sigmas[[0, -1]], generator=g)
+    assert float(mean_only.std()) < 0.02 * S
+
+
+def test_consistency_sampling_spends_exactly_its_steps_and_item_k_reproduces_alone():
+    calls = []
+
+    def den(x, s):
+        calls.append(len(x))
+        return exact_f(x, s)
+    noise = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    out, used = sample("consistency", den, noise, nfe=3, sigma_min=0.3, sigma_max=15.0, rho=2.5, generator=gens)
+    assert used == 3 and len(calls) == 3
+    alone, _ = sample("consistency", exact_f, noise[2:], nfe=3, sigma_min=0.3, sigma_max=15.0, rho=2.5,
+                      generator=[torch.Generator().manual_seed(12)])
+    torch.testing.assert_close(out[2:], alone)
+    assert get_sampler("consistency") is FEW_STEP_SAMPLERS["consistency"]
+    with pytest.raises(ValueError, match=r"unknown sampler 'lcm'.*consistency models: consistency"):
+        get_sampler("lcm")
+
+
+def test_ect_schedule_starts_as_denoising_and_halves_the_gap_each_stage():
+    t = torch.logspace(-3, np.log10(15), 50, dtype=torch.float64)
+    torch.testing.assert_close(ect_levels(t, 0, 0.2), torch.zeros_like(t))      # stage 0: r = 0 (denoising)
+    prev = ect_gap_ratio(t, 1, 0.2)
+    for stage in range(2, 9):
+        ratio = ect_gap_ratio(t, stage, 0.2)
+        below = prev < 1            # n(t) <= 1 + k / 2 < q^3: from stage 3 on no gap is clamped
+        torch.testing.assert_close(ratio[below], prev[below] / 2)
+        assert bool((ratio <= prev).all()) and (stage < 4 or bool(below.all()))
+        r = ect_levels(t, stage, 0.2)
+        assert bool(((r >= 0) & (r < t)).all()) and (stage < 3 or bool((r > 0).all()))
+        prev = ratio
+    assert bool((prev[:-1] >= prev[1:]).all())          # wider relative gaps at low noise (n(t) falls with t)
+
+
+def test_ect_loss_analytic_zero_for_the_path_oracle_and_no_gradient_through_the_target():
+    g = torch.Generator().manual_seed(0)
+    y = S * torch.randn(64, 1, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    t = torch.logspace(-2, 1, 64, dtype=torch.float64)
+    lab = torch.zeros(64, dtype=torch.long)
+    c = 0.00054 * 0.2 / 0.5
+    for stage in (0, 3):
+        r = ect_levels(t, stage, 0.2)
+        # the oracle that maps every point of the noising path to its clean end is consistent along it: loss 0
+        oracle = ect_loss(lambda x, s, labels: y, y, lab, t, r, noise, 0.2)
+        assert float(oracle.abs().max()) == 0.0
+        # the identity: f(x_t) - f(x_r) = (t - r) n (or t n against y where r = 0), pseudo-Huber over the gap
+        ident = ect_loss(lambda x, s, labels: x, y, lab, t, r, noise, 0.2)
+        ms = noise.flatten(1).pow(2).mean(1)
+        torch.testing.assert_close(ident, ((ms * (t - r) ** 2 + c * c).sqrt() - c) / (t - r))
+    # the target is held fixed: d/da of the loss of f = a x is that of the outer evaluation alone
+    a = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    r = ect_levels(t, 3, 0.2)
+    loss = ect_loss(lambda x, s, labels: a * x, y, lab, t, r, noise, 0.2)
+    loss.sum().backward()
+    x_t, x_r = y + t.reshape(-1, 1, 1, 1) * noise, y + r.reshape(-1, 1, 1, 1) * noise
+    delta = (1.3 * x_t - 1.3 * x_r).flatten(1)
+    expect = ((delta * x_t.flatten(1)).mean(1) / ((delta ** 2).mean(1) + c * c).sqrt() / (t - r)).sum()
+    torch.testing.assert_close(a.grad, expect)
+
+
+def test_consistency_tune_runs_resumes_and_exports_a_few_step_model(tiny_ckpt, tone_tree, tmp_path):
+    run = tmp_path / "run"
+    c = ConsistencyTuner(tiny_ckpt, tone_tree, run, max_nfe=3, stages=2, sigma_mid=0.3, steps=6, progress=False,
+                         batch_size=4, checkpoint_every=3)
+    assert [c.stage(s) for s in (0, 1, 3, 4, 6)] == [0, 1, 1, 2, 2]
+    first = c.run()
+    assert first["step"] == 6
+    import csv
+    losses = [float(r["loss"]) for r in csv.DictReader(open(run / "log.csv"))]
+    assert losses and all(np.isfinite(losses))
+    c2 = ConsistencyTuner(tiny_ckpt, tone_tree, run, max_nfe=3, stages=2, sigma_mid=0.3, steps=8, progress=False,
+                          batch_size=4, checkpoint_every=3, resume=True)
+    assert c2.step == 6
+    c2.run()
+    out = tmp_path / "tuned"
+    c2.export(out)
+    info = json.loads((out / "info.json").read_text())["consistency"]
+    assert info["method"] == "ECT" and info["max_nfe"] == 3 and info["final_stage"] == 2
+    pipe = EDMSoundPipeline(out, device="cpu")
+    assert pipe.samplers == ["consistency"] and pipe.valid_nfes("consistency") == [1, 2, 3]
+    assert pipe.preset.default_sampler == "consistency" and pipe.preset.edm.sigma_min == pytest.approx(0.3)
+    for nfe in (1, 3):
+        gen = pipe.generate(pipe.classes[0], n=2, nfe=nfe, seed=0)
+        assert gen.settings["nfe"] == nfe and np.isfinite(gen.waves).all()
+    for kw in (dict(sampler="euler", nfe=2), dict(sampler="consistency", nfe=4)):
+        with pytest.raises(ValueError, match="consistency-tuned model: it samples with consistency at NFE 1 to 3"):
+            pipe.generate(pipe.classes[0], **kw)
+    from edmsound.app.service import EDMSoundService
+    svc = EDMSoundService(pipe)
+    assert svc.samplers == ["consistency"] and svc.nfe_slider("consistency") == {"minimum": 1, "maximum": 3,
+                                                                                 "step": 1}
+    svc.close()
+    # the diffusion model refuses the few-step sampler; neither kind of student is tuned or distilled again
+    base = EDMSoundPipeline(tiny_ckpt, device="cpu")
+    with pytest.raises(ValueError, match="needs a consistency-tuned model"):
+        base.generate(base.classes[0], sampler="consistency", nfe=2)
+    from edmsound.training.distill import Distiller
+    with pytest.raises(ValueError, match="consistency-tuned model"):
+        Distiller(out, tone_tree, tmp_path / "d", student_nfe=1, steps=1, progress=False)
+    with pytest.raises(ValueError, match="already a few-step student"):
+        ConsistencyTuner(out, tone_tree, tmp_path / "c", steps=1, progress=False)
+
+
+def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_path, capsys):
+    from edmsound.cli import main
+    main(["consistency-tune", "--teacher", str(tiny_ckpt), "--data", str(tone_tree), "--out", str(tmp_path / "r"),
+          "--max-nfe", "2", "--steps", "2", "--batch-size", "2", "--no-progress", "--export", str(tmp_path / "s")])
+    assert json.loads((tmp_path / "s" / "info.json").read_text())["consistency"]["max_nfe"] == 2
+    capsys.readouterr()
+    for argv, msg in ((["--teacher", str(tmp_path / "s")], "already a few-step student"),
+                      (["--teacher", str(tiny_ckpt), "--max-nfe", "0"], "whole number >= 1"),
+                      (["--teacher", str(tiny_ckpt), "--sigma-mid", "1e9"], "sigma_mid must be in")):
+        with pytest.raises(SystemExit) as e:
+            main(["consistency-tune", "--data", str(tone_tree), "--out", str(tmp_path / "x"), "--no-progress"]
+                 + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert msg in err[-1], err
