@@ -1,6 +1,7 @@
 """Few-step students against their teacher, side by side in one run: quality, signal measures and speed.
 
-For each student (a model directory exported by ``edmsound distill``, sampled with ``euler`` at its own M steps)
+For each student — a model directory exported by ``edmsound distill`` (sampled with ``euler`` at its own M steps)
+or by ``edmsound consistency-tune`` (sampled with ``consistency`` at 1, 2 and 4 steps, up to its largest budget) —
 and for the teacher at its shipped settings and at the students' budgets with the training-free samplers:
 
 * ``edmsound evaluate`` on the same reference, seeds and clip count: FAD / the training-subset baseline (the noise
@@ -8,7 +9,8 @@ and for the teacher at its shipped settings and at the students' budgets with th
 * seconds per clip (8 clips per call, after a warm-up, every configuration on this machine in this run);
 * trajectory error: the RMS distance (compressed complex spectrogram) from the teacher's own fine solution of the
   same noise (Heun on the teacher's 2M-level grid, what the student was trained to match), beside the teacher's
-  Euler and DPM-Solver++(2M) at the student's budget on the same noise.
+  Euler and DPM-Solver++(2M) at the student's budget on the same noise (a consistency model: its deterministic
+  one-step jump, against the teacher's Heun solution on a 16-level grid).
 
     python benchmarks/distill.py --students runs/student8 --n-per-class 64
     python benchmarks/distill.py --students runs/student8,runs/student4 --n-per-class 16 --out /tmp/distill
@@ -49,8 +51,17 @@ def _overall(results: dict) -> dict[tuple, dict]:
                     "fit_min": min(r["accuracy"] for r in per), "fit_mean": float(np.mean([r["accuracy"] for r in per])),
                     "diversity_min": min(r["diversity_ratio"] for r in per),
                     "level_gap_max": max(abs(r["level_gap_db"]) for r in per),
-                    "band_gap_max": max(abs(r["band_gap_worst_db"]) for r in per)}
+                    "band_gap_max": max(abs(r["band_gap_worst_db"]) for r in per),
+                    "copy_share": ov.get("copy_share")}
     return out
+
+
+def student_points(pipe) -> list[int]:
+    """The budgets a student is measured at: a distilled one's only budget; a consistency model's 1, 2, 4 up to
+    its largest."""
+    if pipe.student_sampler == "consistency":
+        return [b for b in (1, 2, 4) if b <= pipe.student_nfe]
+    return [int(pipe.student_nfe)]
 
 
 def seconds_per_clip(pipe, sampler: str, nfe: int, cls: str, n: int = 8, repeats: int = 2) -> float:
@@ -70,6 +81,9 @@ def trajectory_errors(teacher, students: dict, n: int = 16, seed: int = 5) -> di
     e = teacher.preset.edm
     out = {}
     for name, (spipe, M) in students.items():
+        consistency = spipe.student_sampler == "consistency"
+        if consistency:
+            M = 8                           # the reference: Heun on a 16-level grid; the student: one jump
         grid = teacher_grid(e.sigma_min, e.sigma_max, e.rho, M)
         cls = teacher.classes
         labels = torch.tensor([i % len(cls) for i in range(n)])
@@ -83,8 +97,12 @@ def trajectory_errors(teacher, students: dict, n: int = 16, seed: int = 5) -> di
             x = solver_step(D(teacher.model), x, grid[i].expand(n), grid[i + 1].expand(n), "heun")
         ref = x
         res = {}
-        sgrid = karras_sigmas(M, spipe.preset.edm.sigma_min, e.sigma_max, e.rho)
         from edmsound import get_sampler
+        if consistency:
+            out[name] = {"student consistency:1": float((D(spipe.model)(x0, grid[0].expand(n)) - ref).pow(2).mean()
+                                                        .sqrt()) / float(ref.pow(2).mean().sqrt())}
+            continue
+        sgrid = karras_sigmas(M, spipe.preset.edm.sigma_min, e.sigma_max, e.rho)
         res[f"student euler:{M}"] = get_sampler("euler")(D(spipe.model), x0.clone(), sgrid)
         res[f"teacher euler:{M}"] = get_sampler("euler")(D(teacher.model), x0.clone(), sgrid)
         tgrid = karras_sigmas(M, e.sigma_min, e.sigma_max, e.rho)
@@ -102,11 +120,11 @@ def run(a) -> dict:
     students = {}
     for s in [t for t in a.students.split(",") if t.strip()]:
         p = EDMSoundPipeline(s, device="cpu")
-        info = json.loads((p.model_dir / "info.json").read_text())
-        if "distillation" not in info:
-            raise SystemExit(f"error: {s} is not a distilled student (its info.json has no 'distillation')")
-        students[Path(s).name] = (p, int(p.preset.default_nfe))
-    budgets = sorted({m for _, m in students.values()})
+        if not p.student_nfe:
+            raise SystemExit(f"error: {s} is not a few-step student (made by 'edmsound distill' or "
+                             "'edmsound consistency-tune')")
+        students[Path(s).name] = (p, int(p.student_nfe))
+    budgets = sorted({b for p, _ in students.values() for b in student_points(p)})
     shipped = (teacher.preset.default_sampler, teacher.preset.default_nfe)
     tpoints = [f"{shipped[0]}:{shipped[1]}:1"] + [f"{s}:{m}:1" for m in budgets for s in TRAINING_FREE + ("euler",)
                                                     if (s, m) != shipped]
@@ -115,11 +133,13 @@ def run(a) -> dict:
     res = {"teacher": _overall(evaluate_sweep(a.teacher, out / "teacher", points=parse_points(",".join(tpoints)),
                                               **common))}
     for name, (p, m) in students.items():
-        res[name] = _overall(evaluate_sweep(p.model_dir, out / name, points=parse_points(f"euler:{m}:1"), **common))
+        pts = ",".join(f"{p.student_sampler}:{b}:1" for b in student_points(p))
+        res[name] = _overall(evaluate_sweep(p.model_dir, out / name, points=parse_points(pts), **common))
     cls = teacher.classes[0]
     speed = {("teacher",) + k: seconds_per_clip(teacher, k[0], k[1], cls) for k in res["teacher"]}
     for name, (p, m) in students.items():
-        speed[(name, "euler", m)] = seconds_per_clip(p, "euler", m, cls)
+        for b in student_points(p):
+            speed[(name, p.student_sampler, b)] = seconds_per_clip(p, p.student_sampler, b, cls)
     traj = trajectory_errors(teacher, students)
     rows = []
     for who, table in res.items():
@@ -144,20 +164,20 @@ def markdown(r: dict) -> str:
          f"(load {m['load_before']:.1f} before); {r['n_per_class']} clips per class, the same seeds and reference for "
          "every row; FAD ratio = FAD / FAD of a training subset of the same size (the noise floor is 1).", "",
          "| model | sampler | NFE | FAD ratio | KID | fit (min / mean) | diversity min | max level gap (dB) | "
-         "max band gap (dB) | s / clip | speed-up vs shipped |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "max band gap (dB) | copies > p95 | s / clip | speed-up vs shipped |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in sorted(r["rows"], key=lambda x: (x["nfe"], x["model"] != "teacher", x["sampler"])):
         up = (ship["seconds_per_clip"] / x["seconds_per_clip"]) if x["seconds_per_clip"] else None
         L.append(f"| {x['model']} | {x['sampler']} | {x['nfe']} | {_f(x['fad_ratio'], 2)} | {_f(x['kid'], 4)} | "
                  f"{_f(x['fit_min'], 2)} / {_f(x['fit_mean'], 2)} | {_f(x['diversity_min'], 2)} | "
-                 f"{_f(x['level_gap_max'], 1)} | {_f(x['band_gap_max'], 1)} | {_f(x['seconds_per_clip'], 3)} | "
+                 f"{_f(x['level_gap_max'], 1)} | {_f(x['band_gap_max'], 1)} | {_f(x.get('copy_share'), 2)} | "
+                 f"{_f(x['seconds_per_clip'], 3)} | "
                  f"{_f(up, 2)}x |")
-    L += ["", "Trajectory error (RMS distance from the teacher's Heun solution on the student's 2M-level grid, "
-          "relative to its RMS; same noise, 16 clips):", "", "| student | " + " | ".join(
-              next(iter(r["trajectory"].values())).keys()) + " |",
-          "|---" * (1 + len(next(iter(r["trajectory"].values())))) + "|"]
+    L += ["", "Trajectory error (RMS distance from the teacher's Heun solution of the same noise on the student's "
+          "2M-level grid — 16 levels for a consistency model's one-step jump — relative to its RMS; 16 clips):", "",
+          "| student | sampling | relative error |", "|---|---|---|"]
     for name, t in r["trajectory"].items():
-        L.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in t.values()) + " |")
+        L += [f"| {name} | {k} | {v:.3f} |" for k, v in t.items()]
     return "\n".join(L) + "\n"
 
 
