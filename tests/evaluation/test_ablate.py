@@ -28,5 +28,10 @@ def test_ablate_trains_resumes_and_tabulates(tone_tree, tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["base", "no-norm+magnitude"]
     assert all(float(r["fad"]) >= 0 and float(r["seconds_per_clip"]) > 0 and r["steps"] == "2" for r in rows)
     assert (tmp_path / "abl" / "ablation.png").stat().st_size > 5000
-    main(argv)                                             # finished variants are not trained again
+    scored = {v: (tmp_path / "abl" / v / "eval" / "results.csv").stat().st_mtime_ns for v in ("base",
+                                                                                            "no-norm+magnitude")}
+    main(argv)                                             # finished variants are not trained or scored again
     assert "resumed" in capsys.readouterr().out
+    assert scored == {v: (tmp_path / "abl" / v / "eval" / "results.csv").stat().st_mtime_ns for v in scored}
+    again = list(csv.DictReader(open(tmp_path / "abl" / "ablation.csv")))
+    assert [r["fad"] for r in again] == [r["fad"] for r in rows]
