@@ -175,12 +175,14 @@ class MagnitudeCodec(SpectrogramCodec):
 
 class MelCodec(MagnitudeCodec):
     """The log-mel cascade baseline without a trained vocoder: the model sees a log mel spectrogram (as many mel
-    bands as STFT bins, so the U-Net's shape is unchanged), ``(log10(mel power + 1e-5) + 2.5) / 2.5``; decoding
+    bands as STFT bins, so the U-Net's shape is unchanged), ``(log10(mel power + 1e-5) + 4) / 6`` — centred and
+    scaled like the complex codec's data (built-in foley: mean -0.02, std 0.20 = sigma_data), so the same EDM
+    preconditioning fits every representation; decoding
     maps it back to linear magnitudes through the filterbank's pseudo-inverse (negative power clipped) and finds a
     phase by fast Griffin-Lim. Both steps lose information: the round trip is further from the clip than the
     magnitude codec's."""
 
-    FLOOR, OFFSET, SCALE = 1e-5, 2.5, 2.5
+    FLOOR, OFFSET, SCALE = 1e-5, 4.0, 6.0
 
     def __init__(self, config: CodecConfig):
         super().__init__(config)
