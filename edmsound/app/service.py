@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .. import (check_guidance, check_level_target, clip_stem, describe_level, EDMSoundPipeline, GUIDANCE_RANGE,
-                interval_list, PRESET_DEFAULT, SAMPLERS, SPECTROGRAM_VIEWS as MODES, steps_for_nfe, to_pcm16,
+                interval_list, PRESET_DEFAULT, SPECTROGRAM_VIEWS as MODES, steps_for_nfe, to_pcm16,
                 valid_nfes, wav_bytes)
 
 __all__ = ["EDMSoundService", "Clip", "GenerateResult", "Neighbour", "NeighbourResult", "CompareEntry",
@@ -331,8 +331,8 @@ class EDMSoundService:
     @property
     def defaults(self) -> dict:
         p = self.pipeline.preset
-        sampler = p.default_sampler if p.default_sampler in SAMPLERS else "dpmpp_2m"
-        return {"sampler": sampler, "nfe": snap_nfe(sampler, min(p.default_nfe, self.max_nfe), self.max_nfe),
+        sampler = p.default_sampler if p.default_sampler in self.samplers else self.samplers[0]
+        return {"sampler": sampler, "nfe": self.snap_nfe(sampler, min(p.default_nfe, self.max_nfe)),
                 "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K,
                 "guidance_interval": interval_list(p.default_guidance_interval),
                 "class_guidance": {c: p.guidance_for(c) for c in self.classes},
@@ -347,6 +347,26 @@ class EDMSoundService:
         if budgets:
             return {"minimum": budgets[0], "maximum": budgets[-1], "step": 1}
         return nfe_slider_spec(sampler, self.max_nfe)
+
+    def nfe_rule(self, sampler: str) -> str:
+        """The budgets ``sampler`` can spend here, in words (a student: those it was trained for)."""
+        budgets = self.pipeline.student_budgets()
+        if not budgets:
+            return nfe_rule(sampler, self.max_nfe)
+        if len(budgets) == 1:
+            return f"{budgets[0]} only (the budget this model was distilled for)"
+        return f"any integer in [{budgets[0]}, {budgets[-1]}] (the budgets this model was tuned for)"
+
+    def snap_nfe(self, sampler: str, nfe) -> int:
+        """The nearest budget ``sampler`` can spend here at or below ``nfe`` (a student: within its budgets)."""
+        budgets = self.pipeline.student_budgets()
+        if not budgets:
+            return snap_nfe(sampler, nfe, self.max_nfe)
+        try:
+            nfe = float(nfe)
+        except (TypeError, ValueError):
+            return budgets[-1]
+        return max([b for b in budgets if b <= nfe] or budgets[:1])
 
     @staticmethod
     def check_cost(nfe_per_clip, clips: int, guided: bool) -> int:
@@ -670,7 +690,7 @@ class EDMSoundService:
             self.check_mode(figures)
         plan = []
         for s in chosen:
-            eff = snap_nfe(s, nfe, self.max_nfe)
+            eff = self.snap_nfe(s, nfe)
             note = "" if eff == nfe else f"{s} spends odd budgets only: NFE {eff} instead of {nfe}"
             plan.append((s, eff, note))
         self.check_cost([eff for _, eff, _ in plan], 1, guidance != 1.0)

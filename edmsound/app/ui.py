@@ -30,7 +30,7 @@ import gradio as gr  # noqa: E402
 
 from .. import UPLOAD_EXTENSIONS, format_guidance_interval  # noqa: E402
 from .service import (DEFAULT_K, MAX_K, MAX_TOOL_SECONDS, MAX_VARIATIONS, MODE_LABELS, SEED_MAX, EDMSoundService,
-    as_int, nfe_rule, snap_nfe)
+    as_int)
 
 __all__ = ["build_demo", "Handlers", "launch_kwargs", "QUEUE_SIZE", "CONCURRENCY"]
 
@@ -601,8 +601,8 @@ class Handlers:
         if sampler not in self.svc.samplers:
             return gr.update()
         spec = self.svc.nfe_slider(sampler)
-        return gr.update(value=snap_nfe(sampler, nfe, self.svc.max_nfe),
-                         info=f"{sampler}: {nfe_rule(sampler, self.svc.max_nfe)}", **spec)
+        return gr.update(value=self.svc.snap_nfe(sampler, nfe), info=f"{sampler}: {self.svc.nfe_rule(sampler)}",
+                         **spec)
 
     def class_changed(self, class_name):
         """The guidance slider moves to the class's default scale (calibrated per class, if the checkpoint is)
@@ -680,7 +680,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                     cls = gr.Dropdown(classes, value=classes[0], label="Class", elem_id="class-dropdown")
                     sampler = gr.Dropdown(samplers, value=d["sampler"], label="Sampler", elem_id="sampler-dropdown")
                     nfe = gr.Slider(value=d["nfe"], label="NFE (network evaluations)", elem_id="nfe-slider",
-                                    info=f"{d['sampler']}: {nfe_rule(d['sampler'], svc.max_nfe)}", **nfe0)
+                                    info=f"{d['sampler']}: {svc.nfe_rule(d['sampler'])}", **nfe0)
                     guidance = gr.Slider(*info["guidance_range"], value=d["class_guidance"][classes[0]], step=0.1,
                                          label="Guidance scale", info=guidance_info(d, classes[0]),
                                          elem_id="guidance-slider")

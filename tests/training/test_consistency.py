@@ -128,6 +128,9 @@ def test_consistency_tune_runs_resumes_and_exports_a_few_step_model(tiny_ckpt, t
     svc = EDMSoundService(pipe)
     assert svc.samplers == ["consistency"] and svc.nfe_slider("consistency") == {"minimum": 1, "maximum": 3,
                                                                                  "step": 1}
+    assert svc.defaults["sampler"] == "consistency" and svc.defaults["nfe"] == 2
+    assert svc.snap_nfe("consistency", 9) == 3 and "[1, 3] (the budgets this model was tuned for)" in \
+        svc.nfe_rule("consistency")
     svc.close()
     # the diffusion model refuses the few-step sampler; neither kind of student is tuned or distilled again
     base = EDMSoundPipeline(tiny_ckpt, device="cpu")

@@ -98,6 +98,8 @@ def test_distill_runs_resumes_and_exports_a_student(tiny_ckpt, tone_tree, tmp_pa
     from edmsound.app.service import EDMSoundService
     svc = EDMSoundService(pipe)
     assert svc.samplers == ["euler"] and svc.nfe_slider("euler") == {"minimum": 2, "maximum": 2, "step": 1}
+    assert svc.defaults["sampler"] == "euler" and svc.defaults["nfe"] == 2 and svc.snap_nfe("euler", 7) == 2
+    assert svc.nfe_rule("euler") == "2 only (the budget this model was distilled for)"
     with pytest.raises(ValueError, match="unknown sampler 'heun'; valid: euler"):
         svc.generate(pipe.classes[0], "heun", 2)
     with pytest.raises(ValueError, match="2-step student"):
