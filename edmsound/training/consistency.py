@@ -109,12 +109,7 @@ class ConsistencyTuner(Trainer):
                          init=teacher_dir if fresh else None, seed=seed,
                          device=device, progress=progress, max_minutes=max_minutes, classes=list(classes))
         if fresh:
-            # the tuning's own steps count from 0 (the teacher's training is in the lineage)
-            self.consistency["teacher_steps"] = self.step
-            self.consistency["teacher_train_seconds"] = round(self.wall_time, 1)
-            self.step = self.warmup_start = 0
-            self.wall_time = 0.0
-            self.segments = []
+            self.count_from_zero(self.consistency)
         if self.is_main:
             atomic_write_json(self.run_dir / "consistency.json", self.consistency)
 

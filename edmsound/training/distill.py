@@ -128,12 +128,7 @@ class Distiller(Trainer):
                          init=teacher_dir if fresh else None, seed=seed,
                          device=device, progress=progress, max_minutes=max_minutes, classes=list(classes))
         if fresh:
-            # a fresh student: its steps count the distillation (the teacher's training is in the lineage)
-            self.distillation["teacher_steps"] = self.step
-            self.distillation["teacher_train_seconds"] = round(self.wall_time, 1)
-            self.step = self.warmup_start = 0
-            self.wall_time = 0.0
-            self.segments = []
+            self.count_from_zero(self.distillation)
         self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema")
         self.teacher.requires_grad_(False).eval()
         if self.is_main:

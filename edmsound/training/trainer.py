@@ -142,6 +142,15 @@ class Trainer:
                                "data": self.data_info})
 
     # --- state ------------------------------------------------------------------------------------
+    def count_from_zero(self, record: dict) -> None:
+        """A student started from a teacher's weights counts its own steps from 0; the teacher's steps and
+        training time go into ``record`` (its lineage)."""
+        record["teacher_steps"] = self.step
+        record["teacher_train_seconds"] = round(self.wall_time, 1)
+        self.step = self.warmup_start = 0
+        self.wall_time = 0.0
+        self.segments = []
+
     def _load_training_checkpoint(self, ckpt: Path):
         load_weights(self.raw_net, load_safetensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
         load_weights(self.ema.net, load_safetensors(ckpt / "ema.safetensors"), ckpt / "ema.safetensors")
