@@ -48,7 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _stop(signum, frame):
-    raise KeyboardInterrupt   # gradio closes the server; the service's temp dir is removed at exit
+    # once: gradio closes the server on this and the service's temp dir is removed at exit; a second signal
+    # (a supervisor that repeats it, Ctrl-C twice) must not interrupt that clean-up
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> None:
