@@ -59,44 +59,53 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
-def _cmd_consistency(a):
+def _student_run_args(p, steps: int) -> None:
+    """The run options every few-step student command shares with ``train``."""
+    p.add_argument("--steps", type=int, default=steps, help=f"total optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    p.add_argument("--export", default=None, help="write the student's model directory here when done")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_student(a, make, what: str):
+    """Build the student trainer with the shared run options, run it, export it when asked."""
     import torch
-    from .. import ConsistencyTuner, TrainingDiverged
+    from .. import TrainingDiverged
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        c = ConsistencyTuner(a.teacher, a.data, a.out, max_nfe=a.max_nfe, stages=a.stages, sigma_mid=a.sigma_mid,
-                             steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
-                             progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size,
-                             lr=a.lr, checkpoint_every=a.checkpoint_every)
-        result = c.run()
+        t = make(a.teacher, a.data, a.out, steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
+                 progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
+                 checkpoint_every=a.checkpoint_every)
+        result = t.run()
         if a.export:
-            c.export(a.export)
-            print(f"exported the consistency-tuned model (NFE 1 to {a.max_nfe}) to {a.export}")
+            t.export(a.export)
+            print(f"exported {what} to {a.export}")
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     print(json.dumps(result))
+
+
+def _cmd_consistency(a):
+    from .. import ConsistencyTuner
+    _run_student(a, lambda *x, **kw: ConsistencyTuner(*x, max_nfe=a.max_nfe, stages=a.stages,
+                                                      sigma_mid=a.sigma_mid, **kw),
+                 f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
 def _cmd_distill(a):
-    import torch
-    from .. import Distiller, TrainingDiverged
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
-        d = Distiller(a.teacher, a.data, a.out, student_nfe=a.nfe, teacher_solver=a.teacher_solver,
-                      guidance=a.guidance, steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
-                      progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
-                      checkpoint_every=a.checkpoint_every)
-        result = d.run()
-        if a.export:
-            d.export(a.export)
-            print(f"exported the {a.nfe}-step student to {a.export}")
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    print(json.dumps(result))
+    from .. import Distiller
+    _run_student(a, lambda *x, **kw: Distiller(*x, student_nfe=a.nfe, teacher_solver=a.teacher_solver,
+                                               guidance=a.guidance, **kw),
+                 f"the {a.nfe}-step student")
 
 
 def _cmd_export(a):
@@ -177,17 +186,7 @@ def register(subparsers) -> None:
                    help="the teacher's steps (default: heun for a trained model, euler for a student)")
     d.add_argument("--guidance", type=float, default=None,
                    help="the teacher's guidance scale the student learns (default: the teacher's shipped one)")
-    d.add_argument("--steps", type=int, default=2000, help="total optimizer steps (default 2000)")
-    d.add_argument("--batch-size", type=int, default=None)
-    d.add_argument("--lr", type=float, default=None)
-    d.add_argument("--checkpoint-every", type=int, default=None)
-    d.add_argument("--resume", action="store_true", help="continue the run in --out")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
-    d.add_argument("--export", default=None, help="write the student's model directory here when done")
-    d.add_argument("--no-progress", action="store_true")
+    _student_run_args(d, steps=2000)
     d.set_defaults(func=_cmd_distill)
 
     c = subparsers.add_parser("consistency-tune", help="easy consistency tuning: a model that samples in 1 to a "
@@ -201,17 +200,7 @@ def register(subparsers) -> None:
                    help="times the gap between the paired noise levels halves over the run (default 8)")
     c.add_argument("--sigma-mid", type=float, default=0.3,
                    help="the lowest level multistep sampling re-noises to (default 0.3)")
-    c.add_argument("--steps", type=int, default=4000, help="total optimizer steps (default 4000)")
-    c.add_argument("--batch-size", type=int, default=None)
-    c.add_argument("--lr", type=float, default=None)
-    c.add_argument("--checkpoint-every", type=int, default=None)
-    c.add_argument("--resume", action="store_true", help="continue the run in --out")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
-    c.add_argument("--export", default=None, help="write the tuned model directory here when done")
-    c.add_argument("--no-progress", action="store_true")
+    _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 
     e = subparsers.add_parser("export", help="write a shippable model directory from a run")

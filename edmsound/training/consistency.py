@@ -23,15 +23,12 @@ users hear. To bake a guided teacher into a student use progressive distillation
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import torch
 
-from ..core.storage import atomic_write_json, latest_checkpoint, read_config, resolve_model_dir
 from .export import with_sampling_defaults
-from .trainer import Trainer
+from .trainer import StudentTrainer, read_teacher
 
 ECT_Q = 2.0          # the gap halves every stage
 ECT_K = 8.0          # n(t) = 1 + k sigmoid(-b t'): wider gaps at low noise
@@ -72,18 +69,18 @@ def ect_loss(model, y: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, r: t
     return pseudo_huber(f_t - target, c) / (t - r)
 
 
-class ConsistencyTuner(Trainer):
+class ConsistencyTuner(StudentTrainer):
     """:class:`Trainer` whose loss is easy consistency tuning of a model directory (resumable, checkpointed, logged
     and exported the same way). The exported model samples with ``consistency`` at 1 to ``max_nfe`` evaluations
     on a Karras schedule from the model's sigma_max down to ``sigma_mid`` (the lowest level it re-noises to)."""
+
+    RECORD = "consistency"
 
     def __init__(self, teacher, data_dir, run_dir, *, max_nfe: int = 4, stages: int = 8, sigma_mid: float = 0.3,
                  steps: int | None = None, resume: bool = False, seed: int = 0, device: str = "cpu",
                  progress: bool = True, max_minutes: float | None = None, batch_size: int | None = None,
                  lr: float | None = None, checkpoint_every: int | None = None):
-        teacher_dir = resolve_model_dir(teacher)
-        tpreset, classes = read_config(teacher_dir)
-        tinfo = json.loads((teacher_dir / "info.json").read_text()) if (teacher_dir / "info.json").is_file() else {}
+        teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         if "distillation" in tinfo or "consistency" in tinfo:
             raise ValueError(f"{teacher_dir} is already a few-step student; tune a diffusion model")
         M = int(max_nfe)
@@ -104,14 +101,8 @@ class ConsistencyTuner(Trainer):
         self.consistency = {"method": "ECT", "teacher": teacher_dir.name, "max_nfe": M, "stages": S,
                             "sigma_mid": float(sigma_mid), "q": ECT_Q, "k": ECT_K, "b": ECT_B,
                             "lineage": [teacher_dir.name]}
-        fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
-        super().__init__(student, data_dir, run_dir, steps=steps, resume=resume,
-                         init=teacher_dir if fresh else None, seed=seed,
-                         device=device, progress=progress, max_minutes=max_minutes, classes=list(classes))
-        if fresh:
-            self.count_from_zero(self.consistency)
-        if self.is_main:
-            atomic_write_json(self.run_dir / "consistency.json", self.consistency)
+        super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes)
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``."""
@@ -132,4 +123,5 @@ class ConsistencyTuner(Trainer):
         return ect_loss(model, y, labels, t, r, noise.to(y.device), e.sigma_data)
 
     def info(self) -> dict:
-        return dict(super().info(), consistency=dict(self.consistency, final_stage=self.stage()))
+        self.consistency["final_stage"] = self.stage()
+        return super().info()

@@ -21,8 +21,6 @@ the teacher.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
 
@@ -30,9 +28,8 @@ from ..core.edm import loss_weight
 from ..core.guidance import GuidedDenoiser, check_guidance
 from ..core.model import load_denoiser
 from ..core.schedules import karras_sigmas
-from ..core.storage import atomic_write_json, latest_checkpoint, read_config, resolve_model_dir
 from .export import with_sampling_defaults
-from .trainer import Trainer
+from .trainer import StudentTrainer, read_teacher
 
 TEACHER_SOLVERS = ("heun", "euler")
 
@@ -79,17 +76,17 @@ def distill_targets(teacher_D, y: torch.Tensor, grid: torch.Tensor, k: torch.Ten
     return x_a, sa, target
 
 
-class Distiller(Trainer):
+class Distiller(StudentTrainer):
     """:class:`Trainer` whose loss is progressive distillation from a teacher model directory (resumable,
     checkpointed, logged and exported the same way)."""
+
+    RECORD = "distillation"
 
     def __init__(self, teacher, data_dir, run_dir, *, student_nfe: int, teacher_solver: str | None = None,
                  guidance: float | None = None, steps: int | None = None, resume: bool = False, seed: int = 0,
                  device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
                  batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None):
-        teacher_dir = resolve_model_dir(teacher)
-        tpreset, classes = read_config(teacher_dir)
-        tinfo = json.loads((teacher_dir / "info.json").read_text()) if (teacher_dir / "info.json").is_file() else {}
+        teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         M = int(student_nfe)
         if M < 1 or M != student_nfe:
             raise ValueError(f"the student's NFE must be a whole number >= 1, got {student_nfe!r}")
@@ -123,16 +120,10 @@ class Distiller(Trainer):
                              else list(self.teacher_interval),
                              "grid": [round(float(v), 6) for v in self.grid],
                              "lineage": list(tinfo.get("distillation", {}).get("lineage", [])) + [teacher_dir.name]}
-        fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
-        super().__init__(student, data_dir, run_dir, steps=steps, resume=resume,
-                         init=teacher_dir if fresh else None, seed=seed,
-                         device=device, progress=progress, max_minutes=max_minutes, classes=list(classes))
-        if fresh:
-            self.count_from_zero(self.distillation)
+        super().__init__(student, teacher_dir, classes, self.distillation, data_dir, run_dir, steps=steps,
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes)
         self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema")
         self.teacher.requires_grad_(False).eval()
-        if self.is_main:
-            atomic_write_json(self.run_dir / "distillation.json", self.distillation)
 
     def loss(self, model, y, labels, generator):
         M = (len(self.grid) - 1) // 2
@@ -143,5 +134,3 @@ class Distiller(Trainer):
         D = model(x_a, sa, labels)
         return loss_weight(sa, self.preset.edm.sigma_data) * ((D - target) ** 2).flatten(1).mean(dim=1)
 
-    def info(self) -> dict:
-        return dict(super().info(), distillation=self.distillation)

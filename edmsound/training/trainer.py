@@ -142,15 +142,6 @@ class Trainer:
                                "data": self.data_info})
 
     # --- state ------------------------------------------------------------------------------------
-    def count_from_zero(self, record: dict) -> None:
-        """A student started from a teacher's weights counts its own steps from 0; the teacher's steps and
-        training time go into ``record`` (its lineage)."""
-        record["teacher_steps"] = self.step
-        record["teacher_train_seconds"] = round(self.wall_time, 1)
-        self.step = self.warmup_start = 0
-        self.wall_time = 0.0
-        self.segments = []
-
     def _load_training_checkpoint(self, ckpt: Path):
         load_weights(self.raw_net, load_safetensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
         load_weights(self.ema.net, load_safetensors(ckpt / "ema.safetensors"), ckpt / "ema.safetensors")
@@ -364,6 +355,39 @@ class Trainer:
                 signal.signal(signal.SIGTERM, old_handler)
         return {"step": self.step, "wall_time": self.wall_time, "val_loss": self.last_val,
                 "run_dir": str(self.run_dir)}
+
+
+def read_teacher(teacher) -> tuple[Path, Preset, list[str], dict]:
+    """A teacher model directory: (its path, preset, classes, info.json or {})."""
+    teacher_dir = resolve_model_dir(teacher)
+    preset, classes = read_config(teacher_dir)
+    info_path = teacher_dir / "info.json"
+    return teacher_dir, preset, list(classes), json.loads(info_path.read_text()) if info_path.is_file() else {}
+
+
+class StudentTrainer(Trainer):
+    """A :class:`Trainer` for a few-step student: a fresh run starts from the teacher's weights and counts its own
+    steps from 0 (the teacher's steps and time go into ``record``, the student's lineage); ``record`` is written
+    to ``RUN/<RECORD>.json`` and into the exported ``info.json`` under ``RECORD``."""
+
+    RECORD = "student"
+
+    def __init__(self, student: Preset, teacher_dir: Path, classes: list[str], record: dict, data_dir, run_dir,
+                 **kw):
+        fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
+        super().__init__(student, data_dir, run_dir, init=teacher_dir if fresh else None, classes=classes, **kw)
+        self.record = record
+        if fresh:
+            record["teacher_steps"] = self.step
+            record["teacher_train_seconds"] = round(self.wall_time, 1)
+            self.step = self.warmup_start = 0
+            self.wall_time = 0.0
+            self.segments = []
+        if self.is_main:
+            atomic_write_json(self.run_dir / f"{self.RECORD}.json", record)
+
+    def info(self) -> dict:
+        return dict(super().info(), **{self.RECORD: self.record})
 
 
 def init_distributed(device: str):
