@@ -44,7 +44,8 @@ def _cmd_train(a):
                                                                     sigma_min=a.sigma_min)
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
-                          device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes)
+                          device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes,
+                          whiten=a.freq_scale == "whiten")
         result = trainer.run()
         if a.export and rank == 0:
             trainer.export(a.export)
@@ -164,6 +165,10 @@ def register(subparsers) -> None:
     ab.add_argument("--representation", choices=["complex", "magnitude", "mel"], default=None,
                     help="what the model sees: the complex spectrogram (default), its magnitude only or a log-mel "
                          "spectrogram, the phase recovered by Griffin-Lim when decoding (baselines)")
+    t.add_argument("--freq-scale", choices=["none", "whiten"], default="none",
+                   help="whiten: measure a gain per frequency bin on the training clips so that every bin has RMS "
+                        "sigma_data (quiet high bins are lifted), stored with the model and undone exactly at "
+                        "decoding; complex representation only; chosen when a run starts (default none)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)

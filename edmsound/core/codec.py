@@ -3,11 +3,16 @@
 EDMSound (Zhu et al. 2023, Sec. 2): X = STFT(x) with a periodic Hann window, center=True; amplitude
 compression  X~ = alpha * |X|^beta * exp(i * angle(X)); real and imaginary parts become channels.
 The inverse undoes the compression exactly and applies the iSTFT with ``length=``: no vocoder and no
-phase reconstruction are needed. Besides the model's fixed clip length, spectrograms of any number of frames
-(long clips made window by window) and circular ones (loops: the frame after the last is the first) decode
-exactly too.
+phase reconstruction are needed. An optional gain per frequency bin (``freq_scale``, stored with the
+model) multiplies both channels after the compression and is divided out before the inverse, so decoding stays
+exact; :func:`whitening_scale` chooses it from a training set. Besides the model's fixed clip length,
+spectrograms of any number of frames (long clips made window by window) and circular ones (loops: the frame
+after the last is the first) decode exactly too.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -23,6 +28,14 @@ class SpectrogramCodec:
                 "less than ~50% Hann overlap the STFT is not well conditioned for an exact inverse")
         if not (0 < config.beta <= 1) or config.alpha <= 0:
             raise ValueError(f"need 0 < beta <= 1 and alpha > 0, got beta={config.beta}, alpha={config.alpha}")
+        if config.freq_scale is not None:
+            if config.representation != "complex":
+                raise ValueError("freq_scale applies to the complex representation only")
+            if len(config.freq_scale) != config.num_bins:
+                raise ValueError(f"freq_scale needs one gain per frequency bin ({config.num_bins}), "
+                                 f"got {len(config.freq_scale)}")
+            if not all(math.isfinite(g) and g > 0 for g in config.freq_scale):
+                raise ValueError("freq_scale gains must be finite and > 0")
         self.config = config
         self._windows: dict[tuple, torch.Tensor] = {}
 
@@ -63,6 +76,13 @@ class SpectrogramCodec:
         c = self.config
         return torch.polar((Y.abs() / c.alpha) ** (1.0 / c.beta), Y.angle())
 
+    def _gain(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The per-bin gain as an (F, 1) column in ``like``'s real dtype and device, or None."""
+        if self.config.freq_scale is None:
+            return None
+        dtype = like.real.dtype if like.is_complex() else like.dtype
+        return torch.tensor(self.config.freq_scale, dtype=torch.float64).to(like.device, dtype)[:, None]
+
     def frames_for(self, num_samples: int) -> int:
         """Frames of the centred STFT of a wave of ``num_samples`` samples."""
         return 1 + int(num_samples) // self.config.hop_length
@@ -83,13 +103,18 @@ class SpectrogramCodec:
                        window=self._window(wave.device, wave.dtype), center=True, pad_mode="reflect",
                        return_complex=True)
         Y = self.compress(X)
+        g = self._gain(Y)
+        if g is not None:
+            Y = Y * g
         return torch.stack([Y.real, Y.imag], dim=1).contiguous()
 
     def to_complex(self, spec: torch.Tensor) -> torch.Tensor:
-        """(B, 2, F, T) -> (B, F, T) complex, still compressed."""
+        """(B, 2, F, T) -> (B, F, T) complex, still compressed (the per-bin gain divided out)."""
         if spec.dim() != 4 or spec.shape[1] != 2:
             raise ValueError(f"expected (B, 2, F, T), got {tuple(spec.shape)}")
-        return torch.complex(spec[:, 0].contiguous(), spec[:, 1].contiguous())
+        Y = torch.complex(spec[:, 0].contiguous(), spec[:, 1].contiguous())
+        g = self._gain(Y)
+        return Y if g is None else Y / g
 
     def decode(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """(B, 2, F, T) -> (B, length) wave, the exact inverse of ``encode``; ``length`` defaults to the
@@ -203,6 +228,31 @@ class MelCodec(MagnitudeCodec):
 
 
 REPRESENTATIONS = ("complex", "magnitude", "mel")
+
+
+def whitening_scale(codec: SpectrogramCodec, waves, target_rms: float, batch: int = 256,
+                    limits: tuple[float, float] = (0.25, 4.0)) -> tuple[float, ...]:
+    """Per-bin gains that give every frequency bin of ``waves`` (N, samples) the RMS ``target_rms`` (the
+    preconditioning's sigma_data) in ``codec``'s representation without a gain: gain_f = target / RMS_f over
+    clips, channels and frames, clipped to ``limits`` (a bin that is almost silent in the data is not blown up).
+    Compressed spectra fall with frequency, so the quiet high bins get gains > 1: their detail then survives
+    to the same noise levels as the loud low bins' and weighs as much in the training loss."""
+    if codec.config.representation != "complex":
+        raise ValueError("freq_scale applies to the complex representation only")
+    plain = SpectrogramCodec(dataclasses.replace(codec.config, freq_scale=None))
+    waves = torch.as_tensor(waves)
+    if len(waves) == 0:
+        raise ValueError("no clips to measure the per-bin scale on")
+    power = torch.zeros(codec.config.num_bins, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(waves), batch):
+        spec = plain.encode(waves[i:i + batch].float()).double()
+        power += spec.pow(2).sum(dim=(0, 1, 3))
+        count += spec.shape[0] * spec.shape[1] * spec.shape[3]
+    rms = (power / count).sqrt()
+    lo, hi = limits
+    gains = (target_rms / rms.clamp_min(1e-12)).clamp(lo, hi)
+    return tuple(round(float(g), 5) for g in gains)
 
 
 def make_codec(config: CodecConfig) -> SpectrogramCodec:

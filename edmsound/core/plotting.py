@@ -29,7 +29,7 @@ def spectrogram_figure(spec: torch.Tensor, codec, mode: str = "magphase", title:
                   ("compressed magnitude (the model's channel)", spec[0].numpy(), "magma",
                    (0.0, float(spec.max()) or 1.0))]
     elif mode == "magphase":
-        X = codec.decompress(torch.complex(spec[0], spec[1]))
+        X = codec.decompress(codec.to_complex(spec[None])[0])
         mag = 20 * np.log10(np.maximum(X.abs().numpy(), 1e-5))
         panels = [("log magnitude (dB)", mag, "magma", (mag.max() - 80, mag.max())),
                   ("phase (rad)", X.angle().numpy(), "twilight", (-np.pi, np.pi))]

@@ -24,6 +24,10 @@ class CodecConfig:
     # "magnitude" (the compressed magnitude only, phase recovered by Griffin-Lim: a baseline).
     representation: str = "complex"
     griffin_lim_iters: int = 64   # "magnitude": iterations of fast Griffin-Lim at decoding
+    # "complex" only: a gain per frequency bin (num_bins values) applied after the compression, chosen by
+    # `edmsound train --freq-scale whiten` so that every bin of the training set has RMS sigma_data. None: no
+    # per-bin gain (every bin keeps the compressed data's own scale; the paper's).
+    freq_scale: tuple[float, ...] | None = None
 
     @property
     def channels(self) -> int:

@@ -7,6 +7,7 @@ whose state is checkpointed, so a resumed run continues exactly where the checkp
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ..core.storage import (atomic_write_json, clean_orphans, latest_checkpoint, load_safetensors, load_weights,
                             read_config, resolve_model_dir, write_model_dir)
 from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_checkpoint
-from ..core.codec import make_codec
+from ..core.codec import make_codec, whitening_scale
 from ..data.folder import load_folder, split_indices
 from ..core.edm import edm_loss
 from ..core.model import build_denoiser
@@ -68,7 +69,11 @@ def _machine() -> str:
 class Trainer:
     def __init__(self, preset: Preset, data_dir, run_dir, *, steps: int | None = None, resume: bool = False,
                  init=None, seed: int = 0, device: str = "cpu", val_fraction: float = 0.05,
-                 progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None):
+                 progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None,
+                 whiten: bool = False):
+        if whiten and preset.codec.representation != "complex":
+            raise ValueError(f"--freq-scale whiten applies to the complex representation only "
+                             f"(this run: {preset.codec.representation})")
         self.world, self.rank = _dist_info()
         self.is_main = self.rank == 0
         self.device = torch.device(device)
@@ -86,6 +91,12 @@ class Trainer:
                                   "continue it or choose another --out")
         if ckpt is not None:
             stored, stored_classes = read_config(ckpt)
+            if whiten and stored.codec.freq_scale is None:
+                raise ValueError(f"{self.run_dir} was started without per-bin gains; --freq-scale whiten applies "
+                                 "only when a run starts")
+            # the per-bin gains were measured when the run started and stay with it
+            preset = dataclasses.replace(preset, codec=dataclasses.replace(
+                preset.codec, freq_scale=stored.codec.freq_scale))
             if not same_model(stored, preset):
                 raise ValueError(f"{self.run_dir} was trained with a different preset ({stored.name}); "
                                  "the network, codec and EDM settings must match to resume")
@@ -99,6 +110,13 @@ class Trainer:
                            progress=self.progress, verbose=self.is_main)
         self.classes = data.classes
         tr, va = split_indices(len(data), val_fraction if len(data) >= 20 else 0.0, seed=seed)
+        if whiten and ckpt is None and preset.codec.freq_scale is None:
+            gains = whitening_scale(self.codec, torch.from_numpy(data.waves[tr]), preset.edm.sigma_data)
+            preset = preset.replace_codec(freq_scale=gains)
+            self.preset, self.codec = preset, make_codec(preset.codec)
+            if self.is_main:
+                print(f"per-bin gains for RMS {preset.edm.sigma_data} in every bin: {min(gains):.2f} … "
+                      f"{max(gains):.2f} (bin 0 {gains[0]:.2f}, top bin {gains[-1]:.2f})")
         self.train_waves = torch.from_numpy(data.waves[tr])
         self.train_labels = torch.from_numpy(data.labels[tr])
         self.val_waves = torch.from_numpy(data.waves[va])
@@ -163,6 +181,9 @@ class Trainer:
         """Warm start from a model directory (weights only: fresh optimizer, step counter kept)."""
         model_dir = resolve_model_dir(init)
         preset, classes = read_config(model_dir)
+        # the same network may start on a representation with other per-bin gains (it then adapts to them)
+        preset = dataclasses.replace(preset, codec=dataclasses.replace(
+            preset.codec, freq_scale=self.preset.codec.freq_scale))
         if not same_model(preset, self.preset) or list(classes) != list(self.classes):
             raise ValueError(f"--init {model_dir}: network or classes differ from this run")
         ema = load_safetensors(model_dir / "ema.safetensors")

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,58 @@ def test_magnitude_representation_keeps_magnitudes_and_recovers_a_phase_by_griff
                    return_complex=True)
     sc_mel = float((Y.abs() - X.abs()).norm() / X.abs().norm())
     assert sc64 < sc_mel < 1.0, (sc64, sc_mel)
+
+
+def test_per_bin_gains_multiply_both_channels_and_decode_exactly():
+    import dataclasses
+    base = PRESETS["tiny"].codec
+    gains = tuple(float(g) for g in np.linspace(0.5, 3.0, base.num_bins))
+    plain, scaled = SpectrogramCodec(base), SpectrogramCodec(dataclasses.replace(base, freq_scale=gains))
+    wave = torch.randn(2, plain.num_samples, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a, b = plain.encode(wave), scaled.encode(wave)
+    np.testing.assert_allclose(b, a * torch.tensor(gains, dtype=torch.float64)[None, None, :, None], rtol=1e-12)
+    np.testing.assert_allclose(scaled.to_complex(b), plain.to_complex(a), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(scaled.decode(b), wave, atol=1e-12)
+    np.testing.assert_allclose(scaled.magnitude_db(b), plain.magnitude_db(a), atol=1e-9)
+
+
+def test_whitening_gains_give_every_bin_the_target_rms_within_their_limits():
+    import dataclasses
+    from edmsound.core.codec import whitening_scale
+    base = PRESETS["tiny"].codec
+    codec = SpectrogramCodec(base)
+    g = torch.Generator().manual_seed(0)
+    n = codec.num_samples
+    # noise falling with frequency (a one-pole low-pass), plus a near-silent clip
+    white = torch.randn(16, n, dtype=torch.float64, generator=g)
+    red = torch.zeros_like(white)
+    for i in range(1, n):
+        red[:, i] = 0.9 * red[:, i - 1] + white[:, i]
+    waves = 0.05 * red
+    gains = whitening_scale(codec, waves, target_rms=0.2, limits=(0.25, 4.0))
+    assert len(gains) == base.num_bins and gains[-1] > gains[1] > 0      # quiet high bins are lifted
+    spec = SpectrogramCodec(dataclasses.replace(base, freq_scale=gains)).encode(waves)
+    rms = spec.pow(2).mean(dim=(0, 1, 3)).sqrt().numpy()
+    inside = (np.array(gains) > 0.25) & (np.array(gains) < 4.0)
+    assert inside.sum() > base.num_bins // 2
+    np.testing.assert_allclose(rms[inside], 0.2, rtol=1e-4)               # gains are rounded to 5 decimals
+    tight = whitening_scale(codec, waves, target_rms=0.2, limits=(0.9, 1.1))
+    assert min(tight) == 0.9 or max(tight) == 1.1
+    assert all(0.9 <= v <= 1.1 for v in tight)
+
+
+def test_per_bin_gains_are_checked_and_kept_in_the_preset():
+    import dataclasses
+    from edmsound.core.codec import make_codec
+    from edmsound.core.presets import Preset
+    base = PRESETS["tiny"].codec
+    with pytest.raises(ValueError, match="one gain per frequency bin"):
+        SpectrogramCodec(dataclasses.replace(base, freq_scale=(1.0, 2.0)))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        SpectrogramCodec(dataclasses.replace(base, freq_scale=(0.0,) * base.num_bins))
+    with pytest.raises(ValueError, match="complex representation only"):
+        make_codec(dataclasses.replace(base, representation="magnitude", freq_scale=(1.0,) * base.num_bins))
+    gains = tuple(1.0 + i / 100 for i in range(base.num_bins))
+    p = dataclasses.replace(PRESETS["tiny"], codec=dataclasses.replace(base, freq_scale=gains))
+    back = Preset.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert back == p and back.codec.freq_scale == gains

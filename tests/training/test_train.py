@@ -234,3 +234,45 @@ def test_ddp_two_processes_on_cpu(tone_tree, tmp_path):
     ck = latest_checkpoint(tmp_path / "run")
     assert ck.name == "ckpt-00000006"
     assert json.loads((ck / "info.json").read_text())["world_size"] == 2
+
+
+def test_whitened_run_measures_its_gains_once_and_keeps_them(tone_tree, tmp_path):
+    base = get_preset("tiny").replace_train(checkpoint_every=100)
+    plain = Trainer(base, tone_tree, tmp_path / "p", steps=4, progress=False)
+    plain.run()
+    plain.export(tmp_path / "m")
+    # a warm start of the same network into the whitened representation
+    tr = Trainer(base, tone_tree, tmp_path / "w", steps=6, init=tmp_path / "m", whiten=True, progress=False)
+    gains = tr.preset.codec.freq_scale
+    assert gains is not None and len(gains) == base.codec.num_bins and tr.step == 4
+    spec = tr.codec.encode(tr.train_waves)
+    rms = spec.double().pow(2).mean(dim=(0, 1, 3)).sqrt().numpy()
+    free = (torch.tensor(gains) > 0.25) & (torch.tensor(gains) < 4.0)
+    assert free.any()
+    assert abs(rms[free.numpy()] - base.edm.sigma_data).max() < 1e-3
+    tr.run()
+    stored = json.loads((latest_checkpoint(tmp_path / "w") / "config.json").read_text())["preset"]["codec"]
+    assert tuple(stored["freq_scale"]) == gains
+    # resuming keeps the gains measured at the start, with or without the option
+    again = Trainer(base, tone_tree, tmp_path / "w", steps=8, resume=True, progress=False)
+    assert again.preset.codec.freq_scale == gains
+    again.run()
+    again.export(tmp_path / "mw")
+    from edmsound.core.pipeline import EDMSoundPipeline
+    pipe = EDMSoundPipeline(tmp_path / "mw", device="cpu")
+    assert pipe.codec.config.freq_scale == gains
+    wave = tr.train_waves[:2].double()
+    assert (pipe.codec.decode(pipe.codec.encode(wave)) - wave).abs().max() < 1e-9
+    # a run started without gains cannot take them up later
+    with pytest.raises(ValueError, match="without per-bin gains"):
+        Trainer(base, tone_tree, tmp_path / "p", steps=8, resume=True, whiten=True, progress=False)
+
+
+def test_cli_refuses_gains_for_a_magnitude_representation(tone_tree, tmp_path, capsys):
+    from edmsound.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "tiny", "--data", str(tone_tree), "--out", str(tmp_path / "r"), "--steps", "2",
+              "--representation", "magnitude", "--freq-scale", "whiten", "--no-progress", "--no-jemalloc"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "complex representation only" in err[0], err
+    assert not (tmp_path / "r").exists()
