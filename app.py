@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""EDMSound Gradio app: ``python app.py`` (or ``make run``) serves the embedded default from checkpoints/.
+"""EDMSound Gradio app: ``python app.py`` (or ``make run``) serves the embedded models from checkpoints/ (the
+shipped default and any few-step student exported beside it, chosen in the app's Model menu).
 
-    python app.py [--checkpoint DIR] [--index DIR | --no-index] [--host HOST] [--port PORT] [--share]
+    python app.py [--checkpoint DIR ...] [--index DIR | --no-index] [--host HOST] [--port PORT] [--share]
                   [--device cpu|cuda]
 
 Nothing is downloaded: the model, the copy-detection encoder and the index are local files. On a Hugging
@@ -23,7 +24,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "default"
+CHECKPOINTS = ROOT / "checkpoints"
+DEFAULT_CHECKPOINT = CHECKPOINTS / "default"
 DEFAULT_INDEX = ROOT / "checkpoints" / "index"
 
 
@@ -31,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     on_space = bool(os.environ.get("SPACE_ID"))
     p = argparse.ArgumentParser(description="EDMSound app: generate foley, inspect training neighbours, "
                                             "compare samplers.")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                   help="exported model directory (default: the embedded checkpoints/default)")
+    p.add_argument("--checkpoint", action="append", default=None, metavar="DIR",
+                   help="exported model directory; repeat it to serve several (the first opens by default). "
+                        "Default: every model under checkpoints/ (the embedded default first)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--index", default=None,
                    help="copy-detection index directory (default: checkpoints/index; when that is missing the "
@@ -45,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs network)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return p.parse_args(argv)
+
+
+def default_checkpoints() -> list[str]:
+    """Every model directory under checkpoints/ (the default first); the default's path when there is none, so
+    the error names it."""
+    from edmsound.core.storage import find_models
+    return [str(p) for p in find_models(CHECKPOINTS)] or [str(DEFAULT_CHECKPOINT)]
 
 
 def _stop(signum, frame):
@@ -65,8 +75,10 @@ def main(argv=None) -> None:
     from edmsound.app.ui import build_demo, launch_kwargs
     from edmsound.app.service import EDMSoundService
 
-    if not Path(args.checkpoint).is_dir():
-        sys.exit(f"error: checkpoint directory {args.checkpoint} not found")
+    checkpoints = args.checkpoint or default_checkpoints()
+    for ck in checkpoints:
+        if not Path(ck).is_dir():
+            sys.exit(f"error: checkpoint directory {ck} not found")
     if args.no_index:
         index, required = None, False
     elif args.index is not None:
@@ -77,18 +89,21 @@ def main(argv=None) -> None:
     else:
         index, required = str(DEFAULT_INDEX), False
     try:
-        service = EDMSoundService.from_paths(args.checkpoint, index=index, device=args.device,
-                                             require_index=required)
+        services = EDMSoundService.load_family(checkpoints, index=index, device=args.device,
+                                               require_index=required)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    service = next(iter(services.values()))
     if not service.has_index:
         print(f"note: neighbours panel off: {service.index_note}", file=sys.stderr)
     from edmsound.core.runtime import jemalloc_loaded
     log = logging.getLogger("edmsound.app")
     log.info("memory allocator: %s", "jemalloc" if jemalloc_loaded() else "default (jemalloc not found or disabled)")
-    log.info("generated audio is kept in %s (removed at exit)", service.workdir)
+    for name, svc in services.items():
+        log.info("model %s: %s; generated audio is kept in %s (removed at exit)", name, svc.pipeline.summary,
+                 svc.workdir)
     signal.signal(signal.SIGTERM, _stop)
-    demo = build_demo(service)
+    demo = build_demo(services)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
 
 

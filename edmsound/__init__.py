@@ -35,7 +35,7 @@ _export("edmsound.core.plotting", "spectrogram_figure", SPECTROGRAM_VIEWS="MODES
 # models and presets
 _export("edmsound.core.presets", "Preset", "get_preset", "PRESETS", "format_class_guidance")
 _export("edmsound.core.model", "load_denoiser", "build_denoiser")
-_export("edmsound.core.storage", "read_config", "resolve_model_dir")
+_export("edmsound.core.storage", "read_config", "resolve_model_dir", "find_models")
 # audio in, out and level
 _export("edmsound.audio.io", "load_audio", "write_wav", "wav_bytes", "to_pcm16", "AUDIO_EXTENSIONS")
 _export("edmsound.audio.upload", "read_upload", "UploadError", "UPLOAD_EXTENSIONS")

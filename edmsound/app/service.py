@@ -296,6 +296,32 @@ class EDMSoundService:
                 log.warning("running without the neighbours panel: %s", note)
         return cls(pipeline, idx, index_note=note, **kwargs)
 
+    @classmethod
+    def load_family(cls, checkpoints, index=None, device: str | None = None, *, require_index: bool = False,
+                    **kwargs) -> dict[str, "EDMSoundService"]:
+        """Several models served side by side (the shipped model and its few-step students): one service per
+        checkpoint, keyed by folder name in the given order, sharing one copy index. The models must make the
+        same classes at the same sample rate (the app's controls and uploads are shared); otherwise a
+        ``ValueError`` names the one that differs."""
+        checkpoints = [Path(c) for c in checkpoints]
+        if not checkpoints:
+            raise ValueError("no model to serve: give at least one checkpoint directory")
+        names = [os.path.basename(os.path.normpath(str(c))) for c in checkpoints]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two checkpoints are both called {dup[0]!r}: the app names models by folder")
+        first = cls.from_paths(checkpoints[0], index=index, device=device, require_index=require_index, **kwargs)
+        family = {names[0]: first}
+        for name, ck in zip(names[1:], checkpoints[1:]):
+            pipe = EDMSoundPipeline(ck, device=device)
+            if list(pipe.classes) != first.classes or pipe.sample_rate != first.sample_rate:
+                for svc in family.values():
+                    svc.close()
+                raise ValueError(f"model {name!r} makes other classes or another sample rate than {names[0]!r} "
+                                 f"({pipe.sample_rate} Hz: {', '.join(pipe.classes)}); serve it on its own")
+            family[name] = cls(pipe, first.index, index_note=first.index_note, **kwargs)
+        return family
+
     @staticmethod
     def _load_index(path):
         from .. import CopyIndex
@@ -387,7 +413,7 @@ class EDMSoundService:
         return os.path.basename(os.path.normpath(str(self.pipeline.checkpoint)))
 
     def info(self) -> dict:
-        d = {"checkpoint": self.checkpoint_name, "device": str(self.pipeline.device),
+        d = {"checkpoint": self.checkpoint_name, "model": self.pipeline.summary, "device": str(self.pipeline.device),
              "classes": self.classes, "samplers": self.samplers, "sample_rate": self.sample_rate,
              "seconds": round(self.pipeline.codec.num_samples / self.sample_rate, 4),
              "max_nfe": self.max_nfe, "guidance_range": list(GUIDANCE_RANGE), "max_variations": MAX_VARIATIONS,
@@ -522,7 +548,7 @@ class EDMSoundService:
     def _clips(self, gen, out_dir: Path | None) -> list[Clip]:
         clips = []
         for i, s in enumerate(gen.seeds):
-            settings = dict(gen.settings, seed=int(s))
+            settings = dict(gen.settings, seed=int(s), checkpoint=self.checkpoint_name)   # the name, not the path
             name = clip_stem(settings, s)
             clip = Clip(wave=np.ascontiguousarray(gen.waves[i], np.float32),
                         spec=gen.specs[i].numpy().astype(np.float32), sample_rate=gen.sample_rate,

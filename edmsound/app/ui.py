@@ -1,4 +1,6 @@
-"""The Gradio app over :class:`edmsound.service.EDMSoundService`: ``build_demo(service) -> gr.Blocks``.
+"""The Gradio app over :class:`edmsound.service.EDMSoundService`: ``build_demo(service) -> gr.Blocks``
+(one model, or several keyed by name: a **Model** menu then picks the shipped model or one of its few-step
+students, and every generating endpoint takes ``model``).
 
 Tabs: **Generate** (controls, one player + spectrogram per clip, settings / NFE counted / wall time /
 real-time factor, and the **training neighbours** panel with a copy-risk badge and a side-by-side view of
@@ -24,6 +26,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import secrets  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from types import MappingProxyType  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -250,16 +253,35 @@ class Handlers:
     ``session`` is the per-user ``gr.State``: ``{"clips": [Clip], "settings": dict, "neighbours":
     NeighbourResult | None}``; compare results live in a second state."""
 
-    def __init__(self, service: EDMSoundService, per_session: int = 1):
-        self.svc = service
+    def __init__(self, service, per_session: int = 1):
+        """``service``: one :class:`EDMSoundService`, or several keyed by model name (the first is the default;
+        see :meth:`EDMSoundService.load_family`)."""
+        self.services = dict(service) if isinstance(service, Mapping) else {service.checkpoint_name: service}
+        if not self.services:
+            raise ValueError("no model to serve")
+        self.svc = next(iter(self.services.values()))
         self.gate = SessionGate(per_session)
+
+    def use(self, model) -> EDMSoundService:
+        """The service of the chosen model (None or '': the first one); an unknown name is refused naming the
+        models served."""
+        if model in (None, ""):
+            return self.svc
+        if not isinstance(model, str) or model not in self.services:
+            raise ValueError(f"unknown model {model!r}; valid: {', '.join(self.services)}")
+        return self.services[model]
+
+    def of(self, clip) -> EDMSoundService:
+        """The service of the model that made ``clip`` (its spectrogram is drawn with that model's codec)."""
+        return self.services.get((getattr(clip, "settings", None) or {}).get("checkpoint"), self.svc)
 
     # --- generate --------------------------------------------------------------------------------
     @_guard
     def generate(self, class_name, sampler, nfe, guidance, seed, n, level="off", target=None, session=None,
-                 request: gr.Request = None, progress=gr.Progress()):
+                 model=None, request: gr.Request = None, progress=gr.Progress()):
+        svc = self.use(model)
         with self.gate.running(getattr(request, "session_hash", None)) as stopped:
-            res = self.svc.generate(class_name, sampler, nfe, guidance, seed, n,
+            res = svc.generate(class_name, sampler, nfe, guidance, seed, n,
                                     progress=_progress_adapter(progress, stopped), normalize=level, target=target)
         return _after(session, res), res.to_dict(), res.paths
 
@@ -274,7 +296,7 @@ class Handlers:
                 audios.append(gr.update(value=str(c.path), loop=looped,
                                         label=f"Clip {i + 1} · seed {c.seed} · {c.level_text or '16-bit WAV'}"
                                               + (" · plays looped" if looped else "")))
-                images.append(gr.update(value=self.svc.spectrogram_image(c.spec, mode, f"clip {i + 1}: {c.name}"),
+                images.append(gr.update(value=self.of(c).spectrogram_image(c.spec, mode, f"clip {i + 1}: {c.name}"),
                                         label=f"Clip {i + 1} · {MODE_LABELS[mode]}"))
             else:
                 groups.append(gr.update(visible=i == 0))
@@ -306,7 +328,7 @@ class Handlers:
             raise ValueError("no generated clips in this session: call generate first (neighbours are searched "
                              "for the clips of your last generation)")
         i = as_int(1 if clip_number is None else clip_number, "clip number", 1, len(clips))
-        res = self.svc.neighbours(clips[i - 1], DEFAULT_K if k is None else k, clip_number=i)
+        res = self.of(clips[i - 1]).neighbours(clips[i - 1], DEFAULT_K if k is None else k, clip_number=i)
         session = dict(session, neighbours=res)
         return session, res.to_dict(), [str(nb.path) for nb in res.neighbours if nb.path is not None]
 
@@ -324,7 +346,7 @@ class Handlers:
                              f"{_fmt(nb.percentile, 1)}{flag}  \n{nb.class_name} · `{nb.source}`"
                              + (f"  \n_{nb.note}_" if nb.note else ""))
                 audios.append(str(nb.path) if nb.path is not None else None)
-                images.append(self.svc.neighbour_image(nb, mode))
+                images.append(self.of(res.query).neighbour_image(nb, mode))
             else:
                 vis.append(gr.update(visible=False))
                 infos.append("")
@@ -362,7 +384,7 @@ class Handlers:
         res = (session or {}).get("neighbours")
         if res is None or not res.neighbours:
             return [None, None, None, None, None, ""]
-        sbs = self.svc.side_by_side(res, res.neighbours[0].rank if rank is None else rank, mode)
+        sbs = self.of(res.query).side_by_side(res, res.neighbours[0].rank if rank is None else rank, mode)
         res.shown_pair = sbs                         # kept, so a view toggle redraws without recomputing
         nb = sbs["neighbour"]
         w = res.window_seconds
@@ -388,19 +410,20 @@ class Handlers:
         side-by-side pair (its window marks reused: no embedding is recomputed); players and tables stay."""
         mode = _mode(mode)
         clips = (session or {}).get("clips") or []
-        out = [gr.update(value=self.svc.spectrogram_image(clips[i].spec, mode, f"clip {i + 1}: {clips[i].name}"),
+        out = [gr.update(value=self.of(clips[i]).spectrogram_image(clips[i].spec, mode, f"clip {i + 1}: {clips[i].name}"),
                          label=f"Clip {i + 1} · {MODE_LABELS[mode]}") if i < len(clips) else gr.update()
                for i in range(MAX_VARIATIONS)]
         res = (session or {}).get("neighbours")
         nbs = res.neighbours if res is not None else []
-        out += [self.svc.neighbour_image(nbs[j], mode) if j < len(nbs) else gr.update() for j in range(MAX_K)]
+        nb_svc = self.of(res.query) if res is not None else self.svc
+        out += [nb_svc.neighbour_image(nbs[j], mode) if j < len(nbs) else gr.update() for j in range(MAX_K)]
         shown = getattr(res, "shown_pair", None) if res is not None else None
         if shown is None:
             return out + [gr.update(), gr.update()]
         q = res.query
-        return out + [self.svc.spectrogram_image(q.spec, mode, f"generated: {q.name} (matching windows shaded)",
-                                                 shown["query_marks"]),
-                      self.svc.neighbour_image(shown["neighbour"], mode, shown["train_marks"])]
+        return out + [nb_svc.spectrogram_image(q.spec, mode, f"generated: {q.name} (matching windows shaded)",
+                                               shown["query_marks"]),
+                      nb_svc.neighbour_image(shown["neighbour"], mode, shown["train_marks"])]
 
     @_guard
     def rerender(self, session, mode, pair=None):
@@ -413,14 +436,15 @@ class Handlers:
 
     @_guard
     def vary(self, clip_number, strength, n, seed, session, source="clip", class_name=None, sampler=None, nfe=None,
-             guidance=None, request: gr.Request = None, progress=gr.Progress()):
-        """Variations of the source: clip ``clip_number`` of this session's last generation (with its class,
-        sampler, NFE and guidance) or the uploaded file (with the given ones); ``strength`` in (0, 1]."""
+             guidance=None, model=None, request: gr.Request = None, progress=gr.Progress()):
+        """Variations of the source: clip ``clip_number`` of this session's last generation (with its model,
+        class, sampler, NFE and guidance) or the uploaded file (with the given ones); ``strength`` in (0, 1]."""
         wave, src = self._source(session, source, clip_number)
         st = src.settings if src is not None else {"class": class_name, "sampler": sampler, "nfe": nfe,
                                                    "guidance": guidance}
+        svc = self.of(src) if src is not None else self.use(model)
         with self.gate.running(getattr(request, "session_hash", None)) as stopped:
-            res = self.svc.edit("vary", wave, st["class"], st["sampler"], st["nfe"], st["guidance"], seed, n,
+            res = svc.edit("vary", wave, st["class"], st["sampler"], st["nfe"], st["guidance"], seed, n,
                                 strength=strength, progress=_progress_adapter(progress, stopped))
         return _after(session, res), res.to_dict(), res.paths
 
@@ -445,12 +469,13 @@ class Handlers:
         return clips[i - 1].wave, clips[i - 1]
 
     def _tool(self, tool, session, request, progress, source=None, clip_number=None, class_name=None,
-              sampler=None, nfe=None, guidance=None, seed=0, n=1, level="off", target=None, **params):
+              sampler=None, nfe=None, guidance=None, seed=0, n=1, level="off", target=None, model=None, **params):
+        svc = self.use(model)
         wave = None
         if source is not None:
             wave, _ = self._source(session, source, clip_number)
         with self.gate.running(getattr(request, "session_hash", None)) as stopped:
-            res = self.svc.edit(tool, wave, class_name, sampler, nfe, guidance, seed, n, normalize=level,
+            res = svc.edit(tool, wave, class_name, sampler, nfe, guidance, seed, n, normalize=level,
                                 target=target, progress=_progress_adapter(progress, stopped), **params)
         return _after(session, res), res.to_dict(), res.paths
 
@@ -466,34 +491,35 @@ class Handlers:
 
     @_guard
     def regenerate(self, source, clip_number, start, end, low_hz, high_hz, strength, class_name, sampler, nfe,
-                   guidance, seed, n, level, target, session, request: gr.Request = None, progress=gr.Progress()):
+                   guidance, seed, n, level, target, session, model=None, request: gr.Request = None,
+                   progress=gr.Progress()):
         """Regenerate the span [start, end) s of the source (a band low_hz-high_hz Hz, 0 = open) and keep the
         rest; ``strength`` 1 makes the region anew, lower starts from its own content."""
         band = (None if not low_hz else low_hz, None if not high_hz else high_hz)
         st = None if strength is None or float(strength) >= 1.0 else strength
         return self._tool("regen", session, request, progress, source, clip_number, class_name, sampler, nfe,
-                          guidance, seed, n, level, target, span=(start, end), band=band, strength=st)
+                          guidance, seed, n, level, target, model, span=(start, end), band=band, strength=st)
 
     @_guard
     def extend(self, source, clip_number, seconds, class_name, sampler, nfe, guidance, seed, n, level, target,
-               session, request: gr.Request = None, progress=gr.Progress()):
+               session, model=None, request: gr.Request = None, progress=gr.Progress()):
         """Continue the source to ``seconds`` in total."""
         return self._tool("extend", session, request, progress, source, clip_number, class_name, sampler, nfe,
-                          guidance, seed, n, level, target, seconds=seconds)
+                          guidance, seed, n, level, target, model, seconds=seconds)
 
     @_guard
-    def long(self, seconds, class_name, sampler, nfe, guidance, seed, n, level, target, session,
+    def long(self, seconds, class_name, sampler, nfe, guidance, seed, n, level, target, session, model=None,
              request: gr.Request = None, progress=gr.Progress()):
         """A clip of ``seconds`` made window by window."""
         return self._tool("long", session, request, progress, None, None, class_name, sampler, nfe, guidance,
-                          seed, n, level, target, seconds=seconds)
+                          seed, n, level, target, model, seconds=seconds)
 
     @_guard
     def loop(self, seconds, from_source, source, clip_number, class_name, sampler, nfe, guidance, seed, n, level,
-             target, session, request: gr.Request = None, progress=gr.Progress()):
+             target, session, model=None, request: gr.Request = None, progress=gr.Progress()):
         """A seamless loop of ``seconds``; with ``from_source``, the source made to loop seamlessly."""
         return self._tool("loop", session, request, progress, source if from_source else None, clip_number,
-                          class_name, sampler, nfe, guidance, seed, n, level, target,
+                          class_name, sampler, nfe, guidance, seed, n, level, target, model,
                           seconds=None if from_source else seconds)
 
     # --- the session: history, keep, export ---------------------------------------------------------
@@ -567,10 +593,11 @@ class Handlers:
 
     # --- compare ---------------------------------------------------------------------------------
     @_guard
-    def compare(self, class_name, seed, nfe, guidance, samplers, request: gr.Request = None,
+    def compare(self, class_name, seed, nfe, guidance, samplers, model=None, request: gr.Request = None,
                 progress=gr.Progress()):
+        svc = self.use(model)
         with self.gate.running(getattr(request, "session_hash", None)) as stopped:
-            res = self.svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress, stopped))
+            res = svc.compare(class_name, seed, nfe, guidance, samplers, progress=_progress_adapter(progress, stopped))
         return res, res.to_dict(), res.paths
 
     @_guard
@@ -579,7 +606,7 @@ class Handlers:
         mode = _mode(mode)
         entries = result.entries if result is not None else []
         vis, titles, audios, images = [], [], [], []
-        for j in range(len(self.svc.samplers)):
+        for j in range(self.compare_slots):
             if j < len(entries):
                 e = entries[j]
                 s = e.clip.settings
@@ -587,7 +614,7 @@ class Handlers:
                 titles.append(f"### {e.sampler}\nNFE counted **{s['nfe']}** · {s['seconds']:.2f} s · RTF "
                               f"{s['real_time_factor']:.2f}" + (f"  \n_{e.note}_" if e.note else ""))
                 audios.append(str(e.clip.path))
-                images.append(self.svc.spectrogram_image(e.clip.spec, mode, f"{e.sampler} · NFE {s['nfe']}"))
+                images.append(self.of(e.clip).spectrogram_image(e.clip.spec, mode, f"{e.sampler} · NFE {s['nfe']}"))
             else:
                 vis.append(gr.update(visible=False))
                 titles.append("")
@@ -596,19 +623,43 @@ class Handlers:
         return vis + titles + audios + images
 
     # --- small UI helpers ------------------------------------------------------------------------
-    def sampler_changed(self, sampler, nfe):
-        """The NFE slider for ``sampler``: its min/step/max allow valid budgets only (Heun: odd values)."""
-        if sampler not in self.svc.samplers:
-            return gr.update()
-        spec = self.svc.nfe_slider(sampler)
-        return gr.update(value=self.svc.snap_nfe(sampler, nfe), info=f"{sampler}: {self.svc.nfe_rule(sampler)}",
-                         **spec)
+    @property
+    def compare_slots(self) -> int:
+        """Columns of the compare tab: the most samplers any served model takes."""
+        return max(len(s.samplers) for s in self.services.values())
 
-    def class_changed(self, class_name):
+    def _known(self, model) -> EDMSoundService | None:
+        return self.services.get(model) if model not in (None, "") else self.svc
+
+    def sampler_changed(self, sampler, nfe, model=None):
+        """The NFE slider for ``sampler``: its min/step/max allow valid budgets only (Heun: odd values)."""
+        svc = self._known(model)
+        if svc is None or sampler not in svc.samplers:
+            return gr.update()
+        spec = svc.nfe_slider(sampler)
+        return gr.update(value=svc.snap_nfe(sampler, nfe), info=f"{sampler}: {svc.nfe_rule(sampler)}", **spec)
+
+    def class_changed(self, class_name, model=None):
         """The guidance slider moves to the class's default scale (calibrated per class, if the checkpoint is)
         and its note names the class's guidance interval."""
-        w = self.svc.defaults["class_guidance"].get(class_name)
-        return gr.update() if w is None else gr.update(value=w, info=guidance_info(self.svc.defaults, class_name))
+        svc = self._known(model)
+        w = None if svc is None else svc.defaults["class_guidance"].get(class_name)
+        return gr.update() if w is None else gr.update(value=w, info=guidance_info(svc.defaults, class_name))
+
+    def model_changed(self, model, class_name, nfe, cmp_class=None):
+        """Another model: its samplers (with its default), its NFE budgets, its guidance default for the class,
+        a line on what it is, and the compare tab's samplers."""
+        svc = self._known(model)
+        if svc is None:
+            return [gr.update()] * 6
+        d = svc.defaults
+        sampler = d["sampler"]
+        return [gr.update(choices=svc.samplers, value=sampler),
+                gr.update(value=d["nfe"], info=f"{sampler}: {svc.nfe_rule(sampler)}", **svc.nfe_slider(sampler)),
+                self.class_changed(class_name, model),
+                model_line(svc),
+                gr.update(choices=svc.samplers, value=svc.samplers),
+                self.class_changed(class_name if cmp_class is None else cmp_class, model)]
 
     @staticmethod
     def level_changed(level):
@@ -641,6 +692,13 @@ def _after(session, res) -> dict:
             "kept": [u for u in old.get("kept") or () if u in have], "source": old.get("source")}
 
 
+def model_line(svc: EDMSoundService) -> str:
+    """What the chosen model is and how fast it samples by default, for the line under the model menu."""
+    d = svc.defaults
+    return (f"`{svc.checkpoint_name}`: {svc.pipeline.summary}; opens on {d['sampler']} at NFE {d['nfe']} "
+            f"({svc.nfe_rule(d['sampler'])})")
+
+
 def guidance_info(defaults: dict, class_name: str) -> str:
     """The guidance slider's note: what the scale means, where (noise levels) it applies for ``class_name``,
     and whether the default follows the class."""
@@ -651,11 +709,12 @@ def guidance_info(defaults: dict, class_name: str) -> str:
             + ("; the default follows the class" if per_class else ""))
 
 
-def build_demo(service: EDMSoundService) -> gr.Blocks:
-    """The whole app for one loaded service. Queue: CONCURRENCY jobs at once, QUEUE_SIZE waiting."""
+def build_demo(service) -> gr.Blocks:
+    """The whole app for one loaded service, or for several keyed by model name (the first is the default; see
+    :meth:`EDMSoundService.load_family`). Queue: CONCURRENCY jobs at once, QUEUE_SIZE waiting."""
     private_cache_dir()
-    svc = service
     h = Handlers(service)
+    svc = h.svc
     d = svc.defaults
     classes, samplers = svc.classes, svc.samplers
     nfe0 = svc.nfe_slider(d["sampler"])
@@ -670,9 +729,15 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         idx_line = (f"copy index: {info['index']['clips']} training clips / {info['index']['windows']} windows, "
                     f"encoder `{info['index']['encoder']}`" if info["index"] else
                     f"copy index: none ({svc.index_note}) — neighbours panel off")
+        many = len(h.services) > 1
+        where = (f"{len(h.services)} models" if many else f"Checkpoint `{info['checkpoint']}`")
         gr.Markdown(f"# EDMSound\nClass-conditional diffusion on complex STFT spectrograms (Zhu et al. 2023). "
-                    f"Checkpoint `{info['checkpoint']}` on **{info['device']}**, "
+                    f"{where} on **{info['device']}**, "
                     f"{info['sample_rate']} Hz, {info['seconds']:g} s clips, {len(classes)} classes · {idx_line}.")
+        with gr.Row(visible=many):
+            model = gr.Dropdown([(f"{name} — {s.pipeline.summary}", name) for name, s in h.services.items()],
+                                value=next(iter(h.services)), label="Model", elem_id="model-dropdown", scale=1)
+            model_md = gr.Markdown(model_line(svc), elem_id="model-line")
 
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
@@ -846,13 +911,15 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                 c_go = gr.Button("Compare", variant="primary", elem_id="compare-btn")
                 c_stop = gr.Button("Cancel", variant="stop", elem_id="cmp-cancel-btn")
             c_vis, c_title, c_audio, c_img = [], [], [], []
-            for j in range(0, len(samplers), 2):
+            slots = h.compare_slots
+            for j in range(0, slots, 2):
                 with gr.Row():
-                    for jj in range(j, min(j + 2, len(samplers))):
+                    for jj in range(j, min(j + 2, slots)):
+                        name = samplers[jj] if not many and jj < len(samplers) else f"sampler {jj + 1}"
                         with gr.Column(visible=False, min_width=380) as col:
                             c_title.append(gr.Markdown(elem_id=f"cmp-title-{jj}"))
-                            c_audio.append(_player(samplers[jj], f"cmp-audio-{jj}", show_label=False))
-                            c_img.append(_figure(f"{samplers[jj]} spectrogram", f"cmp-spec-{jj}"))
+                            c_audio.append(_player(name, f"cmp-audio-{jj}", show_label=False))
+                            c_img.append(_figure(f"{name} spectrogram", f"cmp-spec-{jj}"))
                         c_vis.append(col)
             with gr.Accordion("Settings used and WAV files", open=False):
                 c_settings = gr.JSON(label="Settings used")
@@ -863,20 +930,25 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         nb_outputs = [badge, nb_table, win_table] + nb_vis + nb_info + nb_audio + nb_img + [pair]
         sbs_outputs = [sbs_q_audio, sbs_t_audio, sbs_q_img, sbs_t_img, pairs_table, matrix_md]
 
-        sampler.change(h.sampler_changed, [sampler, nfe], [nfe], api_visibility="private", queue=False,
+        sampler.change(h.sampler_changed, [sampler, nfe, model], [nfe], api_visibility="private", queue=False,
                        preprocess=False)
+        model.change(h.model_changed, [model, cls, nfe, c_cls], [sampler, nfe, guidance, model_md, c_samplers, c_guid],
+                     api_visibility="private", queue=False, preprocess=False)
         dice.click(h.random_seed, None, [seed], api_visibility="private", queue=False)
         level.change(h.level_changed, [level], [target], api_visibility="private", queue=False, preprocess=False)
-        cls.change(h.class_changed, [cls], [guidance], api_visibility="private", queue=False, preprocess=False)
-        c_cls.change(h.class_changed, [c_cls], [c_guid], api_visibility="private", queue=False, preprocess=False)
+        cls.change(h.class_changed, [cls, model], [guidance], api_visibility="private", queue=False,
+                   preprocess=False)
+        c_cls.change(h.class_changed, [c_cls, model], [c_guid], api_visibility="private", queue=False,
+                     preprocess=False)
 
         gen_event = go.click(
-            h.generate, [cls, sampler, nfe, guidance, seed, n, level, target, session], [session, settings, files],
+            h.generate, [cls, sampler, nfe, guidance, seed, n, level, target, session, model],
+            [session, settings, files],
             api_name="generate",
             api_description="Generate 1-4 clips: returns the settings used (NFE counted, wall time, real-time "
                             "factor; per clip its name, LUFS and true peak) and the 16-bit WAV files. `level`: "
                             "'off' (default, the clips as the model made them), 'peak' or 'lufs' with `target` "
-                            "(dBFS or LUFS).",
+                            "(dBFS or LUFS). `model`: which served model (default: the first).",
             preprocess=False, show_progress_on=[audios[0], images[0], summary], **heavy)
         rendered = gen_event.success(h.render_after_generate, [session, view], clip_outputs + [pick], preprocess=False,
                                      **ui_only)
@@ -884,35 +956,36 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
         knobs = [cls, sampler, nfe, guidance, seed, n, level, target]
         tool_events = {
             "vary": vary_btn.click(
-                h.vary, [vary_clip, vary_strength, n, seed, session, src_kind, cls, sampler, nfe, guidance],
+                h.vary, [vary_clip, vary_strength, n, seed, session, src_kind, cls, sampler, nfe, guidance, model],
                 [session, settings, files], api_name="vary",
                 api_description="Variations (1-4) of the source: clip `clip_number` of this session's last "
                                 "generation (with its class, sampler, NFE and guidance) or, with source='upload', "
                                 "the file of /upload_source (with the given class, sampler, NFE, guidance): "
                                 "`strength` in (0, 1] (0 keeps the clip, 1 is a fresh generation).", **made),
             "regen": rg_btn.click(
-                h.regenerate, [src_kind, vary_clip, rg_start, rg_end, rg_low, rg_high, rg_strength] + knobs + [session],
+                h.regenerate, [src_kind, vary_clip, rg_start, rg_end, rg_low, rg_high, rg_strength] + knobs + [session, model],
                 [session, settings, files], api_name="regenerate",
                 api_description="Regenerate the span [start, end) seconds of the source (source='clip' with "
                                 "`clip_number`, or 'upload'), optionally only the band [low_hz, high_hz] Hz (0 = "
                                 "open), and keep the rest: outside the STFT overlap at the border the samples are "
                                 "the source's. `strength` 1 makes the region anew.", **made),
             "extend": ex_btn.click(
-                h.extend, [src_kind, vary_clip, ex_seconds] + knobs + [session], [session, settings, files],
+                h.extend, [src_kind, vary_clip, ex_seconds] + knobs + [session, model], [session, settings, files],
                 api_name="extend",
                 api_description=f"Continue the source to `seconds` in total (up to {MAX_TOOL_SECONDS:g} s), one "
                                 "model window at a time, joined in one inverse STFT.", **made),
             "long": long_btn.click(
-                h.long, [ex_seconds] + knobs + [session], [session, settings, files], api_name="long",
+                h.long, [ex_seconds] + knobs + [session, model], [session, settings, files], api_name="long",
                 api_description=f"A clip of `seconds` (up to {MAX_TOOL_SECONDS:g} s) made window by window.",
                 **made),
             "loop": lp_btn.click(
-                h.loop, [lp_seconds, lp_from, src_kind, vary_clip] + knobs + [session], [session, settings, files],
+                h.loop, [lp_seconds, lp_from, src_kind, vary_clip] + knobs + [session, model],
+                [session, settings, files],
                 api_name="loop",
                 api_description="A seamless loop of `seconds` (its end flows into its start); with from_source="
                                 "True, the source made to loop seamlessly (its wrap point remade).", **made),
             "loop-source": lp_src_btn.click(
-                h.loop, [lp_seconds, lp_from_src, src_kind, vary_clip] + knobs + [session],
+                h.loop, [lp_seconds, lp_from_src, src_kind, vary_clip] + knobs + [session, model],
                 [session, settings, files], api_visibility="private", **made),
         }
         upload.upload(h.upload_source, [upload, session], [session, upload_md], api_name="upload_source",
@@ -966,7 +1039,7 @@ def build_demo(service: EDMSoundService) -> gr.Blocks:
                    trigger_mode="always_last", **ui_only)
 
         cmp_event = c_go.click(
-            h.compare, [c_cls, c_seed, c_nfe, c_guid, c_samplers], [compare_state, c_settings, c_files],
+            h.compare, [c_cls, c_seed, c_nfe, c_guid, c_samplers, model], [compare_state, c_settings, c_files],
             api_name="compare",
             api_description="One clip per sampler with the same class, seed, NFE and guidance: settings per "
                             "sampler (NFE counted, wall time, RTF) and the 16-bit WAV files.",

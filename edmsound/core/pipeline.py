@@ -100,6 +100,16 @@ class EDMSoundPipeline:
     def samplers(self) -> list[str]:
         return [self.student_sampler] if self.student_nfe else list(SAMPLERS)
 
+    @property
+    def summary(self) -> str:
+        """What kind of model this is and how it samples, in a few words (for menus and logs)."""
+        p = self.preset
+        if self.student_sampler == "consistency":
+            return f"consistency model, 1 to {self.student_nfe} steps"
+        if self.student_nfe:
+            return f"distilled {self.student_nfe}-step student (euler)"
+        return f"diffusion model, {p.default_sampler} at {p.default_nfe} steps by default"
+
     def valid_nfes(self, sampler: str, max_nfe: int = 50) -> list[int]:
         if self.student_nfe:
             self.check_student(sampler, self.student_nfe)

@@ -236,6 +236,24 @@ def resolve_model_dir(path) -> Path:
                             "directory with a checkpoint")
 
 
+def find_models(root) -> list[Path]:
+    """The generative model directories directly under ``root`` (config.json with a preset and classes, plus
+    ema.safetensors; encoders, classifiers and indexes are skipped): ``default`` first, then by name."""
+    root = Path(root)
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        cfg = d / "config.json"
+        if not (cfg.is_file() and (d / "ema.safetensors").is_file()):
+            continue
+        try:
+            keys = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(keys, dict) and "preset" in keys and "classes" in keys:
+            found.append(d)
+    return sorted(found, key=lambda d: (d.name != "default", d.name))
+
+
 def file_sha256(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

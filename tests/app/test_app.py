@@ -297,7 +297,7 @@ def test_api_has_exactly_the_named_endpoints(client):
                           "/loop", "/upload_source", "/history", "/keep", "/remove_unkept", "/export"}
     assert not api["unnamed_endpoints"]
     assert [p["parameter_name"] for p in named["/generate"]["parameters"]] == \
-        ["class_name", "sampler", "nfe", "guidance", "seed", "n", "level", "target"]
+        ["class_name", "sampler", "nfe", "guidance", "seed", "n", "level", "target", "model"]
     assert [p["parameter_name"] for p in named["/neighbours"]["parameters"]] == ["clip_number", "k"]
 
 
@@ -404,12 +404,16 @@ def test_app_flags_and_defaults(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     a = app.parse_args([])
-    assert (a.host, a.port, a.share, a.index, a.no_index) == ("127.0.0.1", 7860, False, None, False)
-    assert Path(a.checkpoint) == ROOT / "checkpoints" / "default"
+    assert (a.host, a.port, a.share, a.index, a.no_index, a.checkpoint) == ("127.0.0.1", 7860, False, None, False,
+                                                                            None)
+    found = [Path(p) for p in app.default_checkpoints()]       # the embedded models, the default first
+    assert found[0] == ROOT / "checkpoints" / "default"
+    assert all((p / "ema.safetensors").is_file() and p.parent == ROOT / "checkpoints" for p in found)
+    assert app.parse_args(["--checkpoint", "a", "--checkpoint", "b"]).checkpoint == ["a", "b"]
     monkeypatch.setenv("SPACE_ID", "user/edmsound")
     assert app.parse_args([]).host == "0.0.0.0"
     a = app.parse_args(["--checkpoint", "x", "--index", "y", "--host", "0.0.0.0", "--port", "9000", "--share"])
-    assert (a.checkpoint, a.index, a.host, a.port, a.share) == ("x", "y", "0.0.0.0", 9000, True)
+    assert (a.checkpoint, a.index, a.host, a.port, a.share) == (["x"], "y", "0.0.0.0", 9000, True)
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
     out = subprocess.run([sys.executable, "-c", "import app, os, sys; print(os.environ['GRADIO_ANALYTICS_ENABLED'], "
                           "'gradio' in sys.modules)"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
