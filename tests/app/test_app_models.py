@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -127,5 +128,34 @@ def test_the_server_takes_the_model_per_call(family):
         assert settings["checkpoint"] == "default"
         with pytest.raises(Exception, match="unknown model"):
             c.predict("high", "euler", 2, 1.0, 0, 1, "off", 0, "missing", api_name="/generate")
+    finally:
+        demo.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium not installed")
+def test_the_model_menu_in_chromium(family):
+    """Choose the student in the page: the sampler menu and the NFE slider follow it, and Generate uses it."""
+    from playwright.sync_api import expect, sync_playwright
+    from test_app_browser import CHROMIUM, FLAGS
+    demo, url = launch(family)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url, wait_until="domcontentloaded")
+                expect(page.locator("#model-dropdown")).to_be_visible(timeout=60_000)
+                page.locator("#model-dropdown input").click()
+                page.get_by_role("option", name=re.compile(r"^default-2step")).click()
+                expect(page.locator("#model-line")).to_contain_text("consistency model", timeout=30_000)
+                expect(page.locator("#sampler-dropdown input")).to_have_value("consistency", timeout=30_000)
+                rng = page.locator("#nfe-slider input[type=range]")
+                expect(rng).to_have_attribute("max", "2", timeout=30_000)
+                page.locator("#generate-btn").click()
+                expect(page.locator("#settings-summary")).to_contain_text("consistency · NFE counted 2",
+                                                                          timeout=120_000)
+            finally:
+                browser.close()
     finally:
         demo.close()
