@@ -220,21 +220,23 @@ class Trainer:
 
     def all_segments(self) -> list[dict]:
         """Where and how the training happened: one entry per stretch on one machine with one learning rate, EMA
-        half-life and training noise distribution (consecutive runs that share all of them are merged), e.g.
-        ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002, "ema_halflife_steps": 500.0,
-        "p_mean": -3.0, "p_std": 1.0}`` (older entries lack some knobs; a missing P_mean / P_std was the preset's
-        -3 / 1)."""
+        half-life, training noise distribution and representation gains (consecutive runs that share all of them are
+        merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002,
+        "ema_halflife_steps": 500.0, "p_mean": -3.0, "p_std": 1.0, "per_bin_gains": false}`` (older entries lack
+        some knobs; a missing P_mean / P_std was the preset's -3 / 1, a missing per_bin_gains was false)."""
         segs = [dict(s) for s in self.segments]
         start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
         if self.step > start_step:
             tc = self.preset.train
             knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps,
-                     "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std}
+                     "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std,
+                     "per_bin_gains": self.preset.codec.freq_scale is not None}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
             # stretches recorded before the noise knobs were trained with the EDMConfig defaults
-            legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std}
+            # (and, before per-bin gains existed, without them)
+            legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
                     and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],

@@ -251,6 +251,8 @@ def test_whitened_run_measures_its_gains_once_and_keeps_them(tone_tree, tmp_path
     assert free.any()
     assert abs(rms[free.numpy()] - base.edm.sigma_data).max() < 1e-3
     tr.run()
+    # the training record starts a new stretch where the gains start
+    assert [(s["steps"], s["per_bin_gains"]) for s in tr.info()["segments"]] == [([0, 4], False), ([4, 6], True)]
     stored = json.loads((latest_checkpoint(tmp_path / "w") / "config.json").read_text())["preset"]["codec"]
     assert tuple(stored["freq_scale"]) == gains
     # resuming keeps the gains measured at the start, with or without the option
