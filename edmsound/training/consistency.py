@@ -14,7 +14,8 @@ Stage 0 (r = 0 everywhere) is plain denoising — the diffusion model's own trai
 model is; each later stage halves (q = 2) the gap, until the model is self-consistent along short stretches of the
 trajectory. ECT's constants assume data of std 0.5; here t' = t * 0.5 / sigma_data and c scales the same way, so
 they mean the same thing on spectrograms of std sigma_data. Noise levels t are drawn from the model's own training
-distribution (log-normal with its P_mean and P_std).
+distribution (log-normal with its P_mean and P_std) over its whole range [sigma_min, sigma_max] — below the lowest level
+the sampler re-noises to as well, so the model stays anchored to the clean clip at the bottom of the trajectory.
 
 Classifier-free guidance: the tuned model learns the conditional model (labels still dropped at the training rate,
 so guidance stays possible at sampling); the shipped default's guidance is 1 in every class, so this is the model
@@ -98,6 +99,9 @@ class ConsistencyTuner(StudentTrainer):
                                                             checkpoint_every=checkpoint_every),
                                       student_nfe=M, student_sampler="consistency")
         self.stages = S
+        # the tuning levels span the teacher's whole range: the student's own sigma_min is only the lowest level
+        # its sampler re-noises to, and clamping there would pile every lower draw onto that one level
+        self.t_range = (float(e.sigma_min), float(e.sigma_max))
         self.consistency = {"method": "ECT", "teacher": teacher_dir.name, "max_nfe": M, "stages": S,
                             "sigma_mid": float(sigma_mid), "q": ECT_Q, "k": ECT_K, "b": ECT_B,
                             "lineage": [teacher_dir.name]}
@@ -110,10 +114,15 @@ class ConsistencyTuner(StudentTrainer):
         per = max(1, self.total_steps // self.stages)
         return min(self.stages, -(-int(step) // per))
 
+    def draw_levels(self, n: int, generator) -> torch.Tensor:
+        """``n`` outer levels t from the teacher's training distribution over its whole noise range."""
+        e = self.preset.edm
+        return (torch.randn(n, generator=generator) * e.p_std + e.p_mean).exp().clamp(*self.t_range)
+
     def loss(self, model, y, labels, generator):
         e = self.preset.edm
         bsz = y.shape[0]
-        t = (torch.randn(bsz, generator=generator) * e.p_std + e.p_mean).exp().clamp(e.sigma_min, e.sigma_max)
+        t = self.draw_levels(bsz, generator)
         noise = torch.randn(y.shape, generator=generator)
         if e.label_dropout > 0:
             drop = torch.rand(bsz, generator=generator) < e.label_dropout

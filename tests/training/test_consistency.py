@@ -102,6 +102,12 @@ def test_consistency_tune_runs_resumes_and_exports_a_few_step_model(tiny_ckpt, t
     c = ConsistencyTuner(tiny_ckpt, tone_tree, run, max_nfe=3, stages=2, sigma_mid=0.3, steps=6, progress=False,
                          batch_size=4, checkpoint_every=3)
     assert [c.stage(s) for s in (0, 1, 3, 4, 6)] == [0, 1, 1, 2, 2]
+    # tuning levels span the teacher's range, below the student's re-noise floor too (never piled up on it)
+    teacher_edm = EDMSoundPipeline(tiny_ckpt, device="cpu").preset.edm
+    t = c.draw_levels(4096, torch.Generator().manual_seed(0))
+    assert c.preset.edm.sigma_min == pytest.approx(0.3) and teacher_edm.sigma_min < 0.3
+    assert float(t.min()) >= teacher_edm.sigma_min and float(t.max()) <= teacher_edm.sigma_max
+    assert (t < 0.3).float().mean() > 0.2 and (t == 0.3).sum() == 0
     first = c.run()
     assert first["step"] == 6
     import csv
