@@ -5,7 +5,9 @@ top octave; these plain signal measures can. Each compares a set of clips (gener
 clips of the same class) and is meant to be printed beside its noise floor: the same measure between two disjoint
 sets of real clips of the same sizes.
 
-* **level gap**: mean RMS level (dBFS) of the set minus the reference's (:func:`edmsound.metrics.level_gap_db`).
+* **level gap**: mean RMS level (dBFS) of the set minus the reference's (:func:`edmsound.metrics.level_gap_db`),
+  with its standard error from both sets' spreads, sqrt(s_a² / n_a + s_b² / n_b): clips of one class spread by
+  3–7 dB, so at 64 clips a mean is only known to about half a dB, and a gap is read against that too.
 * **loudness**: BS.1770 integrated loudness (LUFS) and true peak (dBTP) of every clip (:mod:`edmsound.loudness`);
   the gap of their medians and their 10th / 90th percentiles (the distributions a sound designer reads).
 * **spectral envelope**: mean power in ``n_bands`` log-spaced bands (from ``f_lo`` to Nyquist) over all clips of a
@@ -20,13 +22,14 @@ import numpy as np
 from ..audio import loudness as L
 from .metrics import level_gap_db, rms_dbfs
 
-__all__ = ["band_edges", "band_power", "band_gap_db", "level_gap_db", "clip_levels", "compare", "FIDELITY_COLUMNS"]
+__all__ = ["band_edges", "band_power", "band_gap_db", "level_gap_db", "level_gap_se_db", "clip_levels", "compare",
+           "FIDELITY_COLUMNS"]
 
 DEFAULT_BANDS = 12
 DEFAULT_F_LO = 50.0
 POWER_FLOOR = 1e-20
 
-FIDELITY_COLUMNS = ["level_gap_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap", "true_peak_median",
+FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap", "true_peak_median",
                     "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_band"]
 
 
@@ -81,6 +84,15 @@ def clip_levels(waves, sample_rate: int) -> dict[str, np.ndarray]:
             "true_peak": np.array([L.true_peak_dbtp(x, sample_rate) for x in w]), "rms": rms_dbfs(w)}
 
 
+def level_gap_se_db(rms, ref_rms) -> float:
+    """Standard error (dB) of the level gap: sqrt(s_a² / n_a + s_b² / n_b) of the two sets' per-clip RMS levels
+    (sample standard deviations; NaN when a set has fewer than two clips)."""
+    a, b = np.asarray(rms, np.float64), np.asarray(ref_rms, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
 def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.ndarray) -> dict:
     """The fidelity row of one set against a reference, from precomputed :func:`clip_levels` and
     :func:`band_power` of both (so a reference is measured once for many sets)."""
@@ -89,6 +101,7 @@ def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.nda
     lufs, tp = levels["lufs"], levels["true_peak"]
     return {
         "level_gap_db": float(np.mean(levels["rms"]) - np.mean(ref_levels["rms"])),
+        "level_gap_se_db": level_gap_se_db(levels["rms"], ref_levels["rms"]),
         "lufs_median": float(np.median(lufs)), "lufs_p10": float(np.percentile(lufs, 10)),
         "lufs_p90": float(np.percentile(lufs, 90)),
         "lufs_gap": float(np.median(lufs) - np.median(ref_levels["lufs"])),

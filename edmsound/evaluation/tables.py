@@ -168,7 +168,8 @@ def _md_fidelity(result) -> list[str]:
     edges = F.band_edges(s["sample_rate"], len(next(r["band_gap_db"] for r in rows if "band_gap_db" in r)))
     L = ["", "## Fidelity without a learned encoder", "",
          "Gaps of the generated clips against the reference, each beside its **floor**: the same gap for the "
-         "training subset (real clips, as many per class, disjoint from the reference). Level = mean RMS dBFS; "
+         "training subset (real clips, as many per class, disjoint from the reference). Level = mean RMS dBFS "
+         "(± its standard error from both sets' per-clip spread); "
          "LUFS = median BS.1770 integrated loudness; TP = median true peak (dBTP); worst band = the largest "
          f"|gap| of {len(edges) - 1} log-spaced bands ({edges[0]:.0f} Hz – {edges[-1] / 1000:g} kHz) of mean power. "
          "Reference LUFS / TP: the real clips' medians."]
@@ -177,6 +178,12 @@ def _md_fidelity(result) -> list[str]:
 
     def v(g, c, k, fmt="{:+.1f}"):
         return _f(g.get(c, {}).get(k), fmt)
+
+    def level(g, c):
+        r = g.get(c, {})
+        txt = _f(r.get("level_gap_db"), "{:+.1f}")
+        se = r.get("level_gap_se_db")
+        return txt + (f" ± {se:.1f}" if isinstance(se, float) and math.isfinite(se) and txt != "–" else "")
 
     def band(g, c):
         r = g.get(c, {})
@@ -195,7 +202,7 @@ def _md_fidelity(result) -> list[str]:
             spread = (f"{g[c]['lufs_p10']:.1f} … {g[c]['lufs_p90']:.1f}" if c in g and "lufs_p10" in g[c] else "–")
             refl = (f"{ref[c]['lufs_median']:.1f} / {ref[c]['true_peak_median']:.1f}"
                     if c in ref and "lufs_median" in ref[c] else "–")
-            L.append("| " + " | ".join([c, v(g, c, "level_gap_db"), v(floor, c, "level_gap_db"), v(g, c, "lufs_gap"),
+            L.append("| " + " | ".join([c, level(g, c), level(floor, c), v(g, c, "lufs_gap"),
                                         v(floor, c, "lufs_gap"), spread, v(g, c, "true_peak_gap"),
                                         v(floor, c, "true_peak_gap"), v(g, c, "true_peak_p90", "{:.1f}"),
                                         band(g, c), band(floor, c), refl]) + " |")

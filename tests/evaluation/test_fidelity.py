@@ -81,3 +81,25 @@ def test_identical_sets_have_no_gap_and_bad_sets_are_refused(real_set):
         F.band_power(np.zeros(10), SR)
     with pytest.raises(ValueError):
         F.band_power(np.full((2, 100), np.nan), SR)
+
+
+def test_level_gap_standard_error_is_welch_and_covers_the_true_gap():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(-20, 4, 64), rng.normal(-22, 6, 200)
+    expect = np.sqrt(np.var(a, ddof=1) / 64 + np.var(b, ddof=1) / 200)
+    assert F.level_gap_se_db(a, b) == pytest.approx(expect, rel=1e-12)
+    assert np.isnan(F.level_gap_se_db(a[:1], b))
+    # per-clip levels of spread 4 and 6 dB: a ±1.96 SE interval holds the true 2 dB gap in about 95 % of draws
+    hits = 0
+    for _ in range(2000):
+        a, b = rng.normal(-20, 4, 64), rng.normal(-22, 6, 200)
+        gap, se = a.mean() - b.mean(), F.level_gap_se_db(a, b)
+        hits += abs(gap - 2.0) <= 1.96 * se
+    assert 0.93 <= hits / 2000 <= 0.97
+
+
+def test_compare_reports_the_level_gap_with_its_standard_error(real_set):
+    lv, ref = F.clip_levels(real_set * 0.5, SR), F.clip_levels(real_set, SR)
+    row = F.compare(lv, ref, F.band_power(real_set * 0.5, SR), F.band_power(real_set, SR))
+    assert row["level_gap_se_db"] == pytest.approx(F.level_gap_se_db(lv["rms"], ref["rms"]))
+    assert row["level_gap_se_db"] > 0
