@@ -7,7 +7,7 @@ sets of real clips of the same sizes.
 
 * **level gap**: mean RMS level (dBFS) of the set minus the reference's (:func:`edmsound.metrics.level_gap_db`),
   with its standard error from both sets' spreads, sqrt(s_a² / n_a + s_b² / n_b): clips of one class spread by
-  3–7 dB, so at 64 clips a mean is only known to about half a dB, and a gap is read against that too.
+  3–7 dB, so at 64 clips a mean is known to about 0.4–0.9 dB, and a gap is read against that too.
 * **loudness**: BS.1770 integrated loudness (LUFS) and true peak (dBTP) of every clip (:mod:`edmsound.loudness`);
   the gap of their medians and their 10th / 90th percentiles (the distributions a sound designer reads).
 * **spectral envelope**: mean power in ``n_bands`` log-spaced bands (from ``f_lo`` to Nyquist) over all clips of a
