@@ -40,6 +40,26 @@ def wait_idle(page, timeout):
     page.wait_for_timeout(500)
 
 
+def set_number(page, elem_id: str, value: str) -> None:
+    """Type a value into a gradio Number and commit it (blur), waiting until the field holds it, so that a click
+    right after sends this value and not the one before."""
+    field = page.locator(f"#{elem_id} input")
+    field.fill(value)
+    field.press("Tab")
+    page.wait_for_function("([sel, v]) => document.querySelector(sel).value === v", arg=[f"#{elem_id} input", value])
+    page.wait_for_timeout(200)
+
+
+def expect_result(page, selector: str, text: str, timeout) -> None:
+    """``selector`` comes to contain ``text``; on failure the app's error messages are part of the report."""
+    from playwright.sync_api import expect
+    try:
+        expect(page.locator(selector)).to_contain_text(text, timeout=timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nerror messages on the page: {page.locator('.toast-body').all_inner_texts()}") \
+            from None
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     from edmsound.app.service import EDMSoundService
@@ -161,28 +181,28 @@ def test_sound_design_tools_and_session_export_in_chromium(app_url, tmp_path):
             expect(page.locator("#upload-status")).to_contain_text("my take.flac", timeout=timeout)
             expect(page.locator("#source-kind input[value=upload]")).to_be_checked(timeout=timeout)   # chosen
             page.locator("#vary-btn").click()
-            expect(page.locator(summary)).to_contain_text("variation", timeout=timeout)
+            expect_result(page, summary, "variation", timeout)
             wait_idle(page, timeout)
 
             page.locator("#source-kind").get_by_text("a clip of the last generation").click()
             page.get_by_role("tab", name="Region").click()
-            page.locator("#region-start input").fill(f"{dur / 4:.3f}")
-            page.locator("#region-end input").fill(f"{dur / 2:.3f}")
+            set_number(page, "region-start", f"{dur / 4:.3f}")
+            set_number(page, "region-end", f"{dur / 2:.3f}")
             page.locator("#region-btn").click()
-            expect(page.locator(summary)).to_contain_text("region regenerated", timeout=timeout)
+            expect_result(page, summary, "region regenerated", timeout)
             wait_idle(page, timeout)
 
             page.get_by_role("tab", name="Extend").click()
-            page.locator("#extend-seconds input").fill(f"{3 * dur:.3f}")
+            set_number(page, "extend-seconds", f"{3 * dur:.3f}")
             page.locator("#extend-btn").click()
-            expect(page.locator(summary)).to_contain_text("continued", timeout=timeout)
+            expect_result(page, summary, "continued", timeout)
             expect(page.locator(summary)).to_contain_text("windows", timeout=timeout)
             wait_idle(page, timeout)
 
             page.get_by_role("tab", name="Loop").click()
-            page.locator("#loop-seconds input").fill(f"{2 * dur:.3f}")
+            set_number(page, "loop-seconds", f"{2 * dur:.3f}")
             page.locator("#loop-btn").click()
-            expect(page.locator(summary)).to_contain_text("seamless loop", timeout=timeout)
+            expect_result(page, summary, "seamless loop", timeout)
             expect(page.locator("#clip-audio-0")).to_contain_text("plays looped", timeout=timeout)
             wait_idle(page, timeout)
 
