@@ -29,8 +29,8 @@ DEFAULT_BANDS = 12
 DEFAULT_F_LO = 50.0
 POWER_FLOOR = 1e-20
 
-FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap", "true_peak_median",
-                    "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_band"]
+FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap",
+                    "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_band"]
 
 
 def _waves(waves, name="waves") -> np.ndarray:

@@ -180,10 +180,8 @@ def _md_fidelity(result) -> list[str]:
         return _f(g.get(c, {}).get(k), fmt)
 
     def level(g, c):
-        r = g.get(c, {})
-        txt = _f(r.get("level_gap_db"), "{:+.1f}")
-        se = r.get("level_gap_se_db")
-        return txt + (f" ± {se:.1f}" if isinstance(se, float) and math.isfinite(se) and txt != "–" else "")
+        gap, se = v(g, c, "level_gap_db"), v(g, c, "level_gap_se_db", "{:.1f}")
+        return gap if "–" in (gap, se) else f"{gap} ± {se}"
 
     def band(g, c):
         r = g.get(c, {})
