@@ -44,9 +44,16 @@ def set_number(page, elem_id: str, value: str) -> None:
     """Type a value into a gradio Number and commit it (blur), waiting until the field holds it, so that a click
     right after sends this value and not the one before."""
     field = page.locator(f"#{elem_id} input")
-    field.fill(value)
-    field.press("Tab")
-    page.wait_for_function("([sel, v]) => document.querySelector(sel).value === v", arg=[f"#{elem_id} input", value])
+    for attempt in range(3):                  # a re-render may put the old value back: type it again
+        field.fill(value)
+        field.press("Tab")
+        try:
+            page.wait_for_function("([sel, v]) => Math.abs(parseFloat(document.querySelector(sel).value) - v) < 1e-6",
+                                   arg=[f"#{elem_id} input", float(value)], timeout=5_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
     page.wait_for_timeout(200)
 
 
