@@ -64,7 +64,7 @@ def student_points(pipe) -> list[int]:
     return [int(pipe.student_nfe)]
 
 
-def seconds_per_clip(pipe, sampler: str, nfe: int, cls: str, n: int = 8, repeats: int = 2) -> float:
+def seconds_per_clip(pipe, sampler: str, nfe: int, cls: str, n: int = 8, repeats: int = 3) -> float:
     """Best of ``repeats`` calls of ``n`` clips each, after a warm-up, at the model's own guidance for ``cls``."""
     pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=123)          # warm-up
     t = []

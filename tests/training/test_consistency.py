@@ -116,6 +116,11 @@ def test_consistency_tune_runs_resumes_and_exports_a_few_step_model(tiny_ckpt, t
     c2 = ConsistencyTuner(tiny_ckpt, tone_tree, run, max_nfe=3, stages=2, sigma_mid=0.3, steps=8, progress=False,
                           batch_size=4, checkpoint_every=3, resume=True)
     assert c2.step == 6
+    # the stages are spread over the run's total: 4 steps each of 8, 8 steps each of 16 (back in stage 1 at step 6)
+    assert [c2.stage(s) for s in (4, 5, 6, 8)] == [1, 2, 2, 2] and c2.stage() == 2
+    c3 = ConsistencyTuner(tiny_ckpt, tone_tree, run, max_nfe=3, stages=2, sigma_mid=0.3, steps=16, progress=False,
+                          batch_size=4, checkpoint_every=3, resume=True)
+    assert c3.step == 6 and c3.stage() == 1 and c3.stage(9) == 2
     c2.run()
     out = tmp_path / "tuned"
     c2.export(out)
