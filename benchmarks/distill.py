@@ -6,7 +6,8 @@ and for the teacher at its shipped settings and at the students' budgets with th
 
 * ``edmsound evaluate`` on the same reference, seeds and clip count: FAD / the training-subset baseline (the noise
   floor), KID, category fit (classifier top-1), diversity ratio, level gap and worst band gap per class;
-* seconds per clip (8 clips per call, after a warm-up, every configuration on this machine in this run);
+* seconds per clip (8 clips per call after a warm-up; the median of rounds that call every configuration in turn,
+  on this machine in this run; ``--speed-only`` writes this table alone, to ``speed.md``);
 * trajectory error: the RMS distance (compressed complex spectrogram) from the teacher's own fine solution of the
   same noise (Heun on the teacher's 2M-level grid, what the student was trained to match), beside the teacher's
   Euler and DPM-Solver++(2M) at the student's budget on the same noise (a consistency model: its deterministic
@@ -64,15 +65,19 @@ def student_points(pipe) -> list[int]:
     return [int(pipe.student_nfe)]
 
 
-def seconds_per_clip(pipe, sampler: str, nfe: int, cls: str, n: int = 8, repeats: int = 3) -> float:
-    """Best of ``repeats`` calls of ``n`` clips each, after a warm-up, at the model's own guidance for ``cls``."""
-    pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=123)          # warm-up
-    t = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=200 + r)
-        t.append((time.perf_counter() - t0) / n)
-    return float(min(t))
+def seconds_per_clip(settings: dict, cls: str, n: int = 8, rounds: int = 5) -> dict:
+    """Median seconds per clip of each setting ``key -> (pipe, sampler, nfe)``, at the model's own guidance for
+    ``cls``: one warm-up call each, then ``rounds`` rounds that call every setting once (``n`` clips) in turn, so a
+    change in the machine's load reaches every setting alike."""
+    times = {k: [] for k in settings}
+    for pipe, sampler, nfe in settings.values():
+        pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=123)          # warm-up
+    for r in range(rounds):
+        for k, (pipe, sampler, nfe) in settings.items():
+            t0 = time.perf_counter()
+            pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=200 + r)
+            times[k].append((time.perf_counter() - t0) / n)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 @torch.no_grad()
@@ -141,10 +146,7 @@ def run(a) -> dict:
         pts = ",".join(f"{p.student_sampler}:{b}:1" for b in student_points(p))
         res[name] = _overall(evaluate_sweep(p.model_dir, out / name, points=parse_points(pts), **common))
     cls = teacher.classes[0]
-    speed = {("teacher",) + k: seconds_per_clip(teacher, k[0], k[1], cls) for k in res["teacher"]}
-    for name, (p, m) in students.items():
-        for b in student_points(p):
-            speed[(name, p.student_sampler, b)] = seconds_per_clip(p, p.student_sampler, b, cls)
+    speed = seconds_per_clip(speed_settings(teacher, students, res["teacher"]), cls)
     traj = trajectory_errors(teacher, students)
     rows = []
     for who, table in res.items():
@@ -155,6 +157,34 @@ def run(a) -> dict:
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                         "load_before": os.getloadavg()[0], "date": date.today().isoformat()},
             "n_per_class": a.n_per_class}
+
+
+def speed_settings(teacher, students: dict, teacher_points) -> dict:
+    """``(model, sampler, nfe) -> (pipe, sampler, nfe)`` for the teacher's points and every student budget."""
+    out = {("teacher",) + tuple(k): (teacher, k[0], k[1]) for k in teacher_points}
+    for name, (p, m) in students.items():
+        for b in student_points(p):
+            out[(name, p.student_sampler, b)] = (p, p.student_sampler, b)
+    return out
+
+
+def speed_only(a) -> str:
+    """The timing table alone: the teacher at its shipped settings and every student budget, interleaved."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    teacher = EDMSoundPipeline(a.teacher, device="cpu")
+    students = {Path(s).name: (EDMSoundPipeline(s, device="cpu"), 0) for s in a.students.split(",") if s.strip()}
+    shipped = (teacher.preset.default_sampler, teacher.preset.default_nfe)
+    sp = seconds_per_clip(speed_settings(teacher, students, [shipped]), teacher.classes[0], rounds=a.rounds)
+    base = sp[("teacher",) + shipped]
+    L = ["# Few-step students: seconds per clip", "",
+         f"`benchmarks/distill.py --speed-only`, {date.today().isoformat()}, {platform.platform()}, "
+         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads (load {os.getloadavg()[0]:.1f} before); "
+         f"class {teacher.classes[0]}, 8 clips per call, median of {a.rounds} rounds that call every setting in "
+         "turn.", "", "| model | sampler | NFE | s / clip | speed-up vs shipped |", "|---|---|---|---|---|"]
+    for (who, sampler, nfe), v in sp.items():
+        L.append(f"| {who} | {sampler} | {nfe} | {v:.3f} | {base / v:.2f}x |")
+    return "\n".join(L) + "\n"
 
 
 def _f(v, nd=3):
@@ -219,7 +249,15 @@ def main(argv=None):
     ap.add_argument("--no-copies", action="store_true", help="skip the copy-detection columns (faster)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill"))
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="only the timing table (writes speed.md)")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (median)")
     a = ap.parse_args(argv)
+    if a.speed_only:
+        text = speed_only(a)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "speed.md").write_text(text)
+        print(text)
+        return
     r = run(a)
     out = Path(a.out)
     (out / "distill.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
