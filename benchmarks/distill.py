@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edmsound import EDMSoundPipeline, evaluate_sweep, karras_sigmas, parse_points  # noqa: E402
+from edmsound.evaluation.timing import seconds_per_clip  # noqa: E402
 from edmsound.training.distill import solver_step, teacher_grid  # noqa: E402
 
 TRAINING_FREE = ("dpmpp_2m", "deis", "unipc")
@@ -65,29 +66,15 @@ def student_points(pipe) -> list[int]:
     return [int(pipe.student_nfe)]
 
 
-def seconds_per_clip(settings: dict, cls: str, n: int = 8, rounds: int = 5) -> dict:
-    """Median seconds per clip of each setting ``key -> (pipe, sampler, nfe)``, at the model's own guidance for
-    ``cls``: one warm-up call each, then ``rounds`` rounds that call every setting once (``n`` clips) in turn, so a
-    change in the machine's load reaches every setting alike."""
-    times = {k: [] for k in settings}
-    for pipe, sampler, nfe in settings.values():
-        pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=123)          # warm-up
-    for r in range(rounds):
-        for k, (pipe, sampler, nfe) in settings.items():
-            t0 = time.perf_counter()
-            pipe.generate(cls, n=n, sampler=sampler, nfe=nfe, seed=200 + r)
-            times[k].append((time.perf_counter() - t0) / n)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 @torch.no_grad()
 def trajectory_errors(teacher, students: dict, n: int = 16, seed: int = 5) -> dict:
     """RMS distance from the teacher's Heun solution on each student's 2M-level grid, for the student and for
     the teacher's Euler / DPM-Solver++(2M) at M evaluations, on the same noise (float64 states)."""
     e = teacher.preset.edm
     out = {}
-    for name, (spipe, M) in students.items():
+    for name, spipe in students.items():
         consistency = spipe.student_sampler == "consistency"
+        M = int(spipe.student_nfe)
         if consistency:
             M = 8                           # the reference: Heun on a 16-level grid; the student: one jump
         grid = teacher_grid(e.sigma_min, e.sigma_max, e.rho, M)
@@ -123,14 +110,8 @@ def run(a) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = EDMSoundPipeline(a.teacher, device="cpu")
-    students = {}
-    for s in [t for t in a.students.split(",") if t.strip()]:
-        p = EDMSoundPipeline(s, device="cpu")
-        if not p.student_nfe:
-            raise SystemExit(f"error: {s} is not a few-step student (made by 'edmsound distill' or "
-                             "'edmsound consistency-tune')")
-        students[Path(s).name] = (p, int(p.student_nfe))
-    budgets = sorted({b for p, _ in students.values() for b in student_points(p)})
+    students = load_students(a.students)
+    budgets = sorted({b for p in students.values() for b in student_points(p)})
     shipped = (teacher.preset.default_sampler, teacher.preset.default_nfe)
     # the teacher as users hear it (its per-class guidance) at its shipped settings, and every training-free
     # sampler at the students' budgets; at one evaluation they all reduce to the denoiser's single jump (euler)
@@ -142,11 +123,12 @@ def run(a) -> dict:
                   seed=a.seed, progress=not a.no_progress, index="none" if a.no_copies else "default")
     res = {"teacher": _overall(evaluate_sweep(a.teacher, out / "teacher", points=parse_points(",".join(tpoints)),
                                               **common))}
-    for name, (p, m) in students.items():
+    for name, p in students.items():
         pts = ",".join(f"{p.student_sampler}:{b}:1" for b in student_points(p))
         res[name] = _overall(evaluate_sweep(p.model_dir, out / name, points=parse_points(pts), **common))
     cls = teacher.classes[0]
-    speed = seconds_per_clip(speed_settings(teacher, students, res["teacher"]), cls)
+    speed = seconds_per_clip(speed_settings(teacher, students, res["teacher"], cls), rounds=a.rounds,
+                             statistic="median")
     traj = trajectory_errors(teacher, students)
     rows = []
     for who, table in res.items():
@@ -159,12 +141,24 @@ def run(a) -> dict:
             "n_per_class": a.n_per_class}
 
 
-def speed_settings(teacher, students: dict, teacher_points) -> dict:
-    """``(model, sampler, nfe) -> (pipe, sampler, nfe)`` for the teacher's points and every student budget."""
-    out = {("teacher",) + tuple(k): (teacher, k[0], k[1]) for k in teacher_points}
-    for name, (p, m) in students.items():
+def load_students(spec: str) -> dict:
+    """Student model directories (comma-separated) -> {name: pipeline}; a diffusion model is refused."""
+    students = {}
+    for s in [t for t in spec.split(",") if t.strip()]:
+        p = EDMSoundPipeline(s, device="cpu")
+        if not p.student_nfe:
+            raise SystemExit(f"error: {s} is not a few-step student (made by 'edmsound distill' or "
+                             "'edmsound consistency-tune')")
+        students[Path(s).name] = p
+    return students
+
+
+def speed_settings(teacher, students: dict, teacher_points, cls: str) -> dict:
+    """``(model, sampler, nfe) -> (pipe, cls, options)`` for the teacher's points and every student budget."""
+    out = {("teacher", s, m): (teacher, cls, {"sampler": s, "nfe": m}) for s, m in teacher_points}
+    for name, p in students.items():
         for b in student_points(p):
-            out[(name, p.student_sampler, b)] = (p, p.student_sampler, b)
+            out[(name, p.student_sampler, b)] = (p, cls, {"sampler": p.student_sampler, "nfe": b})
     return out
 
 
@@ -173,9 +167,9 @@ def speed_only(a) -> str:
     if a.threads:
         torch.set_num_threads(a.threads)
     teacher = EDMSoundPipeline(a.teacher, device="cpu")
-    students = {Path(s).name: (EDMSoundPipeline(s, device="cpu"), 0) for s in a.students.split(",") if s.strip()}
     shipped = (teacher.preset.default_sampler, teacher.preset.default_nfe)
-    sp = seconds_per_clip(speed_settings(teacher, students, [shipped]), teacher.classes[0], rounds=a.rounds)
+    sp = seconds_per_clip(speed_settings(teacher, load_students(a.students), [shipped], teacher.classes[0]),
+                          rounds=a.rounds, statistic="median")
     base = sp[("teacher",) + shipped]
     L = ["# Few-step students: seconds per clip", "",
          f"`benchmarks/distill.py --speed-only`, {date.today().isoformat()}, {platform.platform()}, "

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..core.storage import atomic_write_json
+from .timing import seconds_per_clip
 
 OVERLAYS = {
     "base": {},
@@ -124,24 +125,11 @@ def run_ablation(data, out_dir, *, preset="default", variants="base,l1,no-attent
         rows.append({"variant": name, **scores["summary"], "steps": tr.step,
                      "train_seconds": info.get("train_seconds")})
         pipes.append(pipe)
-    for row, sec in zip(rows, seconds_per_clip(pipes)):
+    times = seconds_per_clip({i: (p, p.classes[0], {}) for i, p in enumerate(pipes)})     # shipped settings
+    for row, sec in zip(rows, times.values()):
         row["seconds_per_clip"] = sec
     write_table(rows, out, unfinished, steps, n_per_class)
     return rows
-
-
-def seconds_per_clip(pipes, n: int = 8, rounds: int = 3) -> list[float]:
-    """Seconds per clip of each pipeline at its shipped settings, measured side by side: after a warm-up, ``rounds``
-    round-robin passes of ``n`` clips each; the fastest pass of each (the least disturbed by other load)."""
-    for p in pipes:
-        p.generate(p.classes[0], n=2, seed=1)                            # warm-up
-    best = [float("inf")] * len(pipes)
-    for r in range(rounds):
-        for i, p in enumerate(pipes):
-            t0 = time.perf_counter()
-            p.generate(p.classes[0], n=n, seed=2 + r)
-            best[i] = min(best[i], (time.perf_counter() - t0) / n)
-    return best
 
 
 def _machine() -> str:
