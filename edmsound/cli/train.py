@@ -196,15 +196,17 @@ def register(subparsers) -> None:
 
     c = subparsers.add_parser("consistency-tune", help="easy consistency tuning: a model that samples in 1 to a "
                                                         "few evaluations with the consistency sampler")
-    c.add_argument("--teacher", required=True, help="a model directory (a diffusion model, e.g. the shipped one)")
+    c.add_argument("--teacher", required=True,
+                   help="a model directory: a diffusion model (e.g. the shipped one), or a consistency-tuned model "
+                        "to tune further (its stages and step count go on from where it stopped)")
     c.add_argument("--data", required=True, help="class-per-folder tree (the teacher's training data)")
     c.add_argument("--out", required=True, help="run directory")
     c.add_argument("--max-nfe", type=int, default=4,
                    help="the largest budget the tuned model accepts (it samples at 1 to this; default 4)")
     c.add_argument("--stages", type=int, default=8,
                    help="times the gap between the paired noise levels halves over the run (default 8)")
-    c.add_argument("--sigma-mid", type=float, default=0.3,
-                   help="the lowest level multistep sampling re-noises to (default 0.3)")
+    c.add_argument("--sigma-mid", type=float, default=None,
+                   help="the lowest level multistep sampling re-noises to (default 0.3, or a tuned model's own)")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 

@@ -24,10 +24,13 @@ users hear. To bake a guided teacher into a student use progressive distillation
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import torch
 
+from ..core.storage import read_config
 from .export import with_sampling_defaults
 from .trainer import StudentTrainer, read_teacher
 
@@ -77,22 +80,37 @@ class ConsistencyTuner(StudentTrainer):
 
     RECORD = "consistency"
 
-    def __init__(self, teacher, data_dir, run_dir, *, max_nfe: int = 4, stages: int = 8, sigma_mid: float = 0.3,
+    def __init__(self, teacher, data_dir, run_dir, *, max_nfe: int = 4, stages: int = 8, sigma_mid: float | None = None,
                  steps: int | None = None, resume: bool = False, seed: int = 0, device: str = "cpu",
                  progress: bool = True, max_minutes: float | None = None, batch_size: int | None = None,
                  lr: float | None = None, checkpoint_every: int | None = None):
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
-        if "distillation" in tinfo or "consistency" in tinfo:
-            raise ValueError(f"{teacher_dir} is already a few-step student; tune a diffusion model")
+        if "distillation" in tinfo:
+            raise ValueError(f"{teacher_dir} is a distilled few-step student; tune a diffusion model or continue a "
+                             "consistency-tuned one")
+        before = tinfo.get("consistency")          # a consistency-tuned model: tuning continues where it stopped
         M = int(max_nfe)
         if M < 1 or M != max_nfe:
             raise ValueError(f"the largest budget must be a whole number >= 1, got {max_nfe!r}")
         S = int(stages)
         if S < 1 or S != stages:
             raise ValueError(f"stages must be a whole number >= 1, got {stages!r}")
-        e = tpreset.edm
-        if not (math.isfinite(sigma_mid) and e.sigma_min <= sigma_mid < e.sigma_max):
-            raise ValueError(f"sigma_mid must be in [{e.sigma_min:g}, {e.sigma_max:g}), got {sigma_mid!r}")
+        if before is not None:
+            start_stage = int(before.get("final_stage", before["stages"]))
+            if S < start_stage:
+                raise ValueError(f"{teacher_dir} stopped in stage {start_stage}; continuing it needs --stages >= "
+                                 f"{start_stage}, got {S}")
+            if sigma_mid is None:
+                sigma_mid = float(before["sigma_mid"])
+            # the tuning levels span the original diffusion model's range (the tuned model's sigma_min is only
+            # its sampler's re-noise floor)
+            t_range = tuned_range(teacher_dir, before, tpreset)
+        else:
+            start_stage = 0
+            sigma_mid = 0.3 if sigma_mid is None else sigma_mid
+            t_range = (float(tpreset.edm.sigma_min), float(tpreset.edm.sigma_max))
+        if not (math.isfinite(sigma_mid) and t_range[0] <= sigma_mid < t_range[1]):
+            raise ValueError(f"sigma_mid must be in [{t_range[0]:g}, {t_range[1]:g}), got {sigma_mid!r}")
         student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
                                          sigma_min=float(sigma_mid))
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
@@ -101,18 +119,38 @@ class ConsistencyTuner(StudentTrainer):
         self.stages = S
         # the tuning levels span the teacher's whole range: the student's own sigma_min is only the lowest level
         # its sampler re-noises to, and clamping there would pile every lower draw onto that one level
-        self.t_range = (float(e.sigma_min), float(e.sigma_max))
+        self.t_range = t_range
         self.consistency = {"method": "ECT", "teacher": teacher_dir.name, "max_nfe": M, "stages": S,
                             "sigma_mid": float(sigma_mid), "q": ECT_Q, "k": ECT_K, "b": ECT_B,
-                            "lineage": [teacher_dir.name]}
+                            "t_min": t_range[0], "lineage": [teacher_dir.name]}
+        if before is not None:
+            self.consistency.update(
+                teacher=before["teacher"], lineage=list(before.get("lineage", [before["teacher"]])) + [teacher_dir.name],
+                continued_from={"model": teacher_dir.name, "steps": int(tinfo.get("steps", 0)), "stage": start_stage},
+                **{k: before[k] for k in ("teacher_steps", "teacher_train_seconds") if k in before})
+        run_record = Path(run_dir) / f"{self.RECORD}.json"
+        if resume and run_record.is_file():     # a resumed run keeps the start it was given, whatever the source is now
+            stored = json.loads(run_record.read_text()).get("continued_from")
+            if stored is not None:
+                self.consistency["continued_from"] = stored
+        start = self.consistency.get("continued_from")
+        self.start_stage = int(start["stage"]) if start else 0
         super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
-                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes)
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
+                         continued=start is not None)
+        self.start_step = int(start["steps"]) if start else 0
+        if self.total_steps <= self.start_step:
+            raise ValueError(f"--steps counts from the tuned model's start: {teacher_dir} has {self.start_step} "
+                             f"steps, so --steps must exceed that, got {self.total_steps}")
 
     def stage(self, step: int | None = None) -> int:
-        """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``."""
+        """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;
+        a continued model's stages run from the one it stopped in, over the steps from its own count."""
         step = self.step if step is None else step
-        per = max(1, self.total_steps // self.stages)
-        return min(self.stages, -(-int(step) // per))
+        if self.start_stage >= self.stages:
+            return self.stages
+        per = max(1, (self.total_steps - self.start_step) // (self.stages - self.start_stage))
+        return min(self.stages, self.start_stage + -(-(int(step) - self.start_step) // per))
 
     def draw_levels(self, n: int, generator) -> torch.Tensor:
         """``n`` outer levels t from the teacher's training distribution over its whole noise range."""
@@ -134,3 +172,16 @@ class ConsistencyTuner(StudentTrainer):
     def info(self) -> dict:
         self.consistency["final_stage"] = self.stage()
         return super().info()
+
+
+def tuned_range(model_dir: Path, record: dict, preset) -> tuple[float, float]:
+    """The noise range a consistency-tuned model was tuned over: as recorded, or (models that predate the record)
+    its diffusion model's sampling range, read from that model beside it (the lineage's first name)."""
+    if "t_min" in record:
+        return float(record["t_min"]), float(preset.edm.sigma_max)
+    origin = Path(model_dir).parent / record["teacher"]
+    if not (origin / "config.json").is_file():
+        raise ValueError(f"{model_dir} does not record the noise range it was tuned over, and its diffusion model "
+                         f"{record['teacher']!r} is not beside it; put it there or tune that model instead")
+    opreset, _ = read_config(origin)
+    return float(opreset.edm.sigma_min), float(preset.edm.sigma_max)

@@ -396,11 +396,13 @@ class StudentTrainer(Trainer):
     RECORD = "student"
 
     def __init__(self, student: Preset, teacher_dir: Path, classes: list[str], record: dict, data_dir, run_dir,
-                 **kw):
+                 continued: bool = False, **kw):
+        """``continued``: ``teacher_dir`` is a student of the same kind whose training goes on (its steps, time
+        and segments carry over, and ``record`` already names its lineage)."""
         fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
         super().__init__(student, data_dir, run_dir, init=teacher_dir if fresh else None, classes=classes, **kw)
         self.record = record
-        if fresh:
+        if fresh and not continued:
             record["teacher_steps"] = self.step
             record["teacher_train_seconds"] = round(self.wall_time, 1)
             self.step = self.warmup_start = 0

@@ -1,11 +1,13 @@
 """Consistency tuning and sampling: the multistep sampler on an exact consistency function (analytic), ECT's level
 schedule and loss (zero exactly for a self-consistent model), and a short resumable run on the tiny checkpoint that
-exports a model taking only the consistency sampler at 1..M evaluations."""
+exports a model taking only the consistency sampler at 1..M evaluations, then tunes that model further."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from edmsound.core.pipeline import EDMSoundPipeline
 from edmsound.core.samplers import FEW_STEP_SAMPLERS, get_sampler, sample, sample_consistency
@@ -150,8 +152,41 @@ def test_consistency_tune_runs_resumes_and_exports_a_few_step_model(tiny_ckpt, t
     from edmsound.training.distill import Distiller
     with pytest.raises(ValueError, match="consistency-tuned model"):
         Distiller(out, tone_tree, tmp_path / "d", student_nfe=1, steps=1, progress=False)
-    with pytest.raises(ValueError, match="already a few-step student"):
-        ConsistencyTuner(out, tone_tree, tmp_path / "c", steps=1, progress=False)
+    # a tuned model is tuned further: its steps, stage, re-noise floor and tuning range go on from where it stopped
+    more = ConsistencyTuner(out, tone_tree, tmp_path / "c", max_nfe=3, stages=2, steps=10, progress=False,
+                            batch_size=4, checkpoint_every=3)
+    assert more.step == 8 and more.stage() == 2 and more.stage(10) == 2
+    assert more.preset.edm.sigma_min == pytest.approx(0.3) and more.t_range == c.t_range
+    more.run()
+    more.export(tmp_path / "tuned2")
+    info2 = json.loads((tmp_path / "tuned2" / "info.json").read_text())
+    rec = info2["consistency"]
+    assert info2["steps"] == 10 and rec["continued_from"] == {"model": "tuned", "steps": 8, "stage": 2}
+    assert rec["lineage"] == [tiny_ckpt.name, "tuned"] and rec["teacher"] == tiny_ckpt.name
+    w1, w2 = load_file(out / "ema.safetensors"), load_file(tmp_path / "tuned2" / "ema.safetensors")
+    assert w1.keys() == w2.keys() and any(not torch.equal(w1[k], w2[k]) for k in w1)      # it trained on
+    # resumed, the run keeps the start it was given
+    again = ConsistencyTuner(out, tone_tree, tmp_path / "c", max_nfe=3, stages=2, steps=12, progress=False,
+                             batch_size=4, checkpoint_every=3, resume=True)
+    assert again.step == 10 and again.start_step == 8 and again.stage() == 2
+    # stages run on from the one the model stopped in, over the new steps
+    wider = ConsistencyTuner(out, tone_tree, tmp_path / "w", max_nfe=3, stages=4, steps=12, progress=False,
+                             batch_size=4)
+    assert [wider.stage(s) for s in (8, 9, 10, 11, 12)] == [2, 3, 3, 4, 4]
+    for kw, msg in ((dict(stages=1, steps=10), "stopped in stage 2; continuing it needs --stages >= 2"),
+                    (dict(stages=2, steps=8), "--steps must exceed that, got 8")):
+        with pytest.raises(ValueError, match=msg):
+            ConsistencyTuner(out, tone_tree, tmp_path / "e", progress=False, **kw)
+    # a model tuned before its range was recorded takes it from its diffusion model beside it, or says what is missing
+    old = tmp_path / "old"
+    shutil.copytree(out, old / "tuned")
+    meta = json.loads((old / "tuned" / "info.json").read_text())
+    del meta["consistency"]["t_min"]
+    (old / "tuned" / "info.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"its diffusion model '{tiny_ckpt.name}' is not beside it"):
+        ConsistencyTuner(old / "tuned", tone_tree, tmp_path / "e", steps=10, progress=False)
+    shutil.copytree(tiny_ckpt, old / tiny_ckpt.name)
+    assert ConsistencyTuner(old / "tuned", tone_tree, tmp_path / "e", steps=10, progress=False).t_range == c.t_range
 
 
 def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_path, capsys):
@@ -160,7 +195,8 @@ def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_
           "--max-nfe", "2", "--steps", "2", "--batch-size", "2", "--no-progress", "--export", str(tmp_path / "s")])
     assert json.loads((tmp_path / "s" / "info.json").read_text())["consistency"]["max_nfe"] == 2
     capsys.readouterr()
-    for argv, msg in ((["--teacher", str(tmp_path / "s")], "already a few-step student"),
+    for argv, msg in ((["--teacher", str(tmp_path / "s"), "--stages", "1"], "continuing it needs --stages >= 2"),
+                      (["--teacher", str(tmp_path / "s"), "--steps", "2"], "--steps must exceed that, got 2"),
                       (["--teacher", str(tiny_ckpt), "--max-nfe", "0"], "whole number >= 1"),
                       (["--teacher", str(tiny_ckpt), "--sigma-mid", "1e9"], "sigma_mid must be in")):
         with pytest.raises(SystemExit) as e:
