@@ -135,13 +135,20 @@ class ConsistencyTuner(StudentTrainer):
                 self.consistency["continued_from"] = stored
         start = self.consistency.get("continued_from")
         self.start_stage = int(start["stage"]) if start else 0
+        if start is not None and steps is not None:       # before the data loads
+            self._check_total(int(steps), int(start["steps"]), teacher_dir)
         super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=start is not None)
         self.start_step = int(start["steps"]) if start else 0
-        if self.total_steps <= self.start_step:
-            raise ValueError(f"--steps counts from the tuned model's start: {teacher_dir} has {self.start_step} "
-                             f"steps, so --steps must exceed that, got {self.total_steps}")
+        if start is not None:
+            self._check_total(self.total_steps, self.start_step, teacher_dir)
+
+    @staticmethod
+    def _check_total(total: int, start: int, teacher_dir) -> None:
+        if total <= start:
+            raise ValueError(f"--steps counts from the tuned model's start: {teacher_dir} has {start} steps, so "
+                             f"--steps must exceed that, got {total}")
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;

@@ -177,6 +177,7 @@ def test_consistency_tune_runs_resumes_and_exports_a_few_step_model(tiny_ckpt, t
                     (dict(stages=2, steps=8), "--steps must exceed that, got 8")):
         with pytest.raises(ValueError, match=msg):
             ConsistencyTuner(out, tone_tree, tmp_path / "e", progress=False, **kw)
+        assert not (tmp_path / "e").exists()                   # refused before anything is written
     # a model tuned before its range was recorded takes it from its diffusion model beside it, or says what is missing
     old = tmp_path / "old"
     shutil.copytree(out, old / "tuned")
