@@ -37,6 +37,7 @@ from .trainer import StudentTrainer, read_teacher
 ECT_Q = 2.0          # the gap halves every stage
 ECT_K = 8.0          # n(t) = 1 + k sigmoid(-b t'): wider gaps at low noise
 ECT_B = 1.0
+DEFAULT_SIGMA_MID = 0.3      # the lowest level multistep sampling re-noises to, about 1.5 sigma_data
 HUBER_C = 0.00054    # pseudo-Huber constant per element for data of std 0.5 (iCT's 0.00054 sqrt(d) on the norm)
 
 
@@ -107,7 +108,7 @@ class ConsistencyTuner(StudentTrainer):
             t_range = tuned_range(teacher_dir, before, tpreset)
         else:
             start_stage = 0
-            sigma_mid = 0.3 if sigma_mid is None else sigma_mid
+            sigma_mid = DEFAULT_SIGMA_MID if sigma_mid is None else sigma_mid
             t_range = (float(tpreset.edm.sigma_min), float(tpreset.edm.sigma_max))
         if not (math.isfinite(sigma_mid) and t_range[0] <= sigma_mid < t_range[1]):
             raise ValueError(f"sigma_mid must be in [{t_range[0]:g}, {t_range[1]:g}), got {sigma_mid!r}")
@@ -135,20 +136,14 @@ class ConsistencyTuner(StudentTrainer):
                 self.consistency["continued_from"] = stored
         start = self.consistency.get("continued_from")
         self.start_stage = int(start["stage"]) if start else 0
-        if start is not None and steps is not None:       # before the data loads
-            self._check_total(int(steps), int(start["steps"]), teacher_dir)
+        self.start_step = int(start["steps"]) if start else 0
+        total = int(steps if steps is not None else student.train.steps)     # what the trainer will run to
+        if start is not None and total <= self.start_step:                  # refused before the data loads
+            raise ValueError(f"--steps counts from the tuned model's start: {teacher_dir} has {self.start_step} "
+                             f"steps, so --steps must exceed that, got {total}")
         super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=start is not None)
-        self.start_step = int(start["steps"]) if start else 0
-        if start is not None:
-            self._check_total(self.total_steps, self.start_step, teacher_dir)
-
-    @staticmethod
-    def _check_total(total: int, start: int, teacher_dir) -> None:
-        if total <= start:
-            raise ValueError(f"--steps counts from the tuned model's start: {teacher_dir} has {start} steps, so "
-                             f"--steps must exceed that, got {total}")
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;
