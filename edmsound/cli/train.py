@@ -98,7 +98,8 @@ def _run_student(a, make, what: str):
 def _cmd_consistency(a):
     from .. import ConsistencyTuner
     _run_student(a, lambda *x, **kw: ConsistencyTuner(*x, max_nfe=a.max_nfe, stages=a.stages,
-                                                      sigma_mid=a.sigma_mid, **kw),
+                                                      sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
+                                                      **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -207,6 +208,10 @@ def register(subparsers) -> None:
                    help="times the gap between the paired noise levels halves over the run (default 8)")
     c.add_argument("--sigma-mid", type=float, default=None,
                    help="the lowest level multistep sampling re-noises to (default 0.3, or a tuned model's own)")
+    c.add_argument("--p-mean", type=finite, default=None, metavar="LN_SIGMA",
+                   help="tuning noise: ln(sigma) ~ N(P_MEAN, P_STD^2) over the teacher's range (default: the model's "
+                        "own); larger spends more of the tuning where a jump from noise starts; repeat on --resume")
+    c.add_argument("--p-std", type=positive, default=None, metavar="STD", help="see --p-mean (default: the model's own)")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 

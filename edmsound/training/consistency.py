@@ -14,8 +14,10 @@ Stage 0 (r = 0 everywhere) is plain denoising — the diffusion model's own trai
 model is; each later stage halves (q = 2) the gap, until the model is self-consistent along short stretches of the
 trajectory. ECT's constants assume data of std 0.5; here t' = t * 0.5 / sigma_data and c scales the same way, so
 they mean the same thing on spectrograms of std sigma_data. Noise levels t are drawn from the model's own training
-distribution (log-normal with its P_mean and P_std) over its whole range [sigma_min, sigma_max] — below the lowest level
-the sampler re-noises to as well, so the model stays anchored to the clean clip at the bottom of the trajectory.
+distribution (log-normal with its P_mean and P_std, or others given for the tuning) over its whole range
+[sigma_min, sigma_max] — below the lowest level the sampler re-noises to as well, so the model stays anchored to the
+clean clip at the bottom of the trajectory. A larger P_mean spends more of the tuning on the high levels a jump from
+pure noise starts at.
 
 Classifier-free guidance: the tuned model learns the conditional model (labels still dropped at the training rate,
 so guidance stays possible at sampling); the shipped default's guidance is 1 in every class, so this is the model
@@ -84,7 +86,8 @@ class ConsistencyTuner(StudentTrainer):
     def __init__(self, teacher, data_dir, run_dir, *, max_nfe: int = 4, stages: int = 8, sigma_mid: float | None = None,
                  steps: int | None = None, resume: bool = False, seed: int = 0, device: str = "cpu",
                  progress: bool = True, max_minutes: float | None = None, batch_size: int | None = None,
-                 lr: float | None = None, checkpoint_every: int | None = None):
+                 lr: float | None = None, checkpoint_every: int | None = None, p_mean: float | None = None,
+                 p_std: float | None = None):
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         if "distillation" in tinfo:
             raise ValueError(f"{teacher_dir} is a distilled few-step student; tune a diffusion model or continue a "
@@ -114,8 +117,13 @@ class ConsistencyTuner(StudentTrainer):
             raise ValueError(f"sigma_mid must be in [{t_range[0]:g}, {t_range[1]:g}), got {sigma_mid!r}")
         student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
                                          sigma_min=float(sigma_mid))
+        if p_std is not None and not (math.isfinite(p_std) and p_std > 0):
+            raise ValueError(f"p_std must be a positive number, got {p_std!r}")
+        if p_mean is not None and not math.isfinite(p_mean):
+            raise ValueError(f"p_mean must be a finite number, got {p_mean!r}")
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
-                                                            checkpoint_every=checkpoint_every),
+                                                            checkpoint_every=checkpoint_every
+                                                            ).replace_noise(p_mean=p_mean, p_std=p_std),
                                       student_nfe=M, student_sampler="consistency")
         self.stages = S
         # the tuning levels span the teacher's whole range: the student's own sigma_min is only the lowest level
@@ -155,7 +163,8 @@ class ConsistencyTuner(StudentTrainer):
         return min(self.stages, self.start_stage + -(-(int(step) - self.start_step) // per))
 
     def draw_levels(self, n: int, generator) -> torch.Tensor:
-        """``n`` outer levels t from the teacher's training distribution over its whole noise range."""
+        """``n`` outer levels t from the tuning's noise distribution (the teacher's unless replaced) over the teacher's
+        whole noise range."""
         e = self.preset.edm
         return (torch.randn(n, generator=generator) * e.p_std + e.p_mean).exp().clamp(*self.t_range)
 

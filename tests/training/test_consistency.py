@@ -199,10 +199,38 @@ def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_
     for argv, msg in ((["--teacher", str(tmp_path / "s"), "--stages", "1"], "continuing it needs --stages >= 2"),
                       (["--teacher", str(tmp_path / "s"), "--steps", "2"], "--steps must exceed that, got 2"),
                       (["--teacher", str(tiny_ckpt), "--max-nfe", "0"], "whole number >= 1"),
-                      (["--teacher", str(tiny_ckpt), "--sigma-mid", "1e9"], "sigma_mid must be in")):
+                      (["--teacher", str(tiny_ckpt), "--sigma-mid", "1e9"], "sigma_mid must be in"),
+                      (["--teacher", str(tiny_ckpt), "--p-std", "0"], "--p-std: must be a number > 0"),
+                      (["--teacher", str(tiny_ckpt), "--p-mean", "inf"], "--p-mean: must be a finite number")):
         with pytest.raises(SystemExit) as e:
             main(["consistency-tune", "--data", str(tone_tree), "--out", str(tmp_path / "x"), "--no-progress"]
                  + argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1], err
+
+
+def test_tuning_noise_can_be_moved_towards_the_high_levels_and_is_recorded(tiny_ckpt, tone_tree, tmp_path):
+    teacher_edm = EDMSoundPipeline(tiny_ckpt, device="cpu").preset.edm
+    lo, hi = teacher_edm.sigma_min, teacher_edm.sigma_max
+    mid = float(np.sqrt(lo * hi))                       # a level well inside the range: the clamp does not bind
+    own = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "own", steps=2, progress=False, batch_size=2)
+    high = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "high", steps=2, progress=False, batch_size=2,
+                            p_mean=float(np.log(mid)), p_std=0.5)
+    assert own.preset.edm.p_mean == teacher_edm.p_mean and own.preset.edm.p_std == teacher_edm.p_std
+    t = high.draw_levels(20000, torch.Generator().manual_seed(0)).log()
+    assert float(t.median()) == pytest.approx(np.log(mid), abs=0.03)
+    assert float(t.std()) == pytest.approx(0.5, rel=0.05)
+    assert float(t.min()) >= np.log(lo) - 1e-6 and float(t.max()) <= np.log(hi) + 1e-6
+    high.run()
+    high.export(tmp_path / "m")
+    seg = json.loads((tmp_path / "m" / "info.json").read_text())["segments"][-1]
+    assert seg["p_mean"] == pytest.approx(np.log(mid)) and seg["p_std"] == 0.5
+    # continued, the model tunes on at the distribution it was tuned with unless told otherwise
+    on = ConsistencyTuner(tmp_path / "m", tone_tree, tmp_path / "on", steps=4, progress=False, batch_size=2)
+    assert on.preset.edm.p_mean == pytest.approx(np.log(mid)) and on.preset.edm.p_std == 0.5
+    for kw, msg in ((dict(p_std=0.0), "p_std must be a positive number"),
+                    (dict(p_mean=float("nan")), "p_mean must be a finite number")):
+        with pytest.raises(ValueError, match=msg):
+            ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "bad", steps=2, progress=False, **kw)
+        assert not (tmp_path / "bad").exists()
