@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .args import set_threads
+from .args import positive, set_threads
 
 
 def _csv_list(text: str, kind, what: str) -> list:
@@ -158,7 +158,8 @@ def _cmd_calibrate(a):
         min_div = None if str(a.min_diversity).lower() == "none" else float(a.min_diversity)
         intervals = None if a.intervals is None else [t for t in a.intervals.split(",") if t.strip()]
         res = calibrate_class_guidance(a.checkpoint, scales=_csv_list(a.scales, float, "scales"),
-                                       min_fit=a.min_fit, min_diversity=min_div, intervals=intervals,
+                                       min_fit=a.min_fit, min_diversity=min_div,
+                                       max_level_gap=a.max_level_gap, intervals=intervals,
                                        n_per_class=a.n_per_class, seed=a.seed,
                                        classifier=a.classifier, encoder=a.encoder,
                                        reference=None if a.reference == "none" else a.reference,
@@ -219,6 +220,9 @@ def register(subparsers) -> None:
     k.add_argument("--min-fit", type=float, default=0.9, help="category fit (classifier accuracy) a scale must reach")
     k.add_argument("--min-diversity", default="0.7", help="diversity ratio a setting must keep ('none': fit only); "
                    "among settings meeting both the cheapest (fewest guided evaluations) wins, else the best worst margin")
+    k.add_argument("--max-level-gap", type=positive, default=None, metavar="DB",
+                   help="also keep each class's mean RMS level within ±DB of the real clips' (needs --reference); "
+                        "scales below 1 then make a class that comes out too loud quieter (default: no level target)")
     k.add_argument("--intervals", default=None, help="guidance intervals to try with every scale, e.g. "
                    "'default,2:10' (LO:HI noise levels, 'none' = every level, 'default' = the checkpoint's); "
                    "default: the checkpoint's only")

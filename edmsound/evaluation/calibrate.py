@@ -13,7 +13,10 @@ the checkpoint's shipped sampler and NFE, scores them with the classifier (categ
 as the intended class) and the encoder (diversity relative to real clips), and picks per class (see
 :func:`choose`): among settings with fit >= ``min_fit`` and diversity >= ``min_diversity`` the cheapest (fewest
 guided evaluations), then the most diverse; if there are none, the setting with the best worst margin to the
-two targets. Calibration uses its own noise seeds (``seed``, 1 by default) so that an evaluation on seed 0
+two targets. With ``max_level_gap`` the clips' mean RMS level must also be within that many dB of the real
+clips' (guidance changes how loud a class comes out — a few-step model that averages a class's loud events away is
+brought back to its level by guiding its first jump, and a class that comes out too loud by a scale below 1);
+where no setting meets all three, the one closest in level among those meeting fit and diversity is taken. Calibration uses its own noise seeds (``seed``, 1 by default) so that an evaluation on seed 0
 (``edmsound evaluate``) measures the chosen settings on clips they were not chosen on.
 
     edmsound calibrate-guidance --checkpoint checkpoints/default --scales 1,1.5,2,3,4,6,8 \
@@ -46,12 +49,20 @@ def _diversity(r: dict) -> float | None:
     return float(d) if isinstance(d, (int, float)) and np.isfinite(d) else None
 
 
-def _feasible(r: dict, min_fit: float, min_diversity: float | None) -> bool:
-    d = _diversity(r)
-    return r["fit"] >= min_fit and (min_diversity is None or d is None or d >= min_diversity)
+def _level(r: dict) -> float | None:
+    """A candidate's level gap (dB), None where it was not measured."""
+    g = r.get("level_gap_db", float("nan"))
+    return float(g) if isinstance(g, (int, float)) and np.isfinite(g) else None
 
 
-def choose(results: list[dict], min_fit: float, min_diversity: float | None = None) -> dict:
+def _feasible(r: dict, min_fit: float, min_diversity: float | None, max_level_gap: float | None = None) -> bool:
+    d, g = _diversity(r), _level(r)
+    return (r["fit"] >= min_fit and (min_diversity is None or d is None or d >= min_diversity)
+            and (max_level_gap is None or g is None or abs(g) <= max_level_gap))
+
+
+def choose(results: list[dict], min_fit: float, min_diversity: float | None = None,
+           max_level_gap: float | None = None) -> dict:
     """The chosen row of one class's candidates (dicts with ``guidance``, ``fit``, optional ``diversity_ratio``
     and ``guidance_interval``; listed in grid order).
 
@@ -59,7 +70,11 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
     was measured) diversity >= ``min_diversity``. Among feasible candidates: the cheapest (fewest guided, i.e.
     double-batch, network evaluations ``guided_nfe``), then the most diverse, then the smallest scale. If none
     is: the best worst margin, max(min(fit - min_fit, diversity - min_diversity)), i.e. the best fit when
-    diversity is not a target (ties: the smaller scale, then grid order)."""
+    diversity is not a target (ties: the smaller scale, then grid order).
+
+    ``max_level_gap`` (dB) adds a third target, |``level_gap_db``| <= it (rows without a measured level pass). If
+    no row meets all three but some meet fit and diversity, the one of those closest in level wins (ties: the
+    cheapest, then the smaller scale); otherwise the fit/diversity fallback above."""
     if not results:
         raise ValueError("no candidates to choose from")
 
@@ -68,7 +83,11 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
         return float("inf") if min_diversity is None or d is None else d - min_diversity
 
     order = {id(r): i for i, r in enumerate(results)}
-    feasible = [r for r in results if _feasible(r, min_fit, min_diversity)]
+    feasible = [r for r in results if _feasible(r, min_fit, min_diversity, max_level_gap)]
+    if not feasible and max_level_gap is not None:
+        near = [r for r in results if _feasible(r, min_fit, min_diversity) and _level(r) is not None]
+        if near:
+            return min(near, key=lambda r: (abs(_level(r)), r.get("guided_nfe", 0), r["guidance"], order[id(r)]))
     if feasible:
         return min(feasible, key=lambda r: (r.get("guided_nfe", 0), -(_diversity(r) or 0.0),
                                             r["guidance"], order[id(r)]))
@@ -100,7 +119,7 @@ def _parse_intervals(intervals, default):
 
 
 def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: float = DEFAULT_MIN_FIT,
-                             min_diversity: float | None = None, intervals=None,
+                             min_diversity: float | None = None, max_level_gap: float | None = None, intervals=None,
                              n_per_class: int = 16, seed: int = 1, classifier="default", encoder="default",
                              reference="builtin", reference_per_class: int = 200, classes=None,
                              batch_size: int = 8, stop_at_first: bool = True, progress: bool = True,
@@ -112,17 +131,25 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     "LO:HI", "none" = every noise level, "default"); w = 1 (no guidance) is scored once.
     ``stop_at_first``: stop an interval's scales at the first that reaches ``min_fit`` (under the rule in
     :func:`choose` the larger ones, as costly, fitting better but less diverse, cannot win). ``reference=None`` skips the
-    diversity column (then ``min_diversity`` is not a target)."""
+    diversity and level columns (then ``min_diversity`` and ``max_level_gap`` are not targets). Scales are tried
+    from 1 upwards, then those below 1 (which only a level target can choose: they make a class quieter)."""
     from . import sweep as E
     from . import metrics as M
+    from .fidelity import rms_dbfs
     from ..core.pipeline import EDMSoundPipeline
-    scales = sorted({check_guidance(w) for w in scales})
+    scales = sorted({check_guidance(w) for w in scales}, key=lambda w: (w < 1.0, w if w >= 1.0 else -w))
     if not scales:
         raise ValueError("need at least one guidance scale")
     if not 0.0 < float(min_fit) <= 1.0:
         raise ValueError(f"min_fit must be in (0, 1], got {min_fit}")
     if min_diversity is not None and not 0.0 <= float(min_diversity) <= 2.0:
         raise ValueError(f"min_diversity must be in [0, 2] (a diversity ratio) or None, got {min_diversity}")
+    if max_level_gap is not None:
+        if not (np.isfinite(float(max_level_gap)) and float(max_level_gap) > 0):
+            raise ValueError(f"max_level_gap must be a positive number of dB or None, got {max_level_gap}")
+        if reference is None:
+            raise ValueError("a level target needs real clips to compare with: give a reference")
+        max_level_gap = float(max_level_gap)
     n_per_class = int(n_per_class)
     if not 2 <= n_per_class <= 10_000:
         raise ValueError(f"n_per_class must be in [2, 10000], got {n_per_class}")
@@ -137,12 +164,13 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     if clf is None:
         raise ValueError(f"calibration needs a classifier that knows the checkpoint's classes ({clf_desc})")
     enc = E._load_encoder(encoder) if reference is not None else None
-    ref_div = {}
+    ref_div, ref_level = {}, {}
     if enc is not None:
         ref, _ = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
                                   reference_per_class, E.REFERENCE_SEED, progress)
         for i, c in enumerate(ref.classes):
             if c in classes:
+                ref_level[c] = float(rms_dbfs(ref.waves[ref.labels == i]).mean())
                 ref_div[c] = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, ref.waves[ref.labels == i],
                                                                               ref.sample_rate))
     target_div = None if enc is None else min_diversity
@@ -151,7 +179,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
         ci, k = pipe.class_index(c), clf.classes.index(c)
         per, unguided = [], None
         for iv in grid_intervals:
-            if stop_at_first and unguided is not None and _feasible(unguided, min_fit, target_div):
+            if stop_at_first and unguided is not None and _feasible(unguided, min_fit, target_div, max_level_gap):
                 break                                      # w = 1 meets both targets: nothing is cheaper
             for w in scales:
                 if w == 1.0 and unguided is not None:        # no guidance: the interval changes nothing
@@ -164,17 +192,19 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                 div = float("nan")
                 if enc is not None and ref_div.get(c, 0) > 0:
                     div = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, waves, pipe.sample_rate)) / ref_div[c]
+                gap = float(rms_dbfs(waves).mean()) - ref_level[c] if c in ref_level else float("nan")
                 r = {"class": c, "guidance": w, "guidance_interval": interval_list(iv),
-                     "fit": fit, "diversity_ratio": div,
+                     "fit": fit, "diversity_ratio": div, "level_gap_db": gap,
                      "guided_nfe": g.settings["guided_nfe"], "seconds": round(g.settings["seconds"], 2)}
                 per.append(r)
                 if w == 1.0:
                     unguided = r
                 log(f"{c:>22s}  w {w:<4g} {format_guidance_interval(iv) if w != 1.0 else 'unguided':<16s} "
-                    f"fit {fit:.2f}  diversity {div:.2f}")
-                if stop_at_first and fit >= min_fit:
+                    f"fit {fit:.2f}  diversity {div:.2f}  level {gap:+.1f} dB")
+                if stop_at_first and (_feasible(r, min_fit, target_div, max_level_gap) if max_level_gap is not None
+                                      else fit >= min_fit):
                     break
-        best = choose(per, min_fit, target_div)
+        best = choose(per, min_fit, target_div, max_level_gap)
         chosen[c] = best["guidance"]
         iv = check_guidance_interval(best["guidance_interval"])
         if best["guidance"] != 1.0 and iv != p.default_guidance_interval:
@@ -184,6 +214,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
         rows += per
     settings = {"checkpoint": str(checkpoint), "scales": scales, "min_fit": float(min_fit),
                 "min_diversity": None if min_diversity is None or enc is None else float(min_diversity),
+                "max_level_gap": max_level_gap,
                 "n_per_class": n_per_class, "seed": int(seed),
                 "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i", "sampler": p.default_sampler,
                 "nfe": p.default_nfe, "guidance_interval": interval_list(p.default_guidance_interval),
@@ -219,6 +250,9 @@ def calibration_markdown(result: dict) -> str:
                  "then the most diverse; if none, the best worst margin to the two")
     else:
         rule = "the fewest guided evaluations (then the smallest scale) with " + rule
+    if s.get("max_level_gap") is not None:
+        rule += (f"; level within ±{s['max_level_gap']:g} dB of the real clips' (if no setting meets every target, the "
+                 "closest in level of those meeting the others)")
     lines = [f"# Per-class guidance calibration: `{s['checkpoint']}`", "",
              f"{s['sampler']}, NFE {s['nfe']}, guidance intervals tried: {', '.join(format_guidance_interval(iv) for iv in ivs)} "
              f"(shipped: {format_guidance_interval(s['guidance_interval'])}); "
@@ -226,12 +260,14 @@ def calibration_markdown(result: dict) -> str:
              f"rule: {rule} (classifier: {s['classifier']}). "
              f"Diversity = mean pairwise cosine distance of the clips' embeddings ({s['encoder']}) over that of "
              f"real clips of the class. {s['wall_seconds'] / 60:.1f} min.", "",
-             "| class | w | guided for | category fit | diversity ratio | guided evaluations | chosen |",
-             "|---|---|---|---|---|---|---|"]
+             "| class | w | guided for | category fit | diversity ratio | level gap dB | guided evaluations | chosen |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         d = "–" if not np.isfinite(r["diversity_ratio"]) else f"{r['diversity_ratio']:.2f}"
+        g = r.get("level_gap_db", float("nan"))
+        g = "–" if not np.isfinite(g) else f"{g:+.1f}"
         where = "– (unguided)" if r["guidance"] == 1.0 else format_guidance_interval(r.get("guidance_interval", s["guidance_interval"]))
-        lines.append(f"| {r['class']} | {r['guidance']:g} | {where} | {r['fit']:.2f} | {d} | {r['guided_nfe']} | "
+        lines.append(f"| {r['class']} | {r['guidance']:g} | {where} | {r['fit']:.2f} | {d} | {g} | {r['guided_nfe']} | "
                      f"{'**✔**' if r['chosen'] else ''} |")
     lines += ["", "Chosen: " + chosen_text(result)]
     return "\n".join(lines) + "\n"
@@ -266,6 +302,7 @@ def calibration_plot(result: dict) -> bytes:
     for ax, c in zip(axes.flat, classes):
         mine = [r for r in result["rows"] if r["class"] == c]
         unguided = [r for r in mine if r["guidance"] == 1.0]
+        lax = None
         for j, iv in enumerate(ivs):
             rows = unguided + [r for r in mine if r["guidance"] != 1.0 and
                                (None if r.get("guidance_interval") is None else tuple(r["guidance_interval"])) == iv]
@@ -277,6 +314,14 @@ def calibration_plot(result: dict) -> bytes:
             col = colors[j % len(colors)]
             ax.plot(w, [r["fit"] for r in rows], "o-", color=col, label="category fit" + tag)
             ax.plot(w, [r["diversity_ratio"] for r in rows], "s--", color=col, alpha=0.7, label="diversity ratio" + tag)
+            levels = [r.get("level_gap_db", float("nan")) for r in rows]
+            if s.get("max_level_gap") is not None and np.isfinite(levels).any():
+                if lax is None:
+                    lax = ax.twinx()
+                    lim = s["max_level_gap"]
+                    lax.axhspan(-lim, lim, color="tab:orange", alpha=0.08)
+                    lax.set_ylabel("level gap dB", fontsize=8, color="tab:orange")
+                lax.plot(w, levels, "^:", color=col, alpha=0.9, label="level gap dB (right)" + tag)
         ax.axhline(s["min_fit"], color="grey", lw=0.8, ls=":")
         if s.get("min_diversity") is not None:
             ax.axhline(s["min_diversity"], color="grey", lw=0.8, ls="-.")
@@ -294,7 +339,8 @@ def calibration_plot(result: dict) -> bytes:
     axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"per-class guidance calibration: {s['sampler']}, NFE {s['nfe']}, seed {s['seed']}; "
                  f"dotted: min fit {s['min_fit']:g}" + ("" if s.get("min_diversity") is None else
-                 f", dash-dot: min diversity {s['min_diversity']:g}") + "; green star: chosen", fontsize=9)
+                 f", dash-dot: min diversity {s['min_diversity']:g}") + ("" if s.get("max_level_gap") is None else
+                 f"; shaded: level within ±{s['max_level_gap']:g} dB") + "; green star: chosen", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -382,6 +382,31 @@ def test_choose_rule_with_diversity_and_intervals():
         choose([], 0.9)
 
 
+def test_choose_rule_with_a_level_target():
+    from edmsound.evaluation.calibrate import choose
+    hi = [8.0, 20.0]
+
+    def row(w, fit, div, level, guided):
+        return {"guidance": w, "fit": fit, "diversity_ratio": div, "level_gap_db": level, "guided_nfe": guided,
+                "guidance_interval": None if w == 1 else hi}
+    # a few-step model's quiet class: unguided it fits but is 4 dB quiet; guiding its first jump brings it up
+    dog = [row(1, 0.97, 0.9, -4.2, 0), row(1.25, 0.98, 0.88, -2.6, 1), row(1.5, 0.98, 0.85, -1.0, 1),
+           row(2.5, 1.0, 0.6, +5.6, 1)]
+    assert choose(dog, 0.9, 0.7)["guidance"] == 1                       # no level target: the cheapest
+    assert choose(dog, 0.9, 0.7, 1.5)["guidance"] == 1.5
+    assert choose(dog, 0.9, 0.7, 3.0)["guidance"] == 1.25                # both in range, same cost: more diverse
+    # none within the level target: the closest in level among those meeting fit and diversity (not w 2.5)
+    assert choose(dog, 0.9, 0.7, 0.5)["guidance"] == 1.5
+    # a class that is too loud: a scale below 1 (guided, so costlier) is taken only because of the level target
+    loud = [row(1, 1.0, 1.1, +2.4, 0), row(0.75, 0.99, 1.15, +1.1, 1)]
+    assert choose(loud, 0.9, 0.7)["guidance"] == 1 and choose(loud, 0.9, 0.7, 1.5)["guidance"] == 0.75
+    # rows without a measured level pass the level target; fit and diversity still decide
+    unmeasured = [dict(r, level_gap_db=float("nan")) for r in dog]
+    assert choose(unmeasured, 0.9, 0.7, 1.5)["guidance"] == 1
+    # nothing meets fit and diversity: the old fallback (best worst margin), level aside
+    assert choose([row(1, 0.2, 0.9, 0.0, 0), row(2, 0.6, 0.8, 9.0, 1)], 0.9, 0.7, 1.5)["guidance"] == 2
+
+
 def test_choose_scale_rule():
     from edmsound.evaluation.calibrate import choose_scale
     rows = [{"guidance": 1.0, "fit": 0.6}, {"guidance": 2.0, "fit": 0.95}, {"guidance": 3.0, "fit": 1.0}]
@@ -500,6 +525,40 @@ def test_calibration_stops_at_an_unguided_setting_that_meets_both_targets(world,
     assert res["class_guidance"] == {"low": 1.0} and res["class_guidance_interval"] == {}
     with pytest.raises(ValueError, match="min_diversity"):
         calibrate_class_guidance(calibrated / "model", min_diversity=5, classifier=world / "classifier")
+
+
+def test_calibration_with_a_level_target_measures_level_and_picks_the_closest(world, calibrated):
+    """With a level target each candidate's level gap is the generated clips' mean RMS dBFS minus the real clips';
+    a target no setting can meet (0.01 dB) takes the candidate closest in level among those meeting fit."""
+    from edmsound.core.pipeline import EDMSoundPipeline
+    from edmsound.evaluation.calibrate import calibrate_class_guidance, calibration_markdown
+    from edmsound.evaluation.fidelity import rms_dbfs
+    res = calibrate_class_guidance(calibrated / "model", scales=(2, 1, 0.5), min_fit=0.01, min_diversity=None,
+                                   max_level_gap=0.01, n_per_class=4, classes=["high"],
+                                   classifier=world / "classifier", encoder=world / "encoder",
+                                   reference=world / "ref", progress=False, log=lambda *_: None)
+    rows = res["rows"]
+    assert [r["guidance"] for r in rows] == [1.0, 2.0, 0.5]            # 1 first, then up, then below 1
+    pipe = EDMSoundPipeline(calibrated / "model", device="cpu")
+    ref = E.load_reference(str(world / "ref"), ["high"], pipe.sample_rate, pipe.codec.num_samples, 200,
+                           E.REFERENCE_SEED, False)[0]
+    ref_db = float(rms_dbfs(ref.waves[ref.labels == ref.classes.index("high")]).mean())
+    for r in rows:
+        g = pipe.generate("high", n=4, seed=noise_seed(1, pipe.class_index("high"), 0), guidance=r["guidance"],
+                          guidance_interval=r["guidance_interval"])
+        assert r["level_gap_db"] == pytest.approx(float(rms_dbfs(E._pcm16(g.waves)).mean()) - ref_db, abs=1e-6)
+    [best] = [r for r in rows if r["chosen"]]
+    fitting = [r for r in rows if r["fit"] >= 0.01]
+    assert fitting
+    assert abs(best["level_gap_db"]) == min(abs(r["level_gap_db"]) for r in fitting)
+    assert res["settings"]["max_level_gap"] == 0.01
+    md = calibration_markdown(res)
+    assert "level gap dB" in md and "level within ±0.01 dB" in md
+    with pytest.raises(ValueError, match="needs real clips"):
+        calibrate_class_guidance(calibrated / "model", max_level_gap=1.5, reference=None,
+                                 classifier=world / "classifier")
+    with pytest.raises(ValueError, match="max_level_gap must be a positive"):
+        calibrate_class_guidance(calibrated / "model", max_level_gap=-1, classifier=world / "classifier")
 
 
 def test_per_class_interval_in_evaluation_and_quality_report(world, calibrated, tmp_path):
