@@ -66,6 +66,16 @@ def student_points(pipe) -> list[int]:
     return [int(pipe.student_nfe)]
 
 
+def student_guidance(pipe) -> str:
+    """The guidance a student is measured at: its per-class scales where it has them ('class'), else none (1)."""
+    return "class" if pipe.preset.default_class_guidance else "1"
+
+
+def guided_classes(pipe) -> list[str]:
+    """The classes a model guides by default (each costs a double-batch evaluation where guided)."""
+    return [c for c in pipe.classes if pipe.preset.guidance_for(c) != 1.0]
+
+
 @torch.no_grad()
 def trajectory_errors(teacher, students: dict, n: int = 16, seed: int = 5) -> dict:
     """RMS distance from the teacher's Heun solution on each student's 2M-level grid, for the student and for
@@ -124,7 +134,7 @@ def run(a) -> dict:
     res = {"teacher": _overall(evaluate_sweep(a.teacher, out / "teacher", points=parse_points(",".join(tpoints)),
                                               **common))}
     for name, p in students.items():
-        pts = ",".join(f"{p.student_sampler}:{b}:1" for b in student_points(p))
+        pts = ",".join(f"{p.student_sampler}:{b}:{student_guidance(p)}" for b in student_points(p))
         res[name] = _overall(evaluate_sweep(p.model_dir, out / name, points=parse_points(pts), **common))
     cls = teacher.classes[0]
     speed = seconds_per_clip(speed_settings(teacher, students, res["teacher"], cls), rounds=a.rounds,
@@ -154,11 +164,18 @@ def load_students(spec: str) -> dict:
 
 
 def speed_settings(teacher, students: dict, teacher_points, cls: str) -> dict:
-    """``(model, sampler, nfe) -> (pipe, cls, options)`` for the teacher's points and every student budget."""
+    """``(model, sampler, nfe) -> (pipe, cls, options)`` for the teacher's points and every student budget, each
+    at its default guidance. A student that guides some classes by default is timed in an unguided class under its
+    own name and in its first guided class under "name, class guided" (its guided evaluations cost time)."""
     out = {("teacher", s, m): (teacher, cls, {"sampler": s, "nfe": m}) for s, m in teacher_points}
     for name, p in students.items():
+        guided = guided_classes(p)
+        plain = next((c for c in p.classes if c not in guided), cls)
         for b in student_points(p):
-            out[(name, p.student_sampler, b)] = (p, cls, {"sampler": p.student_sampler, "nfe": b})
+            out[(name, p.student_sampler, b)] = (p, plain if guided else cls, {"sampler": p.student_sampler, "nfe": b})
+            if guided:
+                out[(f"{name}, {guided[0]} guided", p.student_sampler, b)] = (p, guided[0],
+                                                                           {"sampler": p.student_sampler, "nfe": b})
     return out
 
 
@@ -174,8 +191,9 @@ def speed_only(a) -> str:
     L = ["# Few-step students: seconds per clip", "",
          f"`benchmarks/distill.py --speed-only`, {date.today().isoformat()}, {platform.platform()}, "
          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads (load {os.getloadavg()[0]:.1f} before); "
-         f"class {teacher.classes[0]}, 8 clips per call, median of {a.rounds} rounds that call every setting in "
-         "turn.", "", "| model | sampler | NFE | s / clip | speed-up vs shipped |", "|---|---|---|---|---|"]
+         f"class {teacher.classes[0]} (a student with per-class guidance: an unguided class, and its guided class in "
+         f"its own row), each model at its default guidance, 8 clips per call, median of {a.rounds} rounds that call "
+         "every setting in turn.", "", "| model | sampler | NFE | s / clip | speed-up vs shipped |", "|---|---|---|---|---|"]
     for (who, sampler, nfe), v in sp.items():
         L.append(f"| {who} | {sampler} | {nfe} | {v:.3f} | {base / v:.2f}x |")
     return "\n".join(L) + "\n"
