@@ -16,7 +16,8 @@ guided evaluations), then the most diverse; if there are none, the setting with 
 two targets. With ``max_level_gap`` the clips' mean RMS level must also be within that many dB of the real
 clips' (guidance changes how loud a class comes out — a few-step model that averages a class's loud events away is
 brought back to its level by guiding its first jump, and a class that comes out too loud by a scale below 1);
-where no setting meets all three, the one closest in level among those meeting fit and diversity is taken. Calibration uses its own noise seeds (``seed``, 1 by default) so that an evaluation on seed 0
+where no setting meets all three, the cheapest of those meeting fit and diversity whose level is as close as the closest
+one's (within that one's standard error) is taken: a costlier setting must be measurably closer. Calibration uses its own noise seeds (``seed``, 1 by default) so that an evaluation on seed 0
 (``edmsound evaluate``) measures the chosen settings on clips they were not chosen on.
 
     edmsound calibrate-guidance --checkpoint checkpoints/default --scales 1,1.5,2,3,4,6,8 \
@@ -73,8 +74,9 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
     diversity is not a target (ties: the smaller scale, then grid order).
 
     ``max_level_gap`` (dB) adds a third target, |``level_gap_db``| <= it (rows without a measured level pass). If
-    no row meets all three but some meet fit and diversity, the one of those closest in level wins (ties: the
-    cheapest, then the smaller scale); otherwise the fit/diversity fallback above."""
+    no row meets all three but some meet fit and diversity, among those whose |level gap| is within the closest
+    one's standard error (``level_gap_se_db``, 0 if absent) of it the cheapest wins, then the closest, then the
+    smaller scale — a costlier setting must be measurably closer; otherwise the fit/diversity fallback above."""
     if not results:
         raise ValueError("no candidates to choose from")
 
@@ -87,7 +89,11 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
     if not feasible and max_level_gap is not None:
         near = [r for r in results if _feasible(r, min_fit, min_diversity) and _level(r) is not None]
         if near:
-            return min(near, key=lambda r: (abs(_level(r)), r.get("guided_nfe", 0), r["guidance"], order[id(r)]))
+            closest = min(near, key=lambda r: (abs(_level(r)), r.get("guided_nfe", 0), r["guidance"], order[id(r)]))
+            se = closest.get("level_gap_se_db", 0.0)
+            se = float(se) if isinstance(se, (int, float)) and np.isfinite(se) else 0.0
+            near = [r for r in near if abs(_level(r)) <= abs(_level(closest)) + se]
+            return min(near, key=lambda r: (r.get("guided_nfe", 0), abs(_level(r)), r["guidance"], order[id(r)]))
     if feasible:
         return min(feasible, key=lambda r: (r.get("guided_nfe", 0), -(_diversity(r) or 0.0),
                                             r["guidance"], order[id(r)]))
@@ -135,7 +141,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     from 1 upwards, then those below 1 (which only a level target can choose: they make a class quieter)."""
     from . import sweep as E
     from . import metrics as M
-    from .fidelity import rms_dbfs
+    from .fidelity import level_gap_se_db, rms_dbfs
     from ..core.pipeline import EDMSoundPipeline
     scales = sorted({check_guidance(w) for w in scales}, key=lambda w: (w < 1.0, w if w >= 1.0 else -w))
     if not scales:
@@ -170,7 +176,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                                   reference_per_class, E.REFERENCE_SEED, progress)
         for i, c in enumerate(ref.classes):
             if c in classes:
-                ref_level[c] = float(rms_dbfs(ref.waves[ref.labels == i]).mean())
+                ref_level[c] = rms_dbfs(ref.waves[ref.labels == i])
                 ref_div[c] = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, ref.waves[ref.labels == i],
                                                                               ref.sample_rate))
     target_div = None if enc is None else min_diversity
@@ -192,9 +198,12 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                 div = float("nan")
                 if enc is not None and ref_div.get(c, 0) > 0:
                     div = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, waves, pipe.sample_rate)) / ref_div[c]
-                gap = float(rms_dbfs(waves).mean()) - ref_level[c] if c in ref_level else float("nan")
+                gap = se = float("nan")
+                if c in ref_level:
+                    rms = rms_dbfs(waves)
+                    gap, se = float(rms.mean() - ref_level[c].mean()), level_gap_se_db(rms, ref_level[c])
                 r = {"class": c, "guidance": w, "guidance_interval": interval_list(iv),
-                     "fit": fit, "diversity_ratio": div, "level_gap_db": gap,
+                     "fit": fit, "diversity_ratio": div, "level_gap_db": gap, "level_gap_se_db": se,
                      "guided_nfe": g.settings["guided_nfe"], "seconds": round(g.settings["seconds"], 2)}
                 per.append(r)
                 if w == 1.0:

@@ -397,6 +397,12 @@ def test_choose_rule_with_a_level_target():
     assert choose(dog, 0.9, 0.7, 3.0)["guidance"] == 1.25                # both in range, same cost: more diverse
     # none within the level target: the closest in level among those meeting fit and diversity (not w 2.5)
     assert choose(dog, 0.9, 0.7, 0.5)["guidance"] == 1.5
+    # ... unless a cheaper one is as close within the closest one's standard error: guidance that does not move
+    # the level (a solver's first step of eight) is not paid for
+    flat = [dict(row(1, 1.0, 0.93, -3.40, 0), level_gap_se_db=0.5), dict(row(0.75, 1.0, 0.93, -3.38, 1),
+                                                                          level_gap_se_db=0.5)]
+    assert choose(flat, 0.9, 0.8, 1.5)["guidance"] == 1
+    assert choose([dict(r, level_gap_se_db=0.0) for r in flat], 0.9, 0.8, 1.5)["guidance"] == 0.75
     # a class that is too loud: a scale below 1 (guided, so costlier) is taken only because of the level target
     loud = [row(1, 1.0, 1.1, +2.4, 0), row(0.75, 0.99, 1.15, +1.1, 1)]
     assert choose(loud, 0.9, 0.7)["guidance"] == 1 and choose(loud, 0.9, 0.7, 1.5)["guidance"] == 0.75
@@ -529,28 +535,32 @@ def test_calibration_stops_at_an_unguided_setting_that_meets_both_targets(world,
 
 def test_calibration_with_a_level_target_measures_level_and_picks_the_closest(world, calibrated):
     """With a level target each candidate's level gap is the generated clips' mean RMS dBFS minus the real clips';
-    a target no setting can meet (0.01 dB) takes the candidate closest in level among those meeting fit."""
+    a target no setting can meet (0.01 dB) takes the cheapest candidate as close in level as the closest one (within
+    its standard error) among those meeting fit."""
     from edmsound.core.pipeline import EDMSoundPipeline
     from edmsound.evaluation.calibrate import calibrate_class_guidance, calibration_markdown
     from edmsound.evaluation.fidelity import rms_dbfs
     res = calibrate_class_guidance(calibrated / "model", scales=(2, 1, 0.5), min_fit=0.01, min_diversity=None,
-                                   max_level_gap=0.01, n_per_class=4, classes=["high"],
+                                   max_level_gap=0.01, n_per_class=4, classes=["low"],
                                    classifier=world / "classifier", encoder=world / "encoder",
                                    reference=world / "ref", progress=False, log=lambda *_: None)
     rows = res["rows"]
     assert [r["guidance"] for r in rows] == [1.0, 2.0, 0.5]            # 1 first, then up, then below 1
     pipe = EDMSoundPipeline(calibrated / "model", device="cpu")
-    ref = E.load_reference(str(world / "ref"), ["high"], pipe.sample_rate, pipe.codec.num_samples, 200,
+    ref = E.load_reference(str(world / "ref"), ["low"], pipe.sample_rate, pipe.codec.num_samples, 200,
                            E.REFERENCE_SEED, False)[0]
-    ref_db = float(rms_dbfs(ref.waves[ref.labels == ref.classes.index("high")]).mean())
+    ref_db = float(rms_dbfs(ref.waves[ref.labels == ref.classes.index("low")]).mean())
     for r in rows:
-        g = pipe.generate("high", n=4, seed=noise_seed(1, pipe.class_index("high"), 0), guidance=r["guidance"],
+        g = pipe.generate("low", n=4, seed=noise_seed(1, pipe.class_index("low"), 0), guidance=r["guidance"],
                           guidance_interval=r["guidance_interval"])
         assert r["level_gap_db"] == pytest.approx(float(rms_dbfs(E._pcm16(g.waves)).mean()) - ref_db, abs=1e-6)
     [best] = [r for r in rows if r["chosen"]]
     fitting = [r for r in rows if r["fit"] >= 0.01]
-    assert fitting
-    assert abs(best["level_gap_db"]) == min(abs(r["level_gap_db"]) for r in fitting)
+    assert fitting and all(r["level_gap_se_db"] > 0 for r in rows)
+    closest = min(fitting, key=lambda r: abs(r["level_gap_db"]))
+    assert abs(best["level_gap_db"]) <= abs(closest["level_gap_db"]) + closest["level_gap_se_db"]
+    assert best["guided_nfe"] == min(r["guided_nfe"] for r in fitting
+                                     if abs(r["level_gap_db"]) <= abs(closest["level_gap_db"]) + closest["level_gap_se_db"])
     assert res["settings"]["max_level_gap"] == 0.01
     md = calibration_markdown(res)
     assert "level gap dB" in md and "level within ±0.01 dB" in md
