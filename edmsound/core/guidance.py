@@ -75,8 +75,10 @@ def interval_text(interval) -> str:
 
 class GuidedDenoiser:
     """Binds class labels, a guidance scale and optionally a guidance interval to an ``EDMPrecond``: the
-    result is a plain D(x, sigma). ``guided_calls`` / ``plain_calls`` count the double- and single-batch
-    network calls made (for cost accounting)."""
+    result is a plain D(x, sigma). ``guided_calls`` / ``plain_calls`` count the guided (conditional and
+    unconditional: two network passes) and plain evaluations made (for cost accounting). On a CPU the two passes
+    are two calls (1.6-1.9 x one call on the 2-core EPYC, against 2.2-2.3 x for one double batch); elsewhere one
+    double batch."""
 
     def __init__(self, model, class_labels: torch.Tensor, scale: float = 1.0, interval=None):
         self.model = model
@@ -109,8 +111,11 @@ class GuidedDenoiser:
             out = self.model(x, sigma, null)
         else:
             self.guided_calls += 1
-            d = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
-            cond, uncond = d.chunk(2)
+            if x.device.type == "cpu":                 # two calls: cheaper than one double batch on a CPU
+                cond, uncond = self.model(x, sigma, labels), self.model(x, sigma, null)
+            else:
+                cond, uncond = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                          torch.cat([labels, null])).chunk(2)
             out = uncond + self.scale * (cond - uncond)
         if not bool(mask.all()):                       # mixed noise levels in one batch (not from our samplers)
             cond = self.model(x, sigma, labels)

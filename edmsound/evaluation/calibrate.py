@@ -69,7 +69,7 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
 
     A candidate is *feasible* when fit >= ``min_fit`` and (if ``min_diversity`` is given and the row's diversity
     was measured) diversity >= ``min_diversity``. Among feasible candidates: the cheapest (fewest guided, i.e.
-    double-batch, network evaluations ``guided_nfe``), then the most diverse, then the smallest scale. If none
+    two-pass, network evaluations ``guided_nfe``), then the most diverse, then the smallest scale. If none
     is: the best worst margin, max(min(fit - min_fit, diversity - min_diversity)), i.e. the best fit when
     diversity is not a target (ties: the smaller scale, then grid order).
 

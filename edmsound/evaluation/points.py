@@ -45,7 +45,7 @@ class SweepPoint:
 
     @property
     def guided(self) -> bool:
-        """Whether any class runs guided (double-batch) evaluations."""
+        """Whether any class runs guided (two-pass) evaluations."""
         ws = [w for _, w in self.class_guidance] if self.guidance == CLASS_GUIDANCE else [self.guidance]
         return any(w not in (0.0, 1.0) for w in ws)
 

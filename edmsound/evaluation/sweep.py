@@ -198,7 +198,7 @@ def _check_meta(meta_path: Path, want: dict, regenerate: bool) -> dict:
 
 def estimate_generation_seconds(pipe, points, missing_counts: dict, batch_size: int = 8) -> dict:
     """Time a short probe (2 network evaluations on one batch, unguided and guided) and extrapolate to every
-    missing clip: seconds ~ clips x NFE x (seconds per clip-evaluation; guided calls run a double batch)."""
+    missing clip: seconds ~ clips x NFE x (seconds per clip-evaluation; guided calls run two passes)."""
     total_units = {p: missing_counts[p] * p.nfe for p in points}
     if not any(total_units.values()):
         return {"seconds": 0.0, "per_eval": {}, "clip_evaluations": 0}
@@ -466,7 +466,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
             top = max(p.nfe for p in points)
             share = sum(missing[p] * p.nfe for p in points if p.nfe == top) / max(1, est["clip_evaluations"])
             log(f"hint: NFE {top} is {100 * share:.0f}% of the network evaluations; fewer NFE values, a smaller "
-                "--n-per-class (cost is linear in it) or fewer guided scales (w != 1 runs a double batch) shorten "
+                "--n-per-class (cost is linear in it) or fewer guided scales (w != 1 runs two passes) shorten "
                 "the run; cached clips are reused by later runs")
     if dry_run:
         return {"points": [asdict(p) for p in points], "notes": notes, "estimate": est, "missing": {p.key: m for p, m in missing.items()}}

@@ -244,7 +244,7 @@ def test_per_class_intervals_round_trip_and_drive_pipeline_service_and_app(tiny_
 
 def test_speed_benchmark_times_the_class_with_the_most_guided_evaluations(tiny_ckpt, tmp_path):
     """benchmarks/samplers.py --shipped-only must time the slowest class: with per-class intervals that is the
-    one with the most guided (double-batch) evaluations, not the one with the largest scale."""
+    one with the most guided (two-pass) evaluations, not the one with the largest scale."""
     import importlib.util
 
     from edmsound.evaluation.calibrate import write_class_guidance
