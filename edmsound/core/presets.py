@@ -248,6 +248,10 @@ class Preset:
         """The training noise distribution ln(sigma) ~ N(p_mean, p_std^2) replaced (None keeps the preset's).
         A training knob: the network, codec and preconditioning stay the same, so a run may change it on resume."""
         kw = {k: float(v) for k, v in (("p_mean", p_mean), ("p_std", p_std)) if v is not None}
+        if "p_mean" in kw and not math.isfinite(kw["p_mean"]):
+            raise ValueError(f"p_mean must be a finite number, got {p_mean!r}")
+        if "p_std" in kw and not (math.isfinite(kw["p_std"]) and kw["p_std"] > 0):
+            raise ValueError(f"p_std must be a positive number, got {p_std!r}")
         return dataclasses.replace(self, edm=dataclasses.replace(self.edm, **kw)) if kw else self
 
     def replace_sampling(self, sigma_max: float | None = None, rho: float | None = None,

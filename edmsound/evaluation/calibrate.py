@@ -44,16 +44,18 @@ DEFAULT_MIN_FIT = 0.9
 DEFAULT_MIN_DIVERSITY = 0.7
 
 
+def _measured(r: dict, key: str) -> float | None:
+    """A candidate's ``key`` (diversity ratio, level gap, ...), None where it was not measured."""
+    v = r.get(key, float("nan"))
+    return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else None
+
+
 def _diversity(r: dict) -> float | None:
-    """A candidate's diversity ratio, None where it was not measured."""
-    d = r.get("diversity_ratio", float("nan"))
-    return float(d) if isinstance(d, (int, float)) and np.isfinite(d) else None
+    return _measured(r, "diversity_ratio")
 
 
 def _level(r: dict) -> float | None:
-    """A candidate's level gap (dB), None where it was not measured."""
-    g = r.get("level_gap_db", float("nan"))
-    return float(g) if isinstance(g, (int, float)) and np.isfinite(g) else None
+    return _measured(r, "level_gap_db")
 
 
 def _feasible(r: dict, min_fit: float, min_diversity: float | None, max_level_gap: float | None = None) -> bool:
@@ -90,8 +92,7 @@ def choose(results: list[dict], min_fit: float, min_diversity: float | None = No
         near = [r for r in results if _feasible(r, min_fit, min_diversity) and _level(r) is not None]
         if near:
             closest = min(near, key=lambda r: (abs(_level(r)), r.get("guided_nfe", 0), r["guidance"], order[id(r)]))
-            se = closest.get("level_gap_se_db", 0.0)
-            se = float(se) if isinstance(se, (int, float)) and np.isfinite(se) else 0.0
+            se = _measured(closest, "level_gap_se_db") or 0.0
             near = [r for r in near if abs(_level(r)) <= abs(_level(closest)) + se]
             return min(near, key=lambda r: (r.get("guided_nfe", 0), abs(_level(r)), r["guidance"], order[id(r)]))
     if feasible:

@@ -117,10 +117,6 @@ class ConsistencyTuner(StudentTrainer):
             raise ValueError(f"sigma_mid must be in [{t_range[0]:g}, {t_range[1]:g}), got {sigma_mid!r}")
         student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
                                          sigma_min=float(sigma_mid))
-        if p_std is not None and not (math.isfinite(p_std) and p_std > 0):
-            raise ValueError(f"p_std must be a positive number, got {p_std!r}")
-        if p_mean is not None and not math.isfinite(p_mean):
-            raise ValueError(f"p_mean must be a finite number, got {p_mean!r}")
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
                                                             checkpoint_every=checkpoint_every
                                                             ).replace_noise(p_mean=p_mean, p_std=p_std),
