@@ -51,6 +51,7 @@ _export("edmsound.training.trainer", "Trainer", "TrainingDiverged", "train", "in
 _export("edmsound.training.export", "export_model", "with_sampling_defaults")
 _export("edmsound.training.distill", "Distiller")
 _export("edmsound.training.consistency", "ConsistencyTuner")
+_export("edmsound.training.bake", "GuidanceBaker")
 # copy detection
 _export("edmsound.copydetect.encoders", "load_encoder")
 _export("edmsound.copydetect.pretrain", "train_encoder")

@@ -60,9 +60,9 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
-def _student_run_args(p, steps: int) -> None:
+def _student_run_args(p, steps: int, steps_help: str = "total optimizer steps") -> None:
     """The run options every few-step student command shares with ``train``."""
-    p.add_argument("--steps", type=int, default=steps, help=f"total optimizer steps (default {steps})")
+    p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
@@ -101,6 +101,12 @@ def _cmd_consistency(a):
                                                       sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
                                                       **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
+
+
+def _cmd_bake(a):
+    from .. import GuidanceBaker
+    _run_student(a, lambda *x, **kw: GuidanceBaker(*x, share=a.share, ema_halflife=a.ema_halflife, **kw),
+                 "the model with its guidance baked in (guidance 1 in every class)")
 
 
 def _cmd_distill(a):
@@ -214,6 +220,21 @@ def register(subparsers) -> None:
     c.add_argument("--p-std", type=positive, default=None, metavar="STD", help="see --p-mean (default: the model's own)")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
+
+    b = subparsers.add_parser("bake-guidance", help="teach a consistency-tuned model to give its guided output in "
+                                                    "one evaluation, so guided classes sample as fast as the others")
+    b.add_argument("--teacher", required=True,
+                   help="a consistency-tuned model with per-class guidance (e.g. checkpoints/fast); it is also where "
+                        "the baking starts")
+    b.add_argument("--data", required=True, help="class-per-folder tree (the model's training data)")
+    b.add_argument("--out", required=True, help="run directory")
+    b.add_argument("--share", type=float, default=0.5,
+                   help="share of the noise levels drawn from the guided interval; the rest keep the model as it "
+                        "was elsewhere (default 0.5)")
+    b.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
+                   help="EMA half-life in steps (default 250)")
+    _student_run_args(b, steps=1500, steps_help="baking steps, counted on from the model's own")
+    b.set_defaults(func=_cmd_bake)
 
     e = subparsers.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)

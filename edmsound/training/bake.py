@@ -1,0 +1,154 @@
+"""Baking a consistency-tuned model's per-class guidance into its weights: the model learns to give, in one
+evaluation, what its guided self gave in two (conditional and unconditional), so the guided classes sample as fast
+as the others.
+
+A frozen copy of the model is the teacher. For a training clip ``y``, unit noise ``n`` and a level t,
+x = y + t n and
+
+    target = D_u + w_c (D_c - D_u)      where the class c is guided (w_c != 1) and t is in its interval (lo, hi]
+    target = D_c                         everywhere else (the model's own output: an anchor, so nothing else moves)
+    loss   = mean((D_student(x, t, c) - target)^2) / sigma_data^2
+
+with D_c, D_u the frozen model's conditional and unconditional outputs. A share of the levels (``share``) is drawn
+log-uniformly over the guided levels (lo, hi] within the model's range — where the guided first jump of a few-step
+sample starts — and the rest from the model's tuning distribution over its whole range. Labels are dropped at the
+training rate (anchored to the frozen unconditional output), so guidance stays possible after baking.
+
+The baked model ships with guidance 1 in every class and keeps its consistency record (with ``baked_guidance``
+added): it samples, is evaluated and can be tuned further like any consistency-tuned model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..core.model import load_denoiser
+from .consistency import tuned_range
+from .export import with_sampling_defaults
+from .trainer import StudentTrainer, read_teacher
+
+DEFAULT_SHARE = 0.5
+DEFAULT_LR = 5e-5
+DEFAULT_EMA_HALFLIFE = 250.0
+
+
+def guided_region(scales: dict[str, float], intervals: dict[str, tuple[float, float] | None],
+                  t_range: tuple[float, float]) -> tuple[float, float] | None:
+    """The noise levels (lo, hi] where any guided class is guided, within ``t_range``; None where a guided class
+    is guided at every level (then the tuning distribution already covers it)."""
+    guided = [c for c, w in scales.items() if w != 1.0]
+    if any(intervals.get(c) is None for c in guided):
+        return None
+    lo = max(min(intervals[c][0] for c in guided), t_range[0])
+    hi = min(max(intervals[c][1] for c in guided), t_range[1])
+    if not lo < hi:
+        raise ValueError(f"the guidance intervals ({lo:g}, {hi:g}] lie outside the model's noise range "
+                         f"[{t_range[0]:g}, {t_range[1]:g}]: nothing to bake")
+    return lo, hi
+
+
+def baked_targets(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                  lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, guided mask): the frozen ``teacher``'s guided output D_u + w (D_c - D_u) where a sample's scale
+    ``scale`` != 1 and lo < t <= hi (per sample), its plain output for its label elsewhere."""
+    with torch.no_grad():
+        target = teacher(x, t, labels)
+        g = (scale != 1.0) & (t > lo) & (t <= hi) & (labels != teacher.null_class)
+        if bool(g.any()):
+            b = (-1,) + (1,) * (x.dim() - 1)
+            un = teacher(x[g], t[g], torch.full_like(labels[g], teacher.null_class))
+            target[g] = un + scale[g].reshape(b).to(un.dtype) * (target[g] - un)
+    return target, g
+
+
+class GuidanceBaker(StudentTrainer):
+    """:class:`Trainer` that bakes a consistency-tuned model's per-class guidance into its weights (resumable,
+    checkpointed, logged and exported like the tuning). ``steps`` counts the baking steps, added to the model's own
+    count."""
+
+    RECORD = "consistency"
+
+    def __init__(self, teacher, data_dir, run_dir, *, steps: int = 1500, share: float = DEFAULT_SHARE,
+                 resume: bool = False, seed: int = 0, device: str = "cpu", progress: bool = True,
+                 max_minutes: float | None = None, batch_size: int | None = None, lr: float | None = None,
+                 checkpoint_every: int | None = None, ema_halflife: float | None = None):
+        teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
+        before = tinfo.get("consistency")
+        if before is None or tpreset.student_sampler != "consistency":
+            raise ValueError(f"{teacher_dir} is not a consistency-tuned model; guidance is baked into one "
+                             "(`edmsound consistency-tune` makes it)")
+        scales = {c: float(tpreset.guidance_for(c)) for c in classes}
+        intervals = {c: tpreset.guidance_interval_for(c) for c in classes}
+        guided = {c: w for c, w in scales.items() if w != 1.0}
+        if not guided:
+            raise ValueError(f"{teacher_dir} has no guidance to bake: every class samples at guidance 1")
+        if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
+            raise ValueError(f"share must be between 0 and 1, got {share!r}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+        self.t_range = tuned_range(teacher_dir, before, tpreset)
+        self.region = guided_region(scales, intervals, self.t_range)
+        start = int(tinfo.get("steps", 0))
+        run_record = Path(run_dir) / f"{self.RECORD}.json"
+        if resume and run_record.is_file():   # a resumed run counts from the start it was given
+            start = int(json.loads(run_record.read_text())["baked_guidance"]["from_step"])
+        student = with_sampling_defaults(tpreset, guidance=1.0, guidance_interval="none")
+        student = dataclasses.replace(
+            student.replace_train(batch_size=batch_size, lr=DEFAULT_LR if lr is None else lr,
+                                  checkpoint_every=checkpoint_every,
+                                  ema_halflife_steps=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife),
+            default_class_guidance=None, default_class_guidance_interval=None)
+        record = dict(before)
+        record.update(lineage=list(before.get("lineage", [before["teacher"]])) + [teacher_dir.name],
+                      continued_from={"model": teacher_dir.name, "steps": start,
+                                      "stage": int(before.get("final_stage", before["stages"]))},
+                      baked_guidance={"scales": guided,
+                                      "intervals": {c: None if intervals[c] is None else list(intervals[c])
+                                                    for c in guided},
+                                      "levels": None if self.region is None else list(self.region),
+                                      "share": float(share), "from_model": teacher_dir.name, "from_step": start})
+        self.share = float(share)
+        super().__init__(student, teacher_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
+                         continued=True)
+        self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema")
+        self.teacher.requires_grad_(False).eval()
+        idx = {c: i for i, c in enumerate(self.classes)}
+        n = self.teacher.null_class + 1
+        self.scale_of = torch.ones(n)
+        self.lo_of = torch.zeros(n)
+        self.hi_of = torch.full((n,), math.inf)
+        for c, w in guided.items():
+            self.scale_of[idx[c]] = w
+            if intervals[c] is not None:
+                self.lo_of[idx[c]], self.hi_of[idx[c]] = intervals[c]
+
+    def draw_levels(self, n: int, generator) -> torch.Tensor:
+        """``n`` levels: a ``share`` log-uniform over the guided region, the rest from the tuning distribution."""
+        e = self.preset.edm
+        t = (torch.randn(n, generator=generator) * e.p_std + e.p_mean).exp().clamp(*self.t_range)
+        if self.region is not None and self.share > 0:
+            lo, hi = (math.log(v) for v in self.region)
+            region = (lo + (hi - lo) * torch.rand(n, generator=generator)).exp()
+            t = torch.where(torch.rand(n, generator=generator) < self.share, region, t)
+        return t
+
+    def loss(self, model, y, labels, generator):
+        e = self.preset.edm
+        bsz = y.shape[0]
+        t = self.draw_levels(bsz, generator)
+        noise = torch.randn(y.shape, generator=generator)
+        if e.label_dropout > 0:
+            drop = torch.rand(bsz, generator=generator) < e.label_dropout
+            labels = torch.where(drop.to(labels.device), torch.full_like(labels, model.null_class), labels)
+        t = t.to(device=y.device, dtype=y.dtype)
+        x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise.to(y.device)
+        lab = labels.cpu()
+        target, _ = baked_targets(self.teacher, x, t, labels, self.scale_of[lab].to(y.device),
+                                  self.lo_of[lab].to(y.device), self.hi_of[lab].to(y.device))
+        d = model(x, t, labels) - target.to(y.dtype)
+        return d.flatten(1).pow(2).mean(dim=1) / e.sigma_data ** 2
