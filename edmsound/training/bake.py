@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..core.model import load_denoiser
-from .consistency import tuned_range
+from .consistency import lognormal_levels, noisy_draws, tuned_range
 from .export import with_sampling_defaults
 from .trainer import StudentTrainer, read_teacher
 
@@ -129,8 +129,7 @@ class GuidanceBaker(StudentTrainer):
 
     def draw_levels(self, n: int, generator) -> torch.Tensor:
         """``n`` levels: a ``share`` log-uniform over the guided region, the rest from the tuning distribution."""
-        e = self.preset.edm
-        t = (torch.randn(n, generator=generator) * e.p_std + e.p_mean).exp().clamp(*self.t_range)
+        t = lognormal_levels(n, self.preset.edm, self.t_range, generator)
         if self.region is not None and self.share > 0:
             lo, hi = (math.log(v) for v in self.region)
             region = (lo + (hi - lo) * torch.rand(n, generator=generator)).exp()
@@ -139,14 +138,8 @@ class GuidanceBaker(StudentTrainer):
 
     def loss(self, model, y, labels, generator):
         e = self.preset.edm
-        bsz = y.shape[0]
-        t = self.draw_levels(bsz, generator)
-        noise = torch.randn(y.shape, generator=generator)
-        if e.label_dropout > 0:
-            drop = torch.rand(bsz, generator=generator) < e.label_dropout
-            labels = torch.where(drop.to(labels.device), torch.full_like(labels, model.null_class), labels)
-        t = t.to(device=y.device, dtype=y.dtype)
-        x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise.to(y.device)
+        t, noise, labels = noisy_draws(self.draw_levels, e, y, labels, model.null_class, generator)
+        x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise
         lab = labels.cpu()
         target, _ = baked_targets(self.teacher, x, t, labels, self.scale_of[lab].to(y.device),
                                   self.lo_of[lab].to(y.device), self.hi_of[lab].to(y.device))

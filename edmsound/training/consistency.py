@@ -76,6 +76,23 @@ def ect_loss(model, y: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, r: t
     return pseudo_huber(f_t - target, c) / (t - r)
 
 
+def lognormal_levels(n: int, edm, t_range: tuple[float, float], generator) -> torch.Tensor:
+    """``n`` levels with ln(sigma) ~ N(edm.p_mean, edm.p_std^2), clamped to ``t_range``."""
+    return (torch.randn(n, generator=generator) * edm.p_std + edm.p_mean).exp().clamp(*t_range)
+
+
+def noisy_draws(draw_levels, edm, y: torch.Tensor, labels: torch.Tensor, null_class: int, generator):
+    """One batch's random draws, in this order: levels ``draw_levels(n, generator)``, unit noise like ``y``, and the
+    labels dropped to ``null_class`` at the label-dropout rate; levels and noise on ``y``'s device and dtype."""
+    bsz = y.shape[0]
+    t = draw_levels(bsz, generator)
+    noise = torch.randn(y.shape, generator=generator)
+    if edm.label_dropout > 0:
+        drop = torch.rand(bsz, generator=generator) < edm.label_dropout
+        labels = torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
+    return t.to(device=y.device, dtype=y.dtype), noise.to(device=y.device, dtype=y.dtype), labels
+
+
 class ConsistencyTuner(StudentTrainer):
     """:class:`Trainer` whose loss is easy consistency tuning of a model directory (resumable, checkpointed, logged
     and exported the same way). The exported model samples with ``consistency`` at 1 to ``max_nfe`` evaluations
@@ -161,20 +178,13 @@ class ConsistencyTuner(StudentTrainer):
     def draw_levels(self, n: int, generator) -> torch.Tensor:
         """``n`` outer levels t from the tuning's noise distribution (the teacher's unless replaced) over the teacher's
         whole noise range."""
-        e = self.preset.edm
-        return (torch.randn(n, generator=generator) * e.p_std + e.p_mean).exp().clamp(*self.t_range)
+        return lognormal_levels(n, self.preset.edm, self.t_range, generator)
 
     def loss(self, model, y, labels, generator):
         e = self.preset.edm
-        bsz = y.shape[0]
-        t = self.draw_levels(bsz, generator)
-        noise = torch.randn(y.shape, generator=generator)
-        if e.label_dropout > 0:
-            drop = torch.rand(bsz, generator=generator) < e.label_dropout
-            labels = torch.where(drop.to(labels.device), torch.full_like(labels, model.null_class), labels)
-        t = t.to(device=y.device, dtype=y.dtype)
+        t, noise, labels = noisy_draws(self.draw_levels, e, y, labels, model.null_class, generator)
         r = ect_levels(t, self.stage(), e.sigma_data)
-        return ect_loss(model, y, labels, t, r, noise.to(y.device), e.sigma_data)
+        return ect_loss(model, y, labels, t, r, noise, e.sigma_data)
 
     def info(self) -> dict:
         self.consistency["final_stage"] = self.stage()
