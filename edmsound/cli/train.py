@@ -60,6 +60,14 @@ def _cmd_train(a):
         print(json.dumps(result))
 
 
+def _student_io_args(p, teacher_help: str, data_help: str = "class-per-folder tree (the teacher's training data)"
+                     ) -> None:
+    """The model a few-step command starts from, its training data and the run directory."""
+    p.add_argument("--teacher", required=True, help=teacher_help)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", required=True, help="run directory")
+
+
 def _student_run_args(p, steps: int, steps_help: str = "total optimizer steps") -> None:
     """The run options every few-step student command shares with ``train``."""
     p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
@@ -189,9 +197,7 @@ def register(subparsers) -> None:
 
     d = subparsers.add_parser("distill", help="progressive distillation: a student that takes in one step what "
                                               "its teacher takes in two")
-    d.add_argument("--teacher", required=True, help="a model directory (the shipped model, or a student)")
-    d.add_argument("--data", required=True, help="class-per-folder tree (the teacher's training data)")
-    d.add_argument("--out", required=True, help="run directory")
+    _student_io_args(d, "a model directory (the shipped model, or a student)")
     d.add_argument("--nfe", type=int, required=True,
                    help="the student's steps (network evaluations); a student teacher of N steps needs N/2")
     d.add_argument("--teacher-solver", choices=["heun", "euler"], default=None,
@@ -203,11 +209,8 @@ def register(subparsers) -> None:
 
     c = subparsers.add_parser("consistency-tune", help="easy consistency tuning: a model that samples in 1 to a "
                                                         "few evaluations with the consistency sampler")
-    c.add_argument("--teacher", required=True,
-                   help="a model directory: a diffusion model (e.g. the shipped one), or a consistency-tuned model "
+    _student_io_args(c, "a model directory: a diffusion model (e.g. the shipped one), or a consistency-tuned model "
                         "to tune further (its stages and step count go on from where it stopped)")
-    c.add_argument("--data", required=True, help="class-per-folder tree (the teacher's training data)")
-    c.add_argument("--out", required=True, help="run directory")
     c.add_argument("--max-nfe", type=int, default=4,
                    help="the largest budget the tuned model accepts (it samples at 1 to this; default 4)")
     c.add_argument("--stages", type=int, default=8,
@@ -223,11 +226,8 @@ def register(subparsers) -> None:
 
     b = subparsers.add_parser("bake-guidance", help="teach a consistency-tuned model to give its guided output in "
                                                     "one evaluation, so guided classes sample as fast as the others")
-    b.add_argument("--teacher", required=True,
-                   help="a consistency-tuned model with per-class guidance (e.g. checkpoints/fast); it is also where "
-                        "the baking starts")
-    b.add_argument("--data", required=True, help="class-per-folder tree (the model's training data)")
-    b.add_argument("--out", required=True, help="run directory")
+    _student_io_args(b, "a consistency-tuned model with per-class guidance (e.g. checkpoints/fast); it is also "
+                        "where the baking starts", "class-per-folder tree (the model's training data)")
     b.add_argument("--share", type=float, default=0.5,
                    help="share of the noise levels drawn from the guided interval; the rest keep the model as it "
                         "was elsewhere (default 0.5)")
