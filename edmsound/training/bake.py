@@ -20,6 +20,7 @@ added): it samples, is evaluated and can be tuned further like any consistency-t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -83,6 +84,17 @@ class GuidanceBaker(StudentTrainer):
                              "(`edmsound consistency-tune` makes it)")
         scales = {c: float(tpreset.guidance_for(c)) for c in classes}
         intervals = {c: tpreset.guidance_interval_for(c) for c in classes}
+        weights_sha = hashlib.sha256((teacher_dir / "ema.safetensors").read_bytes()).hexdigest()
+        run_record = Path(run_dir) / f"{self.RECORD}.json"
+        stored = (json.loads(run_record.read_text())["baked_guidance"]
+                  if resume and run_record.is_file() else None)
+        if stored is not None:              # a resumed run bakes what it started with, from the same frozen weights
+            if stored["teacher_sha256"] != weights_sha:
+                raise ValueError(f"{teacher_dir} is not the model this run started from (its weights changed since); "
+                                 "resume with that model, or start a new run")
+            scales = {c: float(stored["scales"].get(c, 1.0)) for c in classes}
+            intervals = {c: None if stored["intervals"].get(c) is None else tuple(stored["intervals"][c])
+                         for c in classes}
         guided = {c: w for c, w in scales.items() if w != 1.0}
         if not guided:
             raise ValueError(f"{teacher_dir} has no guidance to bake: every class samples at guidance 1")
@@ -92,10 +104,7 @@ class GuidanceBaker(StudentTrainer):
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         self.t_range = tuned_range(teacher_dir, before, tpreset)
         self.region = guided_region(scales, intervals, self.t_range)
-        start = int(tinfo.get("steps", 0))
-        run_record = Path(run_dir) / f"{self.RECORD}.json"
-        if resume and run_record.is_file():   # a resumed run counts from the start it was given
-            start = int(json.loads(run_record.read_text())["baked_guidance"]["from_step"])
+        start = int(tinfo.get("steps", 0)) if stored is None else int(stored["from_step"])
         student = with_sampling_defaults(tpreset, guidance=1.0, guidance_interval="none")
         student = dataclasses.replace(
             student.replace_train(batch_size=batch_size, lr=DEFAULT_LR if lr is None else lr,
@@ -110,7 +119,8 @@ class GuidanceBaker(StudentTrainer):
                                       "intervals": {c: None if intervals[c] is None else list(intervals[c])
                                                     for c in guided},
                                       "levels": None if self.region is None else list(self.region),
-                                      "share": float(share), "from_model": teacher_dir.name, "from_step": start})
+                                      "share": float(share), "from_model": teacher_dir.name, "from_step": start,
+                                      "teacher_sha256": weights_sha})
         self.share = float(share)
         super().__init__(student, teacher_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,

@@ -116,6 +116,15 @@ def test_bake_guidance_runs_resumes_and_exports_a_model_at_guidance_one(tuned, t
     assert gen.settings["guidance"] == 1.0 and gen.settings["nfe"] == 2 and np.isfinite(gen.waves).all()
     w0, w1 = load_file(model / "ema.safetensors"), load_file(out / "ema.safetensors")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)                   # it trained
+    # a run resumes only from the frozen model it started with, and bakes the scales it started with
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(model, moved)
+    write_class_guidance(moved, {classes[0]: 3.0, classes[1]: 1.0}, None)    # new scales, same weights
+    same = GuidanceBaker(moved, data, tmp_path / "run", steps=6, progress=False, batch_size=4, resume=True)
+    assert float(same.scale_of[0]) == 2.0 and float(same.lo_of[0]) == 0.5
+    with pytest.raises(ValueError, match="is not the model this run started from"):
+        GuidanceBaker(out, data, tmp_path / "run", steps=6, progress=False, resume=True)
     # a baked model has nothing left to bake
     with pytest.raises(ValueError, match="has no guidance to bake: every class samples at guidance 1"):
         GuidanceBaker(out, data, tmp_path / "again", steps=1, progress=False)
