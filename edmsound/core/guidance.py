@@ -58,6 +58,13 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
     return (lo, hi)
 
 
+def guided_combination(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    """D_u + w (D_c - D_u): ``scale`` a number, or a 1-D tensor with one scale per sample."""
+    if torch.is_tensor(scale) and scale.dim() == 1:
+        scale = scale.reshape((-1,) + (1,) * (cond.dim() - 1)).to(cond.dtype)
+    return uncond + scale * (cond - uncond)
+
+
 def format_guidance_interval(interval) -> str:
     """For people: "all σ" or "σ ∈ (lo, hi]"."""
     return "all σ" if interval is None else f"σ ∈ ({interval[0]:g}, {interval[1]:g}]"
@@ -116,7 +123,7 @@ class GuidedDenoiser:
             else:
                 cond, uncond = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                           torch.cat([labels, null])).chunk(2)
-            out = uncond + self.scale * (cond - uncond)
+            out = guided_combination(cond, uncond, self.scale)
         if not bool(mask.all()):                       # mixed noise levels in one batch (not from our samplers)
             cond = self.model(x, sigma, labels)
             out = torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), out, cond)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.guidance import guided_combination, interval_list
 from ..core.model import load_denoiser
 from .consistency import lognormal_levels, noisy_draws, tuned_range
 from .export import with_sampling_defaults
@@ -60,9 +61,8 @@ def baked_targets(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tenso
         target = teacher(x, t, labels)
         g = (scale != 1.0) & (t > lo) & (t <= hi) & (labels != teacher.null_class)
         if bool(g.any()):
-            b = (-1,) + (1,) * (x.dim() - 1)
             un = teacher(x[g], t[g], torch.full_like(labels[g], teacher.null_class))
-            target[g] = un + scale[g].reshape(b).to(un.dtype) * (target[g] - un)
+            target[g] = guided_combination(target[g], un, scale[g])
     return target, g
 
 
@@ -116,9 +116,8 @@ class GuidanceBaker(StudentTrainer):
                       continued_from={"model": teacher_dir.name, "steps": start,
                                       "stage": int(before.get("final_stage", before["stages"]))},
                       baked_guidance={"scales": guided,
-                                      "intervals": {c: None if intervals[c] is None else list(intervals[c])
-                                                    for c in guided},
-                                      "levels": None if self.region is None else list(self.region),
+                                      "intervals": {c: interval_list(intervals[c]) for c in guided},
+                                      "levels": interval_list(self.region),
                                       "share": float(share), "from_model": teacher_dir.name, "from_step": start,
                                       "teacher_sha256": weights_sha})
         self.share = float(share)
