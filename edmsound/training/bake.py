@@ -15,7 +15,8 @@ sample starts — and the rest from the model's tuning distribution over its who
 training rate (anchored to the frozen unconditional output), so guidance stays possible after baking.
 
 The baked model ships with guidance 1 in every class and keeps its consistency record (with ``baked_guidance``
-added): it samples, is evaluated and can be tuned further like any consistency-tuned model.
+added; a model baked before keeps its earlier bakes in ``earlier_bakes``): it samples, is evaluated and can be tuned
+or baked further like any consistency-tuned model.
 """
 from __future__ import annotations
 
@@ -120,6 +121,8 @@ class GuidanceBaker(StudentTrainer):
                                       "levels": interval_list(self.region),
                                       "share": float(share), "from_model": teacher_dir.name, "from_step": start,
                                       "teacher_sha256": weights_sha})
+        if before.get("baked_guidance") is not None:      # a model baked before: its earlier bakes stay on record
+            record["earlier_bakes"] = list(before.get("earlier_bakes", [])) + [before["baked_guidance"]]
         self.share = float(share)
         super().__init__(student, teacher_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
