@@ -2,8 +2,8 @@
 
     D_w(x, sigma, c) = D(x, sigma, null) + w * (D(x, sigma, c) - D(x, sigma, null))
 
-Both halves run in ONE batched network call, which counts as one network evaluation (NFE) — the
-batch is twice as large, so wall time grows, but the number of sequential solver steps does not.
+Both halves count as one network evaluation (NFE): the number of sequential solver steps does not grow, the work
+per step does (one double batch on an accelerator; two calls on a CPU, where that is cheaper).
 w = 1 is plain conditional sampling and makes no unconditional call at all; w = 0 is unconditional.
 
 Guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves
@@ -113,6 +113,7 @@ class GuidedDenoiser:
             self.plain_calls += 1
             return self.model(x, sigma, labels)
         null = torch.full_like(labels, self.model.null_class)
+        cond = None
         if self.scale == 0.0:
             self.plain_calls += 1
             out = self.model(x, sigma, null)
@@ -125,6 +126,7 @@ class GuidedDenoiser:
                                           torch.cat([labels, null])).chunk(2)
             out = guided_combination(cond, uncond, self.scale)
         if not bool(mask.all()):                       # mixed noise levels in one batch (not from our samplers)
-            cond = self.model(x, sigma, labels)
+            if cond is None:
+                cond = self.model(x, sigma, labels)
             out = torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), out, cond)
         return out

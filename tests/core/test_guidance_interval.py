@@ -72,6 +72,20 @@ def test_mixed_noise_levels_in_one_batch_are_handled_per_sample():
     cond, uncond = m(x, sigma, labels), m(x, sigma, None)
     inside = torch.tensor([False, True, False, True])[:, None]
     torch.testing.assert_close(out, torch.where(inside, uncond + 2.0 * (cond - uncond), cond), rtol=0, atol=1e-12)
+    # the conditional half is computed once: two network passes for the guided scale, two for w 0 as well
+    calls = []
+
+    class Counting:
+        null_class = m.null_class
+
+        def __call__(self, *args):
+            calls.append(args[2])
+            return m(*args)
+
+    for w in (2.0, 0.0):
+        calls.clear()
+        GuidedDenoiser(Counting(), labels, w, (0.1, 0.5))(x, sigma)
+        assert len(calls) == 2
 
 
 def test_no_interval_is_plain_guidance_and_w1_never_guides():
