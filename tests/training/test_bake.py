@@ -128,6 +128,7 @@ def test_bake_guidance_runs_resumes_and_exports_a_model_at_guidance_one(tuned, t
     # a baked model has nothing left to bake
     with pytest.raises(ValueError, match="has no guidance to bake: every class samples at guidance 1"):
         GuidanceBaker(out, data, tmp_path / "again", steps=1, progress=False)
+    assert not (tmp_path / "again").exists()
     # given guidance again, a baked model bakes once more and keeps its first bake on record
     write_class_guidance(out, {classes[1]: 1.5}, None)
     second = GuidanceBaker(out, data, tmp_path / "second", steps=1, progress=False, batch_size=4)
@@ -137,7 +138,6 @@ def test_bake_guidance_runs_resumes_and_exports_a_model_at_guidance_one(tuned, t
     assert rec2["baked_guidance"]["scales"] == {classes[1]: 1.5}
     assert rec2["baked_guidance"]["from_step"] == start + 6 and rec2["baked_guidance"]["intervals"] == {classes[1]: None}
     assert rec2["earlier_bakes"] == [rec["baked_guidance"]]
-    assert not (tmp_path / "again").exists()
 
 
 def test_bake_guidance_refuses_what_it_cannot_bake(tiny_ckpt, tuned, tmp_path, capsys):
