@@ -33,6 +33,10 @@ def positive(text: str) -> float:
     return number(text, lambda v: v > 0, "a number > 0")
 
 
+def non_negative(text: str) -> float:
+    return number(text, lambda v: v >= 0, "a number >= 0")
+
+
 def peak_target(text: str) -> float:
     return number(text, lambda v: -60 <= v <= 0, "a peak level in [-60, 0] dBFS")
 

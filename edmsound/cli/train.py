@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .args import finite, positive, positive_steps
+from .args import finite, non_negative, positive, positive_steps
 
 
 def _cmd_data_synth(a):
@@ -107,7 +107,8 @@ def _cmd_consistency(a):
     from .. import ConsistencyTuner
     _run_student(a, lambda *x, **kw: ConsistencyTuner(*x, max_nfe=a.max_nfe, stages=a.stages,
                                                       sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
-                                                      **kw),
+                                                      envelope_weight=a.envelope_weight,
+                                                      envelope_max_sigma=a.envelope_max_sigma, **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -221,6 +222,12 @@ def register(subparsers) -> None:
                    help="tuning noise: ln(sigma) ~ N(P_MEAN, P_STD^2) over the teacher's range (default: the model's "
                         "own); larger spends more of the tuning where a jump from noise starts; repeat on --resume")
     c.add_argument("--p-std", type=positive, default=None, metavar="STD", help="see --p-mean (default: the model's own)")
+    c.add_argument("--envelope-weight", type=non_negative, default=0.0, metavar="W",
+                   help="add a spectral-envelope term (log band power of the output against the clip's, phase "
+                        "ignored) at the low noise levels the last jump starts from, so quiet bands do not come out "
+                        "dull; 0 turns it off (default 0); repeat on --resume")
+    c.add_argument("--envelope-max-sigma", type=positive, default=1.0, metavar="SIGMA",
+                   help="the highest noise level the envelope term applies at (default 1.0)")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from edmsound.core.pipeline import EDMSoundPipeline
 from edmsound.core.samplers import FEW_STEP_SAMPLERS, get_sampler, sample, sample_consistency
-from edmsound.training.consistency import ConsistencyTuner, ect_gap_ratio, ect_levels, ect_loss
+from edmsound.training.consistency import (ENVELOPE_FLOOR, ConsistencyTuner, band_power, ect_gap_ratio, ect_levels,
+                                          ect_loss, envelope_distance)
 
 S = 0.25                      # data: zero-mean Gaussian of std S
 
@@ -201,7 +202,10 @@ def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_
                       (["--teacher", str(tiny_ckpt), "--max-nfe", "0"], "whole number >= 1"),
                       (["--teacher", str(tiny_ckpt), "--sigma-mid", "1e9"], "sigma_mid must be in"),
                       (["--teacher", str(tiny_ckpt), "--p-std", "0"], "--p-std: must be a number > 0"),
-                      (["--teacher", str(tiny_ckpt), "--p-mean", "inf"], "--p-mean: must be a finite number")):
+                      (["--teacher", str(tiny_ckpt), "--p-mean", "inf"], "--p-mean: must be a finite number"),
+                      (["--teacher", str(tiny_ckpt), "--envelope-weight", "-1"], "--envelope-weight: must be a number >= 0"),
+                      (["--teacher", str(tiny_ckpt), "--envelope-max-sigma", "0"],
+                       "--envelope-max-sigma: must be a number > 0")):
         with pytest.raises(SystemExit) as e:
             main(["consistency-tune", "--data", str(tone_tree), "--out", str(tmp_path / "x"), "--no-progress"]
                  + argv)
@@ -231,6 +235,73 @@ def test_tuning_noise_can_be_moved_towards_the_high_levels_and_is_recorded(tiny_
     assert on.preset.edm.p_mean == pytest.approx(np.log(mid)) and on.preset.edm.p_std == 0.5
     for kw, msg in ((dict(p_std=0.0), "p_std must be a positive number"),
                     (dict(p_mean=float("nan")), "p_mean must be a finite number")):
+        with pytest.raises(ValueError, match=msg):
+            ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "bad", steps=2, progress=False, **kw)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_band_power_averages_each_bin_over_time_chunks_a_short_last_chunk_over_its_own_frames():
+    x = torch.zeros(1, 2, 3, 20, dtype=torch.float64)
+    x[0, 0, :, :16] = 1.0                   # power 1 in the first 16 frames (real part)
+    x[0, 1, :, 16:] = 2.0                   # power 4 in the last 4 (imaginary part)
+    p = band_power(x, chunk=16)
+    assert p.shape == (1, 3, 2)
+    torch.testing.assert_close(p, torch.tensor([[[1.0, 4.0]] * 3], dtype=torch.float64))
+    x[0, 0, 1, 0] = 3.0                     # one frame of bin 1 louder: its chunk mean moves by (9 - 1) / 16
+    assert float(band_power(x, chunk=16)[0, 1, 0]) == pytest.approx(1.5)
+
+
+def test_envelope_distance_ignores_phase_and_gives_the_log_power_ratio_of_a_gain():
+    g = torch.Generator().manual_seed(0)
+    sd = 0.2
+    mag = 0.1 + torch.rand(4, 1, 16, 32, generator=g, dtype=torch.float64)
+    phase = 2 * np.pi * torch.rand(4, 1, 16, 32, generator=g, dtype=torch.float64)
+    y = torch.cat([mag * phase.cos(), mag * phase.sin()], dim=1)
+    turned = 2 * np.pi * torch.rand(4, 1, 16, 32, generator=g, dtype=torch.float64)
+    x = torch.cat([mag * turned.cos(), mag * turned.sin()], dim=1)       # the same magnitudes, other phases
+    assert float(envelope_distance(x, y, sd).abs().max()) < 1e-20
+    # constant power P in every bin: a gain a gives ln((a^2 P + e) / (P + e))^2 exactly, e the floor
+    P, a = 0.09, 0.5
+    y = torch.zeros(2, 2, 8, 32, dtype=torch.float64)
+    y[:, 0] = P ** 0.5
+    e = (ENVELOPE_FLOOR * sd) ** 2
+    torch.testing.assert_close(envelope_distance(a * y, y, sd),
+                               torch.full((2,), np.log((a * a * P + e) / (P + e)) ** 2, dtype=torch.float64))
+    # quieter than the floor, a difference weighs far less than the same ratio at full level
+    assert float(envelope_distance(a * 1e-3 * y, 1e-3 * y, sd)[0]) < 1e-4 * float(envelope_distance(a * y, y, sd)[0])
+
+
+def test_ect_loss_adds_the_envelope_term_only_at_the_low_levels_and_it_trains_the_output_level():
+    g = torch.Generator().manual_seed(1)
+    y = S * torch.randn(8, 2, 8, 16, generator=g, dtype=torch.float64)
+    noise = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.01, 0.1, 0.5, 1.0, 1.5, 3.0, 8.0, 15.0], dtype=torch.float64)
+    lab = torch.zeros(8, dtype=torch.long)
+    r = ect_levels(t, 3, 0.2)
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    model = lambda x, s, labels: a * y          # a dull copy of the clean clip at every level
+    base = ect_loss(model, y, lab, t, r, noise, 0.2)
+    withenv = ect_loss(model, y, lab, t, r, noise, 0.2, envelope=(2.0, 1.0))
+    low = t <= 1.0
+    expect = base + 2.0 * low.to(base.dtype) * envelope_distance(0.7 * y, y, 0.2)
+    torch.testing.assert_close(withenv, expect)
+    assert torch.equal(withenv[~low], base[~low]) and bool((withenv[low] > base[low]).all())
+    # its gradient pushes the dull output's gain up, towards the clip's level
+    (withenv - base).sum().backward()
+    assert float(a.grad) < 0
+
+
+def test_envelope_term_is_recorded_with_the_tuned_model_and_carried_by_a_continuation(tiny_ckpt, tone_tree, tmp_path):
+    tuner = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "run", steps=2, progress=False, batch_size=2,
+                             envelope_weight=2.0, envelope_max_sigma=0.5)
+    tuner.run()
+    tuner.export(tmp_path / "m")
+    rec = json.loads((tmp_path / "m" / "info.json").read_text())["consistency"]
+    assert rec["envelope"] == {"weight": 2.0, "max_sigma": 0.5, "chunk": 16, "from_step": 0}
+    plain = ConsistencyTuner(tmp_path / "m", tone_tree, tmp_path / "on", steps=4, progress=False, batch_size=2)
+    assert plain.envelope_weight == 0.0 and plain.consistency["envelope"] == rec["envelope"]
+    for kw, msg in ((dict(envelope_weight=-1.0), "envelope weight must be"),
+                    (dict(envelope_max_sigma=float("inf")), "envelope's highest level must be")):
         with pytest.raises(ValueError, match=msg):
             ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "bad", steps=2, progress=False, **kw)
         assert not (tmp_path / "bad").exists()
