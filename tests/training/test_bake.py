@@ -100,6 +100,18 @@ def test_bake_guidance_runs_resumes_and_exports_a_model_at_guidance_one(tuned, t
                           resume=True)
     assert again.step == start + 4 and again.total_steps == start + 6          # counts from the same start
     again.run()
+    # validation noise is fixed and the teacher frozen: its targets are computed at the first check and kept
+    again.val_waves, again.val_labels = again.train_waves[:40], again.train_labels[:40]   # (this set is too small
+    counted, frozen = Affine(), again.teacher                                                # to hold any out)
+    again.teacher = lambda x, sigma, labels: (counted(x, sigma, labels), frozen(x, sigma, labels))[1]
+    again.teacher.null_class = frozen.null_class
+    first = again.validate()
+    assert np.isfinite(first) and len(counted.calls) >= 2                       # two batches of at most 32
+    n = len(counted.calls)
+    assert again.validate() == pytest.approx(first, rel=1e-6) and len(counted.calls) == n
+    again._val_targets = None                                   # forgotten: computed again, the same figure
+    assert again.validate() == pytest.approx(first, rel=1e-6) and len(counted.calls) == 2 * n
+    again.teacher = frozen
     out = tmp_path / "baked"
     again.export(out)
     info = json.loads((out / "info.json").read_text())
