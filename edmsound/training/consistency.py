@@ -20,17 +20,18 @@ clean clip at the bottom of the trajectory. A larger P_mean spends more of the t
 pure noise starts at.
 
 Spectral envelope (optional, ``envelope_weight`` > 0): the pseudo-Huber distance on the complex spectrogram is
-minimised by averaging where a clip's phase is uncertain, and averaging complex values cancels energy — the tuned
-model's last jump comes out duller than the clips, most in the quiet high bands. Audio codecs and vocoders answer
-this with a spectral-magnitude loss beside the waveform one; here the same idea is added to the loss at the low
-levels the last jump of multistep sampling starts from (t <= ``envelope_max_sigma``):
+minimised by averaging where a clip's phase is uncertain, and averaging complex values cancels energy — a jump can
+come out duller than the clips, most in quiet high bands. Audio codecs and vocoders answer this with a
+spectral-magnitude loss beside the waveform one; here one is added at the low levels the last jump of multistep
+sampling starts from (t <= ``envelope_max_sigma``):
 
-    loss += w_env * mean over bins and time chunks of (ln(P(D(x_t, t)) + e) - ln(P(y) + e))^2
+    loss += w_env * mean over bins and time chunks of (P(D(x_t, t)) - P(y))^2 / sigma_data^4
 
-with P the power of the (compressed, per-bin scaled) spectrogram averaged over chunks of ``ENVELOPE_CHUNK`` frames
-and e = (0.3 sigma_data)^2: bins more than about 10 dB below the data's average (in this compressed power; about
-20 dB in the audio's) weigh little, as they do in the sound. It compares magnitudes only, so it asks for the clip's
-energy per band and moment without asking for a phase the noisy input cannot tell.
+with P the power of the (compressed, per-bin scaled) spectrogram averaged over chunks of ``ENVELOPE_CHUNK`` frames.
+It compares magnitudes only, so it asks for the clip's energy per bin and moment without asking for a phase the
+noisy input cannot tell. It is a squared difference of powers, not of their logarithms: under uncertainty its
+minimiser is the expected power, while a log distance is minimised by the geometric mean — quieter than the expected
+power, and measured to make the tuned model's clips quieter (about 1 dB per class after 540 steps).
 
 Classifier-free guidance: the tuned model learns the conditional model (labels still dropped at the training rate,
 so guidance stays possible at sampling); the shipped default's guidance is 1 in every class, so this is the model
@@ -55,7 +56,6 @@ ECT_B = 1.0
 DEFAULT_SIGMA_MID = 0.3      # the lowest level multistep sampling re-noises to, about 1.5 sigma_data
 HUBER_C = 0.00054    # pseudo-Huber constant per element for data of std 0.5 (iCT's 0.00054 sqrt(d) on the norm)
 ENVELOPE_CHUNK = 16  # frames per time chunk of the envelope term (16 hops of 128 samples: 128 ms at 16 kHz)
-ENVELOPE_FLOOR = 0.3  # the envelope term's power floor, in units of sigma_data (amplitude)
 DEFAULT_ENVELOPE_MAX_SIGMA = 1.0
 
 
@@ -98,7 +98,7 @@ def ect_loss(model, y: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, r: t
     return loss
 
 
-def band_power(x: torch.Tensor, chunk: int = ENVELOPE_CHUNK) -> torch.Tensor:
+def chunk_power(x: torch.Tensor, chunk: int = ENVELOPE_CHUNK) -> torch.Tensor:
     """Power per frequency bin of complex spectrograms ``x`` (batch, 2, bins, frames), averaged over chunks of
     ``chunk`` frames (a last partial chunk is averaged over what it has): (batch, bins, chunks)."""
     p = x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).sum(dim=1)      # at least float32 under autocast
@@ -114,11 +114,9 @@ def band_power(x: torch.Tensor, chunk: int = ENVELOPE_CHUNK) -> torch.Tensor:
 
 
 def envelope_distance(x: torch.Tensor, y: torch.Tensor, sigma_data: float, chunk: int = ENVELOPE_CHUNK) -> torch.Tensor:
-    """Per-sample mean squared difference of the log band power of ``x`` and ``y`` (natural log; a floor of
-    (ENVELOPE_FLOOR sigma_data)^2 keeps near-silent bins from dominating). 0 for equal magnitudes, whatever the
-    phases."""
-    eps = (ENVELOPE_FLOOR * sigma_data) ** 2
-    d = torch.log(band_power(x, chunk) + eps) - torch.log(band_power(y, chunk) + eps)
+    """Per-sample mean squared difference of the chunked power of ``x`` and ``y`` in units of sigma_data^4: 0 for
+    equal magnitudes, whatever the phases."""
+    d = (chunk_power(x, chunk) - chunk_power(y, chunk)) / sigma_data ** 2
     return d.pow(2).flatten(1).mean(dim=1)
 
 

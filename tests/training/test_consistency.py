@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from edmsound.core.pipeline import EDMSoundPipeline
 from edmsound.core.samplers import FEW_STEP_SAMPLERS, get_sampler, sample, sample_consistency
-from edmsound.training.consistency import (ENVELOPE_FLOOR, ConsistencyTuner, band_power, ect_gap_ratio, ect_levels,
+from edmsound.training.consistency import (ConsistencyTuner, chunk_power, ect_gap_ratio, ect_levels,
                                           ect_loss, envelope_distance)
 
 S = 0.25                      # data: zero-mean Gaussian of std S
@@ -244,14 +244,14 @@ def test_band_power_averages_each_bin_over_time_chunks_a_short_last_chunk_over_i
     x = torch.zeros(1, 2, 3, 20, dtype=torch.float64)
     x[0, 0, :, :16] = 1.0                   # power 1 in the first 16 frames (real part)
     x[0, 1, :, 16:] = 2.0                   # power 4 in the last 4 (imaginary part)
-    p = band_power(x, chunk=16)
+    p = chunk_power(x, chunk=16)
     assert p.shape == (1, 3, 2)
     torch.testing.assert_close(p, torch.tensor([[[1.0, 4.0]] * 3], dtype=torch.float64))
     x[0, 0, 1, 0] = 3.0                     # one frame of bin 1 louder: its chunk mean moves by (9 - 1) / 16
-    assert float(band_power(x, chunk=16)[0, 1, 0]) == pytest.approx(1.5)
+    assert float(chunk_power(x, chunk=16)[0, 1, 0]) == pytest.approx(1.5)
 
 
-def test_envelope_distance_ignores_phase_and_gives_the_log_power_ratio_of_a_gain():
+def test_envelope_distance_ignores_phase_and_gives_the_power_difference_of_a_gain():
     g = torch.Generator().manual_seed(0)
     sd = 0.2
     mag = 0.1 + torch.rand(4, 1, 16, 32, generator=g, dtype=torch.float64)
@@ -260,15 +260,18 @@ def test_envelope_distance_ignores_phase_and_gives_the_log_power_ratio_of_a_gain
     turned = 2 * np.pi * torch.rand(4, 1, 16, 32, generator=g, dtype=torch.float64)
     x = torch.cat([mag * turned.cos(), mag * turned.sin()], dim=1)       # the same magnitudes, other phases
     assert float(envelope_distance(x, y, sd).abs().max()) < 1e-20
-    # constant power P in every bin: a gain a gives ln((a^2 P + e) / (P + e))^2 exactly, e the floor
+    # constant power P in every bin: a gain a gives ((a^2 - 1) P / sd^2)^2 exactly
     P, a = 0.09, 0.5
     y = torch.zeros(2, 2, 8, 32, dtype=torch.float64)
     y[:, 0] = P ** 0.5
-    e = (ENVELOPE_FLOOR * sd) ** 2
     torch.testing.assert_close(envelope_distance(a * y, y, sd),
-                               torch.full((2,), np.log((a * a * P + e) / (P + e)) ** 2, dtype=torch.float64))
-    # quieter than the floor, a difference weighs far less than the same ratio at full level
-    assert float(envelope_distance(a * 1e-3 * y, 1e-3 * y, sd)[0]) < 1e-4 * float(envelope_distance(a * y, y, sd)[0])
+                               torch.full((2,), ((a * a - 1) * P / sd ** 2) ** 2, dtype=torch.float64))
+    # a click in one chunk of one bin: only that chunk's mean power differs, by its energy over the chunk length
+    x = y.clone()
+    x[0, 1, 3, 5] = 1.0                                                  # power +1 in one frame of 32
+    d = envelope_distance(x, y, sd, chunk=16)
+    assert float(d[1]) == 0.0
+    assert float(d[0]) == pytest.approx((1.0 / 16 / sd ** 2) ** 2 / (8 * 2))       # one of 8 bins x 2 chunks
 
 
 def test_ect_loss_adds_the_envelope_term_only_at_the_low_levels_and_it_trains_the_output_level():
