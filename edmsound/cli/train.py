@@ -224,8 +224,8 @@ def register(subparsers) -> None:
     c.add_argument("--p-std", type=positive, default=None, metavar="STD", help="see --p-mean (default: the model's own)")
     c.add_argument("--envelope-weight", type=non_negative, default=0.0, metavar="W",
                    help="add a spectral-envelope term (the output's power per bin and 128-ms chunk against the "
-                        "clip's, phase ignored) at the low noise levels the last jump starts from, so quiet bands do not come out "
-                        "dull; 0 turns it off (default 0); repeat on --resume")
+                        "clip's, phase ignored) at the low noise levels the last jump starts from, against dull "
+                        "quiet bands; 0 turns it off (default 0); repeat on --resume")
     c.add_argument("--envelope-max-sigma", type=positive, default=1.0, metavar="SIGMA",
                    help="the highest noise level the envelope term applies at (default 1.0)")
     _student_run_args(c, steps=4000)
