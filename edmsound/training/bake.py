@@ -138,34 +138,6 @@ class GuidanceBaker(StudentTrainer):
             self.scale_of[idx[c]] = w
             if intervals[c] is not None:
                 self.lo_of[idx[c]], self.hi_of[idx[c]] = intervals[c]
-        # validation draws fixed noise and the teacher is frozen, so its targets are the same at every check:
-        # computed at the first one and kept (batch by batch, in the order validation asks for them)
-        self._val_targets: list[torch.Tensor] | None = None
-        self._val_batch: int | None = None
-
-    def validate(self) -> float:
-        first = self._val_targets is None
-        if first:
-            self._val_targets = []
-        self._val_batch = 0
-        try:
-            return super().validate()
-        except BaseException:
-            if first:
-                self._val_targets = None
-            raise
-        finally:
-            self._val_batch = None
-
-    def _targets(self, x, t, labels):
-        lab = labels.cpu()
-        scale, lo, hi = (v[lab].to(x.device) for v in (self.scale_of, self.lo_of, self.hi_of))
-        if self._val_batch is None:
-            return baked_targets(self.teacher, x, t, labels, scale, lo, hi)[0]
-        k, self._val_batch = self._val_batch, self._val_batch + 1
-        if k == len(self._val_targets):
-            self._val_targets.append(baked_targets(self.teacher, x, t, labels, scale, lo, hi)[0])
-        return self._val_targets[k]
 
     def draw_levels(self, n: int, generator) -> torch.Tensor:
         """``n`` levels: a ``share`` log-uniform over the guided region, the rest from the tuning distribution."""
@@ -180,6 +152,8 @@ class GuidanceBaker(StudentTrainer):
         e = self.preset.edm
         t, noise, labels = noisy_draws(self.draw_levels, e, y, labels, model.null_class, generator)
         x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise
-        target = self._targets(x, t, labels)
+        lab = labels.cpu()
+        scale, lo, hi = (v[lab].to(y.device) for v in (self.scale_of, self.lo_of, self.hi_of))
+        target = self.teacher_targets(lambda: baked_targets(self.teacher, x, t, labels, scale, lo, hi)[0])
         d = model(x, t, labels) - target.to(y.dtype)
         return d.flatten(1).pow(2).mean(dim=1) / e.sigma_data ** 2

@@ -130,7 +130,8 @@ class Distiller(StudentTrainer):
         k = torch.randint(M, (y.shape[0],), generator=generator).to(y.device)
         noise = torch.randn(y.shape, generator=generator).to(y.device)
         guided = GuidedDenoiser(self.teacher, labels, self.teacher_guidance, self.teacher_interval)
-        x_a, sa, target = distill_targets(guided, y, self.grid, k, noise, self.teacher_solver)
+        x_a, sa, target = self.teacher_targets(
+            lambda: distill_targets(guided, y, self.grid, k, noise, self.teacher_solver))
         D = model(x_a, sa, labels)
         return loss_weight(sa, self.preset.edm.sigma_data) * ((D - target) ** 2).flatten(1).mean(dim=1)
 

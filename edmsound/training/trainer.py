@@ -410,9 +410,37 @@ class StudentTrainer(Trainer):
             self.segments = []
         if self.is_main:
             atomic_write_json(self.run_dir / f"{self.RECORD}.json", record)
+        # a frozen teacher's targets for the held-out clips are the same at every check (validation draws fixed
+        # noise): computed at the first one and kept, batch by batch in the order validation asks for them
+        self._val_targets: list | None = None
+        self._val_batch: int | None = None
 
     def info(self) -> dict:
         return dict(super().info(), **{self.RECORD: self.record})
+
+    def validate(self) -> float:
+        first = self._val_targets is None
+        if first:
+            self._val_targets = []
+        self._val_batch = 0
+        try:
+            return super().validate()
+        except BaseException:
+            if first:                       # a check cut short keeps nothing
+                self._val_targets = None
+            raise
+        finally:
+            self._val_batch = None
+
+    def teacher_targets(self, compute):
+        """``compute()`` (a frozen teacher's targets for the batch at hand) in training; in validation, the k-th
+        batch's result from the first check, computed then."""
+        if self._val_batch is None:
+            return compute()
+        k, self._val_batch = self._val_batch, self._val_batch + 1
+        if k == len(self._val_targets):
+            self._val_targets.append(compute())
+        return self._val_targets[k]
 
 
 def init_distributed(device: str):
