@@ -240,10 +240,8 @@ class ConsistencyTuner(StudentTrainer):
         e = self.preset.edm
         t, noise, labels = noisy_draws(self.draw_levels, e, y, labels, model.null_class, generator)
         r = ect_levels(t, self.stage(), e.sigma_data)
-        if self.envelope_weight <= 0:
-            return ect_loss(model, y, labels, t, r, noise, e.sigma_data)
-        return ect_loss(model, y, labels, t, r, noise, e.sigma_data, envelope=(self.envelope_weight,
-                                                                               self.envelope_max_sigma))
+        envelope = (self.envelope_weight, self.envelope_max_sigma) if self.envelope_weight > 0 else None
+        return ect_loss(model, y, labels, t, r, noise, e.sigma_data, envelope=envelope)
 
     def info(self) -> dict:
         self.consistency["final_stage"] = self.stage()
