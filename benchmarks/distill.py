@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edmsound import EDMSoundPipeline, evaluate_sweep, karras_sigmas, parse_points  # noqa: E402
+from edmsound.evaluation import fidelity as F  # noqa: E402
+from edmsound.evaluation.quality import BAND_GAP_MAX_DB  # noqa: E402
 from edmsound.evaluation.timing import seconds_per_clip  # noqa: E402
 from edmsound.training.distill import solver_step, teacher_grid  # noqa: E402
 
@@ -55,6 +57,7 @@ def _overall(results: dict) -> dict[tuple, dict]:
                     "diversity_min": min(r["diversity_ratio"] for r in per),
                     "level_gap_max": max(abs(r["level_gap_db"]) for r in per),
                     "band_gap_max": max(abs(r["band_gap_worst_db"]) for r in per),
+                    "bands": F.band_misses(per, BAND_GAP_MAX_DB),
                     "copy_share": ov.get("copy_share")}
     return out
 
@@ -204,6 +207,12 @@ def _f(v, nd=3):
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def _misses(m: dict | None) -> str:
+    if not m:
+        return "–"
+    return f"{m['beyond']} of {m['total']}" + (f" ({m['clear']})" if m["clear"] is not None else "")
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     ship = next(x for x in r["rows"] if x["model"] == "teacher" and [x["sampler"], x["nfe"]] == r["shipped"])
@@ -212,13 +221,15 @@ def markdown(r: dict) -> str:
          f"(load {m['load_before']:.1f} before); {r['n_per_class']} clips per class, the same seeds and reference for "
          "every row; FAD ratio = FAD / FAD of a training subset of the same size (the noise floor is 1).", "",
          "| model | sampler | NFE | FAD ratio | KID | fit (min / mean) | diversity min | max level gap (dB) | "
-         "max band gap (dB) | copies > p95 | s / clip | speed-up vs shipped |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         f"max band gap (dB) | class-bands beyond ±{BAND_GAP_MAX_DB:g} dB (by > 2 SE) | copies > p95 | s / clip | "
+         "speed-up vs shipped |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in sorted(r["rows"], key=lambda x: (x["nfe"], x["model"] != "teacher", x["sampler"])):
         up = (ship["seconds_per_clip"] / x["seconds_per_clip"]) if x["seconds_per_clip"] else None
         L.append(f"| {x['model']} | {x['sampler']} | {x['nfe']} | {_f(x['fad_ratio'], 2)} | {_f(x['kid'], 4)} | "
                  f"{_f(x['fit_min'], 2)} / {_f(x['fit_mean'], 2)} | {_f(x['diversity_min'], 2)} | "
-                 f"{_f(x['level_gap_max'], 1)} | {_f(x['band_gap_max'], 1)} | {_f(x.get('copy_share'), 2)} | "
+                 f"{_f(x['level_gap_max'], 1)} | {_f(x['band_gap_max'], 1)} | {_misses(x.get('bands'))} | "
+                 f"{_f(x.get('copy_share'), 2)} | "
                  f"{_f(x['seconds_per_clip'], 3)} | "
                  f"{_f(up, 2)}x |")
     L += ["", "Trajectory error (RMS distance from the teacher's Heun solution of the same noise on the student's "

@@ -22,7 +22,8 @@ import numpy as np
 from ..audio import loudness as L
 from .metrics import level_gap_db, rms_dbfs
 
-__all__ = ["band_edges", "band_power", "band_gap_db", "level_gap_db", "level_gap_se_db", "clip_levels", "compare",
+__all__ = ["band_edges", "clip_band_power", "band_power", "band_gap_db", "band_gap_se_db", "level_gap_db",
+           "level_gap_se_db", "clip_levels", "compare", "band_misses", "misses_text",
            "FIDELITY_COLUMNS"]
 
 DEFAULT_BANDS = 12
@@ -30,7 +31,8 @@ DEFAULT_F_LO = 50.0
 POWER_FLOOR = 1e-20
 
 FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap",
-                    "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_band"]
+                    "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_se_db",
+                    "band_gap_worst_band"]
 
 
 def _waves(waves, name="waves") -> np.ndarray:
@@ -50,23 +52,27 @@ def band_edges(sample_rate: int, n_bands: int = DEFAULT_BANDS, f_lo: float = DEF
     return np.geomspace(f_lo, nyq, n_bands + 1)
 
 
-def band_power(waves, sample_rate: int, n_bands: int = DEFAULT_BANDS, f_lo: float = DEFAULT_F_LO) -> np.ndarray:
-    """Mean power per band over all clips of the set (linear, per sample; summed over the band's bins)."""
+def clip_band_power(waves, sample_rate: int, n_bands: int = DEFAULT_BANDS, f_lo: float = DEFAULT_F_LO) -> np.ndarray:
+    """Power per band of every clip, shape (clips, n_bands) (linear, per sample; summed over the band's bins)."""
     w = _waves(waves)
     n = w.shape[1]
     spec = np.abs(np.fft.rfft(w, axis=1)) ** 2 / n ** 2          # per-bin power; Parseval up to the 2x fold
     freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
     edges = band_edges(sample_rate, n_bands, f_lo)
-    mean = spec.mean(axis=0)
-    out = np.empty(n_bands)
+    out = np.empty((w.shape[0], n_bands))
     for b in range(n_bands):
         hi_ok = freqs <= edges[b + 1] if b == n_bands - 1 else freqs < edges[b + 1]
         sel = (freqs >= edges[b]) & hi_ok
         if not sel.any():
             raise ValueError(f"band {edges[b]:.0f}-{edges[b + 1]:.0f} Hz holds no frequency bin at {n} samples; "
                              "use fewer bands or a higher f_lo")
-        out[b] = mean[sel].sum()
+        out[:, b] = spec[:, sel].sum(axis=1)
     return out
+
+
+def band_power(waves, sample_rate: int, n_bands: int = DEFAULT_BANDS, f_lo: float = DEFAULT_F_LO) -> np.ndarray:
+    """Mean power per band over all clips of the set (the mean of :func:`clip_band_power`)."""
+    return clip_band_power(waves, sample_rate, n_bands, f_lo).mean(axis=0)
 
 
 def band_gap_db(waves, reference, sample_rate: int, n_bands: int = DEFAULT_BANDS,
@@ -93,13 +99,43 @@ def level_gap_se_db(rms, ref_rms) -> float:
     return float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
 
 
+def band_gap_se_db(clip_bands, ref_clip_bands) -> np.ndarray:
+    """Standard error (dB) of each band gap from both sets' per-clip band powers (:func:`clip_band_power`).
+
+    The gap is ``10 log10(m_a / m_b)`` of two independent sample means; by the delta method the standard error of
+    ``10 log10 m`` is ``(10 / ln 10) s / (m sqrt(n))`` (s: the per-clip sample standard deviation), and the two
+    sets' errors add in quadrature. NaN where a set has fewer than two clips or no power in the band."""
+    out = []
+    for p in (clip_bands, ref_clip_bands):
+        p = np.asarray(p, np.float64)
+        if p.ndim != 2:
+            raise ValueError(f"per-clip band powers must be 2-D (clips, bands), got shape {p.shape}")
+        if len(p) < 2:
+            out.append(np.full(p.shape[1], np.nan))
+            continue
+        m = p.mean(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(m > POWER_FLOOR, p.std(axis=0, ddof=1) / (m * np.sqrt(len(p))), np.nan)
+        out.append(10.0 / np.log(10.0) * rel)
+    a, b = out
+    if a.shape != b.shape:
+        raise ValueError(f"the two sets have different band counts: {a.shape[0]} and {b.shape[0]}")
+    return np.sqrt(a ** 2 + b ** 2)
+
+
 def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.ndarray) -> dict:
-    """The fidelity row of one set against a reference, from precomputed :func:`clip_levels` and
-    :func:`band_power` of both (so a reference is measured once for many sets)."""
-    gaps = 10.0 * np.log10(np.maximum(bands, POWER_FLOOR) / np.maximum(ref_bands, POWER_FLOOR))
+    """The fidelity row of one set against a reference, from precomputed :func:`clip_levels` and band powers of
+    both (so a reference is measured once for many sets). ``bands`` / ``ref_bands``: per clip
+    (:func:`clip_band_power`, 2-D; the row then holds each band gap's standard error too) or already averaged
+    (:func:`band_power`, 1-D)."""
+    bands, ref_bands = np.asarray(bands, np.float64), np.asarray(ref_bands, np.float64)
+    se = band_gap_se_db(bands, ref_bands) if bands.ndim == 2 and ref_bands.ndim == 2 else None
+    mean_a = bands.mean(axis=0) if bands.ndim == 2 else bands
+    mean_b = ref_bands.mean(axis=0) if ref_bands.ndim == 2 else ref_bands
+    gaps = 10.0 * np.log10(np.maximum(mean_a, POWER_FLOOR) / np.maximum(mean_b, POWER_FLOOR))
     worst = int(np.argmax(np.abs(gaps)))
     lufs, tp = levels["lufs"], levels["true_peak"]
-    return {
+    row = {
         "level_gap_db": float(np.mean(levels["rms"]) - np.mean(ref_levels["rms"])),
         "level_gap_se_db": level_gap_se_db(levels["rms"], ref_levels["rms"]),
         "lufs_median": float(np.median(lufs)), "lufs_p10": float(np.percentile(lufs, 10)),
@@ -110,3 +146,36 @@ def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.nda
         "band_gap_worst_db": float(gaps[worst]), "band_gap_worst_band": worst,
         "band_gap_db": [float(g) for g in gaps],
     }
+    if se is not None:
+        row["band_gap_worst_se_db"] = float(se[worst])
+        row["band_gap_se_db"] = [float(x) for x in se]
+    return row
+
+
+def band_misses(rows, limit: float, k: float = 2.0) -> dict:
+    """How many class-bands of ``rows`` (:func:`compare` rows, one per class) are beyond ``±limit`` dB, and how many
+    of those by more than ``k`` of their standard errors (``clear``; None when a missing band has no standard
+    error). Returns ``{"limit", "k", "total", "beyond", "clear"}``."""
+    total = beyond = 0
+    clear: int | None = 0
+    for r in rows:
+        gaps = r.get("band_gap_db") or []
+        ses = r.get("band_gap_se_db")
+        total += len(gaps)
+        for i, x in enumerate(gaps):
+            if abs(x) <= limit:
+                continue
+            beyond += 1
+            if ses is None or not np.isfinite(ses[i]):
+                clear = None
+            elif clear is not None and abs(x) - limit > k * ses[i]:
+                clear += 1
+    return {"limit": float(limit), "k": float(k), "total": total, "beyond": beyond, "clear": clear}
+
+
+def misses_text(m: dict) -> str:
+    """:func:`band_misses` in words: "8 of 84 class-bands beyond ±4 dB, 3 of them by more than 2 standard errors"."""
+    t = f"{m['beyond']} of {m['total']} class-bands beyond ±{m['limit']:g} dB"
+    if m["clear"] is not None and m["beyond"]:
+        t += f", {m['clear']} of them by more than {m['k']:g} standard errors"
+    return t

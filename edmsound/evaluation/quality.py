@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..core.guidance import interval_text as _interval_text
+from . import fidelity as F
 
 __all__ = ["shipped_rows", "quality_targets", "targets_markdown", "load_results"]
 
@@ -76,15 +77,21 @@ def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
         worst = max(lv, key=lambda c: abs(lv[c]))
         fl = [abs(floor[c]["level_gap_db"]) for c in classes if _finite(floor.get(c, {}).get("level_gap_db"))]
         note = f"; floor {max(fl):.1f}" if fl else ""
+        se = rows[worst].get("level_gap_se_db")
+        pm = f" ± {se:.1f}" if _finite(se) else ""
         out.append(_bar("level gap, every class", f"\\|gap\\| ≤ {LEVEL_GAP_MAX_DB:g} dB",
-                        f"{lv[worst]:+.1f} dB ({worst}{note})", abs(lv[worst]) <= LEVEL_GAP_MAX_DB))
+                        f"{lv[worst]:+.1f}{pm} dB ({worst}{note})", abs(lv[worst]) <= LEVEL_GAP_MAX_DB))
     bands = {c: rows[c].get("band_gap_db") for c in classes}
     if bands and all(isinstance(v, list) and v for v in bands.values()):
         c, b, g = max(((c, b, g) for c in classes for b, g in enumerate(bands[c])), key=lambda t: abs(t[2]))
         fl = [abs(x) for k in classes for x in (floor.get(k, {}).get("band_gap_db") or [])]
         note = f"; floor {max(fl):.1f}" if fl else ""
+        se = (rows[c].get("band_gap_se_db") or [None] * len(bands[c]))[b]
+        pm = f" ± {se:.1f}" if _finite(se) else ""
+        m = F.band_misses([rows[k] for k in classes], BAND_GAP_MAX_DB)
+        count = f"; {F.misses_text(m)}" if m["beyond"] else ""
         out.append(_bar(f"band gap, every class and band ({len(bands[c])} bands)", f"\\|gap\\| ≤ {BAND_GAP_MAX_DB:g} dB",
-                        f"{g:+.1f} dB ({c}, band {b + 1}{note})", abs(g) <= BAND_GAP_MAX_DB))
+                        f"{g:+.1f}{pm} dB ({c}, band {b + 1}{note}{count})", abs(g) <= BAND_GAP_MAX_DB))
     return out
 
 

@@ -278,7 +278,7 @@ class _Scorer:
         self.ref_div = {c: M.mean_pairwise_cosine_distance(self.ref_emb[c][1]) for c in self.classes}
         sr = reference.sample_rate
         self.ref_levels = {c: F.clip_levels(ref[c], sr) for c in self.classes}      # encoder-free fidelity
-        self.ref_bands = {c: F.band_power(ref[c], sr) for c in self.classes}
+        self.ref_bands = {c: F.clip_band_power(ref[c], sr) for c in self.classes}
         self.thresholds = {}
         if index is not None:
             for c in self.classes:
@@ -321,7 +321,7 @@ class _Scorer:
                                diversity_ratio=float(np.nanmean(ratios)) if np.any(np.isfinite(ratios)) else float("nan"))
         # fidelity without a learned encoder: level, loudness, true peak, spectral envelope (a gain-invariant
         # encoder does not see a quiet or dull clip)
-        fid = {c: F.compare(F.clip_levels(sets[c], sr), self.ref_levels[c], F.band_power(sets[c], sr),
+        fid = {c: F.compare(F.clip_levels(sets[c], sr), self.ref_levels[c], F.clip_band_power(sets[c], sr),
                             self.ref_bands[c]) for c in self.classes if len(sets[c])}
         for c, r in fid.items():
             rows[c].update(r)
@@ -330,6 +330,7 @@ class _Scorer:
                 rows["overall"][k] = float(np.mean([r[k] for r in fid.values()]))
             worst = max(fid, key=lambda c: abs(fid[c]["band_gap_worst_db"]))
             rows["overall"].update(band_gap_worst_db=fid[worst]["band_gap_worst_db"],
+                                   band_gap_worst_se_db=fid[worst]["band_gap_worst_se_db"],
                                    band_gap_worst_band=fid[worst]["band_gap_worst_band"],
                                    band_gap_worst_class=worst)
         # classifier

@@ -12,7 +12,7 @@ import numpy as np
 from ..core.storage import atomic_write_bytes, atomic_write_json
 from . import fidelity as F
 from .points import CLASS_GUIDANCE
-from .quality import FAD_RATIO_MAX
+from .quality import BAND_GAP_MAX_DB, FAD_RATIO_MAX
 
 __all__ = ["write_outputs", "METRIC_COLUMNS"]
 
@@ -188,7 +188,11 @@ def _md_fidelity(result) -> list[str]:
         if "band_gap_worst_db" not in r:
             return "–"
         b = r["band_gap_worst_band"]
-        return f"{r['band_gap_worst_db']:+.1f} ({edges[b]:.0f}–{edges[b + 1]:.0f} Hz)" if isinstance(b, int) else "–"
+        if not isinstance(b, int):
+            return "–"
+        se = r.get("band_gap_worst_se_db")
+        pm = f" ± {se:.1f}" if isinstance(se, float) and math.isfinite(se) else ""
+        return f"{r['band_gap_worst_db']:+.1f}{pm} ({edges[b]:.0f}–{edges[b + 1]:.0f} Hz)"
 
     for g in groups:
         first = next(iter(g.values()))
@@ -206,9 +210,12 @@ def _md_fidelity(result) -> list[str]:
                                         band(g, c), band(floor, c), refl]) + " |")
     centres = np.sqrt(edges[:-1] * edges[1:])
     hz = [f"{c:.0f}" if c < 1000 else f"{c / 1000:.1f}k" for c in centres]
-    L += ["", "### Band gaps (dB) per class", "", "Band centres in Hz. *floor*: the training subset's gaps.", ""]
+    L += ["", "### Band gaps (dB) per class", "",
+          "Band centres in Hz; each gap ± its standard error (from both sets' per-clip band powers). *floor*: the "
+          "training subset's gaps.", ""]
     head = ["configuration", "class"] + hz
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    counts = []
     for g in groups:
         first = next(iter(g.values()))
         if first["kind"] == "baseline: reference":
@@ -216,8 +223,16 @@ def _md_fidelity(result) -> list[str]:
         name = "*floor*" if first["kind"] != "generated" else " ".join(x for x in _label(first) if x)
         for c in classes:
             if c in g and "band_gap_db" in g[c]:
-                L.append("| " + " | ".join([name, c] + [f"{x:+.1f}" for x in g[c]["band_gap_db"]]) + " |")
+                ses = g[c].get("band_gap_se_db") or [float("nan")] * len(g[c]["band_gap_db"])
+                L.append("| " + " | ".join([name, c] + [_gap_pm(x, e) for x, e in zip(g[c]["band_gap_db"], ses)])
+                         + " |")
+        counts.append((name, F.band_misses([g[c] for c in classes if c in g], BAND_GAP_MAX_DB)))
+    L += [""] + [f"- {name}: {F.misses_text(m)}" for name, m in counts]
     return L
+
+
+def _gap_pm(gap: float, se: float) -> str:
+    return f"{gap:+.1f} ± {se:.1f}" if math.isfinite(se) else f"{gap:+.1f}"
 
 
 PLOT_METRICS = [("fad", "FAD"), ("fad_vs_baseline", "FAD / training baseline"), ("kid", "KID"),
@@ -348,7 +363,10 @@ def _band_plot(result, path: Path) -> Path | None:
             if r["class"] != c or r["kind"] == "baseline: reference":
                 continue
             if r["kind"] == "generated":
-                ax.plot(centres, r["band_gap_db"], marker=".", label=" ".join(x for x in _label(r) if x))
+                line, = ax.plot(centres, r["band_gap_db"], marker=".", label=" ".join(x for x in _label(r) if x))
+                if r.get("band_gap_se_db"):
+                    g, e = np.asarray(r["band_gap_db"]), 2 * np.asarray(r["band_gap_se_db"])
+                    ax.fill_between(centres, g - e, g + e, color=line.get_color(), alpha=0.15, lw=0)
             else:
                 ax.plot(centres, r["band_gap_db"], color="gray", ls="--", label="floor (training subset)")
         ax.axhline(0, color="k", lw=0.6)
@@ -362,7 +380,10 @@ def _band_plot(result, path: Path) -> Path | None:
     for ax in axes[-1]:
         ax.set_xlabel("Hz")
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle("mean power per band, generated minus real (dB)", fontsize=10)
+    for ax in axes.flat[:len(classes)]:
+        ax.axhspan(-BAND_GAP_MAX_DB, BAND_GAP_MAX_DB, color="green", alpha=0.06, lw=0)
+    fig.suptitle(f"mean power per band, generated minus real (dB); shaded: ±2 standard errors, "
+                 f"green: ±{BAND_GAP_MAX_DB:g} dB", fontsize=9)
     fig.tight_layout()
     _save_fig(fig, path)
     return path

@@ -170,7 +170,13 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
             assert max(abs(x) for x in r["band_gap_db"]) == 0
         assert r["lufs_p10"] <= r["lufs_median"] <= r["lufs_p90"]
         assert abs(r["band_gap_worst_db"]) == pytest.approx(max(abs(x) for x in r["band_gap_db"]))
+        # each band gap with its standard error (the reference against itself too: two draws' worth)
+        assert len(r["band_gap_se_db"]) == 12 and all(0 < x < 20 for x in r["band_gap_se_db"])
+        assert r["band_gap_worst_se_db"] == r["band_gap_se_db"][r["band_gap_worst_band"]]
     assert "## Fidelity without a learned encoder" in md and "| floor |" in md and "### Band gaps (dB) per class" in md
+    first = next(r for r in js["rows"] if r["kind"] == "generated" and r["class"] == "high")
+    cells = " | ".join(f"{g:+.1f} ± {e:.1f}" for g, e in zip(first["band_gap_db"], first["band_gap_se_db"]))
+    assert cells in md and "class-bands beyond ±4 dB" in md
     assert (out / "plots" / "bands.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -329,11 +335,14 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
            and r["class"] != "overall"}
     worst = max(gen.values(), key=lambda r: abs(r["level_gap_db"]))
     lv = bars["level gap, every class"]
-    assert lv["met"] == (abs(worst["level_gap_db"]) <= 1.5) and f"{worst['level_gap_db']:+.1f} dB" in lv["value"]
-    assert "floor" in lv["value"]
+    assert lv["met"] == (abs(worst["level_gap_db"]) <= 1.5)
+    assert f"{worst['level_gap_db']:+.1f} ± {worst['level_gap_se_db']:.1f} dB" in lv["value"] and "floor" in lv["value"]
     band = bars["band gap, every class and band (12 bands)"]
-    g = max((abs(x) for r in gen.values() for x in r["band_gap_db"]))
-    assert band["met"] == (g <= 4.0) and f"{g:.1f} dB" in band["value"] and "floor" in band["value"]
+    c, b = max(((r, i) for r in gen.values() for i in range(12)), key=lambda t: abs(t[0]["band_gap_db"][t[1]]))
+    g, se = c["band_gap_db"][b], c["band_gap_se_db"][b]
+    assert band["met"] == (abs(g) <= 4.0) and f"{g:+.1f} ± {se:.1f} dB" in band["value"] and "floor" in band["value"]
+    beyond = sum(abs(x) > 4 for r in gen.values() for x in r["band_gap_db"])
+    assert (f"{beyond} of 24 class-bands beyond ±4 dB" in band["value"]) == (beyond > 0)
     heun = [b for k, b in bars.items() if k.startswith("FAD at")]
     assert heun[0]["met"] is None and "heun:51:2" in heun[0]["value"]       # the sweep has no Heun-50 row
     other = quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), dict(speed, nfe=10))

@@ -103,3 +103,62 @@ def test_compare_reports_the_level_gap_with_its_standard_error(real_set):
     row = F.compare(lv, ref, F.band_power(real_set * 0.5, SR), F.band_power(real_set, SR))
     assert row["level_gap_se_db"] == pytest.approx(F.level_gap_se_db(lv["rms"], ref["rms"]))
     assert row["level_gap_se_db"] > 0
+
+
+def test_clip_band_powers_average_to_the_set_band_power(real_set):
+    per = F.clip_band_power(real_set, SR)
+    assert per.shape == (len(real_set), 12) and np.all(per >= 0)
+    assert np.allclose(per.mean(axis=0), F.band_power(real_set, SR), rtol=1e-12)
+    assert np.allclose(per[3], F.band_power(real_set[3:4], SR), rtol=1e-12)
+
+
+def test_band_gap_standard_error_by_the_delta_method(real_set):
+    a, b = F.clip_band_power(real_set * 0.5, SR), F.clip_band_power(real_set, SR)
+    n = len(real_set)
+    rel = b.std(axis=0, ddof=1) / (b.mean(axis=0) * np.sqrt(n))       # a gain does not change a relative spread
+    expect = 10 / np.log(10) * np.sqrt(2) * rel
+    assert np.allclose(F.band_gap_se_db(a, b), expect, rtol=1e-10)
+    # a set of identical clips has no spread: only the other set's error is left
+    same = np.repeat(b[:1], 5, axis=0)
+    assert np.allclose(F.band_gap_se_db(same, same), 0.0)
+    assert np.allclose(F.band_gap_se_db(same, b), 10 / np.log(10) * rel, rtol=1e-10)
+    assert np.all(np.isnan(F.band_gap_se_db(b[:1], b)))
+    with pytest.raises(ValueError, match="2-D"):
+        F.band_gap_se_db(b.mean(axis=0), b)
+
+
+def test_band_gap_standard_error_covers_the_true_gap():
+    # skewed per-clip powers (gamma, as a band's power over clips of one class): a ±1.96 SE interval holds the
+    # true gap of 10 log10(2) dB in about 95 % of draws
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(1000):
+        a, b = rng.gamma(1.0, 2.0, (64, 4)), rng.gamma(1.0, 1.0, (200, 4))
+        gap = 10 * np.log10(a.mean(axis=0) / b.mean(axis=0))
+        hits += np.mean(np.abs(gap - 10 * np.log10(2.0)) <= 1.96 * F.band_gap_se_db(a, b))
+    assert 0.92 <= hits / 1000 <= 0.97
+
+
+def test_compare_reports_band_standard_errors_from_per_clip_powers(real_set):
+    lv, ref = F.clip_levels(real_set * 0.5, SR), F.clip_levels(real_set, SR)
+    a, b = F.clip_band_power(real_set * 0.5, SR), F.clip_band_power(real_set, SR)
+    row = F.compare(lv, ref, a, b)
+    assert np.allclose(row["band_gap_db"], 20 * np.log10(0.5), atol=1e-9)
+    assert np.allclose(row["band_gap_se_db"], F.band_gap_se_db(a, b))
+    assert row["band_gap_worst_se_db"] == row["band_gap_se_db"][row["band_gap_worst_band"]] > 0
+    flat = F.compare(lv, ref, a.mean(axis=0), b.mean(axis=0))          # averaged powers: the same gaps, no error
+    assert flat["band_gap_db"] == pytest.approx(row["band_gap_db"]) and "band_gap_se_db" not in flat
+
+
+def test_band_misses_counts_gaps_beyond_the_limit_and_those_clear_of_their_error():
+    rows = [{"band_gap_db": [0.0, -5.0, 4.5, 9.0], "band_gap_se_db": [1.0, 0.4, 0.1, 3.0]},
+            {"band_gap_db": [-4.0, 6.0], "band_gap_se_db": [0.1, 0.5]}]
+    m = F.band_misses(rows, 4.0)
+    # beyond ±4: -5 (1.0 past, 2 SE = 0.8: clear), 4.5 (0.5 past, 0.2: clear), 9 (5 past, 6: not), 6 (2 past, 1: clear)
+    assert m == {"limit": 4.0, "k": 2.0, "total": 6, "beyond": 4, "clear": 3}
+    assert F.band_misses(rows, 4.0, k=3.0)["clear"] == 2
+    assert F.misses_text(m) == "4 of 6 class-bands beyond ±4 dB, 3 of them by more than 2 standard errors"
+    assert F.band_misses([{"band_gap_db": [5.0]}], 4.0)["clear"] is None          # no errors known
+    assert F.misses_text(F.band_misses([{"band_gap_db": [5.0]}], 4.0)) == "1 of 1 class-bands beyond ±4 dB"
+    assert F.band_misses([{"band_gap_db": [3.0]}], 4.0) == {"limit": 4.0, "k": 2.0, "total": 1, "beyond": 0,
+                                                           "clear": 0}
