@@ -124,18 +124,15 @@ def band_gap_se_db(clip_bands, ref_clip_bands) -> np.ndarray:
 
 
 def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.ndarray) -> dict:
-    """The fidelity row of one set against a reference, from precomputed :func:`clip_levels` and band powers of
-    both (so a reference is measured once for many sets). ``bands`` / ``ref_bands``: per clip
-    (:func:`clip_band_power`, 2-D; the row then holds each band gap's standard error too) or already averaged
-    (:func:`band_power`, 1-D)."""
-    bands, ref_bands = np.asarray(bands, np.float64), np.asarray(ref_bands, np.float64)
-    se = band_gap_se_db(bands, ref_bands) if bands.ndim == 2 and ref_bands.ndim == 2 else None
-    mean_a = bands.mean(axis=0) if bands.ndim == 2 else bands
-    mean_b = ref_bands.mean(axis=0) if ref_bands.ndim == 2 else ref_bands
+    """The fidelity row of one set against a reference, from precomputed :func:`clip_levels` and
+    :func:`clip_band_power` of both (so a reference is measured once for many sets); each band gap comes with its
+    standard error."""
+    se = band_gap_se_db(bands, ref_bands)                  # checks that both are per-clip (2-D)
+    mean_a, mean_b = np.asarray(bands, np.float64).mean(axis=0), np.asarray(ref_bands, np.float64).mean(axis=0)
     gaps = 10.0 * np.log10(np.maximum(mean_a, POWER_FLOOR) / np.maximum(mean_b, POWER_FLOOR))
     worst = int(np.argmax(np.abs(gaps)))
     lufs, tp = levels["lufs"], levels["true_peak"]
-    row = {
+    return {
         "level_gap_db": float(np.mean(levels["rms"]) - np.mean(ref_levels["rms"])),
         "level_gap_se_db": level_gap_se_db(levels["rms"], ref_levels["rms"]),
         "lufs_median": float(np.median(lufs)), "lufs_p10": float(np.percentile(lufs, 10)),
@@ -145,11 +142,8 @@ def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.nda
         "true_peak_gap": float(np.median(tp) - np.median(ref_levels["true_peak"])),
         "band_gap_worst_db": float(gaps[worst]), "band_gap_worst_band": worst,
         "band_gap_db": [float(g) for g in gaps],
+        "band_gap_worst_se_db": float(se[worst]), "band_gap_se_db": [float(x) for x in se],
     }
-    if se is not None:
-        row["band_gap_worst_se_db"] = float(se[worst])
-        row["band_gap_se_db"] = [float(x) for x in se]
-    return row
 
 
 def band_misses(rows, limit: float, k: float = 2.0) -> dict:
