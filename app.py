@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs network)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the network's arithmetic: bf16 autocast, fp32, or auto (default: bf16 where the hardware "
+                        "computes it, e.g. AVX512-BF16/AMX CPUs and recent GPUs; fp32 where it would be emulated)")
     return p.parse_args(argv)
 
 
@@ -90,7 +93,7 @@ def main(argv=None) -> None:
         index, required = str(DEFAULT_INDEX), False
     try:
         services = EDMSoundService.load_family(checkpoints, index=index, device=args.device,
-                                               require_index=required)
+                                               require_index=required, precision=args.precision)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     service = next(iter(services.values()))
@@ -100,8 +103,8 @@ def main(argv=None) -> None:
     log = logging.getLogger("edmsound.app")
     log.info("memory allocator: %s", "jemalloc" if jemalloc_loaded() else "default (jemalloc not found or disabled)")
     for name, svc in services.items():
-        log.info("model %s: %s; generated audio is kept in %s (removed at exit)", name, svc.pipeline.summary,
-                 svc.workdir)
+        log.info("model %s: %s, %s on %s; generated audio is kept in %s (removed at exit)", name,
+                 svc.pipeline.summary, svc.pipeline.precision, svc.pipeline.device, svc.workdir)
     signal.signal(signal.SIGTERM, _stop)
     demo = build_demo(services)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())

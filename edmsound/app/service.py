@@ -276,12 +276,13 @@ class EDMSoundService:
     # --- construction --------------------------------------------------------------------------
     @classmethod
     def from_paths(cls, checkpoint="checkpoints/default", index=None, device: str | None = None, *,
-                   require_index: bool = False, **kwargs) -> "EDMSoundService":
-        """Load the checkpoint (and the copy index with its encoder) once.
+                   require_index: bool = False, precision: str = "auto", **kwargs) -> "EDMSoundService":
+        """Load the checkpoint (and the copy index with its encoder) once; ``precision``: ``auto``, ``bf16`` or
+        ``fp32`` (see :class:`EDMSoundPipeline`).
 
         ``index`` None: no neighbours. A missing or unloadable index raises when ``require_index``,
         otherwise the service runs without neighbours and ``index_note`` says why."""
-        pipeline = EDMSoundPipeline(checkpoint, device=device)
+        pipeline = EDMSoundPipeline(checkpoint, device=device, bf16=precision)
         idx, note = None, None
         if index is None:
             note = "no copy index given (--index DIR)"
@@ -298,7 +299,7 @@ class EDMSoundService:
 
     @classmethod
     def load_family(cls, checkpoints, index=None, device: str | None = None, *, require_index: bool = False,
-                    **kwargs) -> dict[str, "EDMSoundService"]:
+                    precision: str = "auto", **kwargs) -> dict[str, "EDMSoundService"]:
         """Several models served side by side (the shipped model and its few-step students): one service per
         checkpoint, keyed by folder name in the given order, sharing one copy index. The models must make the
         same classes at the same sample rate (the app's controls and uploads are shared); otherwise a
@@ -310,10 +311,11 @@ class EDMSoundService:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"two checkpoints are both called {dup[0]!r}: the app names models by folder")
-        first = cls.from_paths(checkpoints[0], index=index, device=device, require_index=require_index, **kwargs)
+        first = cls.from_paths(checkpoints[0], index=index, device=device, require_index=require_index,
+                               precision=precision, **kwargs)
         family = {names[0]: first}
         for name, ck in zip(names[1:], checkpoints[1:]):
-            pipe = EDMSoundPipeline(ck, device=device)
+            pipe = EDMSoundPipeline(ck, device=device, bf16=precision)
             if list(pipe.classes) != first.classes or pipe.sample_rate != first.sample_rate:
                 for svc in family.values():
                     svc.close()
@@ -414,6 +416,7 @@ class EDMSoundService:
 
     def info(self) -> dict:
         d = {"checkpoint": self.checkpoint_name, "model": self.pipeline.summary, "device": str(self.pipeline.device),
+             "precision": self.pipeline.precision,
              "classes": self.classes, "samplers": self.samplers, "sample_rate": self.sample_rate,
              "seconds": round(self.pipeline.codec.num_samples / self.sample_rate, 4),
              "max_nfe": self.max_nfe, "guidance_range": list(GUIDANCE_RANGE), "max_variations": MAX_VARIATIONS,
@@ -739,7 +742,8 @@ class EDMSoundService:
             entries.append(CompareEntry(sampler=s, nfe_requested=nfe, nfe=eff, note=note, clip=clip))
         settings = {"class": class_name, "seed": seed, "nfe": nfe, "guidance": guidance,
                     "guidance_interval": interval_list(interval), "sample_rate": self.sample_rate, "seconds": round(time.perf_counter() - t0, 4),
-                    "checkpoint": self.checkpoint_name, "device": str(self.pipeline.device)}
+                    "checkpoint": self.checkpoint_name, "device": str(self.pipeline.device),
+                    "precision": self.pipeline.precision}
         result = CompareResult(entries=entries, settings=settings)
         if figures is not None:
             result.figures = [self.spectrogram_image(e.clip.spec, figures, f"{e.sampler}: {e.clip.name}")

@@ -82,7 +82,8 @@ def _cmd_evaluate(a):
         evaluate_sweep(a.checkpoint, a.out, reference=a.reference, samplers=samplers, nfes=nfes, guidances=guid,
                        n_per_class=a.n_per_class, encoder=a.encoder, classifier=a.classifier, index=a.index,
                        train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
-                       seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device, topk=topk,
+                       seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device,
+                       precision=a.precision, topk=topk,
                        kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,
                        dry_run=a.dry_run, progress=not a.no_progress, points=points,
                        guidance_interval=a.guidance_interval)
@@ -299,6 +300,9 @@ def register(subparsers) -> None:
     e.add_argument("--embedding-level", choices=["windows", "clips"], default="windows",
                    help="FAD/KID on the encoder's window embeddings (like VGGish frames in FAD) or per-clip means")
     e.add_argument("--device", default=None)
+    e.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the network's arithmetic (default auto: bf16 autocast where the hardware computes it, else "
+                        "fp32); recorded with the results, and cached clips of another precision are refused")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--regenerate", action="store_true", help="regenerate cached clips")
     e.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")

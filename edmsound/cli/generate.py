@@ -71,7 +71,7 @@ def _cmd_generate(a):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    pipe = EDMSoundPipeline(a.checkpoint, device=a.device)
+    pipe = EDMSoundPipeline(a.checkpoint, device=a.device, bf16=a.precision)
     common = dict(n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance, seed=a.seed,
                   guidance_interval=a.guidance_interval, normalize=norm, target=target, progress=True)
     try:
@@ -126,6 +126,9 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default=None)
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the network's arithmetic (default auto: bf16 autocast where the hardware computes it, e.g. "
+                        "AVX512-BF16/AMX CPUs and recent GPUs; fp32 where bf16 would be emulated and slower)")
     g.add_argument("--out", required=True)
     g.add_argument("--no-figures", action="store_true")
     tools = g.add_argument_group("sound-designer tools (one at a time; sources in any audio format)")

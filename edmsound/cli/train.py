@@ -45,7 +45,7 @@ def _cmd_train(a):
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes,
-                          whiten=a.freq_scale == "whiten")
+                          whiten=a.freq_scale == "whiten", precision=a.precision)
         result = trainer.run()
         if a.export and rank == 0:
             trainer.export(a.export)
@@ -189,6 +189,9 @@ def register(subparsers) -> None:
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
+    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the network's arithmetic (default auto: the preset's bf16 autocast where the hardware "
+                        "computes bfloat16, fp32 where it would be emulated and several times slower)")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     t.add_argument("--export", default=None, help="write a model directory here when done")

@@ -6,8 +6,9 @@ per clip (:mod:`edmsound.audio.loudness`), recorded per clip in ``Generation.nor
 
 Reproducibility: clip i of a call with seed s uses its own generator seeded with s + i for its initial
 noise (and, for the stochastic sampler, its churn noise), so a batch starts from the single calls' noise.
-The sampler state is float32 (float64 on request); under the network's bf16 autocast a batch differs from
-single calls by about 2 % (kernels depend on the batch shape), with ``bf16=False`` by float rounding only.
+The sampler state is float32 (float64 on request). The network runs under bf16 autocast where the hardware
+computes bfloat16 (a batch then differs from single calls by about 2 %: kernels depend on the batch shape), in
+float32 elsewhere or with ``bf16=False`` (by float rounding only); each generation records which.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..audio.io import write_wav
 from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
                          tile_starts)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
-from .model import load_denoiser
+from .model import load_denoiser, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
 
@@ -69,10 +70,12 @@ def check_nfe(sampler: str, nfe) -> int:
 
 class EDMSoundPipeline:
     def __init__(self, checkpoint, device: str | None = None, weights: str = "ema", dtype=torch.float32,
-                 bf16: bool | None = None):
-        """``bf16``: the network's bfloat16 autocast (None: as the preset trained it). Off, a batch gives
-        the single calls' clips to float rounding; on, a batch differs from single calls by about 1 %
-        (the autocast kernels depend on the batch shape)."""
+                 bf16: bool | str | None = None):
+        """``bf16``: the network's bfloat16 autocast: True / ``"bf16"``, False / ``"fp32"``, or None / ``"auto"``
+        (default: as the preset trained it where the device computes bfloat16 in hardware, float32 where it would
+        be emulated and several times slower; see :func:`edmsound.core.model.resolve_bf16`). In float32 a batch
+        gives the single calls' clips to float rounding; under autocast a batch differs from single calls by about
+        1 % (the autocast kernels depend on the batch shape). :attr:`precision` says which one runs."""
         self.device = torch.device(device or default_device())
         self.model, self.preset, self.classes, self.model_dir = load_denoiser(checkpoint, self.device, weights,
                                                                               bf16=bf16)
@@ -81,6 +84,11 @@ class EDMSoundPipeline:
         self.checkpoint = str(checkpoint)
 
     # --- introspection ---------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """``"bf16"`` (the network under bfloat16 autocast) or ``"fp32"``; recorded with every generation."""
+        return precision_name(self.model)
+
     @property
     def sample_rate(self) -> int:
         return self.preset.codec.sample_rate
@@ -271,7 +279,7 @@ class EDMSoundPipeline:
                     "real_time_factor": round(wall / (len(seeds) * audio_s), 4),
                     "normalize": None if req["norm_mode"] is None else {"mode": req["norm_mode"],
                                                                         "target": req["norm_target"]},
-                    "checkpoint": self.checkpoint, "device": str(self.device)}
+                    "checkpoint": self.checkpoint, "device": str(self.device), "precision": self.precision}
         if nfe_total != req["nfe"]:
             settings["nfe_total"] = nfe_total          # several windows: NFE per window x windows
         settings.update(extra or {})

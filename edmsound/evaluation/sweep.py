@@ -177,14 +177,17 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+LEGACY_META = {"precision": "bf16"}    # clip caches from before precision was recorded all ran under bf16 autocast
+
+
 def _check_meta(meta_path: Path, want: dict, regenerate: bool) -> dict:
     """The configuration's record; refuses clips made with other settings unless ``regenerate`` (which
     deletes every cached clip of the configuration)."""
     if meta_path.is_file():
         have = json.loads(meta_path.read_text())
         diff = [k for k in ("ema_sha256", "seed", "sample_rate", "num_samples", "sampler", "nfe", "guidance",
-                            "guidance_interval", "class_guidance", "class_guidance_interval")
-                if have.get(k) != want.get(k)]
+                            "guidance_interval", "class_guidance", "class_guidance_interval", "precision")
+                if have.get(k, LEGACY_META.get(k)) != want.get(k)]
         if diff and not regenerate:
             raise ValueError(f"{meta_path.parent} holds clips made with other settings ({', '.join(diff)} differ: "
                              f"{[(k, have.get(k), want.get(k)) for k in diff]}); use another --out or --regenerate")
@@ -222,7 +225,7 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
     want = {"checkpoint": pipe.checkpoint, "ema_sha256": fingerprint, "seed": int(seed),
             "sample_rate": pipe.sample_rate, "num_samples": pipe.codec.num_samples, "sampler": point.sampler,
             "nfe": point.nfe, "requested_nfe": point.requested_nfe, "guidance": point.guidance,
-            "guidance_interval": interval_list(point.interval),
+            "guidance_interval": interval_list(point.interval), "precision": pipe.precision,
             "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i"}
     if point.class_guidance:
         want["class_guidance"] = dict(point.class_guidance)
@@ -426,11 +429,13 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
                    guidances=DEFAULT_GUIDANCES, n_per_class: int = 32, encoder="default", classifier="default",
                    index="default", train="auto", reference_per_class: int | None = 200,
                    reference_seed: int = REFERENCE_SEED, seed: int = 0, invalid_nfe: str = "nearest",
-                   batch_size: int = 8, device: str | None = None, topk=(1, 3), kid_subsets: int = 100,
+                   batch_size: int = 8, device: str | None = None, precision: str = "auto", topk=(1, 3),
+                   kid_subsets: int = 100,
                    embedding_level: str = "windows", regenerate: bool = False, dry_run: bool = False,
                    progress: bool = True, points=(), guidance_interval=None, log=print) -> dict:
     """Run the sweep (see the module docstring) and write ``results.{csv,md,json}`` and ``plots/`` to
-    ``out_dir``. Returns the results dict (``rows``: one dict per (kind, config, class))."""
+    ``out_dir``. Returns the results dict (``rows``: one dict per (kind, config, class)). ``precision``: the network's
+    arithmetic (``auto``, ``bf16``, ``fp32``; see :class:`EDMSoundPipeline`), recorded with the results."""
     from ..core.storage import file_sha256
     from ..core.pipeline import EDMSoundPipeline
     if embedding_level not in EMBEDDING_LEVELS:
@@ -441,7 +446,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     topk = sorted({int(k) for k in topk} | {1})
     if topk[0] < 1:
         raise ValueError(f"top-k values must be >= 1, got {topk}")
-    pipe = EDMSoundPipeline(checkpoint, device=device)
+    pipe = EDMSoundPipeline(checkpoint, device=device, bf16=precision)
     points, notes = plan_sweep(samplers, nfes, guidances, invalid_nfe, extra_points=points,
                                guidance_interval=guidance_interval,
                                class_guidance=pipe.preset.class_scales(pipe.classes),
@@ -525,7 +530,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
         r["fad_vs_baseline"] = r.get("fad", float("nan")) / b if (np.isfinite(b) and b > 0) else float("nan")
 
     settings = {
-        "checkpoint": str(checkpoint), "ema_sha256": fingerprint, "classes": classes, "sample_rate": sr,
+        "checkpoint": str(checkpoint), "ema_sha256": fingerprint, "precision": pipe.precision,
+        "classes": classes, "sample_rate": sr,
         "n_per_class": n_per_class, "seed": seed, "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i",
         "reference": ref_desc, "training_subset": train_desc,
         "encoder": {"name": enc.name, "weights_hash": enc.weights_hash, "level": embedding_level},

@@ -108,7 +108,8 @@ def _markdown(result) -> str:
     s, rows = result["settings"], result["rows"]
     cols = _md_metrics(rows)
     L = ["# EDMSound evaluation", ""]
-    L += [f"- checkpoint: `{s['checkpoint']}` (ema sha256 {s['ema_sha256'][:12]})",
+    L += [f"- checkpoint: `{s['checkpoint']}` (ema sha256 {s['ema_sha256'][:12]}"
+          + (f", network in {s['precision']})" if s.get("precision") else ")"),
           f"- reference (held-out real clips): {s['reference']}",
           f"- baseline training subset: {s['training_subset']}",
           f"- encoder for FAD, KID and diversity: **{s['encoder']['name']}** (weights {s['encoder']['weights_hash'][:12]}, "

@@ -25,7 +25,7 @@ from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_c
 from ..core.codec import make_codec, whitening_scale
 from ..data.folder import load_folder, split_indices
 from ..core.edm import edm_loss
-from ..core.model import build_denoiser
+from ..core.model import build_denoiser, precision_name
 from ..core.presets import EDMConfig, Preset
 
 LOG_FIELDS = ["step", "loss", "val_loss", "lr", "grad_norm", "steps_per_hour", "wall_time"]
@@ -70,7 +70,10 @@ class Trainer:
     def __init__(self, preset: Preset, data_dir, run_dir, *, steps: int | None = None, resume: bool = False,
                  init=None, seed: int = 0, device: str = "cpu", val_fraction: float = 0.05,
                  progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None,
-                 whiten: bool = False):
+                 whiten: bool = False, precision: str = "auto"):
+        """``precision``: the network's arithmetic, ``auto`` (bf16 autocast as the preset says where the device
+        computes bfloat16 in hardware, fp32 where it would be emulated), ``bf16`` or ``fp32``; recorded per stretch
+        in ``info.json``."""
         if whiten and preset.codec.representation != "complex":
             raise ValueError(f"--freq-scale whiten applies to the complex representation only "
                              f"(this run: {preset.codec.representation})")
@@ -128,8 +131,13 @@ class Trainer:
         # --- model ------------------------------------------------------------------------------
         torch.manual_seed(seed)
         tc = preset.train
-        self.denoiser = build_denoiser(preset, len(self.classes)).to(self.device)
-        self.ema = build_denoiser(preset, len(self.classes)).to(self.device).requires_grad_(False).eval()
+        self.denoiser = build_denoiser(preset, len(self.classes), bf16=precision, device=self.device).to(self.device)
+        self.ema = build_denoiser(preset, len(self.classes), bf16=precision,
+                                  device=self.device).to(self.device).requires_grad_(False).eval()
+        self.precision = precision_name(self.denoiser)
+        if self.is_main and tc.bf16 and self.precision == "fp32" and precision == "auto":
+            print(f"note: {self.device} has no native bfloat16; training in float32 (faster here than emulated "
+                  "bf16 autocast)")
         self.ema.net.load_state_dict(self.denoiser.net.state_dict())
         self.raw_net = self.denoiser.net
         self.params = [p for p in self.raw_net.parameters()]
@@ -222,21 +230,24 @@ class Trainer:
         """Where and how the training happened: one entry per stretch on one machine with one learning rate, EMA
         half-life, training noise distribution and representation gains (consecutive runs that share all of them are
         merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002,
-        "ema_halflife_steps": 500.0, "p_mean": -3.0, "p_std": 1.0, "per_bin_gains": false}`` (older entries lack
-        some knobs; a missing P_mean / P_std was the preset's -3 / 1, a missing per_bin_gains was false)."""
+        "ema_halflife_steps": 500.0, "p_mean": -3.0, "p_std": 1.0, "per_bin_gains": false, "precision": "bf16"}``
+        (older entries lack some knobs; a missing P_mean / P_std was the preset's -3 / 1, a missing per_bin_gains was
+        false, a missing precision bf16)."""
         segs = [dict(s) for s in self.segments]
         start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
         if self.step > start_step:
             tc = self.preset.train
             knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps,
                      "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std,
-                     "per_bin_gains": self.preset.codec.freq_scale is not None}
+                     "per_bin_gains": self.preset.codec.freq_scale is not None, "precision": self.precision}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
             # stretches recorded before the noise knobs were trained with the EDMConfig defaults
             # (and, before per-bin gains existed, without them)
-            legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False}
+            # (and, before per-bin gains existed, without them; before precision was recorded, under bf16 autocast)
+            legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False,
+                      "precision": "bf16"}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
                     and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
