@@ -91,14 +91,15 @@ def shipped_timing(pipe, repeats=10, class_name=None):
             "base_guidance_interval": interval_list(p.default_guidance_interval),
             "median_sec_per_clip": statistics.median(times), "min": min(times), "max": max(times),
             "repeats": repeats, "class": cls, "audio_seconds": pipe.codec.num_samples / pipe.sample_rate,
-            "threads": torch.get_num_threads(), "jemalloc": jemalloc_loaded()}
+            "threads": torch.get_num_threads(), "jemalloc": jemalloc_loaded(), "precision": pipe.precision}
 
 
 def write_shipped(shipped, checkpoint, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"Shipped settings of `{checkpoint}`, {time.strftime('%Y-%m-%d')}, {cpu_model()} "
              f"({os.cpu_count()} cores, {shipped['threads']} threads, "
-             f"{'jemalloc' if shipped.get('jemalloc') else 'default allocator'}), torch {torch.__version__}. One clip per call "
+             f"{'jemalloc' if shipped.get('jemalloc') else 'default allocator'}, network in "
+             f"{shipped.get('precision', 'bf16')}), torch {torch.__version__}. One clip per call "
              "(noise, sampling with classifier-free guidance, iSTFT), after one warm-up call.", "",
              "| sampler | NFE | guidance | guided σ interval | guided evaluations | clip length (s) | median s / clip "
              "| min | max | calls | target |",
@@ -145,7 +146,8 @@ def compare_shipped(checkpoints, labels, repeats, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"Shipped settings of each checkpoint, timed side by side in one run on {time.strftime('%Y-%m-%d')}, "
              f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-             f"{'jemalloc' if jemalloc_loaded() else 'default allocator'}), torch {torch.__version__}. One clip per "
+             f"{'jemalloc' if jemalloc_loaded() else 'default allocator'}, network in "
+             f"{'/'.join(sorted({p.precision for p in pipes}))}), torch {torch.__version__}. One clip per "
              f"`generate` call (noise, sampling, iSTFT, level measurement), {repeats} rounds × every class, interleaved.",
              "", "| model | sampler | NFE | σ_max | guided evaluations per class | median s / clip (all classes) | "
              "× first | slowest class: median s | × first |", "|---|---|---|---|---|---|---|---|---|"]
@@ -158,7 +160,7 @@ def compare_shipped(checkpoints, labels, repeats, out_dir):
     (out_dir / "samplers_shipped_compare.md").write_text("\n".join(lines) + "\n")
     (out_dir / "samplers_shipped_compare.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(), "repeats": repeats,
-         "rows": rows}, indent=1) + "\n")
+         "precision": sorted({p.precision for p in pipes}), "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -130,7 +130,10 @@ def test_generate_16bit_wavs_nfe_counted_and_figures(service):
     assert len(r.figures) == 2 and r.figures[0].dtype == np.uint8 and r.figures[0].shape[2] == 3
     # reproducible: a single call with seed 6 gives clip 2 of the batch
     again = service.generate("low", "heun", 3, 2.0, seed=6, n=1, write_files=False)
-    np.testing.assert_allclose(again.clips[0].wave, r.clips[1].wave, atol=1e-5)
+    # to rounding, which this untrained test model's loud guided clips (peaks ~10-20) amplify: relative to the peak
+    scale = max(1.0, float(np.abs(r.clips[1].wave).max()))
+    np.testing.assert_allclose(again.clips[0].wave, r.clips[1].wave, atol=5e-4 * scale, rtol=0)
+    assert np.abs(again.clips[0].wave - r.clips[0].wave).max() > 1e-2 * scale      # another seed is another clip
 
 
 def test_progress_reports_every_step(service):
