@@ -243,7 +243,8 @@ def _settings_md(settings: dict) -> str:
     return (f"**{settings['class']}**" + (f" · *{TOOL_NAMES.get(tool, tool)}*" if tool else "") + length +
             f" · {settings['sampler']} · NFE counted **{settings['nfe']}**{windows} · "
             f"guidance {settings['guidance']:g}{guided} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
-            f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']})")
+            f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']}"
+            + (f", {settings['precision']}" if settings.get("precision") else "") + ")")
 
 
 class Handlers:
@@ -732,7 +733,7 @@ def build_demo(service) -> gr.Blocks:
         many = len(h.services) > 1
         where = (f"{len(h.services)} models" if many else f"Checkpoint `{info['checkpoint']}`")
         gr.Markdown(f"# EDMSound\nClass-conditional diffusion on complex STFT spectrograms (Zhu et al. 2023). "
-                    f"{where} on **{info['device']}**, "
+                    f"{where} on **{info['device']}** ({info['precision']}), "
                     f"{info['sample_rate']} Hz, {info['seconds']:g} s clips, {len(classes)} classes · {idx_line}.")
         with gr.Row(visible=many):
             model = gr.Dropdown([(f"{name} — {s.pipeline.summary}", name) for name, s in h.services.items()],

@@ -235,6 +235,8 @@ def test_handlers_called_directly(service):
     assert [g["visible"] for g in groups] == [True, True, False, False]
     assert audios[0]["value"].endswith(".wav") and images[1]["value"].shape[2] == 3 and audios[2]["value"] is None
     assert "NFE counted **4**" in summary and "real-time factor" in summary
+    assert f"({service.pipeline.device}, {service.pipeline.precision})" in summary and settings["precision"] in (
+        "bf16", "fp32")
     assert [v for _, v in pick["choices"]] == [1, 2] and pick["value"] == 1
 
     session2, nb_json, nb_files = h.neighbours(2, 3, session)
