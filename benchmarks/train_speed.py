@@ -27,6 +27,7 @@ CONFIGS = [
     ("default", None, True, True, True),
     ("default", None, True, False, False),
     ("default", None, False, False, False),
+    ("default", None, False, True, True),
     ("paper-sc09", 4, True, True, False),
     ("paper-dcase", 2, True, True, False),
 ]
@@ -82,6 +83,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default=None, help="comma-separated subset")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--precision", choices=("both", "bf16", "fp32"), default="both",
+                    help="only the bf16-autocast or only the fp32 rows (emulated bf16, on CPUs without it, is slow)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_speed.md"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -92,7 +95,7 @@ def main():
     wanted = set(a.presets.split(",")) if a.presets else None
     rows = []
     for preset, batch, bf16, jem, cl in CONFIGS:
-        if wanted and preset not in wanted:
+        if (wanted and preset not in wanted) or (a.precision != "both" and bf16 != (a.precision == "bf16")):
             continue
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("LD_PRELOAD", None)
@@ -111,7 +114,10 @@ def main():
         print(row, flush=True)
     cols = ["preset", "params_M", "input", "batch", "bf16", "jemalloc", "channels_last", "steps_per_hour",
             "sec_per_step", "eval_ms_1clip", "peak_rss_GiB"]
-    lines = [f"Training speed on {platform.machine()} ({os.cpu_count()} cores), torch "
+    from edmsound.core.model import bf16_native
+    from edmsound.training.trainer import cpu_model
+    lines = [f"Training speed on {platform.machine()} {cpu_model()} ({os.cpu_count()} cores; bfloat16 "
+             f"{'native' if bf16_native('cpu') else 'emulated'}), torch "
              f"{__import__('torch').__version__}, {time.strftime('%Y-%m-%d')}. Steps/hour at the given batch; "
              "eval = one network evaluation for one clip (median).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
