@@ -30,6 +30,7 @@ DEFAULT_INDEX = ROOT / "checkpoints" / "index"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from edmsound.cli.args import add_precision
     on_space = bool(os.environ.get("SPACE_ID"))
     p = argparse.ArgumentParser(description="EDMSound app: generate foley, inspect training neighbours, "
                                             "compare samplers.")
@@ -47,9 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (needs network)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="the network's arithmetic: bf16 autocast, fp32, or auto (default: bf16 where the hardware "
-                        "computes it, e.g. AVX512-BF16/AMX CPUs and recent GPUs; fp32 where it would be emulated)")
+    add_precision(p)
     return p.parse_args(argv)
 
 

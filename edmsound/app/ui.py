@@ -243,8 +243,7 @@ def _settings_md(settings: dict) -> str:
     return (f"**{settings['class']}**" + (f" · *{TOOL_NAMES.get(tool, tool)}*" if tool else "") + length +
             f" · {settings['sampler']} · NFE counted **{settings['nfe']}**{windows} · "
             f"guidance {settings['guidance']:g}{guided} · seed {seeds} · wall time **{settings['seconds']:.2f} s** · "
-            f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']}"
-            + (f", {settings['precision']}" if settings.get("precision") else "") + ")")
+            f"real-time factor **{settings['real_time_factor']:.2f}** ({settings['device']}, {settings['precision']})")
 
 
 class Handlers:

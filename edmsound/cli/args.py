@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..core.presets import PRECISIONS
+
 
 def number(text: str, ok, need: str) -> float:
     """argparse type: ``float(text)`` if ``ok`` of it, else an error saying what was ``need``-ed."""
@@ -50,3 +52,11 @@ def set_threads(a) -> None:
     if getattr(a, "threads", None):
         import torch
         torch.set_num_threads(int(a.threads))
+
+
+def add_precision(p, note: str = "") -> None:
+    """``--precision``: the network's arithmetic (see :func:`edmsound.core.model.resolve_bf16`)."""
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the network's arithmetic (default auto: bf16 autocast where the hardware computes bfloat16, "
+                        "e.g. AVX512-BF16/AMX CPUs and recent GPUs; fp32 where it would be emulated and several "
+                        "times slower)" + (f"; {note}" if note else ""))

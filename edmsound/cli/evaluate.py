@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .args import positive, set_threads
+from .args import add_precision, positive, set_threads
 
 
 def _csv_list(text: str, kind, what: str) -> list:
@@ -300,9 +300,7 @@ def register(subparsers) -> None:
     e.add_argument("--embedding-level", choices=["windows", "clips"], default="windows",
                    help="FAD/KID on the encoder's window embeddings (like VGGish frames in FAD) or per-clip means")
     e.add_argument("--device", default=None)
-    e.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="the network's arithmetic (default auto: bf16 autocast where the hardware computes it, else "
-                        "fp32); recorded with the results, and cached clips of another precision are refused")
+    add_precision(e, "recorded with the results; cached clips of another precision are refused")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--regenerate", action="store_true", help="regenerate cached clips")
     e.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .args import lufs_target, peak_target
+from .args import add_precision, lufs_target, peak_target
 
 
 def _cmd_samplers(a):
@@ -126,9 +126,7 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default=None)
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="the network's arithmetic (default auto: bf16 autocast where the hardware computes it, e.g. "
-                        "AVX512-BF16/AMX CPUs and recent GPUs; fp32 where bf16 would be emulated and slower)")
+    add_precision(g, "recorded in each sidecar")
     g.add_argument("--out", required=True)
     g.add_argument("--no-figures", action="store_true")
     tools = g.add_argument_group("sound-designer tools (one at a time; sources in any audio format)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .args import finite, non_negative, positive, positive_steps
+from .args import add_precision, finite, non_negative, positive, positive_steps
 
 
 def _cmd_data_synth(a):
@@ -189,9 +189,7 @@ def register(subparsers) -> None:
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
-    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="the network's arithmetic (default auto: the preset's bf16 autocast where the hardware "
-                        "computes bfloat16, fp32 where it would be emulated and several times slower)")
+    add_precision(t, "recorded per stretch in info.json")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     t.add_argument("--export", default=None, help="write a model directory here when done")

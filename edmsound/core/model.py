@@ -9,11 +9,8 @@ import torch
 
 from .storage import load_safetensors, load_weights, read_config, resolve_model_dir
 from .edm import EDMPrecond
-from .presets import Preset
+from .presets import PRECISIONS, Preset
 from .unet import EfficientUNet
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _arm_cpu_flag(flag: str) -> bool:

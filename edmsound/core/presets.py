@@ -88,6 +88,11 @@ class EDMConfig:
     rho: float = 9.0
 
 
+# The network's arithmetic when it runs (see edmsound.core.model.resolve_bf16): bf16 autocast where the hardware
+# computes bfloat16 and TrainConfig.bf16 says so ("auto"), or forced.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 16
