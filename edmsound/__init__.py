@@ -33,7 +33,7 @@ _export("edmsound.core.guidance", "GuidedDenoiser", "GUIDANCE_RANGE", "check_gui
 _export("edmsound.core.codec", "SpectrogramCodec")
 _export("edmsound.core.plotting", "spectrogram_figure", SPECTROGRAM_VIEWS="MODES")
 # models and presets
-_export("edmsound.core.presets", "Preset", "get_preset", "PRESETS", "format_class_guidance")
+_export("edmsound.core.presets", "Preset", "get_preset", "PRESETS", "PRECISIONS", "format_class_guidance")
 _export("edmsound.core.model", "load_denoiser", "build_denoiser")
 _export("edmsound.core.storage", "read_config", "resolve_model_dir", "find_models")
 # audio in, out and level

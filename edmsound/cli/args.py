@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..core.presets import PRECISIONS
+from .. import PRECISIONS
 
 
 def number(text: str, ok, need: str) -> float:
