@@ -65,7 +65,9 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
     g = torch.Generator().manual_seed(int(seed))
     n = torch.randn((len(waves),) + tuple(pipe.codec.shape), generator=g)
     top = (sigma_max or e.sigma_max) if sigma_s is None else float(sigma_s)
-    x = top * n if sigma_s is None else pipe.codec.encode(torch.from_numpy(waves)).float() + top * n
+    # the model's state of this class (its per-class gains, where it has them)
+    x = top * n if sigma_s is None else pipe.codec.to_model(pipe.codec.encode(torch.from_numpy(waves)).float(),
+                                                            label) + top * n
     sig = karras_sigmas(steps, sigma_min or e.sigma_min, top, rho or e.rho)
     fn = get_sampler(sampler)
     out = []
@@ -73,7 +75,7 @@ def round_trip(pipe, waves: np.ndarray, label: int, sigma_s: float | None, sampl
         xb = x[i:i + batch]
         den = GuidedDenoiser(pipe.model, torch.full((len(xb),), label, dtype=torch.long), 1.0, None)
         out.append(fn(den, xb, sig))
-    return _pcm16(pipe.codec.decode(torch.cat(out).float()).numpy())
+    return _pcm16(pipe.codec.decode(pipe.codec.from_model(torch.cat(out).float(), label)).numpy())
 
 
 def run(checkpoints, labels, sigmas, n_per_class, sampler, steps, start_seed, ref_seed, ref_per_class,

@@ -45,7 +45,8 @@ def _cmd_train(a):
     try:
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes,
-                          whiten=a.freq_scale == "whiten", precision=a.precision)
+                          whiten=a.freq_scale == "whiten",
+                          whiten_class=a.freq_scale == "whiten-class", precision=a.precision)
         result = trainer.run()
         if a.export and rank == 0:
             trainer.export(a.export)
@@ -77,6 +78,7 @@ def _student_run_args(p, steps: int, steps_help: str = "total optimizer steps") 
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    add_precision(p, "the student's and the teacher's; recorded per stretch in info.json")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     p.add_argument("--export", default=None, help="write the student's model directory here when done")
@@ -92,7 +94,7 @@ def _run_student(a, make, what: str):
     try:
         t = make(a.teacher, a.data, a.out, steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
                  progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
-                 checkpoint_every=a.checkpoint_every)
+                 checkpoint_every=a.checkpoint_every, precision=a.precision)
         result = t.run()
         if a.export:
             t.export(a.export)
@@ -181,10 +183,12 @@ def register(subparsers) -> None:
     ab.add_argument("--representation", choices=["complex", "magnitude", "mel"], default=None,
                     help="what the model sees: the complex spectrogram (default), its magnitude only or a log-mel "
                          "spectrogram, the phase recovered by Griffin-Lim when decoding (baselines)")
-    t.add_argument("--freq-scale", choices=["none", "whiten"], default="none",
+    t.add_argument("--freq-scale", choices=["none", "whiten", "whiten-class"], default="none",
                    help="whiten: measure a gain per frequency bin on the training clips so that every bin has RMS "
                         "sigma_data (quiet high bins are lifted), stored with the model and undone exactly at "
-                        "decoding; complex representation only; chosen when a run starts (default none)")
+                        "decoding; whiten-class: that, and a gain per class and bin on top so that every bin of "
+                        "every class has RMS sigma_data; complex representation only; chosen when a run starts "
+                        "(default none)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--init", default=None, help="warm start from a model directory (weights only)")
     t.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,11 @@ compression  X~ = alpha * |X|^beta * exp(i * angle(X)); real and imaginary parts
 The inverse undoes the compression exactly and applies the iSTFT with ``length=``: no vocoder and no
 phase reconstruction are needed. An optional gain per frequency bin (``freq_scale``, stored with the
 model) multiplies both channels after the compression and is divided out before the inverse, so decoding stays
-exact; :func:`whitening_scale` chooses it from a training set. Besides the model's fixed clip length,
+exact; :func:`whitening_scale` chooses it from a training set. An optional gain per class and bin
+(``class_scale``) goes one step further: it is not part of the clip's spectrogram but of the diffusion state of
+that class (:meth:`SpectrogramCodec.to_model` / :meth:`SpectrogramCodec.from_model`), so each class's every bin
+sits at the same scale while encoding and decoding stay class-free; :func:`class_whitening_scale` chooses it.
+Besides the model's fixed clip length,
 spectrograms of any number of frames (long clips made window by window) and circular ones (loops: the frame
 after the last is the first) decode exactly too.
 """
@@ -36,6 +40,14 @@ class SpectrogramCodec:
                                  f"got {len(config.freq_scale)}")
             if not all(math.isfinite(g) and g > 0 for g in config.freq_scale):
                 raise ValueError("freq_scale gains must be finite and > 0")
+        if config.class_scale is not None:
+            if config.representation != "complex":
+                raise ValueError("class_scale applies to the complex representation only")
+            if any(len(row) != config.num_bins for row in config.class_scale):
+                raise ValueError(f"class_scale needs one gain per class and frequency bin ({config.num_bins} per "
+                                 "class)")
+            if not all(math.isfinite(g) and g > 0 for row in config.class_scale for g in row):
+                raise ValueError("class_scale gains must be finite and > 0")
         self.config = config
         self._windows: dict[tuple, torch.Tensor] = {}
 
@@ -125,6 +137,34 @@ class SpectrogramCodec:
         return torch.istft(X, n_fft=c.n_fft, hop_length=c.hop_length, win_length=c.n_fft,
                            window=self._window(X.device, spec.dtype), center=True,
                            length=self.num_samples if length is None else int(length))
+
+    # --- the diffusion state of a class ---------------------------------------------------------------
+    def class_gain(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+        """The per-class gains of ``labels`` (B,) as a (B, 1, F, 1) tensor in ``like``'s dtype and device, or
+        None when the model has none."""
+        if self.config.class_scale is None:
+            return None
+        table = torch.tensor(self.config.class_scale, dtype=torch.float64)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(table)):
+            raise ValueError(f"class index out of range: the model's class_scale has {len(table)} classes")
+        return table[labels].to(like.device, like.dtype)[:, None, :, None]
+
+    def to_model(self, spec: torch.Tensor, labels) -> torch.Tensor:
+        """An encoded spectrogram (B, C, F, T) -> the diffusion state of its class (``labels``: B class
+        indices, or one for all): multiplied by the class's gains; unchanged without ``class_scale``."""
+        g = self.class_gain(self._labels(labels, spec), spec)
+        return spec if g is None else spec * g
+
+    def from_model(self, state: torch.Tensor, labels) -> torch.Tensor:
+        """The inverse of :meth:`to_model`: a class's diffusion state -> its encoded spectrogram."""
+        g = self.class_gain(self._labels(labels, state), state)
+        return state if g is None else state / g
+
+    @staticmethod
+    def _labels(labels, like: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        return labels.expand(like.shape[0]) if labels.numel() == 1 else labels
 
     def decode_loop(self, spec: torch.Tensor) -> torch.Tensor:
         """A circular spectrogram (frame T follows frame T - 1 as frame 0) -> one period of T * hop samples.
@@ -253,6 +293,35 @@ def whitening_scale(codec: SpectrogramCodec, waves, target_rms: float, batch: in
     lo, hi = limits
     gains = (target_rms / rms.clamp_min(1e-12)).clamp(lo, hi)
     return tuple(round(float(g), 5) for g in gains)
+
+
+def class_whitening_scale(codec: SpectrogramCodec, waves, labels, num_classes: int, target_rms: float,
+                          batch: int = 256, limits: tuple[float, float] = (0.25, 4.0)
+                          ) -> tuple[tuple[float, ...], ...]:
+    """Per-class, per-bin gains on top of ``codec``'s own (its ``freq_scale``): gain_{c,f} = target / RMS of bin f
+    over the clips of class c in ``codec``'s representation, clipped to ``limits``. A band that is quiet in one
+    class but not in the training set as a whole (an engine's top octave, a gunshot's blast) is then lifted for
+    that class alone, so its detail is decided at the same noise levels as every other band's and weighs as much in
+    the loss. A class without clips keeps gain 1."""
+    if codec.config.representation != "complex":
+        raise ValueError("class_scale applies to the complex representation only")
+    plain = SpectrogramCodec(dataclasses.replace(codec.config, class_scale=None))
+    waves = torch.as_tensor(waves)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(waves) == 0 or len(waves) != len(labels):
+        raise ValueError("need one label per clip, and at least one clip, to measure the per-class scale")
+    power = torch.zeros(num_classes, codec.config.num_bins, dtype=torch.float64)
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    for i in range(0, len(waves), batch):
+        spec = plain.encode(waves[i:i + batch].float()).double()
+        lab = labels[i:i + batch]
+        power.index_add_(0, lab, spec.pow(2).sum(dim=(1, 3)))
+        count.index_add_(0, lab, torch.full((len(lab),), float(spec.shape[1] * spec.shape[3]), dtype=torch.float64))
+    rms = (power / count.clamp_min(1)[:, None]).sqrt()
+    lo, hi = limits
+    gains = (target_rms / rms.clamp_min(1e-12)).clamp(lo, hi)
+    gains[count == 0] = 1.0
+    return tuple(tuple(round(float(g), 5) for g in row) for row in gains)
 
 
 def make_codec(config: CodecConfig) -> SpectrogramCodec:

@@ -222,8 +222,9 @@ class EDMSoundPipeline:
                 frames = t.shape[-1]
         noise, gens = self.noise(seeds, frames)
         x = (noise * float(sigmas[0])).to(self.device)
-        if init is not None:
-            x = x + init.to(device=self.device, dtype=x.dtype)
+        codec = self.codec
+        if init is not None:      # the model's state of this class (the per-class gains, where the model has them)
+            x = x + codec.to_model(init, label).to(device=self.device, dtype=x.dtype)
         T, W = x.shape[-1], self.window_frames
         if tiles is None and (T != W or circular):
             raise ValueError(f"a spectrogram of {T} frames needs windows (tiles); the model's window is {W}")
@@ -234,11 +235,12 @@ class EDMSoundPipeline:
         denoiser = counter
         if known is not None:
             known = known.to(device=self.device, dtype=x.dtype)
+            known_state = codec.to_model(known, label)
             keep = keep.to(device=self.device).bool()
             if init is None:              # the kept entries start on the source's own noising trajectory
-                x = torch.where(keep, x + known, x)
-            denoiser = KnownRegionDenoiser(counter, known, keep.to(x.dtype))
-        out = fn(denoiser, x, sigmas, callback=callback, generator=gens, **options)
+                x = torch.where(keep, x + known_state, x)
+            denoiser = KnownRegionDenoiser(counter, known_state, keep.to(x.dtype))
+        out = codec.from_model(fn(denoiser, x, sigmas, callback=callback, generator=gens, **options), label)
         if known is not None:
             out = torch.where(keep, known.to(out.dtype), out)      # exact, even where D returned non-finite values
         return out.float().cpu(), counter.count, guided.guided_calls

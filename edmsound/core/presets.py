@@ -28,6 +28,10 @@ class CodecConfig:
     # `edmsound train --freq-scale whiten` so that every bin of the training set has RMS sigma_data. None: no
     # per-bin gain (every bin keeps the compressed data's own scale; the paper's).
     freq_scale: tuple[float, ...] | None = None
+    # "complex" only: one more gain per (class, frequency bin), applied on top of ``freq_scale`` to the diffusion
+    # state of that class (`edmsound train --freq-scale whiten-class`), so that every bin of every class has RMS
+    # sigma_data; the pipeline divides it out before decoding. None: every class shares ``freq_scale``.
+    class_scale: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def channels(self) -> int:
@@ -214,7 +218,8 @@ class Preset:
                 raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
             out = {}
             for k, v in values.items():
-                out[k] = tuple(v) if isinstance(v, list) else v
+                out[k] = (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list)
+                          else v)
             return kind(**out)
 
         return cls(

@@ -2,7 +2,12 @@
 
 About 2x faster CPU training here (benchmarks/train_speed.py) and a few to ~15 % faster single-clip generation
 (repeated same-size allocations are served from jemalloc's cache instead of fresh pages), so the trainer, the app
-and the speed benchmark all start under it when the library is installed (Debian: libjemalloc2)."""
+and the speed benchmark all start under it when the library is installed (Debian: libjemalloc2).
+
+Freed pages are kept for reuse (no decay), which is where the speed comes from. Every allocation still goes through
+jemalloc's size classes: with ``oversize_threshold:1`` (each allocation in its own extent, never returned) a
+float32 training step on an AVX2 CPU grew the process by 0.2–0.4 GB per step until the kernel killed it
+(benchmarks/allocator.py)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +20,7 @@ JEMALLOC_CANDIDATES = (
     "/usr/lib64/libjemalloc.so.2",
     "/usr/local/lib/libjemalloc.so.2",
 )
-MALLOC_CONF = "oversize_threshold:1,background_thread:false,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+MALLOC_CONF = "background_thread:false,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def find_jemalloc() -> str | None:

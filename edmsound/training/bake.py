@@ -77,7 +77,7 @@ class GuidanceBaker(StudentTrainer):
     def __init__(self, teacher, data_dir, run_dir, *, steps: int = 1500, share: float = DEFAULT_SHARE,
                  resume: bool = False, seed: int = 0, device: str = "cpu", progress: bool = True,
                  max_minutes: float | None = None, batch_size: int | None = None, lr: float | None = None,
-                 checkpoint_every: int | None = None, ema_halflife: float | None = None):
+                 checkpoint_every: int | None = None, ema_halflife: float | None = None, precision: str = "auto"):
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         before = tinfo.get("consistency")
         if before is None or tpreset.student_sampler != "consistency":
@@ -126,8 +126,8 @@ class GuidanceBaker(StudentTrainer):
         self.share = float(share)
         super().__init__(student, teacher_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
-                         continued=True)
-        self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema")
+                         continued=True, precision=precision)
+        self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema", bf16=precision)
         self.teacher.requires_grad_(False).eval()
         idx = {c: i for i, c in enumerate(self.classes)}
         n = self.teacher.null_class + 1

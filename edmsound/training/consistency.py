@@ -151,7 +151,7 @@ class ConsistencyTuner(StudentTrainer):
                  progress: bool = True, max_minutes: float | None = None, batch_size: int | None = None,
                  lr: float | None = None, checkpoint_every: int | None = None, p_mean: float | None = None,
                  p_std: float | None = None, envelope_weight: float = 0.0,
-                 envelope_max_sigma: float = DEFAULT_ENVELOPE_MAX_SIGMA):
+                 envelope_max_sigma: float = DEFAULT_ENVELOPE_MAX_SIGMA, precision: str = "auto"):
         if not (math.isfinite(envelope_weight) and envelope_weight >= 0):
             raise ValueError(f"the envelope weight must be a finite number >= 0, got {envelope_weight!r}")
         if not (math.isfinite(envelope_max_sigma) and envelope_max_sigma > 0):
@@ -221,7 +221,7 @@ class ConsistencyTuner(StudentTrainer):
                              f"steps, so --steps must exceed that, got {total}")
         super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
-                         continued=start is not None)
+                         continued=start is not None, precision=precision)
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;

@@ -85,7 +85,8 @@ class Distiller(StudentTrainer):
     def __init__(self, teacher, data_dir, run_dir, *, student_nfe: int, teacher_solver: str | None = None,
                  guidance: float | None = None, steps: int | None = None, resume: bool = False, seed: int = 0,
                  device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
-                 batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None):
+                 batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None,
+                 precision: str = "auto"):
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         M = int(student_nfe)
         if M < 1 or M != student_nfe:
@@ -121,8 +122,9 @@ class Distiller(StudentTrainer):
                              "grid": [round(float(v), 6) for v in self.grid],
                              "lineage": list(tinfo.get("distillation", {}).get("lineage", [])) + [teacher_dir.name]}
         super().__init__(student, teacher_dir, classes, self.distillation, data_dir, run_dir, steps=steps,
-                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes)
-        self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema")
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
+                         precision=precision)
+        self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema", bf16=precision)
         self.teacher.requires_grad_(False).eval()
 
     def loss(self, model, y, labels, generator):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..core.storage import (atomic_write_json, clean_orphans, latest_checkpoint, load_safetensors, load_weights,
                             read_config, resolve_model_dir, write_model_dir)
 from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_checkpoint
-from ..core.codec import make_codec, whitening_scale
+from ..core.codec import class_whitening_scale, make_codec, whitening_scale
 from ..data.folder import load_folder, split_indices
 from ..core.edm import edm_loss
 from ..core.model import build_denoiser, precision_name
@@ -70,10 +70,12 @@ class Trainer:
     def __init__(self, preset: Preset, data_dir, run_dir, *, steps: int | None = None, resume: bool = False,
                  init=None, seed: int = 0, device: str = "cpu", val_fraction: float = 0.05,
                  progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None,
-                 whiten: bool = False, precision: str = "auto"):
+                 whiten: bool = False, whiten_class: bool = False, precision: str = "auto"):
         """``precision``: the network's arithmetic, ``auto`` (bf16 autocast as the preset says where the device
         computes bfloat16 in hardware, fp32 where it would be emulated), ``bf16`` or ``fp32``; recorded per stretch
-        in ``info.json``."""
+        in ``info.json``. ``whiten``: measure a gain per frequency bin when the run starts (``freq_scale``);
+        ``whiten_class``: that and a gain per class and bin on top (``class_scale``)."""
+        whiten = whiten or whiten_class
         if whiten and preset.codec.representation != "complex":
             raise ValueError(f"--freq-scale whiten applies to the complex representation only "
                              f"(this run: {preset.codec.representation})")
@@ -94,12 +96,15 @@ class Trainer:
                                   "continue it or choose another --out")
         if ckpt is not None:
             stored, stored_classes = read_config(ckpt)
-            if whiten and stored.codec.freq_scale is None:
-                raise ValueError(f"{self.run_dir} was started without per-bin gains; --freq-scale whiten applies "
+            missing = ("per-class gains" if whiten_class and stored.codec.class_scale is None else
+                       "per-bin gains" if whiten and stored.codec.freq_scale is None else None)
+            if missing:
+                option = "whiten-class" if whiten_class else "whiten"
+                raise ValueError(f"{self.run_dir} was started without {missing}; --freq-scale {option} applies "
                                  "only when a run starts")
-            # the per-bin gains were measured when the run started and stay with it
+            # the per-bin (and per-class) gains were measured when the run started and stay with it
             preset = dataclasses.replace(preset, codec=dataclasses.replace(
-                preset.codec, freq_scale=stored.codec.freq_scale))
+                preset.codec, freq_scale=stored.codec.freq_scale, class_scale=stored.codec.class_scale))
             if not same_model(stored, preset):
                 raise ValueError(f"{self.run_dir} was trained with a different preset ({stored.name}); "
                                  "the network, codec and EDM settings must match to resume")
@@ -120,6 +125,15 @@ class Trainer:
             if self.is_main:
                 print(f"per-bin gains for RMS {preset.edm.sigma_data} in every bin: {min(gains):.2f} … "
                       f"{max(gains):.2f} (bin 0 {gains[0]:.2f}, top bin {gains[-1]:.2f})")
+        if whiten_class and ckpt is None and preset.codec.class_scale is None:
+            table = class_whitening_scale(self.codec, torch.from_numpy(data.waves[tr]),
+                                          torch.from_numpy(data.labels[tr]), len(data.classes),
+                                          preset.edm.sigma_data)
+            preset = preset.replace_codec(class_scale=table)
+            self.preset, self.codec = preset, make_codec(preset.codec)
+            if self.is_main:
+                flat = [g for row in table for g in row]
+                print(f"per-class gains on top: {min(flat):.2f} … {max(flat):.2f} over {len(table)} classes")
         self.train_waves = torch.from_numpy(data.waves[tr])
         self.train_labels = torch.from_numpy(data.labels[tr])
         self.val_waves = torch.from_numpy(data.waves[va])
@@ -191,7 +205,7 @@ class Trainer:
         preset, classes = read_config(model_dir)
         # the same network may start on a representation with other per-bin gains (it then adapts to them)
         preset = dataclasses.replace(preset, codec=dataclasses.replace(
-            preset.codec, freq_scale=self.preset.codec.freq_scale))
+            preset.codec, freq_scale=self.preset.codec.freq_scale, class_scale=self.preset.codec.class_scale))
         if not same_model(preset, self.preset) or list(classes) != list(self.classes):
             raise ValueError(f"--init {model_dir}: network or classes differ from this run")
         ema = load_safetensors(model_dir / "ema.safetensors")
@@ -232,22 +246,22 @@ class Trainer:
         merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002,
         "ema_halflife_steps": 500.0, "p_mean": -3.0, "p_std": 1.0, "per_bin_gains": false, "precision": "bf16"}``
         (older entries lack some knobs; a missing P_mean / P_std was the preset's -3 / 1, a missing per_bin_gains was
-        false, a missing precision bf16)."""
+        false, a missing per_class_gains false, a missing precision bf16)."""
         segs = [dict(s) for s in self.segments]
         start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
         if self.step > start_step:
             tc = self.preset.train
             knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps,
                      "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std,
-                     "per_bin_gains": self.preset.codec.freq_scale is not None, "precision": self.precision}
+                     "per_bin_gains": self.preset.codec.freq_scale is not None,
+                     "per_class_gains": self.preset.codec.class_scale is not None, "precision": self.precision}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
             # stretches recorded before the noise knobs were trained with the EDMConfig defaults
-            # (and, before per-bin gains existed, without them)
             # (and, before per-bin gains existed, without them; before precision was recorded, under bf16 autocast)
             legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False,
-                      "precision": "bf16"}
+                      "per_class_gains": False, "precision": "bf16"}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
                     and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
@@ -285,8 +299,9 @@ class Trainer:
         g = torch.Generator().manual_seed(12345)
         total, n = 0.0, 0
         for i in range(0, len(self.val_labels), 32):
-            y = self.codec.encode(self.val_waves[i:i + 32]).to(self.device)
-            lab = self.val_labels[i:i + 32].to(self.device)
+            lab = self.val_labels[i:i + 32]
+            y = self.codec.to_model(self.codec.encode(self.val_waves[i:i + 32]), lab).to(self.device)
+            lab = lab.to(self.device)
             total += float(self.loss(self.ema, y, lab, generator=g).sum())
             n += len(lab)
         return total / n
@@ -301,8 +316,9 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         tc = self.preset.train
         idx = torch.randint(len(self.train_labels), (tc.batch_size,), generator=self.gen)
-        y = self.codec.encode(self.train_waves[idx]).to(self.device)
-        labels = self.train_labels[idx].to(self.device)
+        labels = self.train_labels[idx]
+        y = self.codec.to_model(self.codec.encode(self.train_waves[idx]), labels).to(self.device)
+        labels = labels.to(self.device)
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
         loss = self.loss(self.denoiser, y, labels, generator=self.gen).mean()

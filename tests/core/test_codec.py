@@ -198,3 +198,62 @@ def test_per_bin_gains_are_checked_and_kept_in_the_preset():
     p = dataclasses.replace(PRESETS["tiny"], codec=dataclasses.replace(base, freq_scale=gains))
     back = Preset.from_dict(json.loads(json.dumps(p.to_dict())))
     assert back == p and back.codec.freq_scale == gains
+
+
+def test_class_gains_scale_each_class_state_and_invert_exactly():
+    import dataclasses
+    base = PRESETS["tiny"].codec
+    F = base.num_bins
+    table = (tuple([2.0] * F), tuple(float(g) for g in np.linspace(0.5, 3.0, F)))
+    codec = SpectrogramCodec(dataclasses.replace(base, class_scale=table))
+    wave = torch.randn(3, codec.num_samples, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    spec = codec.encode(wave)
+    # encoding and decoding are class-free: the gains belong to the diffusion state only
+    np.testing.assert_allclose(spec, SpectrogramCodec(base).encode(wave), rtol=1e-12)
+    labels = torch.tensor([0, 1, 1])
+    state = codec.to_model(spec, labels)
+    np.testing.assert_allclose(state[0], 2.0 * spec[0], rtol=1e-12)
+    np.testing.assert_allclose(state[1], spec[1] * torch.tensor(table[1], dtype=torch.float64)[None, :, None],
+                               rtol=1e-12)
+    np.testing.assert_allclose(codec.from_model(state, labels), spec, rtol=1e-12)
+    np.testing.assert_allclose(codec.to_model(spec, 1), codec.to_model(spec, torch.tensor([1, 1, 1])))
+    with pytest.raises(ValueError, match="class index out of range"):
+        codec.to_model(spec, torch.tensor([0, 1, 2]))
+    # without a table the state is the spectrogram itself
+    assert SpectrogramCodec(base).to_model(spec, labels) is spec
+
+
+def test_class_whitening_gains_give_every_class_and_bin_the_target_rms():
+    import dataclasses
+    from edmsound.core.codec import class_whitening_scale, make_codec
+    from edmsound.core.presets import Preset
+    base = PRESETS["tiny"].codec
+    codec = SpectrogramCodec(base)
+    g = torch.Generator().manual_seed(0)
+    n = codec.num_samples
+    white = torch.randn(24, n, dtype=torch.float64, generator=g)
+    red = torch.zeros_like(white)
+    for i in range(1, n):
+        red[:, i] = 0.9 * red[:, i - 1] + white[:, i]
+    waves = torch.cat([0.05 * red[:12], 0.02 * white[12:]])        # class 0 falls with frequency, class 1 is flat
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    table = class_whitening_scale(codec, waves, labels, num_classes=3, target_rms=0.2)
+    assert len(table) == 3 and all(len(row) == base.num_bins for row in table)
+    assert table[2] == (1.0,) * base.num_bins                          # a class without clips keeps gain 1
+    assert table[0][-1] > table[0][1] and abs(table[1][-1] / table[1][1] - 1) < 0.5
+    scaled = make_codec(dataclasses.replace(base, class_scale=table))
+    for c in (0, 1):
+        state = scaled.to_model(scaled.encode(waves[labels == c]), c)
+        rms = state.pow(2).mean(dim=(0, 1, 3)).sqrt().numpy()
+        inside = (np.array(table[c]) > 0.25) & (np.array(table[c]) < 4.0)
+        assert inside.sum() > base.num_bins // 2
+        np.testing.assert_allclose(rms[inside], 0.2, rtol=1e-4)
+    with pytest.raises(ValueError, match="one label per clip"):
+        class_whitening_scale(codec, waves, labels[:3], num_classes=2, target_rms=0.2)
+    with pytest.raises(ValueError, match="one gain per class and frequency bin"):
+        SpectrogramCodec(dataclasses.replace(base, class_scale=((1.0, 2.0),)))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        SpectrogramCodec(dataclasses.replace(base, class_scale=((float("nan"),) * base.num_bins,)))
+    p = dataclasses.replace(PRESETS["tiny"], codec=dataclasses.replace(base, class_scale=table))
+    back = Preset.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert back == p and back.codec.class_scale == table

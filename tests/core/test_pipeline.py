@@ -212,3 +212,31 @@ def test_cli_variations_of_a_file(tiny_ckpt, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0]
+
+
+def test_class_gains_are_divided_out_of_what_the_sampler_makes(tiny_ckpt):
+    """Data N(0, v) per entry in every class's spectrogram is N(0, g_c^2 v) in the model's state of class c. With
+    that state's exact (Gaussian) denoiser, the probability-flow ODE ends at the data's scale in every class only if
+    the pipeline samples in the state and divides the class's gains out, as the training multiplied them in."""
+    import dataclasses
+    from edmsound.core.codec import make_codec
+    pipe = EDMSoundPipeline(tiny_ckpt)
+    F, v = pipe.codec.config.num_bins, 0.2 ** 2
+    table = tuple(tuple([4.0 if c == 0 else 1.0] * F) for c in range(len(pipe.classes)))
+    pipe.codec = make_codec(dataclasses.replace(pipe.codec.config, class_scale=table))
+
+    def gaussian(x, sigma, labels):
+        var = pipe.codec.class_gain(labels, x) ** 2 * v
+        s2 = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) ** 2
+        return x * var / (var + s2)
+    pipe.model = gaussian
+    for c, name in enumerate(pipe.classes[:2]):
+        specs, _, _ = pipe.sample_specs(name, list(range(8)), "heun", 39, 1.0)
+        rms = float(specs.double().pow(2).mean().sqrt())
+        assert abs(rms - 0.2) < 0.01, (name, rms)
+    # a known region comes back exactly, in the spectrogram's own scale
+    known = pipe.codec.encode(torch.randn(1, pipe.codec.num_samples, generator=torch.Generator().manual_seed(0)))
+    keep = torch.zeros_like(known, dtype=torch.bool)
+    keep[..., :8] = True
+    out, _, _ = pipe.sample_specs(pipe.classes[0], [0], "euler", 4, 1.0, known=known, keep=keep)
+    assert torch.equal(out[..., :8], known[..., :8])

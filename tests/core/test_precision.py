@@ -100,3 +100,13 @@ def test_cached_evaluation_clips_of_another_precision_are_refused(tmp_path):
     assert _check_meta(meta, dict(old, precision="bf16"), regenerate=False) == old   # those clips ran under bf16
     with pytest.raises(ValueError, match="precision differ"):
         _check_meta(meta, dict(old, precision="fp32"), regenerate=False)
+
+
+def test_few_step_trainers_take_the_precision_for_student_and_teacher(tiny_ckpt, tone_tree, tmp_path):
+    from edmsound import ConsistencyTuner, Distiller
+    d = Distiller(tiny_ckpt, tone_tree, tmp_path / "d", student_nfe=2, steps=1, progress=False, precision="bf16")
+    assert d.precision == "bf16" and precision_name(d.teacher) == "bf16"
+    d = Distiller(tiny_ckpt, tone_tree, tmp_path / "d2", student_nfe=2, steps=1, progress=False, precision="fp32")
+    assert d.precision == "fp32" and precision_name(d.teacher) == "fp32"
+    c = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "c", steps=1, progress=False, precision="fp32")
+    assert c.precision == "fp32" and c.ema.autocast_dtype is None

@@ -115,8 +115,10 @@ def test_distill_runs_resumes_and_exports_a_student(tiny_ckpt, tone_tree, tmp_pa
 def test_cli_distill_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_path, capsys):
     from edmsound.cli import main
     main(["distill", "--teacher", str(tiny_ckpt), "--data", str(tone_tree), "--out", str(tmp_path / "r"),
-          "--nfe", "2", "--steps", "2", "--batch-size", "2", "--no-progress", "--export", str(tmp_path / "s")])
-    assert json.loads((tmp_path / "s" / "info.json").read_text())["distillation"]["student_nfe"] == 2
+          "--nfe", "2", "--steps", "2", "--batch-size", "2", "--no-progress", "--export", str(tmp_path / "s"),
+          "--precision", "fp32"])
+    info = json.loads((tmp_path / "s" / "info.json").read_text())
+    assert info["distillation"]["student_nfe"] == 2 and info["segments"][-1]["precision"] == "fp32"
     capsys.readouterr()
     for argv, msg in ((["--teacher", str(tmp_path / "s"), "--nfe", "2"], "the next student takes 1 steps"),
                       (["--teacher", str(tiny_ckpt), "--nfe", "0"], "whole number >= 1"),

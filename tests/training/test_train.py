@@ -278,3 +278,28 @@ def test_cli_refuses_gains_for_a_magnitude_representation(tone_tree, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and "complex representation only" in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+def test_class_whitened_run_trains_each_class_at_its_own_scale(tone_tree, tmp_path):
+    base = get_preset("tiny").replace_train(checkpoint_every=100)
+    tr = Trainer(base, tone_tree, tmp_path / "c", steps=3, whiten_class=True, progress=False)
+    table = tr.preset.codec.class_scale
+    assert tr.preset.codec.freq_scale is not None                      # the per-bin gains come with it
+    assert table is not None and len(table) == len(tr.classes)
+    for c in range(len(tr.classes)):
+        state = tr.codec.to_model(tr.codec.encode(tr.train_waves[tr.train_labels == c]), c)
+        rms = state.double().pow(2).mean(dim=(0, 1, 3)).sqrt().numpy()
+        free = (torch.tensor(table[c]) > 0.25) & (torch.tensor(table[c]) < 4.0)
+        if free.any():
+            assert abs(rms[free.numpy()] - base.edm.sigma_data).max() < 1e-3
+    tr.run()
+    assert [s["per_class_gains"] for s in tr.info()["segments"]] == [True]
+    tr.export(tmp_path / "m")                                           # the model directory carries the table
+    from edmsound.core.pipeline import EDMSoundPipeline
+    assert EDMSoundPipeline(tmp_path / "m").codec.config.class_scale == table
+    again = Trainer(base, tone_tree, tmp_path / "c", steps=4, resume=True, progress=False)
+    assert again.preset.codec.class_scale == table
+    plain = Trainer(base, tone_tree, tmp_path / "p", steps=2, progress=False)
+    plain.run()
+    with pytest.raises(ValueError, match="without per-class gains"):
+        Trainer(base, tone_tree, tmp_path / "p", steps=4, resume=True, whiten_class=True, progress=False)
