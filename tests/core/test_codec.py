@@ -158,19 +158,21 @@ def test_per_bin_gains_multiply_both_channels_and_decode_exactly():
     np.testing.assert_allclose(scaled.magnitude_db(b), plain.magnitude_db(a), atol=1e-9)
 
 
+def _red_noise(clips: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise falling with frequency: white noise through a one-pole low-pass, the white noise itself)."""
+    white = torch.randn(clips, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    red = torch.zeros_like(white)
+    for i in range(1, n):
+        red[:, i] = 0.9 * red[:, i - 1] + white[:, i]
+    return red, white
+
+
 def test_whitening_gains_give_every_bin_the_target_rms_within_their_limits():
     import dataclasses
     from edmsound.core.codec import whitening_scale
     base = PRESETS["tiny"].codec
     codec = SpectrogramCodec(base)
-    g = torch.Generator().manual_seed(0)
-    n = codec.num_samples
-    # noise falling with frequency (a one-pole low-pass), plus a near-silent clip
-    white = torch.randn(16, n, dtype=torch.float64, generator=g)
-    red = torch.zeros_like(white)
-    for i in range(1, n):
-        red[:, i] = 0.9 * red[:, i - 1] + white[:, i]
-    waves = 0.05 * red
+    waves = 0.05 * _red_noise(16, codec.num_samples)[0]
     gains = whitening_scale(codec, waves, target_rms=0.2, limits=(0.25, 4.0))
     assert len(gains) == base.num_bins and gains[-1] > gains[1] > 0      # quiet high bins are lifted
     spec = SpectrogramCodec(dataclasses.replace(base, freq_scale=gains)).encode(waves)
@@ -229,12 +231,7 @@ def test_class_whitening_gains_give_every_class_and_bin_the_target_rms():
     from edmsound.core.presets import Preset
     base = PRESETS["tiny"].codec
     codec = SpectrogramCodec(base)
-    g = torch.Generator().manual_seed(0)
-    n = codec.num_samples
-    white = torch.randn(24, n, dtype=torch.float64, generator=g)
-    red = torch.zeros_like(white)
-    for i in range(1, n):
-        red[:, i] = 0.9 * red[:, i - 1] + white[:, i]
+    red, white = _red_noise(24, codec.num_samples)
     waves = torch.cat([0.05 * red[:12], 0.02 * white[12:]])        # class 0 falls with frequency, class 1 is flat
     labels = torch.tensor([0] * 12 + [1] * 12)
     table = class_whitening_scale(codec, waves, labels, num_classes=3, target_rms=0.2)
