@@ -50,6 +50,8 @@ class SpectrogramCodec:
                 raise ValueError("class_scale gains must be finite and > 0")
         self.config = config
         self._windows: dict[tuple, torch.Tensor] = {}
+        self._class_table = (None if config.class_scale is None       # (K, F), built once
+                             else torch.tensor(config.class_scale, dtype=torch.float64))
 
     # --- shape ---------------------------------------------------------------------------------
     @property
@@ -142,29 +144,24 @@ class SpectrogramCodec:
     def class_gain(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
         """The per-class gains of ``labels`` (B,) as a (B, 1, F, 1) tensor in ``like``'s dtype and device, or
         None when the model has none."""
-        if self.config.class_scale is None:
+        table = self._class_table
+        if table is None:
             return None
-        table = torch.tensor(self.config.class_scale, dtype=torch.float64)
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
         if len(labels) and (labels.min() < 0 or labels.max() >= len(table)):
             raise ValueError(f"class index out of range: the model's class_scale has {len(table)} classes")
-        return table[labels].to(like.device, like.dtype)[:, None, :, None]
+        return table[labels].to(like.device, like.dtype)[:, None, :, None]      # one label broadcasts over B
 
     def to_model(self, spec: torch.Tensor, labels) -> torch.Tensor:
         """An encoded spectrogram (B, C, F, T) -> the diffusion state of its class (``labels``: B class
         indices, or one for all): multiplied by the class's gains; unchanged without ``class_scale``."""
-        g = self.class_gain(self._labels(labels, spec), spec)
+        g = self.class_gain(labels, spec)
         return spec if g is None else spec * g
 
     def from_model(self, state: torch.Tensor, labels) -> torch.Tensor:
         """The inverse of :meth:`to_model`: a class's diffusion state -> its encoded spectrogram."""
-        g = self.class_gain(self._labels(labels, state), state)
+        g = self.class_gain(labels, state)
         return state if g is None else state / g
-
-    @staticmethod
-    def _labels(labels, like: torch.Tensor) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        return labels.expand(like.shape[0]) if labels.numel() == 1 else labels
 
     def decode_loop(self, spec: torch.Tensor) -> torch.Tensor:
         """A circular spectrogram (frame T follows frame T - 1 as frame 0) -> one period of T * hop samples.
@@ -279,20 +276,28 @@ def whitening_scale(codec: SpectrogramCodec, waves, target_rms: float, batch: in
     to the same noise levels as the loud low bins' and weighs as much in the training loss."""
     if codec.config.representation != "complex":
         raise ValueError("freq_scale applies to the complex representation only")
-    plain = SpectrogramCodec(dataclasses.replace(codec.config, freq_scale=None))
     waves = torch.as_tensor(waves)
     if len(waves) == 0:
         raise ValueError("no clips to measure the per-bin scale on")
-    power = torch.zeros(codec.config.num_bins, dtype=torch.float64)
-    count = 0
-    for i in range(0, len(waves), batch):
-        spec = plain.encode(waves[i:i + batch].float()).double()
-        power += spec.pow(2).sum(dim=(0, 1, 3))
-        count += spec.shape[0] * spec.shape[1] * spec.shape[3]
-    rms = (power / count).sqrt()
+    plain = SpectrogramCodec(dataclasses.replace(codec.config, freq_scale=None))
+    rms, _ = _bin_rms(plain, waves, torch.zeros(len(waves), dtype=torch.long), 1, batch)
     lo, hi = limits
-    gains = (target_rms / rms.clamp_min(1e-12)).clamp(lo, hi)
+    gains = (target_rms / rms[0].clamp_min(1e-12)).clamp(lo, hi)
     return tuple(round(float(g), 5) for g in gains)
+
+
+def _bin_rms(codec: SpectrogramCodec, waves: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS per (class, bin) of ``codec``'s encoding of ``waves`` over clips, channels and frames, float64, and
+    the number of clips per class."""
+    power = torch.zeros(num_classes, codec.config.num_bins, dtype=torch.float64)
+    clips = torch.zeros(num_classes, dtype=torch.float64)
+    for i in range(0, len(waves), batch):
+        spec = codec.encode(waves[i:i + batch].float()).double()
+        lab = labels[i:i + batch]
+        power.index_add_(0, lab, spec.pow(2).mean(dim=(1, 3)))
+        clips.index_add_(0, lab, torch.ones(len(lab), dtype=torch.float64))
+    return (power / clips.clamp_min(1)[:, None]).sqrt(), clips
 
 
 def class_whitening_scale(codec: SpectrogramCodec, waves, labels, num_classes: int, target_rms: float,
@@ -305,22 +310,14 @@ def class_whitening_scale(codec: SpectrogramCodec, waves, labels, num_classes: i
     the loss. A class without clips keeps gain 1."""
     if codec.config.representation != "complex":
         raise ValueError("class_scale applies to the complex representation only")
-    plain = SpectrogramCodec(dataclasses.replace(codec.config, class_scale=None))
     waves = torch.as_tensor(waves)
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(waves) == 0 or len(waves) != len(labels):
         raise ValueError("need one label per clip, and at least one clip, to measure the per-class scale")
-    power = torch.zeros(num_classes, codec.config.num_bins, dtype=torch.float64)
-    count = torch.zeros(num_classes, dtype=torch.float64)
-    for i in range(0, len(waves), batch):
-        spec = plain.encode(waves[i:i + batch].float()).double()
-        lab = labels[i:i + batch]
-        power.index_add_(0, lab, spec.pow(2).sum(dim=(1, 3)))
-        count.index_add_(0, lab, torch.full((len(lab),), float(spec.shape[1] * spec.shape[3]), dtype=torch.float64))
-    rms = (power / count.clamp_min(1)[:, None]).sqrt()
+    rms, clips = _bin_rms(codec, waves, labels, num_classes, batch)     # encoding is class-free
     lo, hi = limits
     gains = (target_rms / rms.clamp_min(1e-12)).clamp(lo, hi)
-    gains[count == 0] = 1.0
+    gains[clips == 0] = 1.0
     return tuple(tuple(round(float(g), 5) for g in row) for row in gains)
 
 
