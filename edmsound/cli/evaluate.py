@@ -117,6 +117,10 @@ def _cmd_quality_report(a):
                 raise FileNotFoundError(f"{sp} not found: run `python benchmarks/samplers.py --shipped-only` "
                                         "(or pass --speed none)")
             speed = json.loads(sp.read_text())
+            if not isinstance(speed, dict) or "median_sec_per_clip" not in speed:
+                raise ValueError(f"{sp} is not a single-model speed record (one from `python benchmarks/samplers.py "
+                                 "--shipped-only`, with median_sec_per_clip); side-by-side records from --versus "
+                                 "are read in their own table. Pass such a record or --speed none")
         iv = preset.default_guidance_interval
         if all(preset.guidance_for(c) == 1.0 for c in classes):
             # nothing is guided: the interval changes neither the clips nor their cost

@@ -363,6 +363,14 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
     with pytest.raises(SystemExit) as e:
         main(argv + ["--check"])                                   # the Heun bar is not measured -> not all met
     assert e.value.code == 1
+    # a side-by-side timing record (samplers.py --versus) is not a single-model one: one line, no traceback
+    (tmp_path / "compare.json").write_text(json.dumps({"date": "today", "rows": [{"median_all_classes": 0.5}]}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv[:-3] + [str(tmp_path / "compare.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a single-model speed record" in err and "Traceback" not in err
+    assert err.count("\n") == 1
     with pytest.raises(SystemExit) as e:
         main(["quality-report", "--results", str(out), "--checkpoint", str(world / "model"), "--speed", "none"])
     assert e.value.code == 2 and "Add it with --points" in capsys.readouterr().err
