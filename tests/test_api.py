@@ -21,7 +21,7 @@ PUBLIC_API = [
     "MAX_CLIPS", "MAX_NFE", "PRECISIONS", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
     "SpectrogramCodec", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "build_demo",
     "build_denoiser", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
-    "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
+    "check_speed_record", "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
     "export_model", "export_zip", "find_models", "format_class_guidance", "format_guidance_interval", "get_preset", "get_sampler",
     "get_schedule", "init_distributed", "integrated_lufs", "interval_list", "jemalloc_loaded", "karras_sigmas",
     "launch_kwargs", "load_audio", "load_classifier", "load_denoiser", "load_encoder", "load_folder",

@@ -105,8 +105,8 @@ def _cmd_ablate(a):
 
 
 def _cmd_quality_report(a):
-    from .. import (format_class_guidance, format_guidance_interval, load_results, quality_targets, read_config,
-                    resolve_model_dir, targets_markdown)
+    from .. import (check_speed_record, format_class_guidance, format_guidance_interval, load_results,
+                    quality_targets, read_config, resolve_model_dir, targets_markdown)
     try:
         results = load_results(a.results)
         preset, classes = read_config(resolve_model_dir(a.checkpoint))
@@ -116,11 +116,7 @@ def _cmd_quality_report(a):
             if not sp.is_file():
                 raise FileNotFoundError(f"{sp} not found: run `python benchmarks/samplers.py --shipped-only` "
                                         "(or pass --speed none)")
-            speed = json.loads(sp.read_text())
-            if not isinstance(speed, dict) or "median_sec_per_clip" not in speed:
-                raise ValueError(f"{sp} is not a single-model speed record (one from `python benchmarks/samplers.py "
-                                 "--shipped-only`, with median_sec_per_clip); side-by-side records from --versus "
-                                 "are read in their own table. Pass such a record or --speed none")
+            speed = check_speed_record(json.loads(sp.read_text()), str(sp))
         iv = preset.default_guidance_interval
         if all(preset.guidance_for(c) == 1.0 for c in classes):
             # nothing is guided: the interval changes neither the clips nor their cost

@@ -95,10 +95,21 @@ def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
     return out
 
 
+def check_speed_record(speed, source: str = "the speed record") -> dict:
+    """``speed`` if it is a single-model timing record (``benchmarks/samplers.py --shipped-only``), else ValueError."""
+    if not isinstance(speed, dict) or "median_sec_per_clip" not in speed:
+        raise ValueError(f"{source} is not a single-model speed record (one from `python benchmarks/samplers.py "
+                         "--shipped-only`, with median_sec_per_clip); side-by-side records from --versus are read "
+                         "in their own table. Pass such a record or none")
+    return speed
+
+
 def quality_targets(results: dict, sampler: str, nfe: int, guidance, interval=None,
                speed: dict | None = None) -> list[dict]:
     """One dict per bar: ``bar``, ``target``, ``value`` (a string), ``met`` (True/False/None = not measured).
     ``guidance``: the shipped scale, or "class" when the checkpoint ships per-class scales."""
+    if speed is not None:
+        check_speed_record(speed)
     rows = shipped_rows(results, sampler, nfe, guidance, interval)
     classes = [c for c in results["settings"]["classes"] if c in rows]
     overall = rows["overall"]

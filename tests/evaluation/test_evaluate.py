@@ -371,6 +371,8 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
     err = capsys.readouterr().err
     assert e.value.code == 2 and "not a single-model speed record" in err and "Traceback" not in err
     assert err.count("\n") == 1
+    with pytest.raises(ValueError, match="not a single-model speed record"):      # the library says the same
+        quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), {"rows": []})
     with pytest.raises(SystemExit) as e:
         main(["quality-report", "--results", str(out), "--checkpoint", str(world / "model"), "--speed", "none"])
     assert e.value.code == 2 and "Add it with --points" in capsys.readouterr().err
