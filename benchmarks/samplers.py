@@ -32,6 +32,7 @@ from edmsound.core.pipeline import EDMSoundPipeline  # noqa: E402
 from edmsound.core.presets import format_class_guidance  # noqa: E402
 from edmsound.core.samplers import SAMPLERS, get_sampler, steps_for_nfe, valid_nfes  # noqa: E402
 from edmsound.core.schedules import karras_sigmas  # noqa: E402
+from edmsound.core.storage import file_sha256  # noqa: E402
 from edmsound.training.trainer import cpu_model  # noqa: E402
 
 NFES = (4, 6, 8, 10, 15, 20, 35, 50)
@@ -91,7 +92,8 @@ def shipped_timing(pipe, repeats=10, class_name=None):
             "base_guidance_interval": interval_list(p.default_guidance_interval),
             "median_sec_per_clip": statistics.median(times), "min": min(times), "max": max(times),
             "repeats": repeats, "class": cls, "audio_seconds": pipe.codec.num_samples / pipe.sample_rate,
-            "threads": torch.get_num_threads(), "jemalloc": jemalloc_loaded(), "precision": pipe.precision}
+            "threads": torch.get_num_threads(), "jemalloc": jemalloc_loaded(), "precision": pipe.precision,
+            "ema_sha256": file_sha256(pipe.model_dir / "ema.safetensors")}
 
 
 def write_shipped(shipped, checkpoint, out_dir):
@@ -138,8 +140,13 @@ def compare_shipped(checkpoints, labels, repeats, out_dir):
     for lab, ck, p, t, g in zip(labels, checkpoints, pipes, times, guided):
         med = {c: statistics.median(v) for c, v in t.items()}
         slow = max(med, key=med.get)
-        rows.append({"label": lab, "checkpoint": ck, "sampler": p.preset.default_sampler, "nfe": p.preset.default_nfe,
-                     "sigma_max": p.preset.edm.sigma_max, "guided_nfe": g,
+        pr = p.preset
+        rows.append({"label": lab, "checkpoint": ck, "ema_sha256": file_sha256(p.model_dir / "ema.safetensors"),
+                     "sampler": pr.default_sampler, "nfe": pr.default_nfe, "guidance": pr.default_guidance,
+                     "class_guidance": format_class_guidance(pr.class_scales(p.classes),
+                                                             pr.class_intervals(p.classes)) or None,
+                     "guidance_interval": interval_list(pr.default_guidance_interval),
+                     "sigma_max": pr.edm.sigma_max, "guided_nfe": g,
                      "median_all_classes": statistics.median([x for v in t.values() for x in v]),
                      "slowest_class": slow, "slowest_median": med[slow], "per_class_median": med})
     base = rows[0]

@@ -66,7 +66,7 @@ _export("edmsound.evaluation.classifier", "ClassifierConfig", "train_classifier"
 _export("edmsound.evaluation.calibrate", "calibrate_class_guidance", "write_calibration", "write_class_guidance",
         "chosen_text")
 _export("edmsound.evaluation.quality", "quality_targets", "targets_markdown", "load_results",
-        "check_speed_record")
+        "check_speed_record", "speed_for_weights")
 _export("edmsound.evaluation.ablate", "run_ablation")
 # the app and process setup
 _export("edmsound.app.service", "EDMSoundService")

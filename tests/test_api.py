@@ -27,7 +27,7 @@ PUBLIC_API = [
     "launch_kwargs", "load_audio", "load_classifier", "load_denoiser", "load_encoder", "load_folder",
     "load_reference", "load_results", "load_training_set", "measure_level", "normalize_level", "parse_points",
     "plan_sweep", "quality_targets", "read_clip", "read_config", "read_upload", "reexec_with_jemalloc",
-    "resolve_model_dir", "run_ablation", "save_generation", "spectrogram_figure", "steps_for_nfe", "stitching_analysis",
+    "resolve_model_dir", "run_ablation", "save_generation", "spectrogram_figure", "speed_for_weights", "steps_for_nfe", "stitching_analysis",
     "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_encoder", "train_head",
     "true_peak_dbtp", "valid_nfes", "wav_bytes", "with_sampling_defaults", "write_calibration",
     "write_class_guidance", "write_dataset", "write_export", "write_wav", "__version__",

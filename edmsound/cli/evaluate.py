@@ -106,7 +106,7 @@ def _cmd_ablate(a):
 
 def _cmd_quality_report(a):
     from .. import (check_speed_record, format_class_guidance, format_guidance_interval, load_results,
-                    quality_targets, read_config, resolve_model_dir, targets_markdown)
+                    quality_targets, read_config, resolve_model_dir, speed_for_weights, targets_markdown)
     try:
         results = load_results(a.results)
         preset, classes = read_config(resolve_model_dir(a.checkpoint))
@@ -117,11 +117,13 @@ def _cmd_quality_report(a):
                 raise FileNotFoundError(f"{sp} not found: run `python benchmarks/samplers.py --shipped-only` "
                                         "(or pass --speed none)")
             speed = check_speed_record(json.loads(sp.read_text()), str(sp))
+            # the timing of the evaluated weights (a side-by-side record holds several models)
+            speed = speed_for_weights(speed, results["settings"].get("ema_sha256"))[0] or speed
         iv = preset.default_guidance_interval
         if all(preset.guidance_for(c) == 1.0 for c in classes):
             # nothing is guided: the interval changes neither the clips nor their cost
             iv = None
-            if speed is not None:
+            if speed is not None and "median_sec_per_clip" in speed:
                 speed = dict(speed, guidance_interval=None, base_guidance_interval=None)
         per_class = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
         shipped_g = "class" if per_class else preset.default_guidance
@@ -209,7 +211,8 @@ def register(subparsers) -> None:
     b.add_argument("--results", required=True, help="an `edmsound evaluate` output directory or its results.json")
     b.add_argument("--checkpoint", default="checkpoints/default", help="whose shipped settings to read off")
     b.add_argument("--speed", default="benchmarks/results/samplers_shipped.json",
-                   help="benchmarks/samplers.py --shipped-only record ('none' to skip the speed target)")
+                   help="a timing record of benchmarks/samplers.py: --shipped-only's, or --versus's (the evaluated weights' row "
+                        "is read); 'none' skips the speed target")
     b.add_argument("--out", default=None, help="also write the markdown table here")
     b.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
     b.set_defaults(func=_cmd_quality_report)

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..core.guidance import interval_text as _interval_text
 from . import fidelity as F
 
-__all__ = ["shipped_rows", "quality_targets", "targets_markdown", "load_results"]
+__all__ = ["shipped_rows", "quality_targets", "targets_markdown", "load_results", "check_speed_record",
+           "speed_for_weights"]
 
 HEUN_REFERENCE_MIN_NFE = 49       # "Heun at NFE 50": Heun spends odd budgets, so 49 or 51 both count
 FAD_RATIO_MAX = 2.5               # FAD / FAD of a training subset of the same size
@@ -96,12 +97,50 @@ def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
 
 
 def check_speed_record(speed, source: str = "the speed record") -> dict:
-    """``speed`` if it is a single-model timing record (``benchmarks/samplers.py --shipped-only``), else ValueError."""
-    if not isinstance(speed, dict) or "median_sec_per_clip" not in speed:
-        raise ValueError(f"{source} is not a single-model speed record (one from `python benchmarks/samplers.py "
-                         "--shipped-only`, with median_sec_per_clip); side-by-side records from --versus are read "
-                         "in their own table. Pass such a record or none")
+    """``speed`` if it is a timing record of ``benchmarks/samplers.py``, else ValueError: a single-model one
+    (``--shipped-only``: ``median_sec_per_clip``) or a side-by-side one (``--versus``: ``rows`` of models, each with
+    ``median_all_classes``)."""
+    single = isinstance(speed, dict) and "median_sec_per_clip" in speed
+    side = (isinstance(speed, dict) and isinstance(speed.get("rows"), list) and speed["rows"]
+            and all(isinstance(r, dict) and "median_all_classes" in r for r in speed["rows"]))
+    if not (single or side):
+        raise ValueError(f"{source} is not a speed record of `python benchmarks/samplers.py` (one from "
+                         "--shipped-only, with median_sec_per_clip, or one from --versus, with rows of models "
+                         "each with median_all_classes). Pass such a record or none")
     return speed
+
+
+def speed_for_weights(speed: dict, ema_sha256: str | None) -> tuple[dict | None, str]:
+    """The timing of the weights whose EMA file has sha256 ``ema_sha256``, read from a record that
+    :func:`check_speed_record` accepts, as a single-model record; or ``(None, why)`` when the record timed other
+    weights. From a side-by-side record it is that model's row (median over every class and round) with
+    ``versus``: the first row's label and this row's time over the first row's. A record that does not name its
+    weights is taken as it is and says so (``weights_unknown``)."""
+    speed = check_speed_record(speed)
+    if "median_sec_per_clip" in speed:
+        have = speed.get("ema_sha256")
+        if have and ema_sha256 and have != ema_sha256:
+            return None, f"the speed record timed other weights (EMA sha256 {have[:12]}, these are {ema_sha256[:12]})"
+        return (speed if have or not ema_sha256 else dict(speed, weights_unknown=True)), ""
+    rows = speed["rows"]
+    named = [r for r in rows if r.get("ema_sha256")]
+    if not ema_sha256 or not named:
+        return None, "a side-by-side record is read by the weights' sha256, and one of the two is not known"
+    hit = [r for r in named if r["ema_sha256"] == ema_sha256]
+    if not hit:
+        return None, (f"the side-by-side record times {', '.join(r['ema_sha256'][:12] for r in named)}, not these "
+                      f"weights ({ema_sha256[:12]})")
+    row, first = hit[0], rows[0]
+    view = {k: row.get(k) for k in ("sampler", "nfe", "guidance", "class_guidance", "guidance_interval",
+                                    "ema_sha256", "label")}
+    prec = speed.get("precision")
+    view.update(median_sec_per_clip=float(row["median_all_classes"]), cpu=speed.get("cpu"), date=speed.get("date"),
+                precision="/".join(prec) if isinstance(prec, list) else prec,
+                base_guidance_interval=row.get("guidance_interval"),
+                rounds=speed.get("repeats"), classes=len(row.get("per_class_median") or {}) or None,
+                versus={"label": first.get("label"), "ratio": float(row["median_all_classes"])
+                        / float(first["median_all_classes"])} if row is not first else None)
+    return view, ""
 
 
 def quality_targets(results: dict, sampler: str, nfe: int, guidance, interval=None,
@@ -151,8 +190,13 @@ def quality_targets(results: dict, sampler: str, nfe: int, guidance, interval=No
     cs = overall.get("copy_share")
     out.append(_bar("copying: share above the training p95", "≤ 10 %", f"{100 * cs:.1f} %" if _finite(cs) else "–",
                     (cs <= 0.10) if _finite(cs) else None))
+    why = ""
+    if speed is not None:
+        speed, why = speed_for_weights(speed, results["settings"].get("ema_sha256"))
+    side = speed is not None and "rounds" in speed
+    name = ("speed: one clip, median over every class, side by side" if side else "speed: one clip, median of 10")
     if speed is None:
-        out.append(_bar("speed: one clip, median of 10", "≤ 1 s", "– (run benchmarks/samplers.py --shipped-only)", None))
+        out.append(_bar(name, "≤ 1 s", f"– ({why or 'run benchmarks/samplers.py --shipped-only'})", None))
     else:
         if isinstance(guidance, str):      # per-class scales: the record must be for the same scales
             same_g = (speed.get("class_guidance") or "") == (overall.get("guidance_per_class") or "")
@@ -165,11 +209,15 @@ def quality_targets(results: dict, sampler: str, nfe: int, guidance, interval=No
         v = float(speed["median_sec_per_clip"])
         if same_cfg:
             cls = (f"{speed['class']} at w {speed.get('guidance'):g}, {speed.get('guided_nfe', '?')} guided "
-                   "evaluations, " if speed.get("class_guidance") else "")
-            out.append(_bar("speed: one clip, median of 10", "≤ 1 s", f"{v:.3f} s ({cls}{speed.get('cpu', '?')}, "
-                            f"{speed.get('date', '?')})", v <= 1.0))
+                   "evaluations, " if speed.get("class_guidance") and not side else "")
+            vs = speed.get("versus") if side else None
+            rel = f"× {vs['ratio']:.2f} of {vs['label']} in the same run, " if vs else ""
+            unknown = "; the record does not name the weights it timed" if speed.get("weights_unknown") else ""
+            prec = f" ({speed['precision']})" if speed.get("precision") else ""
+            out.append(_bar(name, "≤ 1 s", f"{v:.3f} s ({cls}{rel}{speed.get('cpu', '?')}{prec}, "
+                            f"{speed.get('date', '?')}{unknown})", v <= 1.0))
         else:
-            out.append(_bar("speed: one clip, median of 10", "≤ 1 s",
+            out.append(_bar(name, "≤ 1 s",
                             f"– (the speed record is for other settings: {speed.get('sampler')} NFE {speed.get('nfe')} "
                             f"w {speed.get('guidance')} interval {speed.get('guidance_interval')})", None))
     return out

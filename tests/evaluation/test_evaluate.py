@@ -352,7 +352,7 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
     # the CLI reads the shipped settings from a model directory
     assert main(["export", "--run", str(world / "model"), "--out", str(tmp_path / "m"), "--sampler", "dpmpp_2m",
                  "--nfe", "3", "--guidance", "2", "--guidance-interval", "0.05,1"]) is None
-    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    (tmp_path / "speed.json").write_text(json.dumps(dict(speed, ema_sha256=res["settings"]["ema_sha256"])))
     capsys.readouterr()
     argv = ["quality-report", "--results", str(out), "--checkpoint", str(tmp_path / "m"), "--speed", str(tmp_path / "speed.json"),
             "--out", str(tmp_path / "quality.md")]
@@ -363,16 +363,40 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
     with pytest.raises(SystemExit) as e:
         main(argv + ["--check"])                                   # the Heun bar is not measured -> not all met
     assert e.value.code == 1
-    # a side-by-side timing record (samplers.py --versus) is not a single-model one: one line, no traceback
-    (tmp_path / "compare.json").write_text(json.dumps({"date": "today", "rows": [{"median_all_classes": 0.5}]}))
+    # a record that is no timing record: one line, no traceback, and the library says the same
+    (tmp_path / "bad.json").write_text(json.dumps({"date": "today", "rows": [{"seconds": 0.5}]}))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(argv[:-3] + [str(tmp_path / "compare.json")])
+        main(argv[:-3] + [str(tmp_path / "bad.json")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "not a single-model speed record" in err and "Traceback" not in err
+    assert e.value.code == 2 and "not a speed record" in err and "Traceback" not in err
     assert err.count("\n") == 1
-    with pytest.raises(ValueError, match="not a single-model speed record"):      # the library says the same
+    with pytest.raises(ValueError, match="not a speed record"):
         quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), {"rows": []})
+    # the speed is read for the evaluated weights only (by their EMA sha256)
+    sha = res["settings"]["ema_sha256"]
+    stale = quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), dict(speed, ema_sha256="0" * 64))
+    assert stale[-1]["met"] is None and "timed other weights" in stale[-1]["value"]
+    unnamed = quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), speed)[-1]
+    assert unnamed["met"] is True and "does not name the weights" in unnamed["value"]
+    # a side-by-side record (samplers.py --versus): this model's row, and its time against the first row's
+    old_row = {"label": "old", "ema_sha256": "1" * 64, "sampler": "dpmpp_2m", "nfe": 3, "guidance": 2.0,
+               "class_guidance": None, "guidance_interval": [0.05, 1.0], "median_all_classes": 0.4,
+               "per_class_median": {"low": 0.4, "high": 0.4}}
+    record = {"date": "today", "cpu": "test", "repeats": 6, "precision": ["fp32"],
+              "rows": [old_row, dict(old_row, label="new", ema_sha256=sha, median_all_classes=0.6)]}
+    side = quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), record)[-1]
+    assert side["bar"] == "speed: one clip, median over every class, side by side" and side["met"] is True
+    assert side["value"] == "0.600 s (× 1.50 of old in the same run, test (fp32), today)"
+    slow = dict(record, rows=[old_row, dict(record["rows"][1], median_all_classes=1.2)])
+    assert quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), slow)[-1]["met"] is False
+    absent = quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), dict(record, rows=[old_row]))[-1]
+    assert absent["met"] is None and "not these weights" in absent["value"]
+    (tmp_path / "compare.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    main(argv[:-3] + [str(tmp_path / "compare.json")])
+    assert ("| speed: one clip, median over every class, side by side | ≤ 1 s | 0.600 s (× 1.50 of old in the same "
+            "run, test (fp32), today) | ✔ met |") in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["quality-report", "--results", str(out), "--checkpoint", str(world / "model"), "--speed", "none"])
     assert e.value.code == 2 and "Add it with --points" in capsys.readouterr().err
