@@ -308,3 +308,44 @@ def test_envelope_term_is_recorded_with_the_tuned_model_and_carried_by_a_continu
         with pytest.raises(ValueError, match=msg):
             ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "bad", steps=2, progress=False, **kw)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_teacher_with_per_class_gains_is_tuned_and_sampled_in_its_own_representation(tone_tree, tmp_path):
+    """The student keeps the teacher's per-bin and per-class gains: it trains on the class-scaled state the teacher
+    learned (every free bin of every class at RMS sigma_data), starts as the teacher's denoiser there, and its clips
+    are decoded with the gains divided out."""
+    from edmsound.core.presets import get_preset
+    from edmsound.training.trainer import Trainer
+    base = get_preset("tiny").replace_train(checkpoint_every=100)
+    tr = Trainer(base, tone_tree, tmp_path / "teacher-run", steps=2, whiten_class=True, progress=False)
+    tr.run()
+    tr.export(tmp_path / "teacher")
+    table = tr.preset.codec.class_scale
+    c = ConsistencyTuner(tmp_path / "teacher", tone_tree, tmp_path / "run", max_nfe=2, stages=1, sigma_mid=0.3,
+                         steps=2, progress=False, batch_size=4, checkpoint_every=100)
+    assert c.preset.codec.class_scale == table and c.preset.codec.freq_scale == tr.preset.codec.freq_scale
+    for k in range(len(c.classes)):
+        state = c.codec.to_model(c.codec.encode(c.train_waves[c.train_labels == k]), k)
+        rms = state.double().pow(2).mean(dim=(0, 1, 3)).sqrt().numpy()
+        free = ((torch.tensor(table[k]) > 0.25) & (torch.tensor(table[k]) < 4.0)).numpy()
+        if free.any():
+            assert abs(rms[free] - base.edm.sigma_data).max() < 1e-3
+    # before any tuning the student is the teacher: the same denoised state for the same noisy one
+    teacher = EDMSoundPipeline(tmp_path / "teacher", device="cpu")
+    y = c.codec.to_model(c.codec.encode(c.train_waves[:2]), c.train_labels[:2])
+    x = y + 0.5 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(c.ema(x, sigma, c.train_labels[:2]), teacher.model(x, sigma, c.train_labels[:2]))
+    c.run()
+    c.export(tmp_path / "tuned")
+    pipe = EDMSoundPipeline(tmp_path / "tuned", device="cpu")
+    assert pipe.codec.config.class_scale == table
+    gen = pipe.generate(pipe.classes[0], n=2, nfe=2, seed=0)
+    assert np.isfinite(gen.waves).all() and float(np.abs(gen.waves).max()) > 0
+    # the clip is its spectrogram decoded, and that spectrogram is the sampled state with the class's gains out
+    np.testing.assert_allclose(gen.waves, pipe.codec.decode(gen.specs).numpy(), atol=1e-4)
+    k = pipe.class_index(pipe.classes[0])
+    state = pipe.codec.to_model(gen.specs.double(), k)
+    torch.testing.assert_close(pipe.codec.from_model(state, k), gen.specs.double())
+    assert not torch.allclose(state, gen.specs.double())
