@@ -23,8 +23,8 @@ from ..audio import loudness as L
 from .metrics import level_gap_db, rms_dbfs
 
 __all__ = ["band_edges", "clip_band_power", "band_power", "band_gap_db", "band_gap_se_db", "level_gap_db",
-           "level_gap_se_db", "clip_levels", "compare", "band_misses", "misses_text",
-           "FIDELITY_COLUMNS"]
+           "level_gap_se_db", "clip_levels", "spectral_centroid_hz", "compare", "band_misses", "misses_text",
+           "FIDELITY_COLUMNS", "CENTROID_QUANTILES"]
 
 DEFAULT_BANDS = 12
 DEFAULT_F_LO = 50.0
@@ -32,7 +32,9 @@ POWER_FLOOR = 1e-20
 
 FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap",
                     "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_se_db",
-                    "band_gap_worst_band"]
+                    "band_gap_worst_band", "centroid_p10", "centroid_median", "centroid_p90", "centroid_gap_p10",
+                    "centroid_gap_median", "centroid_gap_p90"]
+CENTROID_QUANTILES = tuple(range(5, 100, 5))        # percentiles kept per set (results.json, the brightness plot)
 
 
 def _waves(waves, name="waves") -> np.ndarray:
@@ -70,6 +72,17 @@ def clip_band_power(waves, sample_rate: int, n_bands: int = DEFAULT_BANDS, f_lo:
     return out
 
 
+def spectral_centroid_hz(waves, sample_rate: int) -> np.ndarray:
+    """Per clip: the power-weighted mean frequency (Hz) of its full-length periodogram, DC to Nyquist; NaN for a
+    silent clip. A sine of f Hz on whole cycles reads f; a gain does not change it."""
+    w = _waves(waves)
+    power = np.abs(np.fft.rfft(w, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(w.shape[1], 1.0 / sample_rate)
+    total = power.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, (power * freqs).sum(axis=1) / total, np.nan)
+
+
 def band_power(waves, sample_rate: int, n_bands: int = DEFAULT_BANDS, f_lo: float = DEFAULT_F_LO) -> np.ndarray:
     """Mean power per band over all clips of the set (the mean of :func:`clip_band_power`)."""
     return clip_band_power(waves, sample_rate, n_bands, f_lo).mean(axis=0)
@@ -84,10 +97,25 @@ def band_gap_db(waves, reference, sample_rate: int, n_bands: int = DEFAULT_BANDS
 
 
 def clip_levels(waves, sample_rate: int) -> dict[str, np.ndarray]:
-    """Per clip: integrated LUFS, true peak dBTP and RMS dBFS."""
+    """Per clip: integrated LUFS, true peak dBTP, RMS dBFS and spectral centroid (Hz)."""
     w = _waves(waves)
     return {"lufs": np.array([L.integrated_lufs(x, sample_rate) for x in w]),
-            "true_peak": np.array([L.true_peak_dbtp(x, sample_rate) for x in w]), "rms": rms_dbfs(w)}
+            "true_peak": np.array([L.true_peak_dbtp(x, sample_rate) for x in w]), "rms": rms_dbfs(w),
+            "centroid": spectral_centroid_hz(w, sample_rate)}
+
+
+def _centroid_row(levels: dict, ref_levels: dict) -> dict:
+    """Centroid quantiles of a set (Hz) and their gaps to the reference's (%, set / reference - 1)."""
+    a, b = levels.get("centroid"), ref_levels.get("centroid")
+    if a is None or b is None or not np.isfinite(a).any() or not np.isfinite(b).any():
+        return {}
+    qa, qb = np.nanpercentile(a, CENTROID_QUANTILES), np.nanpercentile(b, CENTROID_QUANTILES)
+    out = {"centroid_quantiles_hz": [float(x) for x in qa]}
+    for name, q in (("p10", 10), ("median", 50), ("p90", 90)):
+        k = CENTROID_QUANTILES.index(q)
+        out[f"centroid_{name}"] = float(qa[k])
+        out[f"centroid_gap_{name}"] = float(100.0 * (qa[k] / qb[k] - 1.0)) if qb[k] > 0 else float("nan")
+    return out
 
 
 def level_gap_se_db(rms, ref_rms) -> float:
@@ -143,6 +171,7 @@ def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.nda
         "band_gap_worst_db": float(gaps[worst]), "band_gap_worst_band": worst,
         "band_gap_db": [float(g) for g in gaps],
         "band_gap_worst_se_db": float(se[worst]), "band_gap_se_db": [float(x) for x in se],
+        **_centroid_row(levels, ref_levels),
     }
 
 

@@ -229,7 +229,35 @@ def _md_fidelity(result) -> list[str]:
                          + " |")
         counts.append((name, F.band_misses([g[c] for c in classes if c in g], BAND_GAP_MAX_DB)))
     L += [""] + [f"- {name}: {F.misses_text(m)}" for name, m in counts]
+    L += _brightness_table(groups, classes)
     return L
+
+
+def _brightness_table(groups, classes) -> list[str]:
+    """Per class: the spectral centroid's 10th / 50th / 90th percentile over each set (Hz) and their gaps to the
+    reference's (%); the reference's own row, and the training subset's gaps as the floor."""
+    rows = []
+    for g in groups:
+        first = next(iter(g.values()))
+        name = {"baseline: reference": "*reference*", "generated": " ".join(x for x in _label(first) if x)}.get(
+            first["kind"], "*floor*")
+        for c in classes:
+            r = g.get(c, {})
+            if "centroid_median" not in r:
+                continue
+            hz = [f"{r[f'centroid_{q}']:.0f}" for q in ("p10", "median", "p90")]
+            gaps = (["–"] * 3 if first["kind"] == "baseline: reference" else
+                    [_f(r.get(f"centroid_gap_{q}"), "{:+.0f} %") for q in ("p10", "median", "p90")])
+            rows.append("| " + " | ".join([name, c] + hz + gaps) + " |")
+    if not rows:
+        return []
+    head = ["configuration", "class", "10th pct. Hz", "median Hz", "90th pct. Hz", "gap at 10th", "gap at median",
+            "gap at 90th"]
+    return ["", "### Brightness per class (spectral centroid)", "",
+            "Each clip's spectral centroid (power-weighted mean frequency); its percentiles over the set and their "
+            "gaps to the reference's (set / reference − 1). A set that is duller as a whole is low at every "
+            "percentile; one that lacks its brightest clips is low at the 90th only. *floor*: the training subset.",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows
 
 
 def _gap_pm(gap: float, se: float) -> str:
@@ -325,6 +353,9 @@ def _plots(result, out: Path) -> list[Path]:
     bands = _band_plot(result, out / "plots" / "bands.png")
     if bands is not None:
         paths.append(bands)
+    bright = _brightness_plot(result, out / "plots" / "brightness.png")
+    if bright is not None:
+        paths.append(bright)
 
     keys = [k for k in OVERVIEW_METRICS if has(k)]
     if keys:
@@ -344,6 +375,44 @@ def _plots(result, out: Path) -> list[Path]:
         _save_fig(fig, out / "plots" / "overview.png")
         paths.append(out / "plots" / "overview.png")
     return paths
+
+
+def _brightness_plot(result, path: Path) -> Path | None:
+    """Per class: the spectral centroid against its percentile over each set — the reference (black), the training
+    subset (grey, the floor) and every generated configuration."""
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if r.get("centroid_quantiles_hz") and r["class"] != "overall"]
+    if not rows:
+        return None
+    classes = result["settings"]["classes"]
+    cols = min(4, len(classes))
+    nrow = math.ceil(len(classes) / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.3 * cols, 2.6 * nrow), squeeze=False, sharex=True)
+    for ax, c in zip(axes.flat, classes):
+        for r in rows:
+            if r["class"] != c:
+                continue
+            q = F.CENTROID_QUANTILES[:len(r["centroid_quantiles_hz"])]
+            if r["kind"] == "baseline: reference":
+                ax.plot(q, r["centroid_quantiles_hz"], color="k", lw=1.5, label="reference")
+            elif r["kind"] == "generated":
+                ax.plot(q, r["centroid_quantiles_hz"], marker=".", label=" ".join(x for x in _label(r) if x))
+            else:
+                ax.plot(q, r["centroid_quantiles_hz"], color="gray", ls="--", label="training subset (floor)")
+        ax.set_yscale("log")
+        ax.set_title(c, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("spectral centroid Hz")
+    for ax in axes[-1]:
+        ax.set_xlabel("percentile of clips")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("Brightness: each clip's spectral centroid, by percentile", fontsize=10)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return path
 
 
 def _band_plot(result, path: Path) -> Path | None:

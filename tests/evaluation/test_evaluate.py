@@ -173,6 +173,15 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
         # each band gap with its standard error (the reference against itself too: two draws' worth)
         assert len(r["band_gap_se_db"]) == 12 and all(0 < x < 20 for x in r["band_gap_se_db"])
         assert r["band_gap_worst_se_db"] == r["band_gap_se_db"][r["band_gap_worst_band"]]
+        # brightness: the centroid's percentiles, in order, and the reference against itself without a gap
+        q = r["centroid_quantiles_hz"]
+        assert q == sorted(q) and r["centroid_p10"] <= r["centroid_median"] <= r["centroid_p90"] < 8000
+        if r["kind"] == "baseline: reference":
+            assert r["centroid_gap_p10"] == r["centroid_gap_median"] == r["centroid_gap_p90"] == 0
+    assert "### Brightness per class (spectral centroid)" in md
+    first = next(r for r in js["rows"] if r["kind"] == "generated" and r["class"] == "low")
+    assert f"| {first['centroid_median']:.0f} | {first['centroid_p90']:.0f} | {first['centroid_gap_p10']:+.0f} %" in md
+    assert (out / "plots" / "brightness.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Fidelity without a learned encoder" in md and "| floor |" in md and "### Band gaps (dB) per class" in md
     first = next(r for r in js["rows"] if r["kind"] == "generated" and r["class"] == "high")
     cells = " | ".join(f"{g:+.1f} ± {e:.1f}" for g, e in zip(first["band_gap_db"], first["band_gap_se_db"]))

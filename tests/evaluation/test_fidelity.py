@@ -162,3 +162,36 @@ def test_band_misses_counts_gaps_beyond_the_limit_and_those_clear_of_their_error
     assert F.misses_text(F.band_misses([{"band_gap_db": [5.0]}], 4.0)) == "1 of 1 class-bands beyond ±4 dB"
     assert F.band_misses([{"band_gap_db": [3.0]}], 4.0) == {"limit": 4.0, "k": 2.0, "total": 1, "beyond": 0,
                                                            "clear": 0}
+
+
+def test_spectral_centroid_of_sines_noise_and_silence():
+    sr, n = 16000, 16000
+    t = np.arange(n) / sr
+    sine = np.sin(2 * np.pi * 1000 * t)                         # whole cycles: all power in the 1 kHz bin
+    pair = np.sin(2 * np.pi * 500 * t) + np.sin(2 * np.pi * 3000 * t)          # equal power: the mean frequency
+    weighted = np.sin(2 * np.pi * 500 * t) + 0.5 * np.sin(2 * np.pi * 3000 * t)  # power 1 : 1/4
+    noise = np.random.default_rng(0).standard_normal(n)
+    c = F.spectral_centroid_hz(np.stack([sine, 0.01 * sine, pair, weighted, noise, np.zeros(n)]), sr)
+    np.testing.assert_allclose(c[:4], [1000, 1000, 1750, (500 + 0.25 * 3000) / 1.25], rtol=1e-9)
+    assert abs(c[4] - sr / 4) < 0.02 * sr / 4                   # flat spectrum: the middle of 0 … Nyquist
+    assert np.isnan(c[5])
+
+
+def test_compare_reads_brightness_by_percentile(real_set):
+    """Centroid gaps are quantile by quantile: a set whose every clip is an octave higher is +100 % at every
+    percentile; a set missing only its brightest clips is low at the 90th percentile and not at the 10th."""
+    sr, n = 16000, 8000
+    t = np.arange(n) / sr
+    freqs = 2.0 * np.round(np.geomspace(200, 3200, 40) / 2)        # on the 2-Hz bin grid: no leakage
+    ref = np.stack([np.sin(2 * np.pi * f * t) for f in freqs])
+    up = np.stack([np.sin(2 * np.pi * 2 * f * t) for f in freqs])
+    dull_tail = np.stack([np.sin(2 * np.pi * min(f, 1000) * t) for f in freqs])
+    bands = F.clip_band_power(ref, sr)
+    lv = F.clip_levels(ref, sr)
+    row = F.compare(F.clip_levels(up, sr), lv, F.clip_band_power(up, sr), bands)
+    for q in ("p10", "median", "p90"):
+        assert row[f"centroid_gap_{q}"] == pytest.approx(100.0, rel=1e-6)
+    assert len(row["centroid_quantiles_hz"]) == len(F.CENTROID_QUANTILES)
+    tail = F.compare(F.clip_levels(dull_tail, sr), lv, F.clip_band_power(dull_tail, sr), bands)
+    assert tail["centroid_gap_p10"] == pytest.approx(0.0, abs=1e-6) and tail["centroid_gap_p90"] < -50
+    assert F.compare(lv, lv, bands, bands)["centroid_gap_median"] == 0.0
