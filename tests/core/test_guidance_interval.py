@@ -274,3 +274,33 @@ def test_speed_benchmark_times_the_class_with_the_most_guided_evaluations(tiny_c
     rec = bench.shipped_timing(pipe, repeats=2)
     assert rec["class"] == "low" and rec["guided_nfe"] == preset.default_nfe and rec["base_guidance_interval"] is None
     assert rec["class_guidance"] == "high=6@1:10 low=2" and rec["median_sec_per_clip"] > 0
+
+
+def test_side_by_side_timing_names_each_models_weights_and_settings(tiny_ckpt, tmp_path):
+    """benchmarks/samplers.py --versus records every model's EMA sha256 and shipped guidance, so the quality report
+    reads the evaluated weights' row out of it (and no other model's)."""
+    import hashlib
+    import importlib.util
+    import json
+
+    from edmsound.evaluation.quality import speed_for_weights
+    from edmsound.evaluation.calibrate import write_class_guidance
+    from edmsound.core.storage import load_safetensors, read_config, write_model_dir
+    spec = importlib.util.spec_from_file_location("bench_samplers", ROOT / "benchmarks" / "samplers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    preset, classes = read_config(tiny_ckpt)
+    w = load_safetensors(tiny_ckpt / "ema.safetensors")
+    write_model_dir(tmp_path / "m", preset, classes, {k: v * 1.001 for k, v in w.items()})
+    write_class_guidance(tmp_path / "m", {"low": 2.0, "high": 1.0}, {})
+    bench.compare_shipped([str(tiny_ckpt), str(tmp_path / "m")], ["old", "new"], 1, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "samplers_shipped_compare.json").read_text())
+    shas = [hashlib.sha256((d / "ema.safetensors").read_bytes()).hexdigest() for d in (tiny_ckpt, tmp_path / "m")]
+    assert [r["ema_sha256"] for r in record["rows"]] == shas and shas[0] != shas[1]
+    assert record["rows"][1]["class_guidance"] == "high=1 low=2" and record["rows"][0]["class_guidance"] is None
+    view, why = speed_for_weights(record, shas[1])
+    assert why == "" and view["label"] == "new" and view["median_sec_per_clip"] == record["rows"][1]["median_all_classes"]
+    assert view["versus"]["ratio"] == pytest.approx(record["rows"][1]["median_all_classes"]
+                                                    / record["rows"][0]["median_all_classes"])
+    assert speed_for_weights(record, shas[0])[0]["versus"] is None        # the first row is the yardstick itself
+    assert speed_for_weights(record, "f" * 64)[0] is None
