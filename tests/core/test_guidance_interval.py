@@ -281,7 +281,6 @@ def test_side_by_side_timing_names_each_models_weights_and_settings(tiny_ckpt, t
     reads the evaluated weights' row out of it (and no other model's)."""
     import hashlib
     import importlib.util
-    import json
 
     from edmsound.evaluation.quality import speed_for_weights
     from edmsound.evaluation.calibrate import write_class_guidance
