@@ -95,11 +95,13 @@ def edm_loss(denoiser: EDMPrecond, y: torch.Tensor, labels: torch.Tensor, cfg: E
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
     b = y.shape[0]
-    rnd = torch.randn(b, device=y.device, generator=generator)
+    # drawn where the generator lives (a CPU generator gives the same draws whatever device trains), then moved
+    dev = generator.device if generator is not None else y.device
+    rnd = torch.randn(b, device=dev, generator=generator).to(y.device)
     sigma = (rnd * cfg.p_std + cfg.p_mean).exp()
-    noise = torch.randn(y.shape, device=y.device, generator=generator) * sigma.reshape(-1, 1, 1, 1)
+    noise = torch.randn(y.shape, device=dev, generator=generator).to(y.device) * sigma.reshape(-1, 1, 1, 1)
     if cfg.label_dropout > 0:
-        drop = torch.rand(b, device=y.device, generator=generator) < cfg.label_dropout
+        drop = torch.rand(b, device=dev, generator=generator).to(y.device) < cfg.label_dropout
         labels = torch.where(drop, torch.full_like(labels, denoiser.null_class), labels)
     D = denoiser(y + noise, sigma, labels)
     weight = loss_weight(sigma, cfg.sigma_data)

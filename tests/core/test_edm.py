@@ -141,3 +141,27 @@ def test_channels_last_is_a_layout_not_a_model_change():
     with torch.no_grad():
         torch.testing.assert_close(b(x, torch.tensor([0.2, 1.0]), torch.tensor([0, 1])),
                                    a(x, torch.tensor([0.2, 1.0]), torch.tensor([0, 1])), rtol=1e-4, atol=1e-5)
+
+
+def test_training_draws_come_from_the_generator_whatever_device_trains():
+    # levels, then noise, then label dropout, in that order from the generator (on its own device, then moved to
+    # the batch's): a run on a GPU driven by the trainer's CPU generator sees the draws a CPU run would
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, c_noise, labels):
+            seen.update(x=x, c_noise=c_noise, labels=labels)
+            return torch.zeros_like(x)
+
+    cfg = EDMConfig(sigma_data=SD, p_mean=-1.0, p_std=1.5, label_dropout=0.5)
+    den = EDMPrecond(Spy(), num_classes=3, sigma_data=SD)
+    y = torch.zeros(6, 2, 4, 4)
+    edm_loss(den, y, torch.zeros(6, dtype=torch.long), cfg, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    sigma = (torch.randn(6, generator=g) * 1.5 - 1.0).exp()
+    noise = torch.randn(y.shape, generator=g) * sigma.reshape(-1, 1, 1, 1)
+    drop = torch.rand(6, generator=g) < 0.5
+    c_in = 1 / (sigma ** 2 + SD ** 2).sqrt()
+    torch.testing.assert_close(seen["x"], c_in.reshape(-1, 1, 1, 1) * noise)
+    torch.testing.assert_close(seen["c_noise"].flatten(), sigma.log() / 4)
+    assert seen["labels"].tolist() == [3 if d else 0 for d in drop.tolist()]
