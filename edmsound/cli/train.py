@@ -110,7 +110,8 @@ def _cmd_consistency(a):
     _run_student(a, lambda *x, **kw: ConsistencyTuner(*x, max_nfe=a.max_nfe, stages=a.stages,
                                                       sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
                                                       envelope_weight=a.envelope_weight,
-                                                      envelope_max_sigma=a.envelope_max_sigma, **kw),
+                                                      envelope_max_sigma=a.envelope_max_sigma,
+                                                      fit_minutes=a.fit_minutes, **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -234,6 +235,10 @@ def register(subparsers) -> None:
     c.add_argument("--envelope-max-sigma", type=positive, default=1.0, metavar="SIGMA",
                    help="the highest noise level the envelope term applies at (default 1.0)")
     _student_run_args(c, steps=4000)
+    c.add_argument("--fit-minutes", type=positive, default=None, metavar="MINUTES",
+                   help="instead of --steps: time the first steps, then spread the stages over the steps that fit in "
+                        "this many minutes of tuning and stop there (a new run; the number is printed for a later "
+                        "--resume --steps)")
     c.set_defaults(func=_cmd_consistency)
 
     b = subparsers.add_parser("bake-guidance", help="teach a consistency-tuned model to give its guided output in "

@@ -205,7 +205,10 @@ def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_
                       (["--teacher", str(tiny_ckpt), "--p-mean", "inf"], "--p-mean: must be a finite number"),
                       (["--teacher", str(tiny_ckpt), "--envelope-weight", "-1"], "--envelope-weight: must be a number >= 0"),
                       (["--teacher", str(tiny_ckpt), "--envelope-max-sigma", "0"],
-                       "--envelope-max-sigma: must be a number > 0")):
+                       "--envelope-max-sigma: must be a number > 0"),
+                      (["--teacher", str(tiny_ckpt), "--fit-minutes", "0"], "--fit-minutes: must be a number > 0"),
+                      (["--teacher", str(tiny_ckpt), "--fit-minutes", "5", "--resume"],
+                       "a time budget plans a new run")):
         with pytest.raises(SystemExit) as e:
             main(["consistency-tune", "--data", str(tone_tree), "--out", str(tmp_path / "x"), "--no-progress"]
                  + argv)
@@ -349,3 +352,22 @@ def test_a_teacher_with_per_class_gains_is_tuned_and_sampled_in_its_own_represen
     state = pipe.codec.to_model(gen.specs.double(), k)
     torch.testing.assert_close(pipe.codec.from_model(state, k), gen.specs.double())
     assert not torch.allclose(state, gen.specs.double())
+
+
+def test_a_time_budget_spreads_the_whole_stage_schedule_over_the_steps_that_fit(tiny_ckpt, tone_tree, tmp_path):
+    import time
+    from edmsound.training.consistency import FIT_PROBE_STEPS
+    c = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", max_nfe=2, stages=4, progress=False, batch_size=2,
+                         checkpoint_every=10 ** 6, fit_minutes=0.05)
+    start = time.time()
+    out = c.run()
+    took = time.time() - start
+    planned = json.loads((tmp_path / "r" / "consistency.json").read_text())["planned_steps"]
+    assert planned > FIT_PROBE_STEPS and c.total_steps == planned
+    assert c.stage(planned // 4) == 1 and c.stage(planned) == 4     # the stages spread over the planned steps
+    assert out["step"] > 3 * planned // 4 and c.stage() == 4          # ran into the last stage within the budget
+    assert took < 3 + 30                                              # 3 s of tuning, then one check and save
+    with pytest.raises(ValueError, match="a time budget plans a new run"):
+        ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", progress=False, resume=True, fit_minutes=1)
+    with pytest.raises(ValueError, match="a number of minutes > 0"):
+        ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "z", progress=False, fit_minutes=float("nan"))
