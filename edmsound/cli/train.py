@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .args import add_precision, finite, non_negative, positive, positive_steps
+from .args import add_precision, finite, non_negative, positive, positive_int, positive_steps
 
 
 def _cmd_data_synth(a):
@@ -34,7 +34,7 @@ def _cmd_train(a):
         import os
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     preset = get_preset(a.preset).replace_train(batch_size=a.batch_size, lr=a.lr,
-                                                 checkpoint_every=a.checkpoint_every,
+                                                 cooldown_steps=a.cooldown, checkpoint_every=a.checkpoint_every,
                                                  ema_halflife_steps=a.ema_halflife, loss=a.loss
                                                  ).replace_net(attention=False if a.no_attention else None,
                                                                norm=a.norm
@@ -163,6 +163,9 @@ def register(subparsers) -> None:
     t.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--cooldown", type=positive_int, default=None, metavar="STEPS",
+                   help="the learning rate falls linearly to 0 over the last STEPS steps before --steps (give the "
+                        "same on --resume); for a final stretch whose weights are to ship (default: constant)")
     t.add_argument("--ema-halflife", type=positive_steps, default=None, metavar="STEPS",
                    help="EMA half-life in optimizer steps (default: the preset's); may change on --resume")
     t.add_argument("--p-mean", type=finite, default=None, metavar="LN_SIGMA",
@@ -238,7 +241,7 @@ def register(subparsers) -> None:
     c.add_argument("--fit-minutes", type=positive, default=None, metavar="MINUTES",
                    help="instead of --steps: time the first steps, then spread the stages over the steps that fit in "
                         "this many minutes of tuning and stop there (a new run; the number is printed for a later "
-                        "--resume --steps)")
+                        "--resume --steps); replaces --steps, not to be given with --max-minutes")
     c.set_defaults(func=_cmd_consistency)
 
     b = subparsers.add_parser("bake-guidance", help="teach a consistency-tuned model to give its guided output in "

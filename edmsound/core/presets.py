@@ -104,6 +104,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    cooldown_steps: int = 0             # the learning rate falls linearly to 0 over the run's last steps (0: none)
     grad_clip: float = 1.0
     ema_halflife_steps: float = 500.0   # EMA decay = 0.5 ** (1 / halflife), ramped up early
     ema_rampup: float = 0.1             # halflife <= ramp * step (EDM's ema_rampup_ratio)

@@ -160,6 +160,9 @@ class ConsistencyTuner(StudentTrainer):
         if fit_minutes is not None:
             if not (math.isfinite(fit_minutes) and fit_minutes > 0):
                 raise ValueError(f"the time budget must be a number of minutes > 0, got {fit_minutes!r}")
+            if max_minutes is not None:
+                raise ValueError("a time budget sets its own time limit: give the budget (--fit-minutes) or a time "
+                                 "limit (--max-minutes), not both")
             if resume:
                 raise ValueError("a time budget plans a new run; a resumed run keeps its own steps: pass --steps with "
                                  "the number it printed when it started")

@@ -251,7 +251,9 @@ class Trainer:
         start_step, start_wall = getattr(self, "_run_start", (self.step, self.wall_time))
         if self.step > start_step:
             tc = self.preset.train
-            knobs = {"lr": tc.lr, "ema_halflife_steps": tc.ema_halflife_steps,
+            knobs = {"lr": tc.lr, **({"lr_cooldown": [self.total_steps - tc.cooldown_steps, self.total_steps]}
+                                     if tc.cooldown_steps else {}),
+                     "ema_halflife_steps": tc.ema_halflife_steps,
                      "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std,
                      "per_bin_gains": self.preset.codec.freq_scale is not None,
                      "per_class_gains": self.preset.codec.class_scale is not None, "precision": self.precision}
@@ -263,7 +265,8 @@ class Trainer:
             legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False,
                       "per_class_gains": False, "precision": "bf16"}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
-                    and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())):
+                    and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())
+                    and last.get("lr_cooldown") == knobs.get("lr_cooldown")):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
                             "seconds": round(last["seconds"] + cur["seconds"], 1)}
             else:
@@ -283,8 +286,15 @@ class Trainer:
 
     # --- loop ---------------------------------------------------------------------------------------
     def _lr(self) -> float:
+        """The learning rate of the next step: a linear warm-up from the stretch's start (a fresh optimizer's
+        step), constant, and with ``cooldown_steps`` a linear fall to 0 at ``total_steps`` (warm-up, stable, decay:
+        Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"). Both are
+        functions of the step, so a resumed run continues the same schedule."""
         tc = self.preset.train
-        return tc.lr * min(1.0, (self.step - self.warmup_start + 1) / max(1, tc.warmup_steps))
+        factor = min(1.0, (self.step - self.warmup_start + 1) / max(1, tc.warmup_steps))
+        if tc.cooldown_steps > 0:
+            factor = min(factor, max(0.0, (self.total_steps - self.step) / tc.cooldown_steps))
+        return tc.lr * factor
 
     def _ema_beta(self) -> float:
         tc = self.preset.train

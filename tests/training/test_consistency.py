@@ -208,7 +208,9 @@ def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_
                        "--envelope-max-sigma: must be a number > 0"),
                       (["--teacher", str(tiny_ckpt), "--fit-minutes", "0"], "--fit-minutes: must be a number > 0"),
                       (["--teacher", str(tiny_ckpt), "--fit-minutes", "5", "--resume"],
-                       "a time budget plans a new run")):
+                       "a time budget plans a new run"),
+                      (["--teacher", str(tiny_ckpt), "--fit-minutes", "5", "--max-minutes", "9"],
+                       "give the budget (--fit-minutes) or a time limit (--max-minutes), not both")):
         with pytest.raises(SystemExit) as e:
             main(["consistency-tune", "--data", str(tone_tree), "--out", str(tmp_path / "x"), "--no-progress"]
                  + argv)

@@ -165,6 +165,34 @@ def test_warm_start_keeps_the_history_of_older_model_dirs(tone_tree, tmp_path):
     assert sum(s["seconds"] for s in segs) == pytest.approx(warm.wall_time, abs=0.2)
 
 
+def test_cooldown_takes_the_learning_rate_linearly_to_zero_and_resumes_on_the_same_schedule(tone_tree, tmp_path):
+    preset = get_preset("tiny").replace_train(lr=1e-3, warmup_steps=4, cooldown_steps=10, checkpoint_every=8)
+    tr = Trainer(preset, tone_tree, tmp_path / "run", steps=20, progress=False)
+    seen = []
+    for step in range(20):
+        tr.step = step
+        seen.append(tr._lr())
+    # warm-up 1/4 .. 4/4, flat, then (20 - step) / 10 from step 10: the last step runs at a tenth, none at zero
+    expected = [1e-3 * min(1.0, (k + 1) / 4, (20 - k) / 10) for k in range(20)]
+    assert seen == pytest.approx(expected)
+    assert seen[3] == pytest.approx(1e-3) and seen[15] == pytest.approx(5e-4) and seen[19] == pytest.approx(1e-4)
+    # a run stopped and resumed ends on the same weights as one straight run
+    straight = Trainer(preset, tone_tree, tmp_path / "a", steps=20, progress=False)
+    straight.run()
+    first = Trainer(preset, tone_tree, tmp_path / "b", steps=20, progress=False)
+    first.max_minutes = 0.0                                     # stops (and checkpoints) after its first step
+    first.run()
+    assert first.step == 1
+    resumed = Trainer(preset, tone_tree, tmp_path / "b", steps=20, resume=True, progress=False)
+    resumed.run()
+    for a, b in zip(straight.raw_net.parameters(), resumed.raw_net.parameters()):
+        assert torch.equal(a, b)
+    lrs = [float(l.split(",")[3]) for l in (tmp_path / "a" / "log.csv").read_text().splitlines()[1:]]
+    assert lrs[-1] == 0.0                                       # the rate the schedule reaches at --steps
+    seg = resumed.info()["segments"][-1]
+    assert seg["lr_cooldown"] == [10, 20] and seg["steps"] == [0, 20]
+
+
 def test_nan_guard_names_the_step_and_keeps_last_checkpoint(tone_tree, tmp_path):
     preset = get_preset("tiny").replace_train(checkpoint_every=10)
     tr = Trainer(preset, tone_tree, tmp_path / "run", steps=10, progress=False)
