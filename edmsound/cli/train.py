@@ -81,6 +81,10 @@ def _student_run_args(p, steps: int, steps_help: str = "total optimizer steps") 
     add_precision(p, "the student's and the teacher's; recorded per stretch in info.json")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    p.add_argument("--fit-minutes", type=positive, default=None, metavar="MINUTES",
+                   help="instead of --steps: time the first steps, then run the steps that fit in this many minutes "
+                        "and stop there, so the run ends where its schedule ends (a new run; the number is printed "
+                        "for a later --resume --steps; not with --max-minutes)")
     p.add_argument("--export", default=None, help="write the student's model directory here when done")
     p.add_argument("--no-progress", action="store_true")
 
@@ -94,7 +98,7 @@ def _run_student(a, make, what: str):
     try:
         t = make(a.teacher, a.data, a.out, steps=a.steps, resume=a.resume, seed=a.seed, device=a.device,
                  progress=not a.no_progress, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
-                 checkpoint_every=a.checkpoint_every, precision=a.precision)
+                 checkpoint_every=a.checkpoint_every, precision=a.precision, fit_minutes=a.fit_minutes)
         result = t.run()
         if a.export:
             t.export(a.export)
@@ -110,8 +114,7 @@ def _cmd_consistency(a):
     _run_student(a, lambda *x, **kw: ConsistencyTuner(*x, max_nfe=a.max_nfe, stages=a.stages,
                                                       sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
                                                       envelope_weight=a.envelope_weight,
-                                                      envelope_max_sigma=a.envelope_max_sigma,
-                                                      fit_minutes=a.fit_minutes, **kw),
+                                                      envelope_max_sigma=a.envelope_max_sigma, **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -238,10 +241,6 @@ def register(subparsers) -> None:
     c.add_argument("--envelope-max-sigma", type=positive, default=1.0, metavar="SIGMA",
                    help="the highest noise level the envelope term applies at (default 1.0)")
     _student_run_args(c, steps=4000)
-    c.add_argument("--fit-minutes", type=positive, default=None, metavar="MINUTES",
-                   help="instead of --steps: time the first steps, then spread the stages over the steps that fit in "
-                        "this many minutes of tuning and stop there (a new run; the number is printed for a later "
-                        "--resume --steps); replaces --steps, not to be given with --max-minutes")
     c.set_defaults(func=_cmd_consistency)
 
     b = subparsers.add_parser("bake-guidance", help="teach a consistency-tuned model to give its guided output in "

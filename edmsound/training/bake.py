@@ -77,7 +77,8 @@ class GuidanceBaker(StudentTrainer):
     def __init__(self, teacher, data_dir, run_dir, *, steps: int = 1500, share: float = DEFAULT_SHARE,
                  resume: bool = False, seed: int = 0, device: str = "cpu", progress: bool = True,
                  max_minutes: float | None = None, batch_size: int | None = None, lr: float | None = None,
-                 checkpoint_every: int | None = None, ema_halflife: float | None = None, precision: str = "auto"):
+                 checkpoint_every: int | None = None, ema_halflife: float | None = None, precision: str = "auto",
+                 fit_minutes: float | None = None):
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         before = tinfo.get("consistency")
         if before is None or tpreset.student_sampler != "consistency":
@@ -124,9 +125,10 @@ class GuidanceBaker(StudentTrainer):
         if before.get("baked_guidance") is not None:      # a model baked before: its earlier bakes stay on record
             record["earlier_bakes"] = list(before.get("earlier_bakes", [])) + [before["baked_guidance"]]
         self.share = float(share)
+        self.bake_from = start
         super().__init__(student, teacher_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
-                         continued=True, precision=precision)
+                         continued=True, precision=precision, fit_minutes=fit_minutes)
         self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema", bf16=precision)
         self.teacher.requires_grad_(False).eval()
         idx = {c: i for i, c in enumerate(self.classes)}
@@ -147,6 +149,9 @@ class GuidanceBaker(StudentTrainer):
             region = (lo + (hi - lo) * torch.rand(n, generator=generator)).exp()
             t = torch.where(torch.rand(n, generator=generator) < self.share, region, t)
         return t
+
+    def steps_option(self, total: int) -> int:
+        return total - self.bake_from        # --steps counts the baking steps
 
     def loss(self, model, y, labels, generator):
         e = self.preset.edm

@@ -44,19 +44,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from ..core.storage import atomic_write_json, read_config
+from ..core.storage import read_config
 from .export import with_sampling_defaults
 from .trainer import StudentTrainer, read_teacher
 
 ECT_Q = 2.0          # the gap halves every stage
 ECT_K = 8.0          # n(t) = 1 + k sigmoid(-b t'): wider gaps at low noise
 ECT_B = 1.0
-FIT_PROBE_STEPS = 10        # steps timed before a run with a time budget lays out its stages
 DEFAULT_SIGMA_MID = 0.3      # the lowest level multistep sampling re-noises to, about 1.5 sigma_data
 HUBER_C = 0.00054    # pseudo-Huber constant per element for data of std 0.5 (iCT's 0.00054 sqrt(d) on the norm)
 ENVELOPE_CHUNK = 16  # frames per time chunk of the envelope term (16 hops of 128 samples: 128 ms at 16 kHz)
@@ -157,17 +155,6 @@ class ConsistencyTuner(StudentTrainer):
                  fit_minutes: float | None = None):
         """``fit_minutes``: instead of ``steps``, time the first steps and lay the stages over the steps that fit in
         this many minutes of tuning (a new run only; the number is printed and recorded, for ``--resume --steps``)."""
-        if fit_minutes is not None:
-            if not (math.isfinite(fit_minutes) and fit_minutes > 0):
-                raise ValueError(f"the time budget must be a number of minutes > 0, got {fit_minutes!r}")
-            if max_minutes is not None:
-                raise ValueError("a time budget sets its own time limit: give the budget (--fit-minutes) or a time "
-                                 "limit (--max-minutes), not both")
-            if resume:
-                raise ValueError("a time budget plans a new run; a resumed run keeps its own steps: pass --steps with "
-                                 "the number it printed when it started")
-            steps = 10 ** 9                  # a placeholder until the step rate is known (stage 1 meanwhile)
-        self.fit_minutes = fit_minutes
         if not (math.isfinite(envelope_weight) and envelope_weight >= 0):
             raise ValueError(f"the envelope weight must be a finite number >= 0, got {envelope_weight!r}")
         if not (math.isfinite(envelope_max_sigma) and envelope_max_sigma > 0):
@@ -232,12 +219,12 @@ class ConsistencyTuner(StudentTrainer):
         self.start_stage = int(start["stage"]) if start else 0
         self.start_step = int(start["steps"]) if start else 0
         total = int(steps if steps is not None else student.train.steps)     # what the trainer will run to
-        if start is not None and total <= self.start_step:                  # refused before the data loads
+        if start is not None and total <= self.start_step and fit_minutes is None:     # refused before the data loads
             raise ValueError(f"--steps counts from the tuned model's start: {teacher_dir} has {self.start_step} "
                              f"steps, so --steps must exceed that, got {total}")
         super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
-                         continued=start is not None, precision=precision)
+                         continued=start is not None, precision=precision, fit_minutes=fit_minutes)
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;
@@ -264,37 +251,8 @@ class ConsistencyTuner(StudentTrainer):
         self.consistency["final_stage"] = self.stage()
         return super().info()
 
-    def run(self) -> dict:
-        if self.fit_minutes is not None and self.step == self.start_step:
-            self._fit_schedule()
-        return super().run()
-
-    def _fit_schedule(self, probe: int = FIT_PROBE_STEPS) -> None:
-        """Time up to ``probe`` steps (after one warm-up step, and within a tenth of the budget), then set the run's
-        length to the steps that fit in the rest of ``fit_minutes`` at 95 % of the measured rate, and stop there at
-        the latest; the stages spread over that length as they would over ``--steps``."""
-        budget = 60 * self.fit_minutes
-        start = time.time()
-        self.train_step()                    # the first step pays for warm-up: not timed for the rate
-        timed_from, n = time.time(), 0
-        while n < probe and time.time() - start < 0.1 * budget:
-            self.train_step()
-            n += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.time()
-        self.wall_time += now - start
-        rate = n / max(now - timed_from, 1e-9) if n else 1 / max(timed_from - start, 1e-9)
-        left = max(budget - (now - start), 0.0)
-        self.total_steps = self.step + max(1, int(0.95 * rate * left))
-        self.max_minutes = left / 60
-        self.consistency["fit_minutes"] = self.fit_minutes
-        self.consistency["planned_steps"] = self.total_steps
-        if self.is_main:
-            atomic_write_json(self.run_dir / f"{self.RECORD}.json", self.consistency)
-            print(f"{rate:.3g} steps/s over the first {n + 1} steps: the {self.stages} stages are laid over steps "
-                  f"{self.start_step} to {self.total_steps} (after a stop, continue with --resume --steps "
-                  f"{self.total_steps})")
+    def plan_note(self) -> str:
+        return f"the {self.stages} stages are laid over steps {self.plan_from} to {self.total_steps}"
 
 
 def tuned_range(model_dir: Path, record: dict, preset) -> tuple[float, float]:

@@ -86,7 +86,7 @@ class Distiller(StudentTrainer):
                  guidance: float | None = None, steps: int | None = None, resume: bool = False, seed: int = 0,
                  device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
                  batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", fit_minutes: float | None = None):
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         M = int(student_nfe)
         if M < 1 or M != student_nfe:
@@ -123,7 +123,7 @@ class Distiller(StudentTrainer):
                              "lineage": list(tinfo.get("distillation", {}).get("lineage", [])) + [teacher_dir.name]}
         super().__init__(student, teacher_dir, classes, self.distillation, data_dir, run_dir, steps=steps,
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
-                         precision=precision)
+                         precision=precision, fit_minutes=fit_minutes)
         self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema", bf16=precision)
         self.teacher.requires_grad_(False).eval()
 

@@ -425,6 +425,9 @@ def read_teacher(teacher) -> tuple[Path, Preset, list[str], dict]:
     return teacher_dir, preset, list(classes), json.loads(info_path.read_text()) if info_path.is_file() else {}
 
 
+FIT_PROBE_STEPS = 10        # steps timed before a run with a time budget plans its length
+
+
 class StudentTrainer(Trainer):
     """A :class:`Trainer` for a few-step student: a fresh run starts from the teacher's weights and counts its own
     steps from 0 (the teacher's steps and time go into ``record``, the student's lineage); ``record`` is written
@@ -433,9 +436,22 @@ class StudentTrainer(Trainer):
     RECORD = "student"
 
     def __init__(self, student: Preset, teacher_dir: Path, classes: list[str], record: dict, data_dir, run_dir,
-                 continued: bool = False, **kw):
+                 continued: bool = False, fit_minutes: float | None = None, **kw):
         """``continued``: ``teacher_dir`` is a student of the same kind whose training goes on (its steps, time
-        and segments carry over, and ``record`` already names its lineage)."""
+        and segments carry over, and ``record`` already names its lineage). ``fit_minutes``: instead of ``steps``,
+        time the first steps and run as many as fit in this many minutes (a new run only; the plan is printed and
+        recorded, for ``--resume --steps``)."""
+        if fit_minutes is not None:
+            if not (isinstance(fit_minutes, (int, float)) and math.isfinite(fit_minutes) and fit_minutes > 0):
+                raise ValueError(f"the time budget must be a number of minutes > 0, got {fit_minutes!r}")
+            if kw.get("max_minutes") is not None:
+                raise ValueError("a time budget sets its own time limit: give the budget (--fit-minutes) or a time "
+                                 "limit (--max-minutes), not both")
+            if kw.get("resume"):
+                raise ValueError("a time budget plans a new run; a resumed run keeps its own steps: pass --steps with "
+                                 "the number it printed when it started")
+            kw["steps"] = 10 ** 9            # a placeholder until the step rate is known
+        self.fit_minutes = fit_minutes
         fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
         super().__init__(student, data_dir, run_dir, init=teacher_dir if fresh else None, classes=classes, **kw)
         self.record = record
@@ -445,6 +461,7 @@ class StudentTrainer(Trainer):
             self.step = self.warmup_start = 0
             self.wall_time = 0.0
             self.segments = []
+        self.plan_from = self.step           # where a time budget's plan starts
         if self.is_main:
             atomic_write_json(self.run_dir / f"{self.RECORD}.json", record)
         # a frozen teacher's targets for the held-out clips are the same at every check (validation draws fixed
@@ -454,6 +471,45 @@ class StudentTrainer(Trainer):
 
     def info(self) -> dict:
         return dict(super().info(), **{self.RECORD: self.record})
+
+    def run(self) -> dict:
+        if self.fit_minutes is not None and self.step == self.plan_from:
+            self.fit_to_budget()
+        return super().run()
+
+    def steps_option(self, total: int) -> int:
+        """What ``--steps`` must say for a run to end at step ``total`` (the student commands count from 0)."""
+        return total
+
+    def plan_note(self) -> str:
+        """What the plan of a time budget means for this kind of student (printed with it)."""
+        return f"steps {self.plan_from} to {self.total_steps}"
+
+    def fit_to_budget(self, probe: int = FIT_PROBE_STEPS) -> None:
+        """Time up to ``probe`` steps (after one warm-up step, and within a tenth of the budget), then set the run's
+        length to the steps that fit in the rest of ``fit_minutes`` at 95 % of the measured rate, and stop there at
+        the latest: a short run ends where its schedule ends (the consistency stages, the learning rate)."""
+        budget = 60 * self.fit_minutes
+        start = time.time()
+        self.train_step()                    # the first step pays for warm-up: not timed for the rate
+        timed_from, n = time.time(), 0
+        while n < probe and time.time() - start < 0.1 * budget:
+            self.train_step()
+            n += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.time()
+        self.wall_time += now - start
+        rate = n / max(now - timed_from, 1e-9) if n else 1 / max(timed_from - start, 1e-9)
+        left = max(budget - (now - start), 0.0)
+        self.total_steps = self.step + max(1, int(0.95 * rate * left))
+        self.max_minutes = left / 60
+        self.record["fit_minutes"] = self.fit_minutes
+        self.record["planned_steps"] = self.total_steps
+        if self.is_main:
+            atomic_write_json(self.run_dir / f"{self.RECORD}.json", self.record)
+            print(f"{rate:.3g} steps/s over the first {n + 1} steps: {self.plan_note()} (after a stop, continue with "
+                  f"--resume --steps {self.steps_option(self.total_steps)})")
 
     def validate(self) -> float:
         first = self._val_targets is None

@@ -167,3 +167,23 @@ def test_bake_guidance_refuses_what_it_cannot_bake(tiny_ckpt, tuned, tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1], err
         assert not (tmp_path / "x").exists()
+
+
+def test_a_time_budget_plans_the_baking_and_prints_the_steps_to_resume_with(tuned, tmp_path, capsys):
+    from edmsound.cli import main
+    model, data, classes = tuned
+    start = json.loads((model / "info.json").read_text())["steps"]
+    b = GuidanceBaker(model, data, tmp_path / "run", progress=False, batch_size=2, checkpoint_every=10 ** 6,
+                      fit_minutes=0.03)
+    out = b.run()
+    planned = json.loads((tmp_path / "run" / "consistency.json").read_text())["planned_steps"]
+    assert b.total_steps == planned > start + 1 and out["step"] <= planned
+    printed = capsys.readouterr().out
+    # --steps counts the baking steps on from the model's own, so the plan is given in those
+    assert f"--resume --steps {planned - start}" in printed, printed
+    with pytest.raises(SystemExit) as e:
+        main(["bake-guidance", "--teacher", str(model), "--data", str(data), "--out", str(tmp_path / "x"),
+              "--fit-minutes", "1", "--max-minutes", "1", "--no-progress"])
+    assert e.value.code == 2
+    assert "not both" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "x").exists()

@@ -358,7 +358,7 @@ def test_a_teacher_with_per_class_gains_is_tuned_and_sampled_in_its_own_represen
 
 def test_a_time_budget_spreads_the_whole_stage_schedule_over_the_steps_that_fit(tiny_ckpt, tone_tree, tmp_path):
     import time
-    from edmsound.training.consistency import FIT_PROBE_STEPS
+    from edmsound.training.trainer import FIT_PROBE_STEPS
     c = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", max_nfe=2, stages=4, progress=False, batch_size=2,
                          checkpoint_every=10 ** 6, fit_minutes=0.05)
     start = time.time()

@@ -128,3 +128,16 @@ def test_cli_distill_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_path, cap
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1], err
+
+
+def test_a_time_budget_runs_the_steps_that_fit_and_records_the_plan(tiny_ckpt, tone_tree, tmp_path, capsys):
+    import time
+    d = Distiller(tiny_ckpt, tone_tree, tmp_path / "run", student_nfe=2, progress=False, batch_size=2,
+                  checkpoint_every=10 ** 6, fit_minutes=0.03)
+    start = time.time()
+    out = d.run()
+    took = time.time() - start
+    planned = json.loads((tmp_path / "run" / "distillation.json").read_text())["planned_steps"]
+    assert d.total_steps == planned > 1 and planned // 2 <= out["step"] <= planned
+    assert took < 1.8 + 30                                    # 1.8 s of distillation, then one check and save
+    assert f"steps 0 to {planned} (after a stop, continue with --resume --steps {planned})" in capsys.readouterr().out
