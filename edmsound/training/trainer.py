@@ -452,6 +452,8 @@ class StudentTrainer(Trainer):
                                  "the number it printed when it started")
             kw["steps"] = 10 ** 9            # a placeholder until the step rate is known
         self.fit_minutes = fit_minutes
+        # the teacher's own learning-rate cooldown (if it had one) belonged to its run, not to this one
+        student = student.replace_train(cooldown_steps=0)
         fresh = not (Path(run_dir).is_dir() and latest_checkpoint(Path(run_dir)) is not None)
         super().__init__(student, data_dir, run_dir, init=teacher_dir if fresh else None, classes=classes, **kw)
         self.record = record

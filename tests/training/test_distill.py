@@ -131,9 +131,15 @@ def test_cli_distill_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_path, cap
 
 
 def test_a_time_budget_runs_the_steps_that_fit_and_records_the_plan(tiny_ckpt, tone_tree, tmp_path, capsys):
+    import shutil
     import time
-    d = Distiller(tiny_ckpt, tone_tree, tmp_path / "run", student_nfe=2, progress=False, batch_size=2,
+    teacher = shutil.copytree(tiny_ckpt, tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    config["preset"]["train"]["cooldown_steps"] = 10 ** 6          # a teacher whose training ended in a cooldown
+    (teacher / "config.json").write_text(json.dumps(config))
+    d = Distiller(teacher, tone_tree, tmp_path / "run", student_nfe=2, progress=False, batch_size=2,
                   checkpoint_every=10 ** 6, fit_minutes=0.03)
+    assert d.preset.train.cooldown_steps == 0                       # the student's run does not inherit it
     start = time.time()
     out = d.run()
     took = time.time() - start
