@@ -360,7 +360,7 @@ def test_a_time_budget_spreads_the_whole_stage_schedule_over_the_steps_that_fit(
     import time
     from edmsound.training.trainer import FIT_PROBE_STEPS
     c = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", max_nfe=2, stages=4, progress=False, batch_size=2,
-                         checkpoint_every=10 ** 6, fit_minutes=0.05)
+                         checkpoint_every=10 ** 6, fit_minutes=0.1)
     start = time.time()
     out = c.run()
     took = time.time() - start
@@ -368,7 +368,7 @@ def test_a_time_budget_spreads_the_whole_stage_schedule_over_the_steps_that_fit(
     assert planned > FIT_PROBE_STEPS and c.total_steps == planned
     assert c.stage(planned // 4) == 1 and c.stage(planned) == 4     # the stages spread over the planned steps
     assert out["step"] > 3 * planned // 4 and c.stage() == 4          # ran into the last stage within the budget
-    assert took < 3 + 30                                              # 3 s of tuning, then one check and save
+    assert took < 6 + 30                                              # 6 s of tuning, then one check and save
     with pytest.raises(ValueError, match="a time budget plans a new run"):
         ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", progress=False, resume=True, fit_minutes=1)
     with pytest.raises(ValueError, match="a number of minutes > 0"):
