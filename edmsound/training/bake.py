@@ -125,7 +125,6 @@ class GuidanceBaker(StudentTrainer):
         if before.get("baked_guidance") is not None:      # a model baked before: its earlier bakes stay on record
             record["earlier_bakes"] = list(before.get("earlier_bakes", [])) + [before["baked_guidance"]]
         self.share = float(share)
-        self.bake_from = start
         super().__init__(student, teacher_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=True, precision=precision, fit_minutes=fit_minutes)
@@ -151,7 +150,7 @@ class GuidanceBaker(StudentTrainer):
         return t
 
     def steps_option(self, total: int) -> int:
-        return total - self.bake_from        # --steps counts the baking steps
+        return total - self.record["baked_guidance"]["from_step"]     # --steps counts the baking steps
 
     def loss(self, model, y, labels, generator):
         e = self.preset.edm

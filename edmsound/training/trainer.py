@@ -261,12 +261,13 @@ class Trainer:
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
             # stretches recorded before the noise knobs were trained with the EDMConfig defaults
-            # (and, before per-bin gains existed, without them; before precision was recorded, under bf16 autocast)
+            # (and, before per-bin gains existed, without them; before precision was recorded, under bf16 autocast);
+            # a stretch without a cooldown records none
             legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False,
-                      "per_class_gains": False, "precision": "bf16"}
+                      "per_class_gains": False, "precision": "bf16", "lr_cooldown": None}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
-                    and all(last.get(k, legacy.get(k)) == v for k, v in knobs.items())
-                    and last.get("lr_cooldown") == knobs.get("lr_cooldown")):
+                    and all(last.get(k, legacy.get(k)) == knobs.get(k, legacy.get(k))
+                            for k in knobs.keys() | legacy)):
                 segs[-1] = {**cur, "steps": [last["steps"][0], self.step],
                             "seconds": round(last["seconds"] + cur["seconds"], 1)}
             else:
