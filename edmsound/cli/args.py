@@ -39,6 +39,24 @@ def non_negative(text: str) -> float:
     return number(text, lambda v: v >= 0, "a number >= 0")
 
 
+def class_weight(text: str) -> tuple[str, float]:
+    """argparse type: ``CLASS=W`` with W a number > 0."""
+    name, sep, w = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"must be CLASS=W (a class name and a number > 0), got {text!r}")
+    return name.strip(), number(w, lambda v: v > 0, "CLASS=W with W a number > 0")
+
+
+def class_weights(pairs) -> dict[str, float] | None:
+    """The repeated ``--class-weight`` values as ``{class: w}``; a class named twice is an error."""
+    out: dict[str, float] = {}
+    for name, w in pairs or ():
+        if name in out:
+            raise ValueError(f"--class-weight names {name!r} twice; give each class once")
+        out[name] = w
+    return out or None
+
+
 def peak_target(text: str) -> float:
     return number(text, lambda v: -60 <= v <= 0, "a peak level in [-60, 0] dBFS")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .args import add_precision, finite, non_negative, positive, positive_int, positive_steps
+from .args import (add_precision, class_weight, class_weights, finite, non_negative, positive, positive_int,
+                   positive_steps)
 
 
 def _cmd_data_synth(a):
@@ -46,7 +47,8 @@ def _cmd_train(a):
         trainer = Trainer(preset, a.data, a.out, steps=a.steps, resume=a.resume, init=a.init, seed=a.seed,
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes,
                           whiten=a.freq_scale == "whiten",
-                          whiten_class=a.freq_scale == "whiten-class", precision=a.precision)
+                          whiten_class=a.freq_scale == "whiten-class", precision=a.precision,
+                          class_weights=class_weights(a.class_weight))
         result = trainer.run()
         if a.export and rank == 0:
             trainer.export(a.export)
@@ -180,6 +182,9 @@ def register(subparsers) -> None:
                         "train at it too (see --p-mean)")
     t.add_argument("--rho", type=positive, default=None, help="the sampler's Karras rho recorded in the export")
     t.add_argument("--sigma-min", type=positive, default=None, help="the sampler's lowest noise level in the export")
+    t.add_argument("--class-weight", type=class_weight, action="append", default=None, metavar="CLASS=W",
+                   help="draw CLASS's clips W times as often as the others' (W > 0; repeat for more classes; "
+                        "default: every clip alike); may change on --resume")
     t.add_argument("--checkpoint-every", type=int, default=None)
     ab = t.add_argument_group("ablation switches (recorded in the checkpoint's config)")
     ab.add_argument("--loss", choices=["l2", "l1"], default=None,

@@ -70,11 +70,15 @@ class Trainer:
     def __init__(self, preset: Preset, data_dir, run_dir, *, steps: int | None = None, resume: bool = False,
                  init=None, seed: int = 0, device: str = "cpu", val_fraction: float = 0.05,
                  progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None,
-                 whiten: bool = False, whiten_class: bool = False, precision: str = "auto"):
+                 whiten: bool = False, whiten_class: bool = False, precision: str = "auto",
+                 class_weights: dict[str, float] | None = None):
         """``precision``: the network's arithmetic, ``auto`` (bf16 autocast as the preset says where the device
         computes bfloat16 in hardware, fp32 where it would be emulated), ``bf16`` or ``fp32``; recorded per stretch
         in ``info.json``. ``whiten``: measure a gain per frequency bin when the run starts (``freq_scale``);
-        ``whiten_class``: that and a gain per class and bin on top (``class_scale``)."""
+        ``whiten_class``: that and a gain per class and bin on top (``class_scale``). ``class_weights``
+        (``{class: w}``, w > 0, 1 for classes not named): a class's clips are drawn w times as often as the others'
+        (with replacement), e.g. to spend more of a stretch on the class a model renders worst; recorded per stretch in
+        ``info.json`` like the learning rate, so a resumed stretch may change it."""
         whiten = whiten or whiten_class
         if whiten and preset.codec.representation != "complex":
             raise ValueError(f"--freq-scale whiten applies to the complex representation only "
@@ -136,6 +140,7 @@ class Trainer:
                 print(f"per-class gains on top: {min(flat):.2f} … {max(flat):.2f} over {len(table)} classes")
         self.train_waves = torch.from_numpy(data.waves[tr])
         self.train_labels = torch.from_numpy(data.labels[tr])
+        self.class_weights, self.item_weights = self._class_weights(class_weights)
         self.val_waves = torch.from_numpy(data.waves[va])
         self.val_labels = torch.from_numpy(data.labels[va])
         self.data_info = {"data_dir": str(data_dir), "counts": data.counts(), "train_clips": len(tr),
@@ -180,6 +185,30 @@ class Trainer:
             atomic_write_json(self.run_dir / "config.json",
                               {"preset": preset.to_dict(), "classes": self.classes, "seed": seed,
                                "data": self.data_info})
+
+    def _class_weights(self, weights) -> tuple[dict[str, float], torch.Tensor | None]:
+        """The checked ``{class: w}`` (only the classes whose w is not 1, sorted) and each training clip's draw
+        weight (None: every clip equally likely, the plain uniform draw)."""
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.classes))
+        if unknown:
+            raise ValueError(f"class weight for {', '.join(map(repr, unknown))}: not a class of this data; its "
+                             f"classes: {', '.join(self.classes)}")
+        bad = [c for c, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
+        if bad:
+            raise ValueError(f"class weight for {bad[0]!r} must be a finite number > 0, got {weights[bad[0]]!r}")
+        kept = {c: float(weights[c]) for c in sorted(weights) if float(weights[c]) != 1.0}
+        if not kept:
+            return {}, None
+        per_class = torch.tensor([kept.get(c, 1.0) for c in self.classes], dtype=torch.float64)
+        return kept, per_class[self.train_labels.long()]
+
+    def draw(self) -> torch.Tensor:
+        """The training clips of the next batch: uniform, or by the class weights (with replacement)."""
+        n = self.preset.train.batch_size
+        if self.item_weights is None:
+            return torch.randint(len(self.train_labels), (n,), generator=self.gen)
+        return torch.multinomial(self.item_weights, n, replacement=True, generator=self.gen)
 
     # --- state ------------------------------------------------------------------------------------
     def _load_training_checkpoint(self, ckpt: Path):
@@ -242,8 +271,8 @@ class Trainer:
 
     def all_segments(self) -> list[dict]:
         """Where and how the training happened: one entry per stretch on one machine with one learning rate, EMA
-        half-life, training noise distribution and representation gains (consecutive runs that share all of them are
-        merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002,
+        half-life, training noise distribution, representation gains and class weights (consecutive runs that share all
+        of them are merged), e.g. ``{"machine": ..., "steps": [0, 1966], "seconds": 8732.7, "lr": 0.0002,
         "ema_halflife_steps": 500.0, "p_mean": -3.0, "p_std": 1.0, "per_bin_gains": false, "precision": "bf16"}``
         (older entries lack some knobs; a missing P_mean / P_std was the preset's -3 / 1, a missing per_bin_gains was
         false, a missing per_class_gains false, a missing precision bf16)."""
@@ -256,15 +285,17 @@ class Trainer:
                      "ema_halflife_steps": tc.ema_halflife_steps,
                      "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std,
                      "per_bin_gains": self.preset.codec.freq_scale is not None,
-                     "per_class_gains": self.preset.codec.class_scale is not None, "precision": self.precision}
+                     "per_class_gains": self.preset.codec.class_scale is not None, "precision": self.precision,
+                     **({"class_weights": self.class_weights} if self.class_weights else {})}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
             # stretches recorded before the noise knobs were trained with the EDMConfig defaults
             # (and, before per-bin gains existed, without them; before precision was recorded, under bf16 autocast);
-            # a stretch without a cooldown records none
+            # a stretch without a cooldown (or with every class drawn alike) records none
             legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False,
-                      "per_class_gains": False, "precision": "bf16", "lr_cooldown": None}
+                      "per_class_gains": False, "precision": "bf16", "lr_cooldown": None,
+                      "class_weights": None}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
                     and all(last.get(k, legacy.get(k)) == knobs.get(k, legacy.get(k))
                             for k in knobs.keys() | legacy)):
@@ -326,7 +357,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         tc = self.preset.train
-        idx = torch.randint(len(self.train_labels), (tc.batch_size,), generator=self.gen)
+        idx = self.draw()
         labels = self.train_labels[idx]
         y = self.codec.to_model(self.codec.encode(self.train_waves[idx]), labels).to(self.device)
         labels = labels.to(self.device)

@@ -193,6 +193,64 @@ def test_cooldown_takes_the_learning_rate_linearly_to_zero_and_resumes_on_the_sa
     assert seg["lr_cooldown"] == [10, 20] and seg["steps"] == [0, 20]
 
 
+def test_class_weights_draw_a_class_w_times_as_often_and_resume_on_the_same_draws(tmp_path):
+    from conftest import write_tone_tree
+    tree = write_tone_tree(tmp_path / "data", classes=("low", "mid", "high"), per_class=8)
+    preset = get_preset("tiny").replace_train(checkpoint_every=8)
+    tr = Trainer(preset, tree, tmp_path / "w", steps=6, class_weights={"high": 5.0, "mid": 1.0}, progress=False)
+    assert tr.class_weights == {"high": 5.0}                    # a weight of 1 is the plain draw, not recorded
+    n = torch.bincount(tr.train_labels, minlength=3).double()
+    w = torch.tensor([5.0 if c == "high" else 1.0 for c in tr.classes], dtype=torch.float64)
+    expected = (w * n / (w * n).sum()).numpy()
+    draws = torch.cat([tr.draw() for _ in range(400)])          # 6,400 clips
+    share = torch.bincount(tr.train_labels[draws], minlength=3).double().numpy() / len(draws)
+    se = (expected * (1 - expected) / len(draws)) ** 0.5
+    assert (abs(share - expected) < 5 * se).all(), (share, expected)
+    assert share[tr.classes.index("high")] > 0.6                # 5 x 8 of 8 + 8 + 5 x 8 clips' weight, uniform 1/3
+    # without weights every clip is as likely as any other
+    plain = Trainer(preset, tree, tmp_path / "u", steps=6, progress=False)
+    assert plain.item_weights is None and plain.class_weights == {}
+    # stopped and resumed with the same weights: the same draws, the same weights as one straight run
+    straight = Trainer(preset, tree, tmp_path / "a", steps=6, class_weights={"high": 5.0}, progress=False)
+    straight.run()
+    first = Trainer(preset, tree, tmp_path / "b", steps=6, class_weights={"high": 5.0}, progress=False)
+    first.max_minutes = 0.0
+    first.run()
+    resumed = Trainer(preset, tree, tmp_path / "b", steps=6, resume=True, class_weights={"high": 5.0},
+                      progress=False)
+    resumed.run()
+    for a, b in zip(straight.raw_net.parameters(), resumed.raw_net.parameters()):
+        assert torch.equal(a, b)
+    segs = resumed.info()["segments"]
+    assert len(segs) == 1 and segs[0]["class_weights"] == {"high": 5.0} and segs[0]["steps"] == [0, 6]
+    # a stretch with other weights is a stretch of its own
+    more = Trainer(preset, tree, tmp_path / "b", steps=8, resume=True, progress=False)
+    more.run()
+    assert [s.get("class_weights") for s in more.info()["segments"]] == [{"high": 5.0}, None]
+    with pytest.raises(ValueError, match="'loud': not a class of this data; its classes: high, low, mid"):
+        Trainer(preset, tree, tmp_path / "x", steps=2, class_weights={"loud": 2.0}, progress=False)
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        Trainer(preset, tree, tmp_path / "y", steps=2, class_weights={"low": 0.0}, progress=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class-weight", "low"], "must be CLASS=W"),
+    (["--class-weight", "low=-1"], "W a number > 0"),
+    (["--class-weight", "low=2", "--class-weight", "low=3"], "names 'low' twice"),
+    (["--class-weight", "loud=2"], "'loud': not a class of this data"),
+])
+def test_cli_class_weight_errors_are_one_line(tone_tree, tmp_path, capsys, args, message):
+    from edmsound.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "tiny", "--data", str(tone_tree), "--out", str(tmp_path / "r"), "--steps", "2",
+              "--no-progress", "--no-jemalloc", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [l for l in err if "error" in l]                   # argparse puts its usage lines before the error
+    assert e.value.code != 0 and len(errors) == 1 and message in errors[0] and errors[0] == err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
 def test_nan_guard_names_the_step_and_keeps_last_checkpoint(tone_tree, tmp_path):
     preset = get_preset("tiny").replace_train(checkpoint_every=10)
     tr = Trainer(preset, tone_tree, tmp_path / "run", steps=10, progress=False)
