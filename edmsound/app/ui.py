@@ -237,6 +237,8 @@ def _settings_md(settings: dict) -> str:
     interval = settings.get("guidance_interval")
     guided = "" if interval is None or settings["guidance"] == 1.0 else \
         f" for {format_guidance_interval(interval)} ({settings.get('guided_nfe', '?')} of the evaluations)"
+    if settings.get("guidance_reference") == "guide":
+        guided += " away from the weaker guide model (autoguidance)"
     tool = settings.get("tool")
     windows = f" × {settings['windows']} windows = {settings['nfe_total']}" if "nfe_total" in settings else ""
     length = f" · **{settings['audio_seconds']:.2f} s**" if tool in ("extend", "long", "loop") else ""

@@ -73,7 +73,8 @@ def _cmd_generate(a):
         sys.exit(2)
     pipe = EDMSoundPipeline(a.checkpoint, device=a.device, bf16=a.precision)
     common = dict(n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance, seed=a.seed,
-                  guidance_interval=a.guidance_interval, normalize=norm, target=target, progress=True)
+                  guidance_interval=a.guidance_interval, guidance_reference=a.guidance_reference, normalize=norm,
+                  target=target, progress=True)
     try:
         if tool == "vary":
             init = _read_source(a.vary, "--vary", pipe)
@@ -105,7 +106,8 @@ def _cmd_generate(a):
     if "nfe_total" in s:
         budget += f" x {s['windows']} windows = {s['nfe_total']}"
     print(f"{len(paths)} {what} of {s['class']}, {s['audio_seconds']:.2f} s each, with {s['sampler']} at {budget}, "
-          f"guidance {s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}): {s['seconds']:.2f} s "
+          f"guidance {s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}"
+          f"{', autoguidance' if s.get('guidance_reference') == 'guide' else ''}): {s['seconds']:.2f} s "
           f"({s['real_time_factor']:.2f}x real time) -> {a.out}")
     for p, lv, rep in zip(paths, gen.levels, gen.normalization):
         print(f"  {p.name}: {describe_level(lv, rep)}")
@@ -119,7 +121,11 @@ def register(subparsers) -> None:
     g.add_argument("--sampler", default=None, help="default: the checkpoint preset's (see `edmsound samplers`)")
     g.add_argument("--nfe", type=int, default=None, help="network evaluations (exact budget)")
     g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the class's default in the checkpoint)")
+                   help="guidance scale (default: the class's default in the checkpoint)")
+    g.add_argument("--guidance-reference", choices=["default", "null", "guide"], default="default",
+                   help="what guidance pushes away from: 'null' the model's null class (classifier-free), 'guide' "
+                        "the checkpoint's weaker guide model (autoguidance); default: the guide where the "
+                        "checkpoint has one")
     g.add_argument("--guidance-interval", default="default", metavar="LO,HI",
                    help="guide only for noise levels LO < sigma <= HI; 'none': at every level; "
                         "default: the checkpoint's shipped interval")

@@ -145,6 +145,17 @@ def _cmd_export(a):
     print(f"exported {src} -> {a.out}")
 
 
+def _cmd_attach_guide(a):
+    from .. import attach_guide
+    try:
+        note = attach_guide(a.checkpoint, None if a.remove else a.guide, weights=a.weights, note=a.note)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{a.checkpoint}: guide model removed (classifier-free guidance)" if note is None else
+          f"{a.checkpoint}: guidance now pushes away from {note} (autoguidance)")
+
+
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write the built-in procedural foley set as a class-per-folder tree")
@@ -273,3 +284,15 @@ def register(subparsers) -> None:
     e.add_argument("--sigma-max", type=positive, default=None, help="shipped schedule: starting noise level")
     e.add_argument("--rho", type=positive, default=None, help="shipped schedule: Karras rho")
     e.set_defaults(func=_cmd_export)
+
+    g = subparsers.add_parser("attach-guide", help="give a model a weaker version of itself to guide with "
+                              "(autoguidance) instead of its null class")
+    g.add_argument("--checkpoint", required=True, help="the model directory to change")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--guide", help="model or run directory of the same network, classes and gains "
+                     "(an earlier or less trained version)")
+    src.add_argument("--remove", action="store_true", help="drop the guide model: classifier-free guidance again")
+    g.add_argument("--weights", choices=["ema", "model"], default="ema", help="which of the guide's weights")
+    g.add_argument("--note", default=None, help="how the model card and sidecars name the guide "
+                   "(default: its step and weights)")
+    g.set_defaults(func=_cmd_attach_guide)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import load_safetensors, load_weights, read_config, resolve_model_dir
+from .storage import GUIDE_FILE, load_safetensors, load_weights, read_config, resolve_model_dir
 from .edm import EDMPrecond
 from .presets import PRECISIONS, Preset
 from .unet import EfficientUNet
@@ -77,3 +77,17 @@ def load_denoiser(path, device="cpu", weights: str = "ema", bf16: bool | str | N
     load_weights(den.net, sd, model_dir / f"{weights}.safetensors")
     den = den.to(device).eval().requires_grad_(False)
     return den, preset, classes, model_dir
+
+
+def load_guide(model_dir, preset: Preset, num_classes: int, device="cpu", bf16: bool | str | None = None
+               ) -> EDMPrecond | None:
+    """The model directory's guide model (autoguidance, :attr:`Preset.guide`) in eval mode, or None when the
+    checkpoint guides with its null class. The guide shares the network and runs at the main model's precision."""
+    if preset.guide is None:
+        return None
+    path = Path(model_dir) / GUIDE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} names a guide model ({preset.guide}) but has no {GUIDE_FILE}")
+    den = build_denoiser(preset, num_classes, bf16=bf16, device=device)
+    load_weights(den.net, {k: v.float() for k, v in load_safetensors(path).items()}, path)
+    return den.to(device).eval().requires_grad_(False)

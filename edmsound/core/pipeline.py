@@ -27,8 +27,8 @@ from ..audio import loudness
 from ..audio.io import write_wav
 from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
                          tile_starts)
-from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, interval_list
-from .model import load_denoiser, precision_name
+from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, check_reference, interval_list
+from .model import load_denoiser, load_guide, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
 
@@ -79,6 +79,7 @@ class EDMSoundPipeline:
         self.device = torch.device(device or default_device())
         self.model, self.preset, self.classes, self.model_dir = load_denoiser(checkpoint, self.device, weights,
                                                                               bf16=bf16)
+        self.guide = load_guide(self.model_dir, self.preset, len(self.classes), self.device, bf16=bf16)
         self.codec = make_codec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
@@ -198,7 +199,7 @@ class EDMSoundPipeline:
                      callback=None, guidance_interval=None, init: torch.Tensor | None = None,
                      sigma_start: float | None = None, known: torch.Tensor | None = None,
                      keep: torch.Tensor | None = None, tiles: list[int] | None = None, circular: bool = False,
-                     **options) -> tuple[torch.Tensor, int, int]:
+                     reference: str | None = None, **options) -> tuple[torch.Tensor, int, int]:
         """Spectrograms for one batch of seeds; returns (specs, network evaluations counted, of which guided).
         ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`.
         ``init`` (1 or B, C, F, T) with ``sigma_start``: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis
@@ -207,8 +208,10 @@ class EDMSoundPipeline:
         with ``keep`` (bool, broadcastable): those entries are held at ``known`` and come back exactly.
         ``tiles`` (first frames of model windows): T may exceed one window; every step averages the windows'
         estimates (``circular``: around a ring). See :mod:`edmsound.core.inpainting`. The counted evaluations
-        are per window: each of the ``len(tiles)`` windows spends them."""
+        are per window: each of the ``len(tiles)`` windows spends them. ``reference``: what guidance pushes away
+        from, "null" / "guide" / "default" (see :meth:`resolve_reference`)."""
         label = self.class_index(class_name)
+        reference = self.resolve_reference(reference)
         fn = get_sampler(sampler)
         nfe = check_nfe(sampler, nfe)
         guidance = check_guidance(guidance)
@@ -230,7 +233,10 @@ class EDMSoundPipeline:
             raise ValueError(f"a spectrogram of {T} frames needs windows (tiles); the model's window is {W}")
         labels = torch.full((len(seeds),), label, dtype=torch.long, device=self.device)
         model = self.model if tiles is None else TiledDenoiser(self.model, tiles, W, T, circular=circular)
-        guided = GuidedDenoiser(model, labels, guidance, guidance_interval)
+        ref_model = None
+        if reference == "guide":
+            ref_model = self.guide if tiles is None else TiledDenoiser(self.guide, tiles, W, T, circular=circular)
+        guided = GuidedDenoiser(model, labels, guidance, guidance_interval, reference=ref_model)
         counter = CountingDenoiser(guided)
         denoiser = counter
         if known is not None:
@@ -245,7 +251,20 @@ class EDMSoundPipeline:
             out = torch.where(keep, known.to(out.dtype), out)      # exact, even where D returned non-finite values
         return out.float().cpu(), counter.count, guided.guided_calls
 
-    def _settle(self, class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n) -> dict:
+    def resolve_reference(self, reference=None) -> str:
+        """What guidance pushes away from: "null" (the model's null class: classifier-free guidance) or "guide"
+        (the checkpoint's weaker guide model: autoguidance). "default" / None: "guide" where the checkpoint has
+        one, else "null". ValueError for "guide" on a checkpoint without one."""
+        reference = check_reference(reference)
+        if reference == "default":
+            return "guide" if self.guide is not None else "null"
+        if reference == "guide" and self.guide is None:
+            raise ValueError(f"{self.model_dir.name} has no guide model; guidance reference must be 'null' "
+                             "(classifier-free) or 'default'")
+        return reference
+
+    def _settle(self, class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
+                reference=None) -> dict:
         """The checked request: everything a generation needs besides its source and tool."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
@@ -259,7 +278,8 @@ class EDMSoundPipeline:
         if not 1 <= int(n) <= MAX_CLIPS:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
         return dict(class_name=class_name, sampler=sampler, nfe=nfe, guidance=guidance, interval=interval,
-                    norm_mode=norm_mode, norm_target=norm_target, n=int(n))
+                    norm_mode=norm_mode, norm_target=norm_target, n=int(n),
+                    reference=self.resolve_reference(reference))
 
     def _finish(self, req: dict, waves: np.ndarray, specs: torch.Tensor, seeds: list[int], seed: int,
                 nfe_total: int, guided: int, wall: float, extra: dict | None = None) -> Generation:
@@ -274,6 +294,7 @@ class EDMSoundPipeline:
         audio_s = waves.shape[1] / self.sample_rate
         settings = {"class": req["class_name"], "sampler": req["sampler"], "nfe": req["nfe"],
                     "guidance": req["guidance"], "guidance_interval": interval_list(req["interval"]),
+                    "guidance_reference": req["reference"] if req["guidance"] != 1.0 else None,
                     "guided_nfe": guided,      # evaluations (per window) that ran the double (guided) batch
                     "seed": seed, "n": len(seeds), "sample_rate": self.sample_rate,
                     "seconds": round(wall, 4), "seconds_per_clip": round(wall / len(seeds), 4),
@@ -291,14 +312,17 @@ class EDMSoundPipeline:
     def generate(self, class_name: str, n: int = 1, sampler: str | None = None, nfe: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
                  callback=None, guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
-                 target: float | None = None, init=None, strength: float | None = None, **options) -> Generation:
+                 target: float | None = None, init=None, strength: float | None = None, guidance_reference=None,
+                 **options) -> Generation:
         """``guidance_interval``: ``"default"`` (the class's shipped interval), None / "none" (guidance at every
         noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi). ``normalize``: None / "off"
         (default: the clips as the model made them), "peak" (``target`` dBFS sample peak) or "lufs" (``target``
         LUFS integrated loudness, true peak held at or below -1 dBTP); each clip's level is measured either way.
         ``init`` (a clip at the pipeline's rate) with ``strength`` in (0, 1]: variations of that clip (SDEdit,
-        see :meth:`sample_specs`); clip i still uses seed + i."""
-        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        see :meth:`sample_specs`); clip i still uses seed + i. ``guidance_reference``: "default", "null" or
+        "guide" (:meth:`resolve_reference`)."""
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
+                           guidance_reference)
         init_spec = sigma_start = None
         if init is not None or strength is not None:
             if init is None or strength is None:
@@ -313,7 +337,7 @@ class EDMSoundPipeline:
         for b in tqdm(batches, desc=f"{class_name}", disable=not progress or len(batches) < 2, unit="batch"):
             s, c, guided = self.sample_specs(class_name, b, req["sampler"], req["nfe"], req["guidance"],
                                              callback=callback, guidance_interval=req["interval"], init=init_spec,
-                                             sigma_start=sigma_start, **options)
+                                             sigma_start=sigma_start, reference=req["reference"], **options)
             specs.append(s)
             counts.append(c)
         specs = torch.cat(specs)
@@ -380,7 +404,8 @@ class EDMSoundPipeline:
         out, count, guided = self.sample_specs(req["class_name"], seeds, req["sampler"], req["nfe"], req["guidance"],
                                                callback=callback, guidance_interval=req["interval"], known=buffer,
                                                keep=keep, init=None if sigma_start is None else buffer,
-                                               sigma_start=sigma_start, tiles=starts, circular=circular, **options)
+                                               sigma_start=sigma_start, tiles=starts, circular=circular,
+                                               reference=req["reference"], **options)
         if count != req["nfe"]:
             raise RuntimeError(f"{req['sampler']} made {count} network evaluations, expected {req['nfe']}")
         return out, len(starts), count * len(starts), guided
@@ -430,12 +455,13 @@ class EDMSoundPipeline:
                    high_hz: float | None = None, n: int = 1, seed: int = 0, sampler: str | None = None,
                    nfe: int | None = None, guidance: float | None = None, strength: float | None = None,
                    guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
-                   progress: bool = False, callback=None, **options) -> Generation:
+                   progress: bool = False, callback=None, guidance_reference=None, **options) -> Generation:
         """Regenerate the time span [start, end) seconds of ``clip`` (optionally only the band [low_hz, high_hz])
         and keep the rest: outside ``n_fft`` samples around the span the output is the source (see
         :mod:`edmsound.core.inpainting`). ``strength`` in (0, 1]: remake the region starting from its own
         content (a variation of the region) instead of from noise."""
-        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
+                           guidance_reference)
         src = self._source(clip)
         length = len(src)
         a, b = check_span(start, end, length / self.sample_rate)
@@ -464,12 +490,13 @@ class EDMSoundPipeline:
     def extend(self, clip, class_name: str, seconds: float, n: int = 1, seed: int = 0, sampler: str | None = None,
                nfe: int | None = None, guidance: float | None = None, guidance_interval=PRESET_DEFAULT,
                normalize: str | None = None, target: float | None = None, context: int | None = None,
-               progress: bool = False, callback=None, **options) -> Generation:
+               progress: bool = False, callback=None, guidance_reference=None, **options) -> Generation:
         """Continue ``clip`` (or, with ``clip=None``, start from nothing) to ``seconds`` in total, one model
         window at a time: each window keeps ``context`` frames (default half a window) of what is already
         there and makes the rest; the windows' frames join in one inverse STFT, with no crossfade. The source's
         samples come back unchanged up to ``n_fft`` samples before its end."""
-        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
+                           guidance_reference)
         total_s = self.check_seconds(seconds)
         length = int(round(total_s * self.sample_rate))
         src = None if clip is None else self._source(clip)
@@ -505,14 +532,15 @@ class EDMSoundPipeline:
     def loop(self, class_name: str, seconds: float | None = None, clip=None, n: int = 1, seed: int = 0,
              sampler: str | None = None, nfe: int | None = None, guidance: float | None = None,
              guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
-             progress: bool = False, callback=None, **options) -> Generation:
+             progress: bool = False, callback=None, guidance_reference=None, **options) -> Generation:
         """A seamless loop: a clip whose end flows into its start. The frames are a ring (frame N follows
         N - 1 as frame 0) and the model windows wrap around it, so the wrap point is made like any other frame
         (:class:`~edmsound.core.inpainting.TiledDenoiser` with ``circular=True``). With ``clip``, the source cut to
         whole frames is kept and only a quarter window of frames around its wrap point is remade, with its end
         and its start as context. The ring decodes circularly (:meth:`SpectrogramCodec.decode_loop`): played
         back to back, the clip has no seam."""
-        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n)
+        req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
+                           guidance_reference)
         hop = self.codec.config.hop_length
         W = self.window_frames
         if clip is not None:

@@ -178,6 +178,11 @@ class Preset:
     # budget.
     student_nfe: int | None = None
     student_sampler: str | None = None
+    # Autoguidance: the model directory also holds ``guide.safetensors``, a weaker version of the same network
+    # (same classes and representation; `edmsound attach-guide`), and guidance pushes away from its conditional
+    # estimate instead of the null class's (see :mod:`edmsound.core.guidance`). The text says which model it is.
+    # None: classifier-free guidance.
+    guide: str | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -238,6 +243,7 @@ class Preset:
             default_class_guidance_interval=class_interval_pairs(d.get("default_class_guidance_interval")),
             student_nfe=None if d.get("student_nfe") is None else int(d["student_nfe"]),
             student_sampler=d.get("student_sampler") or ("euler" if d.get("student_nfe") is not None else None),
+            guide=d.get("guide"),
         )
 
     def replace_codec(self, **kw) -> "Preset":

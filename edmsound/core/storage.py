@@ -202,6 +202,9 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wher
 
 
 # --- model directories ------------------------------------------------------------------------------
+GUIDE_FILE = "guide.safetensors"     # autoguidance: a weaker version of the model (see Preset.guide)
+
+
 def write_model_dir(out_dir, preset: Preset, classes: list[str], ema: dict[str, torch.Tensor],
                     model: dict[str, torch.Tensor] | None = None, info: dict | None = None,
                     model_dtype: torch.dtype | None = torch.float16):

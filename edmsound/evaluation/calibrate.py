@@ -231,6 +231,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                 "intervals": [interval_list(iv) for iv in grid_intervals],
                 "classifier": clf_desc, "encoder": None if enc is None else enc.name,
                 "reference": reference, "stop_at_first": stop_at_first,
+                "guidance_reference": pipe.resolve_reference(), "guide": p.guide,
                 "wall_seconds": round(time.perf_counter() - t0, 1)}
     return {"class_guidance": chosen, "class_guidance_interval": chosen_iv, "rows": rows, "settings": settings}
 
@@ -268,6 +269,8 @@ def calibration_markdown(result: dict) -> str:
              f"(shipped: {format_guidance_interval(s['guidance_interval'])}); "
              f"{s['n_per_class']} clips per class and setting from noise seed {s['seed']} (not the evaluation's seed 0); "
              f"rule: {rule} (classifier: {s['classifier']}). "
+             + (f"Guidance pushes away from the checkpoint's guide model, {s['guide']} (autoguidance). "
+                if s.get("guidance_reference") == "guide" else "") +
              f"Diversity = mean pairwise cosine distance of the clips' embeddings ({s['encoder']}) over that of "
              f"real clips of the class. {s['wall_seconds'] / 60:.1f} min.", "",
              "| class | w | guided for | category fit | diversity ratio | level gap dB | guided evaluations | chosen |",

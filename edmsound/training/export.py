@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..core.guidance import check_guidance, check_guidance_interval
 from ..core.samplers import get_sampler, steps_for_nfe
-from ..core.storage import load_safetensors, read_config, resolve_model_dir, write_model_dir
+from ..core.storage import (GUIDE_FILE, atomic_save_safetensors, atomic_write_json, load_safetensors, read_config,
+                             resolve_model_dir, write_model_dir)
 
 
 def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None, guidance_interval=None, *,
@@ -37,5 +38,45 @@ def export_model(run, out, *, ema_only: bool = False, sampler=None, nfe=None, gu
                                     sigma_max=sigma_max, rho=rho)
     info = json.loads((src / "info.json").read_text()) if (src / "info.json").is_file() else None
     model = load_safetensors(src / "model.safetensors") if (src / "model.safetensors").is_file() else None
+    guide = src / GUIDE_FILE
+    if preset.guide is not None and not guide.is_file():
+        preset = dataclasses.replace(preset, guide=None)
     write_model_dir(out, preset, classes, load_safetensors(src / "ema.safetensors"), None if ema_only else model, info)
+    if preset.guide is not None:                    # the guide model travels with the weights it guides
+        atomic_save_safetensors(Path(out) / GUIDE_FILE, load_safetensors(guide))
     return src
+
+
+def attach_guide(checkpoint, guide, *, weights: str = "ema", note: str | None = None) -> str:
+    """Give the model directory ``checkpoint`` a guide model for autoguidance (Karras et al. 2024): ``guide``'s
+    ``weights`` (a model or run directory of the same network, classes and representation — an earlier or weaker
+    version of it) stored as ``guide.safetensors`` in float16, and ``preset.guide`` set to ``note`` (default: the
+    guide's step and source). Guidance with scale w then pushes away from that model instead of the null class
+    (pass ``guidance_reference="null"`` for classifier-free guidance). ``guide=None`` removes it. Returns the note.
+    ValueError if the two models differ in network, classes or per-bin / per-class gains."""
+    from .trainer import same_model
+    model_dir = resolve_model_dir(checkpoint)
+    preset, classes = read_config(model_dir)
+    if guide is None:
+        (model_dir / GUIDE_FILE).unlink(missing_ok=True)
+        preset, note = dataclasses.replace(preset, guide=None), None
+    else:
+        if weights not in ("ema", "model"):
+            raise ValueError(f"guide weights must be 'ema' or 'model', got {weights!r}")
+        src = resolve_model_dir(guide)
+        g_preset, g_classes = read_config(src)
+        if list(g_classes) != list(classes):
+            raise ValueError(f"the guide {src} has other classes ({', '.join(g_classes)}) than {model_dir}")
+        if not same_model(g_preset, preset):
+            raise ValueError(f"the guide {src} is another network or representation (network, codec, per-bin and "
+                             f"per-class gains must match {model_dir})")
+        path = src / f"{weights}.safetensors"
+        if not path.is_file():
+            raise ValueError(f"{src} has no {weights} weights")
+        info = json.loads((src / "info.json").read_text()) if (src / "info.json").is_file() else {}
+        note = note or (f"step {int(info['steps']):,} ({weights} weights)" if "steps" in info
+                        else f"{src.name} ({weights} weights)")
+        atomic_save_safetensors(model_dir / GUIDE_FILE, {k: v.half() for k, v in load_safetensors(path).items()})
+        preset = dataclasses.replace(preset, guide=note)
+    atomic_write_json(model_dir / "config.json", {"preset": preset.to_dict(), "classes": list(classes)})
+    return note
