@@ -118,10 +118,12 @@ def _cmd_quality_report(a):
                                         "(or pass --speed none)")
             speed = check_speed_record(json.loads(sp.read_text()), str(sp))
             # the timing of the evaluated weights (a side-by-side record holds several models)
-            speed = speed_for_weights(speed, results["settings"].get("ema_sha256"))[0] or speed
+            timed = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
+            speed = speed_for_weights(speed, results["settings"].get("ema_sha256"), timed)[0] or speed
         iv = preset.default_guidance_interval
-        if all(preset.guidance_for(c) == 1.0 for c in classes):
-            # nothing is guided: the interval changes neither the clips nor their cost
+        own = dict(preset.class_intervals(classes) or ())
+        if all(preset.guidance_for(c) == 1.0 or c in own for c in classes):
+            # no class is guided at the preset's interval: it changes neither the clips nor their cost
             iv = None
             if speed is not None and "median_sec_per_clip" in speed:
                 speed = dict(speed, guidance_interval=None, base_guidance_interval=None)
@@ -141,7 +143,8 @@ def _cmd_quality_report(a):
     g = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes)) or \
         f"{preset.default_guidance:g}"
     title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
-             f"{g} ({format_guidance_interval(iv)}); evaluation `{a.results}` "
+             f"{g}{'' if per_class and iv is None else ' (' + format_guidance_interval(iv) + ')'}; "
+             f"evaluation `{a.results}` "
              f"(ema {s['ema_sha256'][:12]}, {s['n_per_class']} clips per class)")
     md = targets_markdown(bars, title)
     print(md, end="")

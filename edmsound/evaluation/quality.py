@@ -110,12 +110,15 @@ def check_speed_record(speed, source: str = "the speed record") -> dict:
     return speed
 
 
-def speed_for_weights(speed: dict, ema_sha256: str | None) -> tuple[dict | None, str]:
+def speed_for_weights(speed: dict, ema_sha256: str | None, class_guidance: str | None = None
+                      ) -> tuple[dict | None, str]:
     """The timing of the weights whose EMA file has sha256 ``ema_sha256``, read from a record that
     :func:`check_speed_record` accepts, as a single-model record; or ``(None, why)`` when the record timed other
     weights. From a side-by-side record it is that model's row (median over every class and round) with
     ``versus``: the first row's label and this row's time over the first row's. A record that does not name its
-    weights is taken as it is and says so (``weights_unknown``)."""
+    weights is taken as it is and says so (``weights_unknown``). Where the record timed the same weights at several
+    settings (e.g. with and without a guide model), ``class_guidance`` (the per-class scales as
+    :func:`format_class_guidance` writes them) picks the row timed at those."""
     speed = check_speed_record(speed)
     if "median_sec_per_clip" in speed:
         have = speed.get("ema_sha256")
@@ -130,7 +133,8 @@ def speed_for_weights(speed: dict, ema_sha256: str | None) -> tuple[dict | None,
     if not hit:
         return None, (f"the side-by-side record times {', '.join(r['ema_sha256'][:12] for r in named)}, not these "
                       f"weights ({ema_sha256[:12]})")
-    row, first = hit[0], rows[0]
+    same = [r for r in hit if class_guidance and (r.get("class_guidance") or "") == class_guidance]
+    row, first = (same or hit)[0], rows[0]
     view = {k: row.get(k) for k in ("sampler", "nfe", "guidance", "class_guidance", "guidance_interval",
                                     "ema_sha256", "label")}
     prec = speed.get("precision")

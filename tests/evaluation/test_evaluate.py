@@ -654,3 +654,22 @@ def test_per_class_interval_in_evaluation_and_quality_report(world, calibrated, 
     assert "high at w 2.5, 1 guided evaluations" in bars["speed: one clip, median of 10"]["value"]
     stale = quality_targets(res, "dpmpp_2m", 3, "class", None, dict(speed, class_guidance="high=2.5 low=1"))
     assert [b for b in stale if b["bar"].startswith("speed")][0]["met"] is None
+
+
+def test_speed_record_of_the_same_weights_at_two_settings_is_read_by_the_per_class_guidance():
+    # one network timed twice in one run, without and with a guided class (a guide model attached): the row for
+    # the evaluated settings is the one read, not the first with these weights
+    from edmsound.evaluation.quality import speed_for_weights
+    base = {"label": "old", "ema_sha256": "1" * 64, "sampler": "dpmpp_2m", "nfe": 8, "guidance": 1.0,
+            "class_guidance": "a=1 b=1", "guidance_interval": None, "median_all_classes": 0.8,
+            "per_class_median": {"a": 0.8, "b": 0.8}}
+    plain = dict(base, label="plain", ema_sha256="2" * 64, median_all_classes=0.7)
+    guided = dict(plain, label="guided", class_guidance="a=1 b=3@0.5:3", median_all_classes=0.9)
+    record = {"date": "today", "cpu": "test", "repeats": 6, "precision": ["fp32"], "rows": [base, plain, guided]}
+    row, _ = speed_for_weights(record, "2" * 64, "a=1 b=3@0.5:3")
+    assert row["label"] == "guided" and row["median_sec_per_clip"] == 0.9
+    assert row["versus"]["ratio"] == pytest.approx(0.9 / 0.8)
+    row, _ = speed_for_weights(record, "2" * 64, "a=1 b=1")
+    assert row["label"] == "plain" and row["median_sec_per_clip"] == 0.7
+    row, _ = speed_for_weights(record, "2" * 64)                      # no settings given: the first such row
+    assert row["label"] == "plain"
