@@ -364,7 +364,8 @@ class EDMSoundService:
                 "guidance": float(p.default_guidance), "seed": 0, "n": 1, "k": DEFAULT_K,
                 "guidance_interval": interval_list(p.default_guidance_interval),
                 "class_guidance": {c: p.guidance_for(c) for c in self.classes},
-                "class_guidance_interval": {c: interval_list(p.guidance_interval_for(c)) for c in self.classes}}
+                "class_guidance_interval": {c: interval_list(p.guidance_interval_for(c)) for c in self.classes},
+                "guide": p.guide if self.pipeline.guide is not None else None}
 
     def valid_nfes(self, sampler: str) -> list[int]:
         return self.pipeline.valid_nfes(self.check_sampler(sampler), self.max_nfe)

@@ -707,7 +707,9 @@ def guidance_info(defaults: dict, class_name: str) -> str:
     gi = defaults["class_guidance_interval"][class_name]
     per_class = (len(set(defaults["class_guidance"].values())) > 1
                  or len({None if v is None else tuple(v) for v in defaults["class_guidance_interval"].values()}) > 1)
-    return ("1 = conditional, 0 = unconditional" + ("" if gi is None else f"; applied for {format_guidance_interval(gi)}")
+    scale = ("1 = this model alone, above 1 = further away from its weaker guide model (autoguidance)"
+             if defaults.get("guide") else "1 = conditional, 0 = unconditional")
+    return (scale + ("" if gi is None else f"; applied for {format_guidance_interval(gi)}")
             + ("; the default follows the class" if per_class else ""))
 
 

@@ -168,3 +168,20 @@ def test_cli_attach_guide_and_generate(guided_ckpt, tmp_path):
     assert "autoguidance" in r.stdout
     meta = json.loads(next((tmp_path / "o2").glob("*.json")).read_text())
     assert meta["guidance_reference"] == "guide" and meta["guided_nfe"] > 0
+
+
+def test_app_service_says_which_guidance_it_runs(guided_ckpt):
+    from edmsound.app.service import EDMSoundService
+    from edmsound.app.ui import _settings_md, guidance_info
+    plain = EDMSoundService(EDMSoundPipeline(guided_ckpt, device="cpu"), index=None)
+    assert plain.defaults["guide"] is None
+    assert guidance_info(plain.defaults, "low").startswith("1 = conditional, 0 = unconditional")
+    attach_guide(guided_ckpt, guided_ckpt, weights="model", note="the raw weights")
+    svc = EDMSoundService(EDMSoundPipeline(guided_ckpt, device="cpu"), index=None)
+    assert svc.defaults["guide"] == "the raw weights"
+    assert "weaker guide model (autoguidance)" in guidance_info(svc.defaults, "low")
+    r = svc.generate("low", guidance=2.0, seed=1, nfe=6, write_files=False)
+    assert r.settings["guidance_reference"] == "guide"
+    assert "away from the weaker guide model (autoguidance)" in _settings_md(r.settings)
+    r1 = svc.generate("low", guidance=1.0, seed=1, nfe=6, write_files=False)
+    assert r1.settings["guidance_reference"] is None and "autoguidance" not in _settings_md(r1.settings)
