@@ -169,9 +169,13 @@ def normalize(wave, sample_rate: int, mode: str, target: float,
 
 def describe(level: dict, normalization: dict | None = None) -> str:
     """One line for a user, from the ``to_dict()`` forms: ``-18.2 LUFS · true peak -3.1 dBTP`` and, when the clip
-    was normalised, ``· normalised +6.0 dB to -14 LUFS`` (``(held at the true-peak ceiling)`` when it stopped there)."""
+    was normalised, ``· normalised +6.0 dB to -14 LUFS`` (``(held at the true-peak ceiling)`` when it stopped there);
+    a clip whose samples go beyond full scale says that its file clips them."""
     text = ("silent" if level["lufs"] <= SILENCE_LUFS else f"{level['lufs']:.1f} LUFS") + \
         f" · true peak {level['true_peak_dbtp']:.1f} dBTP"
+    over = level.get("sample_peak_dbfs")
+    if over is not None and over > 0.0:
+        text += f" · {over:+.1f} dB over full scale: clipped in the file (a peak or LUFS level target avoids it)"
     if normalization:
         unit = "dBFS peak" if normalization["mode"] == "peak" else "LUFS"
         text += f" · normalised {normalization['gain_db']:+.1f} dB to {normalization['target']:g} {unit}"

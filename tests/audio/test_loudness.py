@@ -92,3 +92,14 @@ def test_bad_targets_say_what_is_allowed(mode, target, msg):
     with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
         L.check_target(mode, target)
     assert L.check_target("off", None) == (None, None)
+
+
+def test_description_says_when_the_file_clips():
+    from edmsound.audio.loudness import describe, measure
+    sr = 16000
+    t = np.arange(sr) / sr
+    hot = (1.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)          # +3.5 dB over full scale
+    text = describe(measure(hot, sr).to_dict())
+    assert "+3.5 dB over full scale: clipped in the file" in text
+    safe = describe(measure(0.5 * hot, sr).to_dict())                      # -2.5 dBFS peak
+    assert "full scale" not in safe and "true peak" in safe
