@@ -110,6 +110,7 @@ def _cmd_quality_report(a):
     try:
         results = load_results(a.results)
         preset, classes = read_config(resolve_model_dir(a.checkpoint))
+        per_class = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
         speed = None
         if a.speed and a.speed.lower() != "none":
             sp = Path(a.speed)
@@ -118,8 +119,7 @@ def _cmd_quality_report(a):
                                         "(or pass --speed none)")
             speed = check_speed_record(json.loads(sp.read_text()), str(sp))
             # the timing of the evaluated weights (a side-by-side record holds several models)
-            timed = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
-            speed = speed_for_weights(speed, results["settings"].get("ema_sha256"), timed)[0] or speed
+            speed = speed_for_weights(speed, results["settings"].get("ema_sha256"), per_class)[0] or speed
         iv = preset.default_guidance_interval
         own = dict(preset.class_intervals(classes) or ())
         if all(preset.guidance_for(c) == 1.0 or c in own for c in classes):
@@ -127,7 +127,6 @@ def _cmd_quality_report(a):
             iv = None
             if speed is not None and "median_sec_per_clip" in speed:
                 speed = dict(speed, guidance_interval=None, base_guidance_interval=None)
-        per_class = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes))
         shipped_g = "class" if per_class else preset.default_guidance
         if per_class:
             want = per_class
@@ -140,8 +139,7 @@ def _cmd_quality_report(a):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = results["settings"]
-    g = format_class_guidance(preset.class_scales(classes), preset.class_intervals(classes)) or \
-        f"{preset.default_guidance:g}"
+    g = per_class or f"{preset.default_guidance:g}"
     title = (f"Shipped settings of `{a.checkpoint}`: {preset.default_sampler}, NFE {preset.default_nfe}, guidance "
              f"{g}{'' if per_class and iv is None else ' (' + format_guidance_interval(iv) + ')'}; "
              f"evaluation `{a.results}` "

@@ -89,5 +89,5 @@ def load_guide(model_dir, preset: Preset, num_classes: int, device="cpu", bf16: 
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} names a guide model ({preset.guide}) but has no {GUIDE_FILE}")
     den = build_denoiser(preset, num_classes, bf16=bf16, device=device)
-    load_weights(den.net, {k: v.float() for k, v in load_safetensors(path).items()}, path)
+    load_weights(den.net, load_safetensors(path), path)        # float16 on disk, cast to the network's dtype
     return den.to(device).eval().requires_grad_(False)

@@ -205,12 +205,17 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wher
 GUIDE_FILE = "guide.safetensors"     # autoguidance: a weaker version of the model (see Preset.guide)
 
 
+def write_config(model_dir, preset: Preset, classes) -> None:
+    """A model directory's config.json: the preset and the class names, written atomically."""
+    atomic_write_json(Path(model_dir) / "config.json", {"preset": preset.to_dict(), "classes": list(classes)})
+
+
 def write_model_dir(out_dir, preset: Preset, classes: list[str], ema: dict[str, torch.Tensor],
                     model: dict[str, torch.Tensor] | None = None, info: dict | None = None,
                     model_dtype: torch.dtype | None = torch.float16):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", {"preset": preset.to_dict(), "classes": list(classes)})
+    write_config(out_dir, preset, classes)
     atomic_save_safetensors(out_dir / "ema.safetensors", {k: v.float() for k, v in ema.items()})
     if model is not None:
         atomic_save_safetensors(out_dir / "model.safetensors",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..core.guidance import check_guidance, check_guidance_interval
 from ..core.samplers import get_sampler, steps_for_nfe
-from ..core.storage import (GUIDE_FILE, atomic_save_safetensors, atomic_write_json, load_safetensors, read_config,
-                             resolve_model_dir, write_model_dir)
+from ..core.storage import (GUIDE_FILE, atomic_save_safetensors, load_safetensors, read_config, resolve_model_dir,
+                             write_config, write_model_dir)
 
 
 def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None, guidance_interval=None, *,
@@ -78,5 +78,5 @@ def attach_guide(checkpoint, guide, *, weights: str = "ema", note: str | None = 
                         else f"{src.name} ({weights} weights)")
         atomic_save_safetensors(model_dir / GUIDE_FILE, {k: v.half() for k, v in load_safetensors(path).items()})
         preset = dataclasses.replace(preset, guide=note)
-    atomic_write_json(model_dir / "config.json", {"preset": preset.to_dict(), "classes": list(classes)})
+    write_config(model_dir, preset, classes)
     return note
