@@ -48,7 +48,8 @@ HISTORY_HEADERS = ("#", "clip", "tool", "class", "seconds", "LUFS", "true peak (
 TOOL_NAMES = MappingProxyType({"vary": "variation", "regen": "region regenerated", "extend": "continued",
                                "long": "long clip", "loop": "seamless loop"})
 SOURCE_CHOICES = (("a clip of the last generation", "clip"), ("the uploaded file", "upload"))
-EXPORT_CHOICES = (("WAV 16-bit", "wav16"), ("WAV 24-bit", "wav24"), ("FLAC", "flac"))
+EXPORT_CHOICES = (("WAV 16-bit", "wav16"), ("WAV 24-bit", "wav24"),
+                  ("WAV 32-bit float (keeps peaks above 0 dBFS)", "wav32f"), ("FLAC", "flac"))
 VIEW_CHOICES = tuple((label, mode) for mode, label in MODE_LABELS.items())
 NB_HEADERS = ("rank", "similarity", "percentile", "class", "training clip", "generated window (s)",
               "training window (s)", "> p95")
@@ -1015,8 +1016,8 @@ def build_demo(service) -> gr.Blocks:
                                        "level, settings and whether each is kept.", **heavy)
         exp_btn.click(h.export, [ex_fmt, ex_level, ex_target, session], [exp_file], api_name="export",
                       preprocess=False,
-                      api_description="The kept clips as one file or a zip with JSON sidecars: `fmt` wav16, wav24 "
-                                      "or flac; `level` 'off', 'peak' or 'lufs' with `target`.", **heavy)
+                      api_description="The kept clips as one file or a zip with JSON sidecars: `fmt` wav16, wav24, "
+                                      "wav32f (32-bit float, keeps peaks above full scale) or flac; `level` 'off', 'peak' or 'lufs' with `target`.", **heavy)
         ex_level.change(h.level_changed, [ex_level], [ex_target], api_visibility="private", queue=False,
                         preprocess=False)
         hist_pick.input(h.play, [hist_pick, session], [hist_audio], api_visibility="private", preprocess=False,

@@ -1,4 +1,4 @@
-"""Exporting kept clips: encoding as 16/24-bit WAV or FLAC, file names from a clip's settings, the optional
+"""Exporting kept clips: encoding as 16/24-bit or 32-bit float WAV or FLAC, file names from a clip's settings, the optional
 loudness normalisation, and a zip of audio files with their JSON sidecars (written atomically)."""
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ import soundfile as sf
 from . import loudness
 from .io import check_sample_rate, to_pcm16
 
-__all__ = ["EXPORT_FORMATS", "FLAC_SUBTYPE", "check_format", "encode_clip", "export_name", "export_clip",
+__all__ = ["EXPORT_FORMATS", "FLAC_SUBTYPE", "check_format", "keeps_overs", "extension", "encode_clip", "export_name", "export_clip",
            "export_zip", "write_export"]
 
-EXPORT_FORMATS = ("wav16", "wav24", "flac")
+EXPORT_FORMATS = ("wav16", "wav24", "wav32f", "flac")
 # FLAC is written 24-bit when the bundled libsndfile supports it (1.2.2 does), else 16-bit.
 FLAC_SUBTYPE = "PCM_24" if "PCM_24" in sf.available_subtypes("FLAC") else "PCM_16"
 
 _CONTAINER = {"wav16": ("WAV", "PCM_16", ".wav"), "wav24": ("WAV", "PCM_24", ".wav"),
-              "flac": ("FLAC", FLAC_SUBTYPE, ".flac")}
+              "wav32f": ("WAV", "FLOAT", ".wav"), "flac": ("FLAC", FLAC_SUBTYPE, ".flac")}
 _NAME_KEYS = ("class", "sampler", "nfe", "guidance")
 
 
@@ -37,9 +37,15 @@ def check_format(fmt) -> str:
     return name
 
 
-def _clip_wave(wave) -> np.ndarray:
-    """One mono clip (checked as the level measures check it), clipped at full scale."""
-    return np.clip(loudness._mono(wave), -1.0, 1.0)
+def keeps_overs(fmt: str) -> bool:
+    """Whether format ``fmt`` stores samples beyond full scale as they are (32-bit float WAV) instead of clipping
+    them."""
+    return _CONTAINER[check_format(fmt)][1] == "FLOAT"
+
+
+def extension(fmt: str) -> str:
+    """The file extension of format ``fmt`` (``.wav`` or ``.flac``)."""
+    return _CONTAINER[check_format(fmt)][2]
 
 
 def _pcm24(x: np.ndarray) -> np.ndarray:
@@ -49,13 +55,15 @@ def _pcm24(x: np.ndarray) -> np.ndarray:
 
 
 def encode_clip(wave, sample_rate: int, fmt: str) -> bytes:
-    """One mono clip as file bytes: ``wav16`` (PCM_16 WAV), ``wav24`` (PCM_24 WAV) or ``flac`` (FLAC,
-    :data:`FLAC_SUBTYPE`). Samples beyond full scale are clipped, never wrapped."""
+    """One mono clip as file bytes: ``wav16`` (PCM_16 WAV), ``wav24`` (PCM_24 WAV), ``wav32f`` (32-bit float WAV)
+    or ``flac`` (FLAC, :data:`FLAC_SUBTYPE`). The fixed-point formats clip samples beyond full scale (never wrap
+    them); ``wav32f`` keeps them, so a clip that peaks above 0 dBFS can be turned down later without distortion."""
     fmt = check_format(fmt)
     sample_rate = check_sample_rate(sample_rate)
-    x = _clip_wave(wave)
+    x = loudness._mono(wave)                         # checked as the level measures check it
     container, subtype, _ = _CONTAINER[fmt]
-    data = to_pcm16(x) if subtype == "PCM_16" else _pcm24(x)
+    data = (x.astype(np.float32) if subtype == "FLOAT" else
+            to_pcm16(np.clip(x, -1.0, 1.0)) if subtype == "PCM_16" else _pcm24(np.clip(x, -1.0, 1.0)))
     buf = io.BytesIO()
     sf.write(buf, data, sample_rate, format=container, subtype=subtype)
     return buf.getvalue()
@@ -97,12 +105,13 @@ def _seed_of(settings: dict) -> int:
 
 def _render(wave, sample_rate: int, settings: dict, fmt: str, mode: str | None,
             target: float | None) -> tuple[bytes, dict]:
-    x = _clip_wave(wave) if mode is None else np.asarray(wave, np.float64)
+    x = loudness._mono(wave)
     report = None
     if mode is not None:
         x, rep = loudness.normalize(x, sample_rate, mode, target)
         report = rep.to_dict()
-        x = _clip_wave(x)
+    if not keeps_overs(fmt):
+        x = np.clip(x, -1.0, 1.0)                    # what the file holds, so the sidecar's level is the file's
     sidecar = dict(settings)
     sidecar.update(seed=_seed_of(settings), format=fmt, sample_rate=sample_rate,
                    level=loudness.measure(x, sample_rate).to_dict(), normalization=report)

@@ -167,15 +167,19 @@ def normalize(wave, sample_rate: int, mode: str, target: float,
     return out, NormalizeReport(mode, target, gain_db, limited, ceiling, before, measure(out, sample_rate))
 
 
-def describe(level: dict, normalization: dict | None = None) -> str:
+def describe(level: dict, normalization: dict | None = None, keeps_overs: bool = False) -> str:
     """One line for a user, from the ``to_dict()`` forms: ``-18.2 LUFS · true peak -3.1 dBTP`` and, when the clip
-    was normalised, ``· normalised +6.0 dB to -14 LUFS`` (``(held at the true-peak ceiling)`` when it stopped there);
-    a clip whose samples go beyond full scale says that its file clips them."""
+    was normalised, ``· normalised +6.0 dB to -14 LUFS`` (``(held at the true-peak ceiling)`` when it stopped there).
+    A clip whose samples go beyond full scale says so: clipped in a fixed-point file, or, with ``keeps_overs`` (a
+    32-bit float file), kept as it is."""
     text = ("silent" if level["lufs"] <= SILENCE_LUFS else f"{level['lufs']:.1f} LUFS") + \
         f" · true peak {level['true_peak_dbtp']:.1f} dBTP"
     over = level.get("sample_peak_dbfs")
     if over is not None and over > 0.0:
-        text += f" · {over:+.1f} dB over full scale: clipped in the file (a peak or LUFS level target avoids it)"
+        text += (f" · {over:+.1f} dB over full scale: kept in the 32-bit float file (turn it down before a "
+                 "16- or 24-bit export)" if keeps_overs else
+                 f" · {over:+.1f} dB over full scale: clipped in a 16- or 24-bit file (a peak or LUFS level target, "
+                 "or 32-bit float WAV, avoids it)")
     if normalization:
         unit = "dBFS peak" if normalization["mode"] == "peak" else "LUFS"
         text += f" · normalised {normalization['gain_db']:+.1f} dB to {normalization['target']:g} {unit}"

@@ -98,7 +98,7 @@ def _cmd_generate(a):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    paths = save_generation(gen, a.out, pipe.codec, figures=not a.no_figures)
+    paths = save_generation(gen, a.out, pipe.codec, figures=not a.no_figures, fmt=a.format)
     s = gen.settings
     what = {"generate": "clip(s)", "vary": "variation(s)", "regen": "regenerated clip(s)", "extend": "continued clip(s)",
             "loop": "loop(s)", "long": "long clip(s)"}[tool]
@@ -110,7 +110,7 @@ def _cmd_generate(a):
           f"{', autoguidance' if s.get('guidance_reference') == 'guide' else ''}): {s['seconds']:.2f} s "
           f"({s['real_time_factor']:.2f}x real time) -> {a.out}")
     for p, lv, rep in zip(paths, gen.levels, gen.normalization):
-        print(f"  {p.name}: {describe_level(lv, rep)}")
+        print(f"  {p.name}: {describe_level(lv, rep, keeps_overs=a.format == 'wav32f')}")
 
 
 def register(subparsers) -> None:
@@ -134,6 +134,9 @@ def register(subparsers) -> None:
     g.add_argument("--device", default=None)
     add_precision(g, "recorded in each sidecar")
     g.add_argument("--out", required=True)
+    g.add_argument("--format", choices=["wav16", "wav24", "wav32f", "flac"], default="wav16",
+                   help="audio files: 16-bit WAV (default), 24-bit WAV, 32-bit float WAV (keeps peaks above full "
+                        "scale, which the others clip) or FLAC")
     g.add_argument("--no-figures", action="store_true")
     tools = g.add_argument_group("sound-designer tools (one at a time; sources in any audio format)")
     tools.add_argument("--vary", default=None, metavar="FILE",

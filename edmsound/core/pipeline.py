@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from .codec import make_codec
 from ..audio import loudness
-from ..audio.io import write_wav
 from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
                          tile_starts)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, check_reference, interval_list
@@ -585,20 +584,24 @@ def clip_stem(settings: dict, seed: int) -> str:
     return f"{settings['class']}{tool}_{settings['sampler']}_nfe{settings['nfe']}_w{g}_seed{seed}"
 
 
-def save_generation(gen: Generation, out_dir, codec, figures: bool = True) -> list[Path]:
-    """One 16-bit WAV, one PNG (log magnitude + phase) and one JSON sidecar per clip."""
+def save_generation(gen: Generation, out_dir, codec, figures: bool = True, fmt: str = "wav16") -> list[Path]:
+    """One audio file (``fmt``: ``wav16`` 16-bit WAV by default, ``wav24``, ``wav32f`` 32-bit float WAV, which
+    keeps peaks above full scale, or ``flac``), one PNG (log magnitude + phase) and one JSON sidecar per clip."""
+    from ..audio.export import check_format, encode_clip, extension, keeps_overs
     from .plotting import save_figure, spectrogram_figure
+    fmt = check_format(fmt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, seed in enumerate(gen.seeds):
         stem = clip_stem(gen.settings, seed)
-        wav = out_dir / f"{stem}.wav"
-        write_wav(wav, gen.waves[i], gen.sample_rate)
+        wav = out_dir / f"{stem}{extension(fmt)}"
+        wav.write_bytes(encode_clip(gen.waves[i], gen.sample_rate, fmt))
         if figures:
             save_figure(spectrogram_figure(gen.specs[i], codec, title=stem), out_dir / f"{stem}.png")
-        side = dict(gen.settings, seed=seed, file=wav.name, peak=float(np.abs(gen.waves[i]).max()),
-                    clipped=bool(np.abs(gen.waves[i]).max() > 1.0),
+        peak = float(np.abs(gen.waves[i]).max())
+        side = dict(gen.settings, seed=seed, file=wav.name, format=fmt, peak=peak,
+                    clipped=bool(peak > 1.0 and not keeps_overs(fmt)),
                     level=gen.levels[i] if gen.levels else None,
                     normalization=gen.normalization[i] if gen.normalization else None)
         (out_dir / f"{stem}.json").write_text(json.dumps(side, indent=2) + "\n")

@@ -10,6 +10,9 @@ sets of real clips of the same sizes.
   3–7 dB, so at 64 clips a mean is known to about 0.4–0.9 dB, and a gap is read against that too.
 * **loudness**: BS.1770 integrated loudness (LUFS) and true peak (dBTP) of every clip (:mod:`edmsound.loudness`);
   the gap of their medians and their 10th / 90th percentiles (the distributions a sound designer reads).
+* **over full scale**: the share of clips whose sample peak exceeds 0 dBFS — the clips a fixed-point file (16- or
+  24-bit) clips, which a listener hears as distortion. Real clips are mastered below full scale, so the floor is
+  normally 0.
 * **spectral envelope**: mean power in ``n_bands`` log-spaced bands (from ``f_lo`` to Nyquist) over all clips of a
   set, from each clip's full-length periodogram (rectangular window, so Parseval holds and a filter's gain in a
   band shows exactly); the band gap is ``10 log10(P_set / P_ref)`` per band, and the worst band is the largest
@@ -23,8 +26,8 @@ from ..audio import loudness as L
 from .metrics import level_gap_db, rms_dbfs
 
 __all__ = ["band_edges", "clip_band_power", "band_power", "band_gap_db", "band_gap_se_db", "level_gap_db",
-           "level_gap_se_db", "clip_levels", "spectral_centroid_hz", "compare", "band_misses", "misses_text",
-           "FIDELITY_COLUMNS", "CENTROID_QUANTILES"]
+           "level_gap_se_db", "clip_levels", "over_full_scale_share", "spectral_centroid_hz", "compare",
+           "band_misses", "misses_text", "FIDELITY_COLUMNS", "CENTROID_QUANTILES"]
 
 DEFAULT_BANDS = 12
 DEFAULT_F_LO = 50.0
@@ -33,7 +36,7 @@ POWER_FLOOR = 1e-20
 FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap",
                     "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_se_db",
                     "band_gap_worst_band", "centroid_p10", "centroid_median", "centroid_p90", "centroid_gap_p10",
-                    "centroid_gap_median", "centroid_gap_p90"]
+                    "centroid_gap_median", "centroid_gap_p90", "over_full_scale"]
 CENTROID_QUANTILES = tuple(range(5, 100, 5))        # percentiles kept per set (results.json, the brightness plot)
 
 
@@ -97,11 +100,21 @@ def band_gap_db(waves, reference, sample_rate: int, n_bands: int = DEFAULT_BANDS
 
 
 def clip_levels(waves, sample_rate: int) -> dict[str, np.ndarray]:
-    """Per clip: integrated LUFS, true peak dBTP, RMS dBFS and spectral centroid (Hz)."""
+    """Per clip: integrated LUFS, true peak dBTP, sample peak (linear, 1.0 = full scale), RMS dBFS and spectral
+    centroid (Hz)."""
     w = _waves(waves)
     return {"lufs": np.array([L.integrated_lufs(x, sample_rate) for x in w]),
             "true_peak": np.array([L.true_peak_dbtp(x, sample_rate) for x in w]), "rms": rms_dbfs(w),
-            "centroid": spectral_centroid_hz(w, sample_rate)}
+            "peak": np.abs(w).max(axis=1), "centroid": spectral_centroid_hz(w, sample_rate)}
+
+
+def over_full_scale_share(peaks) -> float:
+    """The share (0–1) of clips whose sample peak (linear, 1.0 = 0 dBFS) is above full scale: the clips a
+    fixed-point file clips."""
+    p = np.asarray(peaks, np.float64)
+    if p.size == 0:
+        raise ValueError("no clips")
+    return float(np.mean(p > 1.0))
 
 
 def _centroid_row(levels: dict, ref_levels: dict) -> dict:
@@ -172,6 +185,7 @@ def compare(levels: dict, ref_levels: dict, bands: np.ndarray, ref_bands: np.nda
         "band_gap_db": [float(g) for g in gaps],
         "band_gap_worst_se_db": float(se[worst]), "band_gap_se_db": [float(x) for x in se],
         **_centroid_row(levels, ref_levels),
+        **({"over_full_scale": over_full_scale_share(levels["peak"])} if "peak" in levels else {}),
     }
 
 

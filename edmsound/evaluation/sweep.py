@@ -331,6 +331,8 @@ class _Scorer:
         if fid:
             for k in ("level_gap_db", "lufs_gap", "true_peak_gap"):
                 rows["overall"][k] = float(np.mean([r[k] for r in fid.values()]))
+            n_over = sum(r["over_full_scale"] * len(sets[c]) for c, r in fid.items())
+            rows["overall"]["over_full_scale"] = float(n_over / sum(len(sets[c]) for c in fid))
             worst = max(fid, key=lambda c: abs(fid[c]["band_gap_worst_db"]))
             rows["overall"].update(band_gap_worst_db=fid[worst]["band_gap_worst_db"],
                                    band_gap_worst_se_db=fid[worst]["band_gap_worst_se_db"],

@@ -171,14 +171,19 @@ def _md_fidelity(result) -> list[str]:
          "Gaps of the generated clips against the reference, each beside its **floor**: the same gap for the "
          "training subset (real clips, as many per class, disjoint from the reference). Level = mean RMS dBFS "
          "(± its standard error from both sets' per-clip spread); "
-         "LUFS = median BS.1770 integrated loudness; TP = median true peak (dBTP); worst band = the largest "
+         "LUFS = median BS.1770 integrated loudness; TP = median true peak (dBTP); over 0 dBFS = the share of "
+         "clips whose sample peak is above full scale (clipped in a 16- or 24-bit file); worst band = the largest "
          f"|gap| of {len(edges) - 1} log-spaced bands ({edges[0]:.0f} Hz – {edges[-1] / 1000:g} kHz) of mean power. "
          "Reference LUFS / TP: the real clips' medians."]
     head = ["class", "level gap", "floor", "LUFS gap", "floor", "LUFS p10–p90", "TP gap", "floor", "TP p90",
-            "worst band", "floor", "ref LUFS / TP"]
+            "over 0 dBFS", "floor", "worst band", "floor", "ref LUFS / TP"]
 
     def v(g, c, k, fmt="{:+.1f}"):
         return _f(g.get(c, {}).get(k), fmt)
+
+    def over(g, c):
+        x = g.get(c, {}).get("over_full_scale")
+        return _f(None if x is None else 100.0 * x, "{:.1f} %")
 
     def level(g, c):
         gap, se = v(g, c, "level_gap_db"), v(g, c, "level_gap_se_db", "{:.1f}")
@@ -208,7 +213,7 @@ def _md_fidelity(result) -> list[str]:
             L.append("| " + " | ".join([c, level(g, c), level(floor, c), v(g, c, "lufs_gap"),
                                         v(floor, c, "lufs_gap"), spread, v(g, c, "true_peak_gap"),
                                         v(floor, c, "true_peak_gap"), v(g, c, "true_peak_p90", "{:.1f}"),
-                                        band(g, c), band(floor, c), refl]) + " |")
+                                        over(g, c), over(floor, c), band(g, c), band(floor, c), refl]) + " |")
     centres = np.sqrt(edges[:-1] * edges[1:])
     hz = [f"{c:.0f}" if c < 1000 else f"{c / 1000:.1f}k" for c in centres]
     L += ["", "### Band gaps (dB) per class", "",

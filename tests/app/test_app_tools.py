@@ -93,7 +93,7 @@ def test_tools_through_the_handlers_and_the_session_history(service, tmp_path):
     (lambda h, s: h.long(MAX_TOOL_SECONDS + 1, *KNOBS, 0, 1, "off", None, s), f"{MAX_TOOL_SECONDS:g} s in the app"),
     (lambda h, s: h.extend("upload", 1, 1.0, *KNOBS, 0, 1, "off", None, s), "no uploaded file"),
     (lambda h, s: h.vary(3, 0.5, 1, 0, s), r"clip number 3 is out of range"),
-    (lambda h, s: h.export("mp3", "off", None, dict(s, kept=[1])), "export format must be one of wav16, wav24, flac"),
+    (lambda h, s: h.export("mp3", "off", None, dict(s, kept=[1])), "export format must be one of wav16, wav24, wav32f, flac"),
     (lambda h, s: h.export("wav16", "off", None, s), "tick the clips to keep"),
     (lambda h, s: h.keep(["x"], s), "whole numbers"),
     (lambda h, s: h.long(MAX_TOOL_SECONDS, "low", "euler", 50, 1.0, 0, 4, "off", None, s), "network evaluations"),

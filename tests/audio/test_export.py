@@ -25,7 +25,7 @@ def decode(data):
 
 
 @pytest.mark.parametrize("fmt, container, subtype", [("wav16", "WAV", "PCM_16"), ("wav24", "WAV", "PCM_24"),
-                                                     ("flac", "FLAC", E.FLAC_SUBTYPE)])
+                                                     ("wav32f", "WAV", "FLOAT"), ("flac", "FLAC", E.FLAC_SUBTYPE)])
 def test_each_format_round_trips_with_its_container_and_subtype(tmp_path, fmt, container, subtype):
     x = sine()
     data = E.encode_clip(x, SR, fmt)
@@ -45,22 +45,39 @@ def test_flac_is_24_bit_with_this_libsndfile():
 def test_24_bit_keeps_a_quiet_sine_that_16_bit_rounds():
     x = sine(amp=1e-3)                                   # -60 dBFS: 16-bit steps are 3 % of its amplitude
     err = {fmt: np.max(np.abs(decode(E.encode_clip(x, SR, fmt))[0] - x)) for fmt in E.EXPORT_FORMATS}
-    assert err["wav24"] < 1e-6
+    assert err["wav24"] < 1e-6 and err["wav32f"] < 1e-9
     assert err["flac"] < 1e-6 if E.FLAC_SUBTYPE == "PCM_24" else err["flac"] > 1e-6
     assert err["wav16"] > 1e-6
 
 
-@pytest.mark.parametrize("fmt", E.EXPORT_FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in E.EXPORT_FORMATS if not E.keeps_overs(f)])
 def test_samples_beyond_full_scale_are_clipped_not_wrapped(fmt):
     x = np.array([0.0, 1.5, -1.5, 0.999, -1.0, 2.0], np.float32)
     y, _ = decode(E.encode_clip(x, SR, fmt))
     assert y[1] > 0.999 and y[5] > 0.999 and y[2] == -1.0 and y[4] == -1.0
 
 
+def test_float_wav_keeps_samples_beyond_full_scale():
+    x = np.array([0.0, 1.5, -1.5, 0.999, -1.0, 2.0], np.float32)
+    y, _ = decode(E.encode_clip(x, SR, "wav32f"))
+    assert np.array_equal(y, x.astype(np.float64))
+    assert [f for f in E.EXPORT_FORMATS if E.keeps_overs(f)] == ["wav32f"]
+    assert E.extension("wav32f") == ".wav" and E.extension("flac") == ".flac"
+
+
+def test_the_sidecar_level_is_the_files():
+    hot = sine(amp=1.5)                                   # +3.5 dB over full scale
+    _, data16, side16 = E.export_clip(hot, SR, SETTINGS, fmt="wav16")
+    _, data32, side32 = E.export_clip(hot, SR, SETTINGS, fmt="wav32f")
+    assert side16["level"]["sample_peak_dbfs"] == pytest.approx(0.0, abs=0.01)        # clipped in the file
+    assert side32["level"]["sample_peak_dbfs"] == pytest.approx(20 * np.log10(1.5), abs=0.01)
+    assert np.max(np.abs(decode(data32)[0])) == pytest.approx(1.5, abs=1e-6)
+
+
 def test_invalid_format_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"export format must be one of wav16, wav24, flac, got 'mp3'"):
+    with pytest.raises(ValueError, match=r"export format must be one of wav16, wav24, wav32f, flac, got 'mp3'"):
         E.check_format("mp3")
-    with pytest.raises(ValueError, match="wav16, wav24, flac"):
+    with pytest.raises(ValueError, match="wav16, wav24, wav32f, flac"):
         E.export_clip(sine(), SR, SETTINGS, fmt="ogg")
     assert E.check_format(" FLAC ") == "flac"
 

@@ -100,6 +100,8 @@ def test_description_says_when_the_file_clips():
     t = np.arange(sr) / sr
     hot = (1.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)          # +3.5 dB over full scale
     text = describe(measure(hot, sr).to_dict())
-    assert "+3.5 dB over full scale: clipped in the file" in text
+    assert "+3.5 dB over full scale: clipped in a 16- or 24-bit file" in text and "32-bit float WAV" in text
+    kept = describe(measure(hot, sr).to_dict(), keeps_overs=True)
+    assert "+3.5 dB over full scale: kept in the 32-bit float file" in kept and "clipped" not in kept
     safe = describe(measure(0.5 * hot, sr).to_dict())                      # -2.5 dBFS peak
     assert "full scale" not in safe and "true peak" in safe

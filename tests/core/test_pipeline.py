@@ -151,6 +151,37 @@ def test_cli_generate_normalises_only_when_asked_and_records_it(tiny_ckpt, tmp_p
         assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_float_wav_keeps_what_16_bit_clips(tiny_ckpt, tmp_path, capsys):
+    import dataclasses
+    from edmsound.audio import loudness
+    from edmsound.cli import main
+    from edmsound.core.pipeline import save_generation
+    p = EDMSoundPipeline(tiny_ckpt, device="cpu")
+    gen = p.generate("low", n=2, sampler="euler", nfe=3, seed=3)
+    hot = gen.waves * (np.array([[2.0], [0.5]], np.float32) / np.abs(gen.waves).max(axis=1, keepdims=True))
+    gen = dataclasses.replace(gen, waves=hot)               # clip 0 peaks at +6 dBFS, clip 1 at -6
+    files = {fmt: save_generation(gen, tmp_path / fmt, p.codec, figures=False, fmt=fmt) for fmt in ("wav16", "wav32f")}
+    for i, (w16, w32) in enumerate(zip(files["wav16"], files["wav32f"])):
+        assert sf.info(str(w16)).subtype == "PCM_16" and sf.info(str(w32)).subtype == "FLOAT"
+        x32, _ = sf.read(str(w32), dtype="float32")
+        x16, _ = sf.read(str(w16), dtype="float32")
+        np.testing.assert_array_equal(x32, hot[i])
+        assert np.abs(x16).max() <= 1.0 and (np.abs(x16).max() < 0.51) == (i == 1)
+        s16, s32 = (json.loads(w.with_suffix(".json").read_text()) for w in (w16, w32))
+        assert s16["clipped"] == (i == 0) and s32["clipped"] is False
+        assert (s16["format"], s32["format"]) == ("wav16", "wav32f") and s16["peak"] == pytest.approx(s32["peak"])
+    with pytest.raises(ValueError, match="wav16, wav24, wav32f, flac"):
+        save_generation(gen, tmp_path / "x", p.codec, figures=False, fmt="mp3")
+    # the CLI writes the chosen format, and its level line says what the file holds
+    main(["generate", "--checkpoint", str(tiny_ckpt), "--class", "low", "--n", "1", "--sampler", "euler", "--nfe",
+          "3", "--seed", "3", "--format", "flac", "--no-figures", "--out", str(tmp_path / "cli")])
+    (f,) = sorted((tmp_path / "cli").glob("*.flac"))
+    assert sf.info(str(f)).format == "FLAC" and json.loads(f.with_suffix(".json").read_text())["file"] == f.name
+    assert f"{f.name}: " in capsys.readouterr().out
+    hot_level = loudness.measure(hot[0], p.sample_rate).to_dict()
+    assert "kept in the 32-bit float file" in loudness.describe(hot_level, keeps_overs=True)
+
+
 def test_cli_user_errors_are_one_line_and_tracebacks_only_on_request(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("EDMSOUND_DEBUG", None)

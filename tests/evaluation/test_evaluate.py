@@ -173,6 +173,7 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
         # each band gap with its standard error (the reference against itself too: two draws' worth)
         assert len(r["band_gap_se_db"]) == 12 and all(0 < x < 20 for x in r["band_gap_se_db"])
         assert r["band_gap_worst_se_db"] == r["band_gap_se_db"][r["band_gap_worst_band"]]
+        assert 0.0 <= r["over_full_scale"] <= 1.0 and (r["kind"] == "generated" or r["over_full_scale"] == 0.0)
         # brightness: the centroid's percentiles, in order, and the reference against itself without a gap
         q = r["centroid_quantiles_hz"]
         assert q == sorted(q) and r["centroid_p10"] <= r["centroid_median"] <= r["centroid_p90"] < 8000
@@ -184,6 +185,7 @@ def test_sweep_writes_csv_markdown_and_plots(swept):
     assert (out / "plots" / "brightness.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Fidelity without a learned encoder" in md and "| floor |" in md and "### Band gaps (dB) per class" in md
     first = next(r for r in js["rows"] if r["kind"] == "generated" and r["class"] == "high")
+    assert "| over 0 dBFS | floor |" in md and f"| {100 * first['over_full_scale']:.1f} % | 0.0 % |" in md
     cells = " | ".join(f"{g:+.1f} ± {e:.1f}" for g, e in zip(first["band_gap_db"], first["band_gap_se_db"]))
     assert cells in md and "class-bands beyond ±4 dB" in md
     assert (out / "plots" / "bands.png").read_bytes()[:4] == b"\x89PNG"
@@ -352,6 +354,10 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
     assert band["met"] == (abs(g) <= 4.0) and f"{g:+.1f} ± {se:.1f} dB" in band["value"] and "floor" in band["value"]
     beyond = sum(abs(x) > 4 for r in gen.values() for x in r["band_gap_db"])
     assert (f"{beyond} of 24 class-bands beyond ±4 dB" in band["value"]) == (beyond > 0)
+    over = bars["clips over full scale (clipped in a 16- or 24-bit file), every class"]
+    worst_over = max(r["over_full_scale"] for r in gen.values())
+    assert over["met"] == (worst_over <= 0.05) and f"{100 * worst_over:.1f} %" in over["value"]
+    assert "floor 0.0 %" in over["value"]                                 # real clips never reach full scale
     heun = [b for k, b in bars.items() if k.startswith("FAD at")]
     assert heun[0]["met"] is None and "heun:51:2" in heun[0]["value"]       # the sweep has no Heun-50 row
     other = quality_targets(res, "dpmpp_2m", 3, 2.0, (0.05, 1.0), dict(speed, nfe=10))

@@ -195,3 +195,17 @@ def test_compare_reads_brightness_by_percentile(real_set):
     tail = F.compare(F.clip_levels(dull_tail, sr), lv, F.clip_band_power(dull_tail, sr), bands)
     assert tail["centroid_gap_p10"] == pytest.approx(0.0, abs=1e-6) and tail["centroid_gap_p90"] < -50
     assert F.compare(lv, lv, bands, bands)["centroid_gap_median"] == 0.0
+
+
+def test_over_full_scale_counts_the_clips_a_fixed_point_file_clips(real_set):
+    assert F.over_full_scale_share([0.5, 1.0, 1.0001, 3.0]) == pytest.approx(0.5)    # exactly 1.0 is not over
+    peaks = np.abs(real_set).max(axis=1)
+    hot = real_set / peaks[:, None] * np.where(np.arange(len(real_set)) % 3 == 0, 1.25, 0.9)[:, None]
+    lv, ref = F.clip_levels(hot, SR), F.clip_levels(real_set, SR)
+    assert np.allclose(lv["peak"], np.where(np.arange(len(real_set)) % 3 == 0, 1.25, 0.9))
+    row = F.compare(lv, ref, F.clip_band_power(hot, SR), F.clip_band_power(real_set, SR))
+    assert row["over_full_scale"] == pytest.approx(4 / 12)                  # every third of 12 clips
+    assert F.compare(ref, ref, F.clip_band_power(real_set, SR), F.clip_band_power(real_set, SR))[
+        "over_full_scale"] == 0.0                                          # synthesized clips peak at most 0.95
+    with pytest.raises(ValueError):
+        F.over_full_scale_share([])
