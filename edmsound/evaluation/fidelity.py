@@ -10,9 +10,10 @@ sets of real clips of the same sizes.
   3–7 dB, so at 64 clips a mean is known to about 0.4–0.9 dB, and a gap is read against that too.
 * **loudness**: BS.1770 integrated loudness (LUFS) and true peak (dBTP) of every clip (:mod:`edmsound.loudness`);
   the gap of their medians and their 10th / 90th percentiles (the distributions a sound designer reads).
-* **over full scale**: the share of clips whose sample peak exceeds 0 dBFS — the clips a fixed-point file (16- or
-  24-bit) clips, which a listener hears as distortion. Real clips are mastered below full scale, so the floor is
-  normally 0.
+* **over full scale**: the share of clips whose sample peak reaches full scale (:data:`FULL_SCALE`, the largest
+  16-bit sample, or beyond) — the clips a fixed-point file clips, which a listener hears as distortion. Clips read
+  back from 16-bit files (the evaluation's cache) count by the samples their file clipped to full scale. Real clips
+  are mastered below full scale, so the floor is normally 0.
 * **spectral envelope**: mean power in ``n_bands`` log-spaced bands (from ``f_lo`` to Nyquist) over all clips of a
   set, from each clip's full-length periodogram (rectangular window, so Parseval holds and a filter's gain in a
   band shows exactly); the band gap is ``10 log10(P_set / P_ref)`` per band, and the worst band is the largest
@@ -27,11 +28,12 @@ from .metrics import level_gap_db, rms_dbfs
 
 __all__ = ["band_edges", "clip_band_power", "band_power", "band_gap_db", "band_gap_se_db", "level_gap_db",
            "level_gap_se_db", "clip_levels", "over_full_scale_share", "spectral_centroid_hz", "compare",
-           "band_misses", "misses_text", "FIDELITY_COLUMNS", "CENTROID_QUANTILES"]
+           "band_misses", "misses_text", "FIDELITY_COLUMNS", "CENTROID_QUANTILES", "FULL_SCALE"]
 
 DEFAULT_BANDS = 12
 DEFAULT_F_LO = 50.0
 POWER_FLOOR = 1e-20
+FULL_SCALE = 1.0 - 2.0 ** -15     # the largest 16-bit sample: a 16-bit file clips anything beyond it to this
 
 FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap",
                     "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_se_db",
@@ -109,12 +111,12 @@ def clip_levels(waves, sample_rate: int) -> dict[str, np.ndarray]:
 
 
 def over_full_scale_share(peaks) -> float:
-    """The share (0–1) of clips whose sample peak (linear, 1.0 = 0 dBFS) is above full scale: the clips a
-    fixed-point file clips."""
+    """The share (0–1) of clips whose sample peak (linear, 1.0 = 0 dBFS) reaches :data:`FULL_SCALE` or goes
+    beyond: the clips a fixed-point file clips (in a clip read back from a 16-bit file, the samples it clipped)."""
     p = np.asarray(peaks, np.float64)
     if p.size == 0:
         raise ValueError("no clips")
-    return float(np.mean(p > 1.0))
+    return float(np.mean(p >= FULL_SCALE))
 
 
 def _centroid_row(levels: dict, ref_levels: dict) -> dict:

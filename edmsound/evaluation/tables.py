@@ -172,7 +172,7 @@ def _md_fidelity(result) -> list[str]:
          "training subset (real clips, as many per class, disjoint from the reference). Level = mean RMS dBFS "
          "(± its standard error from both sets' per-clip spread); "
          "LUFS = median BS.1770 integrated loudness; TP = median true peak (dBTP); over 0 dBFS = the share of "
-         "clips whose sample peak is above full scale (clipped in a 16- or 24-bit file); worst band = the largest "
+         "clips whose sample peak reaches full scale (clipped in a 16- or 24-bit file); worst band = the largest "
          f"|gap| of {len(edges) - 1} log-spaced bands ({edges[0]:.0f} Hz – {edges[-1] / 1000:g} kHz) of mean power. "
          "Reference LUFS / TP: the real clips' medians."]
     head = ["class", "level gap", "floor", "LUFS gap", "floor", "LUFS p10–p90", "TP gap", "floor", "TP p90",

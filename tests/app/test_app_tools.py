@@ -76,6 +76,8 @@ def test_tools_through_the_handlers_and_the_session_history(service, tmp_path):
     assert side["format"] == "wav24" and {"class", "sampler", "nfe", "guidance", "seed"} <= set(side)
     assert sf.info(io.BytesIO(z.read(wavs[0]))).subtype == "PCM_24"
     s, hist = h.keep([4], s)
+    as_float = h.export("wav32f", "off", None, s)
+    assert as_float.endswith(".wav") and sf.info(as_float).subtype == "FLOAT"
     one = h.export("flac", "peak", -3.0, s)
     assert one.endswith(".flac") and "_extend_" in one
     w, _ = sf.read(one)

@@ -198,7 +198,11 @@ def test_compare_reads_brightness_by_percentile(real_set):
 
 
 def test_over_full_scale_counts_the_clips_a_fixed_point_file_clips(real_set):
-    assert F.over_full_scale_share([0.5, 1.0, 1.0001, 3.0]) == pytest.approx(0.5)    # exactly 1.0 is not over
+    assert F.over_full_scale_share([0.5, 0.999, 1.0001, 3.0]) == pytest.approx(0.5)
+    # read back from a 16-bit file, a clipped clip peaks at the largest 16-bit sample (or -1.0): that counts
+    from edmsound.audio.io import to_pcm16
+    back = to_pcm16(np.array([[0.2, 1.7, -0.3], [0.2, -1.2, 0.3], [0.2, 0.99, -0.99]])) / 32768.0
+    assert F.over_full_scale_share(np.abs(back).max(axis=1)) == pytest.approx(2 / 3)
     peaks = np.abs(real_set).max(axis=1)
     hot = real_set / peaks[:, None] * np.where(np.arange(len(real_set)) % 3 == 0, 1.25, 0.9)[:, None]
     lv, ref = F.clip_levels(hot, SR), F.clip_levels(real_set, SR)
