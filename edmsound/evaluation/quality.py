@@ -102,10 +102,10 @@ def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
         note = f"; floor {100 * max(fl):.1f} %" if fl else ""
         n_out = sum(v > OVER_FULL_SCALE_MAX for v in over.values())
         count = f"; {n_out} of {len(classes)} classes above" if n_out else ""
-        out.append(_bar("clips over full scale (clipped in a 16- or 24-bit file), every class", target,
+        out.append(_bar("clips reaching full scale (clipped in a 16- or 24-bit file), every class", target,
                         f"{100 * over[worst]:.1f} % ({worst}{note}{count})", over[worst] <= OVER_FULL_SCALE_MAX))
     else:
-        out.append(_bar("clips over full scale (clipped in a 16- or 24-bit file), every class", target,
+        out.append(_bar("clips reaching full scale (clipped in a 16- or 24-bit file), every class", target,
                         "– (an evaluation from before this measure; run evaluate again)", None))
     return out
 

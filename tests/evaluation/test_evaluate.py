@@ -354,7 +354,7 @@ def test_quality_report_read_off_the_evaluation(world, interval_sweep, tmp_path,
     assert band["met"] == (abs(g) <= 4.0) and f"{g:+.1f} ± {se:.1f} dB" in band["value"] and "floor" in band["value"]
     beyond = sum(abs(x) > 4 for r in gen.values() for x in r["band_gap_db"])
     assert (f"{beyond} of 24 class-bands beyond ±4 dB" in band["value"]) == (beyond > 0)
-    over = bars["clips over full scale (clipped in a 16- or 24-bit file), every class"]
+    over = bars["clips reaching full scale (clipped in a 16- or 24-bit file), every class"]
     worst_over = max(r["over_full_scale"] for r in gen.values())
     assert over["met"] == (worst_over <= 0.05) and f"{100 * worst_over:.1f} %" in over["value"]
     assert "floor 0.0 %" in over["value"]                                 # real clips never reach full scale
