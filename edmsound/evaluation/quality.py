@@ -22,7 +22,7 @@ HEUN_REFERENCE_MIN_NFE = 49       # "Heun at NFE 50": Heun spends odd budgets, s
 FAD_RATIO_MAX = 2.5               # FAD / FAD of a training subset of the same size
 LEVEL_GAP_MAX_DB = 1.5            # |mean RMS dBFS of generated - real|, every class
 BAND_GAP_MAX_DB = 4.0             # |mean power gap| in every one of the 12 log-spaced bands, every class
-OVER_FULL_SCALE_MAX = 0.05        # share of clips with a sample peak above 0 dBFS, every class (real clips: 0)
+OVER_FULL_SCALE_MAX = 0.05        # share of clips whose sample peak reaches full scale, every class (real clips: 0)
 
 
 def load_results(path) -> dict:
