@@ -39,7 +39,8 @@ _export("edmsound.core.storage", "read_config", "resolve_model_dir", "find_model
 # audio in, out and level
 _export("edmsound.audio.io", "load_audio", "write_wav", "wav_bytes", "to_pcm16", "AUDIO_EXTENSIONS")
 _export("edmsound.audio.upload", "read_upload", "UploadError", "UPLOAD_EXTENSIONS")
-_export("edmsound.audio.export", "EXPORT_FORMATS", "export_clip", "export_zip", "write_export")
+_export("edmsound.audio.export", "EXPORT_FORMATS", "export_clip", "export_zip", "write_export",
+        format_keeps_overs="keeps_overs")
 _export("edmsound.audio.loudness", "ClipLevel", measure_level="measure", normalize_level="normalize",
         describe_level="describe", check_level_target="check_target", integrated_lufs="integrated_lufs",
         true_peak_dbtp="true_peak_dbtp")

@@ -23,7 +23,7 @@ PUBLIC_API = [
     "build_demo",
     "build_denoiser", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
     "check_speed_record", "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
-    "export_model", "export_zip", "find_models", "format_class_guidance", "format_guidance_interval", "get_preset", "get_sampler",
+    "export_model", "export_zip", "find_models", "format_class_guidance", "format_guidance_interval", "format_keeps_overs", "get_preset", "get_sampler",
     "get_schedule", "init_distributed", "integrated_lufs", "interval_list", "jemalloc_loaded", "karras_sigmas",
     "launch_kwargs", "load_audio", "load_classifier", "load_denoiser", "load_encoder", "load_folder",
     "load_reference", "load_results", "load_training_set", "measure_level", "normalize_level", "parse_points",

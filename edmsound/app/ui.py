@@ -1017,7 +1017,8 @@ def build_demo(service) -> gr.Blocks:
         exp_btn.click(h.export, [ex_fmt, ex_level, ex_target, session], [exp_file], api_name="export",
                       preprocess=False,
                       api_description="The kept clips as one file or a zip with JSON sidecars: `fmt` wav16, wav24, "
-                                      "wav32f (32-bit float, keeps peaks above full scale) or flac; `level` 'off', 'peak' or 'lufs' with `target`.", **heavy)
+                                      "wav32f (32-bit float, keeps peaks above full scale) or flac; `level` 'off', "
+                                      "'peak' or 'lufs' with `target`.", **heavy)
         ex_level.change(h.level_changed, [ex_level], [ex_target], api_visibility="private", queue=False,
                         preprocess=False)
         hist_pick.input(h.play, [hist_pick, session], [hist_audio], api_visibility="private", preprocess=False,

@@ -1,5 +1,5 @@
-"""Exporting kept clips: encoding as 16/24-bit or 32-bit float WAV or FLAC, file names from a clip's settings, the optional
-loudness normalisation, and a zip of audio files with their JSON sidecars (written atomically)."""
+"""Exporting kept clips: encoding as 16/24-bit or 32-bit float WAV or FLAC, file names from a clip's settings, the
+optional loudness normalisation, and a zip of audio files with their JSON sidecars (written atomically)."""
 from __future__ import annotations
 
 import io
@@ -17,8 +17,8 @@ import soundfile as sf
 from . import loudness
 from .io import check_sample_rate, to_pcm16
 
-__all__ = ["EXPORT_FORMATS", "FLAC_SUBTYPE", "check_format", "keeps_overs", "extension", "encode_clip", "export_name", "export_clip",
-           "export_zip", "write_export"]
+__all__ = ["EXPORT_FORMATS", "FLAC_SUBTYPE", "check_format", "keeps_overs", "extension", "encode_clip",
+           "export_name", "export_clip", "export_zip", "write_export"]
 
 EXPORT_FORMATS = ("wav16", "wav24", "wav32f", "flac")
 # FLAC is written 24-bit when the bundled libsndfile supports it (1.2.2 does), else 16-bit.

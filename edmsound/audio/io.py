@@ -67,9 +67,12 @@ def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
     return np.pad(wave, (0, num_samples - len(wave)))
 
 
+PCM16_MAX = 1.0 - 2.0 ** -15      # the largest 16-bit sample (32767 / 32768)
+
+
 def to_pcm16(wave: np.ndarray) -> np.ndarray:
-    """Float wave -> int16 with clipping at full scale."""
-    return (np.clip(wave, -1.0, 1.0 - 1.0 / 32768) * 32768).round().astype(np.int16)
+    """Float wave -> int16 with clipping at full scale (-1.0 … :data:`PCM16_MAX`)."""
+    return (np.clip(wave, -1.0, PCM16_MAX) * 32768).round().astype(np.int16)
 
 
 def write_wav(path, wave: np.ndarray, sample_rate: int):

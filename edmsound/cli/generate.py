@@ -59,7 +59,7 @@ def _check_tools(a) -> str:
 
 
 def _cmd_generate(a):
-    from .. import describe_level, EDMSoundPipeline, format_guidance_interval, save_generation
+    from .. import describe_level, EDMSoundPipeline, format_guidance_interval, format_keeps_overs, save_generation
     norm, target = (("peak", a.normalize_peak) if a.normalize_peak is not None else
                     ("lufs", a.normalize_lufs) if a.normalize_lufs is not None else (None, None))
     try:
@@ -110,10 +110,11 @@ def _cmd_generate(a):
           f"{', autoguidance' if s.get('guidance_reference') == 'guide' else ''}): {s['seconds']:.2f} s "
           f"({s['real_time_factor']:.2f}x real time) -> {a.out}")
     for p, lv, rep in zip(paths, gen.levels, gen.normalization):
-        print(f"  {p.name}: {describe_level(lv, rep, keeps_overs=a.format == 'wav32f')}")
+        print(f"  {p.name}: {describe_level(lv, rep, keeps_overs=format_keeps_overs(a.format))}")
 
 
 def register(subparsers) -> None:
+    from .. import EXPORT_FORMATS
     g = subparsers.add_parser("generate", help="generate clips of one class from a checkpoint")
     g.add_argument("--checkpoint", default="checkpoints/default")
     g.add_argument("--class", dest="class_name", required=True)
@@ -134,7 +135,7 @@ def register(subparsers) -> None:
     g.add_argument("--device", default=None)
     add_precision(g, "recorded in each sidecar")
     g.add_argument("--out", required=True)
-    g.add_argument("--format", choices=["wav16", "wav24", "wav32f", "flac"], default="wav16",
+    g.add_argument("--format", choices=EXPORT_FORMATS, default="wav16",
                    help="audio files: 16-bit WAV (default), 24-bit WAV, 32-bit float WAV (keeps peaks above full "
                         "scale, which the others clip) or FLAC")
     g.add_argument("--no-figures", action="store_true")

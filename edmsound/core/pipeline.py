@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .codec import make_codec
 from ..audio import loudness
+from ..audio.export import check_format, encode_clip, extension, keeps_overs
 from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
                          tile_starts)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, check_reference, interval_list
@@ -587,7 +588,6 @@ def clip_stem(settings: dict, seed: int) -> str:
 def save_generation(gen: Generation, out_dir, codec, figures: bool = True, fmt: str = "wav16") -> list[Path]:
     """One audio file (``fmt``: ``wav16`` 16-bit WAV by default, ``wav24``, ``wav32f`` 32-bit float WAV, which
     keeps peaks above full scale, or ``flac``), one PNG (log magnitude + phase) and one JSON sidecar per clip."""
-    from ..audio.export import check_format, encode_clip, extension, keeps_overs
     from .plotting import save_figure, spectrogram_figure
     fmt = check_format(fmt)
     out_dir = Path(out_dir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..audio import loudness as L
+from ..audio.io import PCM16_MAX
 from .metrics import level_gap_db, rms_dbfs
 
 __all__ = ["band_edges", "clip_band_power", "band_power", "band_gap_db", "band_gap_se_db", "level_gap_db",
@@ -33,7 +34,7 @@ __all__ = ["band_edges", "clip_band_power", "band_power", "band_gap_db", "band_g
 DEFAULT_BANDS = 12
 DEFAULT_F_LO = 50.0
 POWER_FLOOR = 1e-20
-FULL_SCALE = 1.0 - 2.0 ** -15     # the largest 16-bit sample: a 16-bit file clips anything beyond it to this
+FULL_SCALE = PCM16_MAX            # the largest 16-bit sample: a 16-bit file clips anything beyond it to this
 
 FIDELITY_COLUMNS = ["level_gap_db", "level_gap_se_db", "lufs_median", "lufs_p10", "lufs_p90", "lufs_gap",
                     "true_peak_median", "true_peak_p90", "true_peak_gap", "band_gap_worst_db", "band_gap_worst_se_db",

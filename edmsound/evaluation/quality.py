@@ -95,18 +95,17 @@ def _fidelity_bars(results: dict, rows: dict, classes: list[str]) -> list[dict]:
         out.append(_bar(f"band gap, every class and band ({len(bands[c])} bands)", f"\\|gap\\| ≤ {BAND_GAP_MAX_DB:g} dB",
                         f"{g:+.1f}{pm} dB ({c}, band {b + 1}{note}{count})", abs(g) <= BAND_GAP_MAX_DB))
     over = {c: rows[c].get("over_full_scale") for c in classes}
-    target = f"≤ {100 * OVER_FULL_SCALE_MAX:g} %"
+    name, target = "clips reaching full scale (clipped in a 16- or 24-bit file), every class", \
+        f"≤ {100 * OVER_FULL_SCALE_MAX:g} %"
     if over and all(_finite(v) for v in over.values()):
         worst = max(over, key=lambda c: over[c])
         fl = [floor[c]["over_full_scale"] for c in classes if _finite(floor.get(c, {}).get("over_full_scale"))]
         note = f"; floor {100 * max(fl):.1f} %" if fl else ""
         n_out = sum(v > OVER_FULL_SCALE_MAX for v in over.values())
         count = f"; {n_out} of {len(classes)} classes above" if n_out else ""
-        out.append(_bar("clips reaching full scale (clipped in a 16- or 24-bit file), every class", target,
-                        f"{100 * over[worst]:.1f} % ({worst}{note}{count})", over[worst] <= OVER_FULL_SCALE_MAX))
+        out.append(_bar(name, target, f"{100 * over[worst]:.1f} % ({worst}{note}{count})", over[worst] <= OVER_FULL_SCALE_MAX))
     else:
-        out.append(_bar("clips reaching full scale (clipped in a 16- or 24-bit file), every class", target,
-                        "– (an evaluation from before this measure; run evaluate again)", None))
+        out.append(_bar(name, target, "– (an evaluation from before this measure; run evaluate again)", None))
     return out
 
 
