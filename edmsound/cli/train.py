@@ -116,7 +116,8 @@ def _cmd_consistency(a):
     _run_student(a, lambda *x, **kw: ConsistencyTuner(*x, max_nfe=a.max_nfe, stages=a.stages,
                                                       sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
                                                       envelope_weight=a.envelope_weight,
-                                                      envelope_max_sigma=a.envelope_max_sigma, **kw),
+                                                      envelope_max_sigma=a.envelope_max_sigma,
+                                                      ema_halflife=a.ema_halflife, **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -256,6 +257,8 @@ def register(subparsers) -> None:
                         "quiet bands; 0 turns it off (default 0); repeat on --resume")
     c.add_argument("--envelope-max-sigma", type=positive, default=1.0, metavar="SIGMA",
                    help="the highest noise level the envelope term applies at (default 1.0)")
+    c.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
+                   help="EMA half-life in steps (default: the model's own); repeat on --resume")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 

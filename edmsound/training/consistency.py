@@ -152,13 +152,16 @@ class ConsistencyTuner(StudentTrainer):
                  lr: float | None = None, checkpoint_every: int | None = None, p_mean: float | None = None,
                  p_std: float | None = None, envelope_weight: float = 0.0,
                  envelope_max_sigma: float = DEFAULT_ENVELOPE_MAX_SIGMA, precision: str = "auto",
-                 fit_minutes: float | None = None):
+                 fit_minutes: float | None = None, ema_halflife: float | None = None):
         """``fit_minutes``: instead of ``steps``, time the first steps and lay the stages over the steps that fit in
-        this many minutes of tuning (a new run only; the number is printed and recorded, for ``--resume --steps``)."""
+        this many minutes of tuning (a new run only; the number is printed and recorded, for ``--resume --steps``).
+        ``ema_halflife``: the student's EMA half-life in steps (default: the teacher's own)."""
         if not (math.isfinite(envelope_weight) and envelope_weight >= 0):
             raise ValueError(f"the envelope weight must be a finite number >= 0, got {envelope_weight!r}")
         if not (math.isfinite(envelope_max_sigma) and envelope_max_sigma > 0):
             raise ValueError(f"the envelope's highest level must be a finite number > 0, got {envelope_max_sigma!r}")
+        if ema_halflife is not None and not (math.isfinite(ema_halflife) and ema_halflife > 0):
+            raise ValueError(f"the EMA half-life must be a finite number of steps > 0, got {ema_halflife!r}")
         teacher_dir, tpreset, classes, tinfo = read_teacher(teacher)
         if "distillation" in tinfo:
             raise ValueError(f"{teacher_dir} is a distilled few-step student; tune a diffusion model or continue a "
@@ -189,7 +192,8 @@ class ConsistencyTuner(StudentTrainer):
         student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
                                          sigma_min=float(sigma_mid))
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
-                                                            checkpoint_every=checkpoint_every
+                                                            checkpoint_every=checkpoint_every,
+                                                            ema_halflife_steps=ema_halflife
                                                             ).replace_noise(p_mean=p_mean, p_std=p_std),
                                       student_nfe=M, student_sampler="consistency")
         self.stages = S

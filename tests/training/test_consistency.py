@@ -207,6 +207,7 @@ def test_cli_consistency_tune_and_its_one_line_errors(tiny_ckpt, tone_tree, tmp_
                       (["--teacher", str(tiny_ckpt), "--envelope-max-sigma", "0"],
                        "--envelope-max-sigma: must be a number > 0"),
                       (["--teacher", str(tiny_ckpt), "--fit-minutes", "0"], "--fit-minutes: must be a number > 0"),
+                      (["--teacher", str(tiny_ckpt), "--ema-halflife", "0"], "--ema-halflife: must be a number > 0"),
                       (["--teacher", str(tiny_ckpt), "--fit-minutes", "5", "--resume"],
                        "a time budget plans a new run"),
                       (["--teacher", str(tiny_ckpt), "--fit-minutes", "5", "--max-minutes", "9"],
@@ -243,6 +244,21 @@ def test_tuning_noise_can_be_moved_towards_the_high_levels_and_is_recorded(tiny_
         with pytest.raises(ValueError, match=msg):
             ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "bad", steps=2, progress=False, **kw)
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_student_ema_half_life_is_the_teachers_unless_given_and_is_recorded(tiny_ckpt, tone_tree, tmp_path):
+    teacher_hl = EDMSoundPipeline(tiny_ckpt, device="cpu").preset.train.ema_halflife_steps
+    own = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "own", steps=2, progress=False, batch_size=2)
+    assert own.preset.train.ema_halflife_steps == teacher_hl
+    given = teacher_hl * 3 + 7
+    t = ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", steps=2, progress=False, batch_size=2,
+                         ema_halflife=given)
+    t.run()
+    t.export(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "info.json").read_text())["segments"][-1]["ema_halflife_steps"] == given
+    with pytest.raises(ValueError, match="EMA half-life must be a finite number of steps > 0"):
+        ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "bad", steps=2, progress=False, ema_halflife=float("inf"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_band_power_averages_each_bin_over_time_chunks_a_short_last_chunk_over_its_own_frames():
