@@ -191,6 +191,8 @@ class ConsistencyTuner(StudentTrainer):
             raise ValueError(f"sigma_mid must be in [{t_range[0]:g}, {t_range[1]:g}), got {sigma_mid!r}")
         student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
                                          sigma_min=float(sigma_mid))
+        if before is None:     # a new student plays the conditional model: no per-class guidance of its teacher's
+            student = dataclasses.replace(student, default_class_guidance=None, default_class_guidance_interval=None)
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
                                                             checkpoint_every=checkpoint_every,
                                                             ema_halflife_steps=ema_halflife

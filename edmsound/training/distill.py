@@ -114,7 +114,8 @@ class Distiller(StudentTrainer):
                                          sigma_min=student_sigma_min(self.grid))
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
                                                             checkpoint_every=checkpoint_every), student_nfe=M,
-                                      student_sampler="euler")
+                                      student_sampler="euler", default_class_guidance=None,
+                                      default_class_guidance_interval=None)   # the guided result is learned
         self.distillation = {"teacher": teacher_dir.name, "teacher_nfe_grid": 2 * M, "student_nfe": M,
                              "teacher_solver": solver, "teacher_guidance": w,
                              "teacher_guidance_interval": None if self.teacher_interval is None
