@@ -42,6 +42,20 @@ def tiny_ckpt(tmp_path_factory):
     return d / "model"
 
 
+@pytest.fixture
+def guided_teacher(tiny_ckpt, tmp_path):
+    """(a copy of ``tiny_ckpt`` whose first class is guided at w 3 on sigma in (0.5, 3], that class's name)."""
+    import json
+    import shutil
+    teacher = tmp_path / "guided-teacher"
+    shutil.copytree(tiny_ckpt, teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    guided = cfg["classes"][0]
+    cfg["preset"].update(default_class_guidance={guided: 3.0}, default_class_guidance_interval={guided: [0.5, 3.0]})
+    (teacher / "config.json").write_text(json.dumps(cfg))
+    return teacher, guided
+
+
 @pytest.fixture(scope="session")
 def pipe(tiny_ckpt):
     from edmsound.core.pipeline import EDMSoundPipeline

@@ -261,23 +261,19 @@ def test_the_student_ema_half_life_is_the_teachers_unless_given_and_is_recorded(
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_new_student_samples_every_class_unguided_a_continued_one_keeps_its_own_guidance(tiny_ckpt, tone_tree,
+def test_a_new_student_samples_every_class_unguided_a_continued_one_keeps_its_own_guidance(guided_teacher, tone_tree,
                                                                                               tmp_path):
     """The teacher's per-class guidance (set for the teacher, possibly towards a guide model the student does not
     carry) is not the student's: a new student plays the conditional model in every class. A tuned model with
     guidance calibrated for itself keeps it when tuned further."""
-    teacher = tmp_path / "teacher"
-    shutil.copytree(tiny_ckpt, teacher)
-    cfg = json.loads((teacher / "config.json").read_text())
-    guided = cfg["classes"][0]
-    cfg["preset"].update(default_class_guidance={guided: 3.0}, default_class_guidance_interval={guided: [0.5, 3.0]})
-    (teacher / "config.json").write_text(json.dumps(cfg))
+    teacher, guided = guided_teacher
+    classes = EDMSoundPipeline(teacher, device="cpu").classes
     assert EDMSoundPipeline(teacher, device="cpu").preset.guidance_for(guided) == 3.0
     t = ConsistencyTuner(teacher, tone_tree, tmp_path / "r", steps=2, progress=False, batch_size=2)
     t.run()
     t.export(tmp_path / "m")
     student = EDMSoundPipeline(tmp_path / "m", device="cpu").preset
-    assert [student.guidance_for(c) for c in cfg["classes"]] == [1.0] * len(cfg["classes"])
+    assert [student.guidance_for(c) for c in classes] == [1.0] * len(classes)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["preset"].get("default_class_guidance") is None
     own = json.loads((tmp_path / "m" / "config.json").read_text())
     own["preset"].update(default_class_guidance={guided: 1.25})
