@@ -20,7 +20,6 @@ or baked further like any consistency-tuned model.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -107,12 +106,10 @@ class GuidanceBaker(StudentTrainer):
         self.t_range = tuned_range(teacher_dir, before, tpreset)
         self.region = guided_region(scales, intervals, self.t_range)
         start = int(tinfo.get("steps", 0)) if stored is None else int(stored["from_step"])
-        student = with_sampling_defaults(tpreset, guidance=1.0, guidance_interval="none")
-        student = dataclasses.replace(
-            student.replace_train(batch_size=batch_size, lr=DEFAULT_LR if lr is None else lr,
-                                  checkpoint_every=checkpoint_every,
-                                  ema_halflife_steps=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife),
-            default_class_guidance=None, default_class_guidance_interval=None)
+        student = with_sampling_defaults(tpreset, guidance=1.0, guidance_interval="none", clear_class_guidance=True)
+        student = student.replace_train(batch_size=batch_size, lr=DEFAULT_LR if lr is None else lr,
+                                        checkpoint_every=checkpoint_every,
+                                        ema_halflife_steps=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
         record = dict(before)
         record.update(lineage=list(before.get("lineage", [before["teacher"]])) + [teacher_dir.name],
                       continued_from={"model": teacher_dir.name, "steps": start,

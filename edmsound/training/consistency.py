@@ -189,10 +189,10 @@ class ConsistencyTuner(StudentTrainer):
             t_range = (float(tpreset.edm.sigma_min), float(tpreset.edm.sigma_max))
         if not (math.isfinite(sigma_mid) and t_range[0] <= sigma_mid < t_range[1]):
             raise ValueError(f"sigma_mid must be in [{t_range[0]:g}, {t_range[1]:g}), got {sigma_mid!r}")
+        # a new student plays the conditional model (no per-class guidance of its teacher's); a tuned model tuned
+        # further keeps the guidance calibrated for it
         student = with_sampling_defaults(tpreset, "consistency", min(2, M), guidance=1.0, guidance_interval="none",
-                                         sigma_min=float(sigma_mid))
-        if before is None:     # a new student plays the conditional model: no per-class guidance of its teacher's
-            student = dataclasses.replace(student, default_class_guidance=None, default_class_guidance_interval=None)
+                                         sigma_min=float(sigma_mid), clear_class_guidance=before is None)
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
                                                             checkpoint_every=checkpoint_every,
                                                             ema_halflife_steps=ema_halflife

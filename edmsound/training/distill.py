@@ -111,11 +111,11 @@ class Distiller(StudentTrainer):
         self.teacher_guidance = w
         self.teacher_interval = tpreset.default_guidance_interval
         student = with_sampling_defaults(tpreset, "euler", M, guidance=1.0, guidance_interval="none",
-                                         sigma_min=student_sigma_min(self.grid))
+                                         sigma_min=student_sigma_min(self.grid),
+                                         clear_class_guidance=True)          # the guided result is learned
         student = dataclasses.replace(student.replace_train(batch_size=batch_size, lr=lr,
                                                             checkpoint_every=checkpoint_every), student_nfe=M,
-                                      student_sampler="euler", default_class_guidance=None,
-                                      default_class_guidance_interval=None)   # the guided result is learned
+                                      student_sampler="euler")
         self.distillation = {"teacher": teacher_dir.name, "teacher_nfe_grid": 2 * M, "student_nfe": M,
                              "teacher_solver": solver, "teacher_guidance": w,
                              "teacher_guidance_interval": None if self.teacher_interval is None

@@ -12,10 +12,11 @@ from ..core.storage import (GUIDE_FILE, atomic_save_safetensors, load_safetensor
 
 
 def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None, guidance_interval=None, *,
-                           sigma_min=None, sigma_max=None, rho=None):
+                           sigma_min=None, sigma_max=None, rho=None, clear_class_guidance: bool = False):
     """The preset with the shipped sampling settings replaced (validated like the app's inputs).
     ``guidance_interval``: None keeps the preset's, "none" clears it, "LO,HI" / (lo, hi) sets it.
-    ``sigma_min`` / ``sigma_max`` / ``rho``: the Karras schedule the sampler walks (None keeps the preset's)."""
+    ``sigma_min`` / ``sigma_max`` / ``rho``: the Karras schedule the sampler walks (None keeps the preset's).
+    ``clear_class_guidance``: drop the per-class scales and intervals (every class then samples at ``guidance``)."""
     preset = preset.replace_sampling(sigma_max=sigma_max, rho=rho, sigma_min=sigma_min)
     sampler = preset.default_sampler if sampler is None else sampler
     nfe = preset.default_nfe if nfe is None else int(nfe)
@@ -24,6 +25,8 @@ def with_sampling_defaults(preset, sampler=None, nfe=None, guidance=None, guidan
     steps_for_nfe(sampler, nfe)       # impossible budgets -> ValueError naming the nearest valid ones
     interval = (preset.default_guidance_interval if guidance_interval is None
                 else check_guidance_interval(guidance_interval))
+    if clear_class_guidance:
+        preset = dataclasses.replace(preset, default_class_guidance=None, default_class_guidance_interval=None)
     return dataclasses.replace(preset, default_sampler=sampler, default_nfe=nfe, default_guidance=guidance,
                                default_guidance_interval=interval)
 

@@ -267,15 +267,16 @@ def test_a_new_student_samples_every_class_unguided_a_continued_one_keeps_its_ow
     carry) is not the student's: a new student plays the conditional model in every class. A tuned model with
     guidance calibrated for itself keeps it when tuned further."""
     teacher, guided = guided_teacher
-    classes = EDMSoundPipeline(teacher, device="cpu").classes
-    assert EDMSoundPipeline(teacher, device="cpu").preset.guidance_for(guided) == 3.0
+    teacher_pipe = EDMSoundPipeline(teacher, device="cpu")
+    classes = teacher_pipe.classes
+    assert teacher_pipe.preset.guidance_for(guided) == 3.0
     t = ConsistencyTuner(teacher, tone_tree, tmp_path / "r", steps=2, progress=False, batch_size=2)
     t.run()
     t.export(tmp_path / "m")
     student = EDMSoundPipeline(tmp_path / "m", device="cpu").preset
     assert [student.guidance_for(c) for c in classes] == [1.0] * len(classes)
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["preset"].get("default_class_guidance") is None
     own = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert own["preset"].get("default_class_guidance") is None
     own["preset"].update(default_class_guidance={guided: 1.25})
     (tmp_path / "m" / "config.json").write_text(json.dumps(own))
     on = ConsistencyTuner(tmp_path / "m", tone_tree, tmp_path / "on", steps=4, progress=False, batch_size=2)

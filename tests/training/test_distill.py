@@ -152,8 +152,9 @@ def test_a_time_budget_runs_the_steps_that_fit_and_records_the_plan(tiny_ckpt, t
 def test_the_student_samples_every_class_at_guidance_1_whatever_the_teachers_per_class_guidance(guided_teacher,
                                                                                                tone_tree, tmp_path):
     teacher, guided = guided_teacher
-    classes = EDMSoundPipeline(teacher, device="cpu").classes
-    assert EDMSoundPipeline(teacher, device="cpu").preset.guidance_for(guided) == 3.0
+    teacher_pipe = EDMSoundPipeline(teacher, device="cpu")
+    classes = teacher_pipe.classes
+    assert teacher_pipe.preset.guidance_for(guided) == 3.0
     d = Distiller(teacher, tone_tree, tmp_path / "run", student_nfe=2, steps=1, progress=False, batch_size=2)
     d.run()
     d.export(tmp_path / "s")
