@@ -404,7 +404,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
         t_start, step_start = time.time(), self.step
-        self._run_start = (self.step, self.wall_time)
+        # a stretch starts where this process began training: a time budget's timed steps belong to it
+        self._run_start = self.__dict__.pop("_budget_start", None) or (self.step, self.wall_time)
         t_last = time.time()
         smooth = None
         try:
@@ -508,6 +509,7 @@ class StudentTrainer(Trainer):
 
     def run(self) -> dict:
         if self.fit_minutes is not None and self.step == self.plan_from:
+            self._budget_start = (self.step, self.wall_time)
             self.fit_to_budget()
         return super().run()
 

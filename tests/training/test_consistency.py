@@ -407,6 +407,7 @@ def test_a_time_budget_spreads_the_whole_stage_schedule_over_the_steps_that_fit(
     assert c.stage(planned // 4) == 1 and c.stage(planned) == 4     # the stages spread over the planned steps
     assert out["step"] > 3 * planned // 4 and c.stage() == 4          # ran into the last stage within the budget
     assert took < 6 + 30                                              # 6 s of tuning, then one check and save
+    assert c.all_segments()[-1]["steps"] == [0, out["step"]]         # the timed steps are part of the stretch
     with pytest.raises(ValueError, match="a time budget plans a new run"):
         ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", progress=False, resume=True, fit_minutes=1)
     with pytest.raises(ValueError, match="a number of minutes > 0"):
