@@ -66,6 +66,8 @@ _export("edmsound.evaluation.points", "parse_points", "plan_sweep")
 _export("edmsound.evaluation.classifier", "ClassifierConfig", "train_classifier", "load_classifier")
 _export("edmsound.evaluation.calibrate", "calibrate_class_guidance", "write_calibration", "write_class_guidance",
         "chosen_text")
+_export("edmsound.evaluation.matching_eq", "calibrate_class_eq", "write_class_eq", "write_eq_report")
+_export("edmsound.core.spectral_eq", "ClassEQ")
 _export("edmsound.evaluation.quality", "quality_targets", "targets_markdown", "load_results",
         "check_speed_record", "speed_for_weights")
 _export("edmsound.evaluation.ablate", "run_ablation")

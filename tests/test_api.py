@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "edmsound"
 
 PUBLIC_API = [
-    "AUDIO_EXTENSIONS", "AudioSet", "BUILTIN_CLASSES", "ClassifierConfig", "ClipLevel", "ConsistencyTuner",
+    "AUDIO_EXTENSIONS", "AudioSet", "BUILTIN_CLASSES", "ClassEQ", "ClassifierConfig", "ClipLevel", "ConsistencyTuner",
     "CopyIndex", "Distiller", "EDMSoundPipeline", "EDMSoundService", "EXPORT_FORMATS", "FEW_STEP_SAMPLERS",
     "GUIDANCE_RANGE", "Generation", "GuidanceBaker", "GuidedDenoiser",
     "MAX_CLIPS", "MAX_NFE", "PRECISIONS", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
     "SpectrogramCodec", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "attach_guide",
     "build_demo",
-    "build_denoiser", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
+    "build_denoiser", "calibrate_class_eq", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
     "check_speed_record", "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
     "export_model", "export_zip", "find_models", "format_class_guidance", "format_guidance_interval", "format_keeps_overs", "get_preset", "get_sampler",
     "get_schedule", "init_distributed", "integrated_lufs", "interval_list", "jemalloc_loaded", "karras_sigmas",
@@ -31,7 +31,7 @@ PUBLIC_API = [
     "resolve_model_dir", "run_ablation", "save_generation", "spectrogram_figure", "speed_for_weights", "steps_for_nfe", "stitching_analysis",
     "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_encoder", "train_head",
     "true_peak_dbtp", "valid_nfes", "wav_bytes", "with_sampling_defaults", "write_calibration",
-    "write_class_guidance", "write_dataset", "write_export", "write_wav", "__version__",
+    "write_class_eq", "write_class_guidance", "write_dataset", "write_eq_report", "write_export", "write_wav", "__version__",
 ]
 
 # which subpackages each may import (the layering: audio -> core -> data, training -> copydetect, evaluation -> app, cli)

@@ -181,6 +181,27 @@ def _cmd_calibrate(a):
         print(f"stored in {path}")
 
 
+def _cmd_calibrate_eq(a):
+    from .. import calibrate_class_eq, write_class_eq, write_eq_report
+    try:
+        if a.clear:
+            print(f"removed the matching EQ from {write_class_eq(a.checkpoint, None)}")
+            return
+        if not a.write and not a.out:
+            raise ValueError("nothing would be kept: give --out (the table) and/or --write (store it in the model)")
+        classes = None if a.classes is None else [c.strip() for c in a.classes.split(",") if c.strip()]
+        res = calibrate_class_eq(a.checkpoint, n_per_class=a.n_per_class, seed=a.seed, reference=a.reference,
+                                 classes=classes, max_gain_db=a.max_gain_db, batch_size=a.batch_size,
+                                 progress=not a.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if a.out:
+        print(f"wrote {write_eq_report(res, a.out)}, matching_eq.json and matching_eq.png")
+    if a.write:
+        print(f"stored in {write_class_eq(a.checkpoint, res['eq'])}")
+
+
 def register(subparsers) -> None:
     """Add the ``classifier`` and ``evaluate`` sub-commands to the top-level subparsers."""
     c = subparsers.add_parser("classifier", help="the class classifier used for evaluation").add_subparsers(
@@ -244,6 +265,21 @@ def register(subparsers) -> None:
     k.add_argument("--clear", action="store_true", help="remove the checkpoint's per-class scales and exit")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=_cmd_calibrate)
+
+    q = subparsers.add_parser("calibrate-eq", help="measure a model's matching EQ: per class, the band gains that "
+                              "bring its clips' mean spectral envelope to real clips' (see edmsound/core/spectral_eq.py)")
+    q.add_argument("--checkpoint", default="checkpoints/default")
+    q.add_argument("--n-per-class", type=int, default=64)
+    q.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
+    q.add_argument("--reference", default="builtin", help="real clips: builtin or a class-per-folder directory")
+    q.add_argument("--classes", default=None, help="comma-separated classes to equalise (default: all)")
+    q.add_argument("--max-gain-db", type=positive, default=12.0, help="largest lift or cut of any band (at most 12)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--out", default=None, help="write matching_eq.md / .json / .png here")
+    q.add_argument("--write", action="store_true", help="store the EQ in the checkpoint's config.json")
+    q.add_argument("--clear", action="store_true", help="remove the checkpoint's matching EQ and exit")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=_cmd_calibrate_eq)
 
     ab = subparsers.add_parser("ablate", help="train and evaluate ablation variants (loss, attention, "
                                               "normalisation, representation) with the same data, steps and seeds")

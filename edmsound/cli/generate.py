@@ -74,7 +74,7 @@ def _cmd_generate(a):
     pipe = EDMSoundPipeline(a.checkpoint, device=a.device, bf16=a.precision)
     common = dict(n=a.n, sampler=a.sampler, nfe=a.nfe, guidance=a.guidance, seed=a.seed,
                   guidance_interval=a.guidance_interval, guidance_reference=a.guidance_reference, normalize=norm,
-                  target=target, progress=True)
+                  target=target, progress=True, eq=not a.no_eq)
     try:
         if tool == "vary":
             init = _read_source(a.vary, "--vary", pipe)
@@ -131,6 +131,8 @@ def register(subparsers) -> None:
                    help="guide only for noise levels LO < sigma <= HI; 'none': at every level; "
                         "default: the checkpoint's shipped interval")
     g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    g.add_argument("--no-eq", action="store_true",
+                   help="leave out the model's matching EQ (where it has one): the clips as the network made them")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--device", default=None)
     add_precision(g, "recorded in each sidecar")

@@ -31,6 +31,7 @@ from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, c
 from .model import load_denoiser, load_guide, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
+from .spectral_eq import CONFIG_KEY as EQ_KEY, ClassEQ, apply_to_spec, bin_freqs
 
 MAX_NFE = 200
 MAX_CLIPS = 64
@@ -83,6 +84,9 @@ class EDMSoundPipeline:
         self.codec = make_codec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
+        cfg_path = self.model_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.class_eq = ClassEQ.from_dict(cfg.get(EQ_KEY), self.classes)   # the model's matching EQ, or None
 
     # --- introspection ---------------------------------------------------------------------------
     @property
@@ -264,7 +268,7 @@ class EDMSoundPipeline:
         return reference
 
     def _settle(self, class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
-                reference=None) -> dict:
+                reference=None, eq=True) -> dict:
         """The checked request: everything a generation needs besides its source and tool."""
         sampler = sampler or self.preset.default_sampler
         nfe = self.preset.default_nfe if nfe is None else nfe
@@ -279,7 +283,24 @@ class EDMSoundPipeline:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
         return dict(class_name=class_name, sampler=sampler, nfe=nfe, guidance=guidance, interval=interval,
                     norm_mode=norm_mode, norm_target=norm_target, n=int(n),
-                    reference=self.resolve_reference(reference))
+                    reference=self.resolve_reference(reference), eq=self.eq_for(class_name, eq))
+
+    def eq_for(self, class_name: str, eq=True) -> bool | None:
+        """Whether a request of ``class_name`` gets the model's matching EQ (:mod:`edmsound.core.spectral_eq`):
+        None where the model has none for the class, else ``eq`` (True / False)."""
+        if not isinstance(eq, bool):
+            raise ValueError(f"eq must be True (the model's matching EQ, where it has one) or False, got {eq!r}")
+        if self.class_eq is None or class_name not in self.class_eq.gains_db:
+            return None
+        return eq
+
+    def equalize(self, req: dict, specs: torch.Tensor, todo=None) -> torch.Tensor:
+        """``specs`` with the class's matching EQ on the bins ``todo`` (F, T) the model made (None: all), when the
+        request has it on; else ``specs`` itself."""
+        if not req.get("eq"):
+            return specs
+        gains = self.class_eq.curve(req["class_name"], bin_freqs(self.codec))
+        return apply_to_spec(self.codec, specs, gains, todo)
 
     def _finish(self, req: dict, waves: np.ndarray, specs: torch.Tensor, seeds: list[int], seed: int,
                 nfe_total: int, guided: int, wall: float, extra: dict | None = None) -> Generation:
@@ -303,6 +324,8 @@ class EDMSoundPipeline:
                     "normalize": None if req["norm_mode"] is None else {"mode": req["norm_mode"],
                                                                         "target": req["norm_target"]},
                     "checkpoint": self.checkpoint, "device": str(self.device), "precision": self.precision}
+        if req.get("eq") is not None:
+            settings["matching_eq"] = req["eq"]           # the model has one for this class: on or off
         if nfe_total != req["nfe"]:
             settings["nfe_total"] = nfe_total          # several windows: NFE per window x windows
         settings.update(extra or {})
@@ -313,16 +336,17 @@ class EDMSoundPipeline:
                  guidance: float | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
                  callback=None, guidance_interval=PRESET_DEFAULT, normalize: str | None = None,
                  target: float | None = None, init=None, strength: float | None = None, guidance_reference=None,
-                 **options) -> Generation:
+                 eq: bool = True, **options) -> Generation:
         """``guidance_interval``: ``"default"`` (the class's shipped interval), None / "none" (guidance at every
         noise level) or (lo, hi) / "LO,HI" (guidance only for lo < sigma <= hi). ``normalize``: None / "off"
         (default: the clips as the model made them), "peak" (``target`` dBFS sample peak) or "lufs" (``target``
         LUFS integrated loudness, true peak held at or below -1 dBTP); each clip's level is measured either way.
         ``init`` (a clip at the pipeline's rate) with ``strength`` in (0, 1]: variations of that clip (SDEdit,
         see :meth:`sample_specs`); clip i still uses seed + i. ``guidance_reference``: "default", "null" or
-        "guide" (:meth:`resolve_reference`)."""
+        "guide" (:meth:`resolve_reference`). ``eq``: the model's matching EQ where it has one (default on; False:
+        the clips as the network made them)."""
         req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
-                           guidance_reference)
+                           guidance_reference, eq)
         init_spec = sigma_start = None
         if init is not None or strength is not None:
             if init is None or strength is None:
@@ -340,7 +364,7 @@ class EDMSoundPipeline:
                                              sigma_start=sigma_start, reference=req["reference"], **options)
             specs.append(s)
             counts.append(c)
-        specs = torch.cat(specs)
+        specs = self.equalize(req, torch.cat(specs))
         waves = self.codec.decode(specs).numpy().astype(np.float32)
         wall = time.perf_counter() - t0
         if any(c != req["nfe"] for c in counts):
@@ -455,13 +479,14 @@ class EDMSoundPipeline:
                    high_hz: float | None = None, n: int = 1, seed: int = 0, sampler: str | None = None,
                    nfe: int | None = None, guidance: float | None = None, strength: float | None = None,
                    guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
-                   progress: bool = False, callback=None, guidance_reference=None, **options) -> Generation:
+                   progress: bool = False, callback=None, guidance_reference=None, eq: bool = True,
+                   **options) -> Generation:
         """Regenerate the time span [start, end) seconds of ``clip`` (optionally only the band [low_hz, high_hz])
         and keep the rest: outside ``n_fft`` samples around the span the output is the source (see
         :mod:`edmsound.core.inpainting`). ``strength`` in (0, 1]: remake the region starting from its own
         content (a variation of the region) instead of from noise."""
         req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
-                           guidance_reference)
+                           guidance_reference, eq)
         src = self._source(clip)
         length = len(src)
         a, b = check_span(start, end, length / self.sample_rate)
@@ -480,6 +505,7 @@ class EDMSoundPipeline:
         buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1).contiguous(), todo, req, seeds,
                                                 init_strength=strength, progress=progress, callback=callback,
                                                 **options)
+        buf = self.equalize(req, buf, todo)
         waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
         extra = {"tool": "regen", "span": [a, b], "band": [lo, hi], "frames": [fa, fb], "bins": [ba, bb],
                  "windows": windows, "strength": None if strength is None else float(strength),
@@ -490,13 +516,14 @@ class EDMSoundPipeline:
     def extend(self, clip, class_name: str, seconds: float, n: int = 1, seed: int = 0, sampler: str | None = None,
                nfe: int | None = None, guidance: float | None = None, guidance_interval=PRESET_DEFAULT,
                normalize: str | None = None, target: float | None = None, context: int | None = None,
-               progress: bool = False, callback=None, guidance_reference=None, **options) -> Generation:
+               progress: bool = False, callback=None, guidance_reference=None, eq: bool = True,
+               **options) -> Generation:
         """Continue ``clip`` (or, with ``clip=None``, start from nothing) to ``seconds`` in total, one model
         window at a time: each window keeps ``context`` frames (default half a window) of what is already
         there and makes the rest; the windows' frames join in one inverse STFT, with no crossfade. The source's
         samples come back unchanged up to ``n_fft`` samples before its end."""
         req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
-                           guidance_reference)
+                           guidance_reference, eq)
         total_s = self.check_seconds(seconds)
         length = int(round(total_s * self.sample_rate))
         src = None if clip is None else self._source(clip)
@@ -518,6 +545,7 @@ class EDMSoundPipeline:
         t0 = time.perf_counter()
         buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1).contiguous(), todo, req, seeds,
                                                 context=context, progress=progress, callback=callback, **options)
+        buf = self.equalize(req, buf, todo)
         waves = self.codec.decode(buf, length=length).numpy().astype(np.float32)
         extra = {"tool": "extend" if src is not None else "long", "length_seconds": round(length / self.sample_rate, 4),
                  "source_seconds": None if src is None else round(len(src) / self.sample_rate, 4),
@@ -532,7 +560,8 @@ class EDMSoundPipeline:
     def loop(self, class_name: str, seconds: float | None = None, clip=None, n: int = 1, seed: int = 0,
              sampler: str | None = None, nfe: int | None = None, guidance: float | None = None,
              guidance_interval=PRESET_DEFAULT, normalize: str | None = None, target: float | None = None,
-             progress: bool = False, callback=None, guidance_reference=None, **options) -> Generation:
+             progress: bool = False, callback=None, guidance_reference=None, eq: bool = True,
+             **options) -> Generation:
         """A seamless loop: a clip whose end flows into its start. The frames are a ring (frame N follows
         N - 1 as frame 0) and the model windows wrap around it, so the wrap point is made like any other frame
         (:class:`~edmsound.core.inpainting.TiledDenoiser` with ``circular=True``). With ``clip``, the source cut to
@@ -540,7 +569,7 @@ class EDMSoundPipeline:
         and its start as context. The ring decodes circularly (:meth:`SpectrogramCodec.decode_loop`): played
         back to back, the clip has no seam."""
         req = self._settle(class_name, sampler, nfe, guidance, guidance_interval, normalize, target, n,
-                           guidance_reference)
+                           guidance_reference, eq)
         hop = self.codec.config.hop_length
         W = self.window_frames
         if clip is not None:
@@ -572,6 +601,7 @@ class EDMSoundPipeline:
             todo = np.ones((F, N), dtype=bool)
         buf, windows, total, guided = self.fill(spec.expand(len(seeds), -1, -1, -1).contiguous(), todo, req, seeds,
                                                 circular=True, progress=progress, callback=callback, **options)
+        buf = self.equalize(req, buf, todo)
         waves = self.codec.decode_loop(buf).numpy().astype(np.float32)
         extra = {"tool": "loop", "length_seconds": round(period / self.sample_rate, 4), "windows": windows,
                  "source": clip is not None, "seam_frames": seam if clip is not None else None}
