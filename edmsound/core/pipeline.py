@@ -3,6 +3,8 @@
 Level: every clip's integrated loudness (LUFS) and true peak are measured and reported (``Generation.levels``,
 the sidecar). Nothing is normalised unless asked: ``normalize="peak"`` / ``"lufs"`` with a target applies one gain
 per clip (:mod:`edmsound.audio.loudness`), recorded per clip in ``Generation.normalization`` and the sidecar.
+A model that ships a per-class matching EQ (:mod:`edmsound.core.spectral_eq`) has it applied to the frames it makes,
+before the inverse STFT, unless a call passes ``eq=False``; the settings say which (``matching_eq``).
 
 Reproducibility: clip i of a call with seed s uses its own generator seeded with s + i for its initial
 noise (and, for the stochastic sampler, its churn noise), so a batch starts from the single calls' noise.

@@ -93,7 +93,7 @@ def guided_ckpt(tiny_ckpt, tmp_path):
 
 def test_attach_guide_round_trip_and_pipeline(guided_ckpt, tmp_path):
     kw = dict(n=2, seed=3, nfe=6, guidance=2.5)
-    plain = EDMSoundPipeline(guided_ckpt, device="cpu")
+    plain = EDMSoundPipeline(guided_ckpt, device="cpu", bf16=False)   # fp32: the tolerance is the fp16-stored guide's
     assert plain.guide is None and plain.resolve_reference("default") == "null"
     cfg_clip = plain.generate("low", **kw)
     with pytest.raises(ValueError, match="has no guide model"):
@@ -102,7 +102,7 @@ def test_attach_guide_round_trip_and_pipeline(guided_ckpt, tmp_path):
     # the guide is the model itself: guidance away from an identical model changes nothing
     note = attach_guide(guided_ckpt, guided_ckpt, weights="ema", note="itself")
     assert note == "itself" and (guided_ckpt / "guide.safetensors").is_file()
-    same = EDMSoundPipeline(guided_ckpt, device="cpu")
+    same = EDMSoundPipeline(guided_ckpt, device="cpu", bf16=False)
     assert same.preset.guide == "itself" and same.resolve_reference() == "guide"
     unguided = same.generate("low", n=2, seed=3, nfe=6, guidance=1.0)
     g = same.generate("low", **kw)
@@ -116,7 +116,7 @@ def test_attach_guide_round_trip_and_pipeline(guided_ckpt, tmp_path):
     # a different guide (the raw training weights) moves the clips; editing tools use it as well
     note = attach_guide(guided_ckpt, guided_ckpt, weights="model")
     assert note.startswith("step 20 (model weights)")
-    other = EDMSoundPipeline(guided_ckpt, device="cpu")
+    other = EDMSoundPipeline(guided_ckpt, device="cpu", bf16=False)
     moved = other.generate("low", **kw)
     assert not torch.allclose(moved.specs, unguided.specs, atol=1e-2)
     looped = other.loop("low", n=1, seed=1, nfe=6, guidance=2.0)
