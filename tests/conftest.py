@@ -42,18 +42,26 @@ def tiny_ckpt(tmp_path_factory):
     return d / "model"
 
 
+def copy_model(src, dest, edit):
+    """A copy of the model directory ``src`` at ``dest`` whose config.json ``edit(cfg)`` changed in place; returns
+    (dest, the config as written)."""
+    import json
+    import shutil
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    edit(cfg)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest, cfg
+
+
 @pytest.fixture
 def guided_teacher(tiny_ckpt, tmp_path):
     """(a copy of ``tiny_ckpt`` whose first class is guided at w 3 on sigma in (0.5, 3], that class's name)."""
-    import json
-    import shutil
-    teacher = tmp_path / "guided-teacher"
-    shutil.copytree(tiny_ckpt, teacher)
-    cfg = json.loads((teacher / "config.json").read_text())
-    guided = cfg["classes"][0]
-    cfg["preset"].update(default_class_guidance={guided: 3.0}, default_class_guidance_interval={guided: [0.5, 3.0]})
-    (teacher / "config.json").write_text(json.dumps(cfg))
-    return teacher, guided
+    def guide_first(cfg):
+        c = cfg["classes"][0]
+        cfg["preset"].update(default_class_guidance={c: 3.0}, default_class_guidance_interval={c: [0.5, 3.0]})
+    teacher, cfg = copy_model(tiny_ckpt, tmp_path / "guided-teacher", guide_first)
+    return teacher, cfg["classes"][0]
 
 
 @pytest.fixture(scope="session")

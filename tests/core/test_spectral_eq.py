@@ -1,6 +1,5 @@
 """The matching EQ: its gain curve, its exact action on the codec's spectrogram, and the pipeline applying it."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -88,13 +87,10 @@ def test_class_eq_round_trip_and_checks():
 @pytest.fixture
 def eq_ckpt(tiny_ckpt, tmp_path):
     """A copy of the tiny model whose first class has a flat +6 dB matching EQ."""
-    d = tmp_path / "eq-model"
-    shutil.copytree(tiny_ckpt, d)
-    cfg = json.loads((d / "config.json").read_text())
-    cls = cfg["classes"][0]
-    cfg["class_eq"] = {"centres_hz": [100.0, 1000.0], "gains_db": {cls: [6.0, 6.0]}}
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d, cls, cfg["classes"][1]
+    from conftest import copy_model
+    d, cfg = copy_model(tiny_ckpt, tmp_path / "eq-model", lambda cfg: cfg.update(
+        class_eq={"centres_hz": [100.0, 1000.0], "gains_db": {cfg["classes"][0]: [6.0, 6.0]}}))
+    return d, cfg["classes"][0], cfg["classes"][1]
 
 
 def test_pipeline_applies_the_class_eq_and_records_it(eq_ckpt):
