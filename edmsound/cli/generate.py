@@ -107,7 +107,9 @@ def _cmd_generate(a):
         budget += f" x {s['windows']} windows = {s['nfe_total']}"
     print(f"{len(paths)} {what} of {s['class']}, {s['audio_seconds']:.2f} s each, with {s['sampler']} at {budget}, "
           f"guidance {s['guidance']:g} ({format_guidance_interval(s['guidance_interval'])}"
-          f"{', autoguidance' if s.get('guidance_reference') == 'guide' else ''}): {s['seconds']:.2f} s "
+          f"{', autoguidance' if s.get('guidance_reference') == 'guide' else ''}"
+          f"{'' if s.get('matching_eq') is None else ', matching EQ ' + ('on' if s['matching_eq'] else 'off')}): "
+          f"{s['seconds']:.2f} s "
           f"({s['real_time_factor']:.2f}x real time) -> {a.out}")
     for p, lv, rep in zip(paths, gen.levels, gen.normalization):
         print(f"  {p.name}: {describe_level(lv, rep, keeps_overs=format_keeps_overs(a.format))}")

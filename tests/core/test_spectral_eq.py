@@ -119,3 +119,15 @@ def test_a_regenerated_region_is_equalised_and_the_rest_kept(eq_ckpt):
     assert np.allclose(on.waves[0, :kept], src[:kept], atol=1e-5)            # the source, untouched
     a, b = int(0.65 * dur * pipe.sample_rate), int(0.75 * dur * pipe.sample_rate)
     assert np.allclose(on.waves[0, a:b], off.waves[0, a:b] * 10 ** 0.3, atol=1e-4)
+
+
+def test_generate_command_says_whether_the_eq_was_on(eq_ckpt, tmp_path, capsys):
+    from edmsound.cli import main
+    d, cls, _ = eq_ckpt
+    for flag, word, value in (([], "on", True), (["--no-eq"], "off", False)):
+        out = tmp_path / word
+        main(["generate", "--checkpoint", str(d), "--class", cls, "--sampler", "euler", "--nfe", "2",
+              "--out", str(out), "--no-figures", "--precision", "fp32", *flag])
+        assert f"matching EQ {word}" in capsys.readouterr().out
+        sidecar = json.loads(next(out.glob("*.json")).read_text())
+        assert sidecar["matching_eq"] is value
