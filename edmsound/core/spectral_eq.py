@@ -95,7 +95,7 @@ def spec_factor(codec, gains_db_per_bin) -> torch.Tensor:
 def apply_to_spec(codec, spec: torch.Tensor, gains_db_per_bin, frames=None) -> torch.Tensor:
     """``spec`` (B, 2, F, T) with the gains applied to every bin of ``frames`` (a boolean (F, T) mask of the bins
     to change, or None: all); a new tensor. Exact: decoding it gives the STFT multiplied by the gains there."""
-    if getattr(codec.config, "representation", "complex") != "complex":
+    if codec.config.representation != "complex":
         raise ValueError("a matching EQ applies to the complex spectrogram representation only")
     fac = spec_factor(codec, gains_db_per_bin).to(spec.device, spec.dtype)
     if frames is None:

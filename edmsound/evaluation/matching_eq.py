@@ -122,7 +122,7 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
             f"{fit['level_after_db']:+.1f} dB  (gains {gdb.min():+.1f} … {gdb.max():+.1f} dB)")
     p = pipe.preset
     settings = {"checkpoint": str(checkpoint), "n_per_class": n_per_class, "seed": int(seed),
-                "band_centres_hz": [round(float(x), 1) for x in centres], "smoothness": SMOOTHNESS,
+                "smoothness": SMOOTHNESS,
                 "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i", "sampler": p.default_sampler,
                 "nfe": p.default_nfe, "guidance": {c: p.guidance_for(c) for c in classes},
                 "reference": ref_desc, "bands": Fd.DEFAULT_BANDS, "f_lo_hz": Fd.DEFAULT_F_LO,
@@ -160,7 +160,7 @@ def write_eq_report(result: dict, out_dir) -> Path:
 
 def eq_markdown(result: dict) -> str:
     s, eq = result["settings"], result["eq"]
-    bands = s["band_centres_hz"]
+    bands = eq.centres_hz
     head = " | ".join(f"{c:.0f}" for c in bands)
     lines = [f"# Matching EQ: `{Path(s['checkpoint']).name}`", "",
              f"{s['sampler']} at {s['nfe']} evaluations with the model's per-class guidance; {s['n_per_class']} clips "
@@ -192,7 +192,7 @@ def eq_plot(result: dict) -> bytes:
     eq, rows = result["eq"], result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in rows:
-        axes[0].semilogx(result["settings"]["band_centres_hz"], r["gap_before_db"], marker="o", ms=3, label=r["class"])
+        axes[0].semilogx(eq.centres_hz, r["gap_before_db"], marker="o", ms=3, label=r["class"])
         f = np.geomspace(eq.centres_hz[0] / 1.2, eq.centres_hz[-1] * 1.1, 200)
         axes[1].semilogx(f, curve_db(eq.centres_hz, r["gains_db"], f), label=r["class"])
     for ax, title in zip(axes, ("band gap before the EQ (dB)", "EQ gain (dB)")):
