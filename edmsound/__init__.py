@@ -53,6 +53,7 @@ _export("edmsound.training.export", "attach_guide", "export_model", "with_sampli
 _export("edmsound.training.distill", "Distiller")
 _export("edmsound.training.consistency", "ConsistencyTuner")
 _export("edmsound.training.bake", "GuidanceBaker")
+_export("edmsound.training.spectrum_match", "SpectrumMatcher")
 # copy detection
 _export("edmsound.copydetect.encoders", "load_encoder")
 _export("edmsound.copydetect.pretrain", "train_encoder")

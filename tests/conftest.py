@@ -42,6 +42,17 @@ def tiny_ckpt(tmp_path_factory):
     return d / "model"
 
 
+def tune_tiny(tiny_ckpt, root):
+    """A consistency-tuned tiny model (2 steps, 3 tuning steps) at ``root/tuned`` and its tone tree:
+    (model directory, data directory)."""
+    from edmsound.training.consistency import ConsistencyTuner
+    data = write_tone_tree(root / "data")
+    c = ConsistencyTuner(tiny_ckpt, data, root / "run", max_nfe=2, stages=1, steps=3, progress=False, batch_size=4)
+    c.run()
+    c.export(root / "tuned")
+    return root / "tuned", data
+
+
 def copy_model(src, dest, edit):
     """A copy of the model directory ``src`` at ``dest`` whose config.json ``edit(cfg)`` changed in place; returns
     (dest, the config as written)."""

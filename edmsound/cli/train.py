@@ -127,6 +127,13 @@ def _cmd_bake(a):
                  "the model with its guidance baked in (guidance 1 in every class)")
 
 
+def _cmd_match_spectrum(a):
+    from .. import SpectrumMatcher
+    _run_student(a, lambda *x, **kw: SpectrumMatcher(*x, weight=a.weight, per_class=a.per_class,
+                                                     momentum=a.momentum, ema_halflife=a.ema_halflife, **kw),
+                 "the model with its class spectra matched")
+
+
 def _cmd_distill(a):
     from .. import Distiller
     _run_student(a, lambda *x, **kw: Distiller(*x, student_nfe=a.nfe, teacher_solver=a.teacher_solver,
@@ -273,6 +280,21 @@ def register(subparsers) -> None:
                    help="EMA half-life in steps (default 250)")
     _student_run_args(b, steps=1500, steps_help="baking steps, counted on from the model's own")
     b.set_defaults(func=_cmd_bake)
+
+    m = subparsers.add_parser("match-spectrum", help="tune a consistency-tuned model so its own samples have each "
+                                                     "class's spectral envelope and level of its training clips")
+    _student_io_args(m, "a consistency-tuned model (e.g. checkpoints/fast); it is also where the tuning starts",
+                     "class-per-folder tree (the model's training data)")
+    m.add_argument("--weight", type=positive, default=0.01,
+                   help="weight of the spectrum term against the anchor to the starting model (default 0.01)")
+    m.add_argument("--per-class", type=int, default=4, metavar="N",
+                   help="samples of every class drawn per step to measure its spectrum (default 4)")
+    m.add_argument("--momentum", type=float, default=0.9,
+                   help="running mean of the measured spectra, 0 to below 1 (default 0.9)")
+    m.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
+                   help="EMA half-life in steps (default 100)")
+    _student_run_args(m, steps=600, steps_help="matching steps, counted on from the model's own")
+    m.set_defaults(func=_cmd_match_spectrum)
 
     e = subparsers.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)

@@ -29,8 +29,7 @@ import torch
 
 from ..core.guidance import guided_combination, interval_list
 from ..core.model import load_denoiser
-from .consistency import lognormal_levels, noisy_draws, tuned_range
-from .export import with_sampling_defaults
+from .consistency import continuation, lognormal_levels, noisy_draws, tuned_range
 from .trainer import StudentTrainer, read_teacher
 
 DEFAULT_SHARE = 0.5
@@ -106,19 +105,12 @@ class GuidanceBaker(StudentTrainer):
         self.t_range = tuned_range(teacher_dir, before, tpreset)
         self.region = guided_region(scales, intervals, self.t_range)
         start = int(tinfo.get("steps", 0)) if stored is None else int(stored["from_step"])
-        student = with_sampling_defaults(tpreset, guidance=1.0, guidance_interval="none", clear_class_guidance=True)
-        student = student.replace_train(batch_size=batch_size, lr=DEFAULT_LR if lr is None else lr,
-                                        checkpoint_every=checkpoint_every,
-                                        ema_halflife_steps=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
-        record = dict(before)
-        record.update(lineage=list(before.get("lineage", [before["teacher"]])) + [teacher_dir.name],
-                      continued_from={"model": teacher_dir.name, "steps": start,
-                                      "stage": int(before.get("final_stage", before["stages"]))},
-                      baked_guidance={"scales": guided,
-                                      "intervals": {c: interval_list(intervals[c]) for c in guided},
-                                      "levels": interval_list(self.region),
-                                      "share": float(share), "from_model": teacher_dir.name, "from_step": start,
-                                      "teacher_sha256": weights_sha})
+        student, record = continuation(teacher_dir, tpreset, before, start, batch_size=batch_size,
+                                       lr=DEFAULT_LR if lr is None else lr, checkpoint_every=checkpoint_every,
+                                       ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
+        record["baked_guidance"] = {"scales": guided, "intervals": {c: interval_list(intervals[c]) for c in guided},
+                                    "levels": interval_list(self.region), "share": float(share),
+                                    "from_model": teacher_dir.name, "from_step": start, "teacher_sha256": weights_sha}
         if before.get("baked_guidance") is not None:      # a model baked before: its earlier bakes stay on record
             record["earlier_bakes"] = list(before.get("earlier_bakes", [])) + [before["baked_guidance"]]
         self.share = float(share)

@@ -261,6 +261,21 @@ class ConsistencyTuner(StudentTrainer):
         return f"the {self.stages} stages are laid over steps {self.plan_from} to {self.total_steps}"
 
 
+def continuation(model_dir: Path, preset, before: dict, start: int, *, batch_size, lr: float, checkpoint_every,
+                 ema_halflife: float):
+    """(preset, record) of a run that goes on training the consistency-tuned model in ``model_dir`` (its consistency
+    record ``before``) from its step ``start``: the preset samples at guidance 1 in every class and trains with the
+    settings given; the record is the model's own, its lineage extended with this model and where it went on from."""
+    student = with_sampling_defaults(preset, guidance=1.0, guidance_interval="none", clear_class_guidance=True)
+    student = student.replace_train(batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
+                                    ema_halflife_steps=ema_halflife)
+    record = dict(before)
+    record.update(lineage=list(before.get("lineage", [before["teacher"]])) + [model_dir.name],
+                  continued_from={"model": model_dir.name, "steps": start,
+                                  "stage": int(before.get("final_stage", before["stages"]))})
+    return student, record
+
+
 def tuned_range(model_dir: Path, record: dict, preset) -> tuple[float, float]:
     """The noise range a consistency-tuned model was tuned over: as recorded, or (models that predate the record)
     its diffusion model's sampling range, read from that model beside it (the lineage's first name)."""

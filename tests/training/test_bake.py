@@ -60,12 +60,9 @@ def test_guided_region_spans_the_guided_classes_within_the_models_range():
 @pytest.fixture(scope="module")
 def tuned(tiny_ckpt, tmp_path_factory):
     """A consistency-tuned tiny model with one guided class (w 2 for sigma in (0.5, its sigma_max])."""
-    from conftest import write_tone_tree
+    from conftest import tune_tiny
     d = tmp_path_factory.mktemp("bake")
-    data = write_tone_tree(d / "data")
-    c = ConsistencyTuner(tiny_ckpt, data, d / "run", max_nfe=2, stages=1, steps=3, progress=False, batch_size=4)
-    c.run()
-    c.export(d / "tuned")
+    _, data = tune_tiny(tiny_ckpt, d)
     top = EDMSoundPipeline(d / "tuned", device="cpu").preset.edm.sigma_max
     classes = json.loads((d / "tuned" / "config.json").read_text())["classes"]
     write_class_guidance(d / "tuned", {classes[0]: 2.0, classes[1]: 1.0}, {classes[0]: [0.5, 2 * top]})

@@ -1,0 +1,248 @@
+"""Spectrum matching: a few-step model is tuned so that its own samples — drawn as it is sampled, with its sampler,
+step count and schedule — have each class's spectral envelope and level of the training clips.
+
+A consistency-tuned model can lose part of a class's envelope in its jumps (a top octave, the low mids) while the
+shape of each sound is right: an error in the class's mean, the same in every clip, that a loss on single clips
+does not see (it is the mean over the clips the noisy input leaves possible that comes out dull). This tuning looks
+at that mean directly. Every step draws ``per_class`` samples of every class from fresh noise, as the sampler does
+(all jumps but the last without gradient), and measures per class, from the last jump's output,
+
+    P_cb   the mean power over the class's samples in band b (12 log-spaced bands, 50 Hz to Nyquist: the bands of the
+           spectral-envelope measure of :mod:`edmsound.evaluation.fidelity`), from the uncompressed STFT power
+    L_c    the mean of the samples' levels (dB of their total power)
+
+against the same figures for the class's training clips (measured once, at the start). The batch figures are noisy
+(a few clips per class), so the error is read from a running mean of them (``momentum``), and the gradient from the
+batch:
+
+    loss_spectrum = mean_cb  e_cb · 10 log10 P_cb  +  mean_c  e'_c · L_c
+    e_cb = 10 log10 P̄_cb − target_cb,   e'_c = L̄_c − target_c       (P̄, L̄ the running means; e, e' held constant)
+
+whose gradient is that of half the squared dB errors, with the running means' error in place of the batch's. The
+band term compares mean powers and the level term means of decibels, as the fidelity measures do (the two differ
+where a class's clips spread in level).
+
+An anchor keeps everything else where it was: a frozen copy of the starting model is the target at noise levels
+drawn from the model's tuning distribution over its whole range, on training clips,
+
+    loss = mean((D(x, t, c) - D_frozen(x, t, c))^2) / sigma_data^2  +  weight · loss_spectrum
+
+so the tuning moves the model only as far as the class spectra ask. Validation reports the anchor term alone (the
+distance to the starting model on held-out clips); ``spectrum.csv`` in the run logs the running dB errors.
+
+This changes the network, not its output: nothing is rescaled after sampling, and the model samples as before
+(the same sampler, steps and schedule; guidance 1 in every class).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.model import load_denoiser
+from ..core.schedules import karras_sigmas
+from .consistency import continuation, lognormal_levels, noisy_draws, tuned_range
+from .trainer import StudentTrainer, read_teacher
+
+__all__ = ["SpectrumMatcher", "band_matrix", "spectrum_stats", "class_targets", "DEFAULT_WEIGHT", "DEFAULT_PER_CLASS"]
+
+DEFAULT_WEIGHT = 0.01
+DEFAULT_PER_CLASS = 4
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_LR = 3e-5
+DEFAULT_EMA_HALFLIFE = 100.0
+N_BANDS = 12
+F_LO = 50.0
+
+
+def band_matrix(n_fft: int, sample_rate: int, n_bands: int = N_BANDS, f_lo: float = F_LO) -> torch.Tensor:
+    """(n_bands, n_fft // 2 + 1) matrix: the share of each STFT bin's power that falls in each of ``n_bands``
+    log-spaced bands from ``f_lo`` to Nyquist — the overlap of the bin's width (its frequency ± half the bin
+    spacing) with the band, over that width — so bands narrower than a bin still get their share (an STFT of 254
+    points has bins 63 Hz apart; the lowest bands are 26 and 40 Hz wide)."""
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sample_rate)
+    df = sample_rate / n_fft
+    edges = np.geomspace(f_lo, sample_rate / 2, n_bands + 1)
+    lo = np.maximum(freqs - df / 2, 0.0)
+    hi = np.minimum(freqs + df / 2, sample_rate / 2)
+    m = np.clip(np.minimum(hi[None], edges[1:, None]) - np.maximum(lo[None], edges[:-1, None]), 0.0, None) / df
+    return torch.tensor(m, dtype=torch.float32)
+
+
+def spectrum_stats(codec, spec: torch.Tensor, bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(band power (B, n_bands), level dB (B,)) of encoded spectrograms ``spec`` (B, 2, F, T) — the codec's
+    compressed, per-bin scaled representation, not a class's diffusion state: the power of the uncompressed STFT
+    summed over frames and the bins of each band, and 10 log10 of the power over all bins. Differentiable; in float32.
+    Both are in the STFT's own units: compare them with the same figures of other encoded clips."""
+    c = codec.config
+    s = spec.float()
+    sq = s[:, 0] ** 2 + s[:, 1] ** 2                                # |Y|^2 of the compressed, scaled STFT
+    if c.freq_scale is not None:
+        g = torch.tensor(c.freq_scale, dtype=torch.float32, device=s.device)[:, None]
+        sq = sq / g ** 2
+    power = (sq / c.alpha ** 2) ** (1.0 / c.beta)                   # |X|^2 = (|Y| / alpha)^(2 / beta)
+    per_bin = power.sum(dim=-1)                                     # (B, F)
+    band = per_bin @ bands.to(per_bin.device).T
+    level = 10 * torch.log10(per_bin.sum(dim=-1).clamp_min(1e-20))
+    return band, level
+
+
+@torch.no_grad()
+def class_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes: int, bands: torch.Tensor,
+                  batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(10 log10 of each class's mean band power (C, n_bands), each class's mean level dB (C,)) over ``waves``."""
+    sums = torch.zeros(num_classes, bands.shape[0], dtype=torch.float64)
+    levels = torch.zeros(num_classes, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i in range(0, len(labels), batch):
+        band, level = spectrum_stats(codec, codec.encode(waves[i:i + batch]), bands)
+        lab = labels[i:i + batch].long()
+        sums.index_add_(0, lab, band.double())
+        levels.index_add_(0, lab, level.double())
+        counts.index_add_(0, lab, torch.ones(len(lab), dtype=torch.float64))
+    if bool((counts == 0).any()):
+        missing = [int(k) for k in torch.nonzero(counts == 0).flatten()]
+        raise ValueError(f"no training clips of class {missing}: every class needs clips to match against")
+    return (10 * torch.log10(sums / counts[:, None])).float(), (levels / counts).float()
+
+
+class SpectrumMatcher(StudentTrainer):
+    """:class:`Trainer` that tunes a consistency-tuned model's class spectra and levels towards its training
+    clips' (resumable, checkpointed, logged and exported like the tuning). ``steps`` counts the matching steps,
+    added to the model's own count."""
+
+    RECORD = "consistency"
+
+    def __init__(self, model, data_dir, run_dir, *, steps: int = 600, weight: float = DEFAULT_WEIGHT,
+                 per_class: int = DEFAULT_PER_CLASS, momentum: float = DEFAULT_MOMENTUM, resume: bool = False,
+                 seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
+                 batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None,
+                 ema_halflife: float | None = None, precision: str = "auto", fit_minutes: float | None = None):
+        model_dir, mpreset, classes, minfo = read_teacher(model)
+        before = minfo.get("consistency")
+        if before is None or mpreset.student_sampler != "consistency":
+            raise ValueError(f"{model_dir} is not a consistency-tuned model; spectrum matching tunes one "
+                             "(`edmsound consistency-tune` makes it)")
+        for name, value, ok, allowed in (("weight", weight, lambda v: v > 0, "> 0"),
+                                         ("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)")):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+                raise ValueError(f"the {name} must be a number {allowed}, got {value!r}")
+        if not (isinstance(per_class, int) and per_class >= 1):
+            raise ValueError(f"samples per class must be a whole number >= 1, got {per_class!r}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+        weights_sha = hashlib.sha256((model_dir / "ema.safetensors").read_bytes()).hexdigest()
+        run_record = Path(run_dir) / f"{self.RECORD}.json"
+        stored = (json.loads(run_record.read_text()).get("matched_spectrum")
+                  if resume and run_record.is_file() else None)
+        if stored is not None and stored["from_sha256"] != weights_sha:
+            raise ValueError(f"{model_dir} is not the model this run started from (its weights changed since); "
+                             "resume with that model, or start a new run")
+        e = mpreset.edm
+        self.t_range = tuned_range(model_dir, before, mpreset)
+        self.sigmas = [float(s) for s in karras_sigmas(int(mpreset.default_nfe), e.sigma_min, e.sigma_max, e.rho)]
+        start = int(minfo.get("steps", 0)) if stored is None else int(stored["from_step"])
+        student, record = continuation(model_dir, mpreset, before, start, batch_size=batch_size,
+                                       lr=DEFAULT_LR if lr is None else lr, checkpoint_every=checkpoint_every,
+                                       ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
+        record["matched_spectrum"] = {"weight": float(weight), "per_class": int(per_class), "momentum": float(momentum),
+                                      "sigmas": self.sigmas, "bands": N_BANDS, "f_lo_hz": F_LO,
+                                      "from_model": model_dir.name, "from_step": start, "from_sha256": weights_sha}
+        if before.get("matched_spectrum") is not None:    # matched before: the earlier rounds stay on record
+            record["earlier_matches"] = list(before.get("earlier_matches", [])) + [before["matched_spectrum"]]
+        self.weight, self.per_class, self.momentum = float(weight), int(per_class), float(momentum)
+        super().__init__(student, model_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
+                         continued=True, precision=precision, fit_minutes=fit_minutes)
+        self.frozen, _, _, _ = load_denoiser(model_dir, self.device, "ema", bf16=precision)
+        self.frozen.requires_grad_(False).eval()
+        cfg = self.codec.config
+        self.bands = band_matrix(cfg.n_fft, cfg.sample_rate).to(self.device)
+        self.target_band, self.target_level = (
+            v.to(self.device) for v in class_targets(self.codec, self.train_waves, self.train_labels,
+                                                     len(self.classes), self.bands.cpu()))
+        self.run_band: torch.Tensor | None = None         # running class means (linear band power, level dB)
+        self.run_level: torch.Tensor | None = None
+        self._spectrum_log = None
+
+    def steps_option(self, total: int) -> int:
+        return total - self.record["matched_spectrum"]["from_step"]     # --steps counts the matching steps
+
+    def sample_last_jump(self, model, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_class`` samples of every class drawn as the model samples (consistency sampling on its own
+        schedule, guidance 1): (the last jump's output with gradient, as encoded spectrograms; their labels)."""
+        labels = torch.arange(len(self.classes)).repeat_interleave(self.per_class).to(self.device)
+        shape = (len(labels),) + tuple(self.codec.shape)
+        sig = self.sigmas
+        x = torch.randn(shape, generator=generator).to(self.device) * sig[0]
+        for i in range(len(sig) - 2):                 # every jump but the last: no gradient
+            with torch.no_grad():
+                den = model(x, torch.full((len(labels),), sig[i], device=self.device), labels).float()
+            x = den + sig[i + 1] * torch.randn(shape, generator=generator).to(self.device)
+        den = model(x, torch.full((len(labels),), sig[-2], device=self.device), labels).float()
+        return self.codec.from_model(den, labels), labels
+
+    def spectrum_loss(self, model, generator) -> torch.Tensor:
+        spec, labels = self.sample_last_jump(model, generator)
+        band, level = spectrum_stats(self.codec, spec, self.bands)
+        C, k = len(self.classes), self.per_class
+        band_c = band.reshape(C, k, -1).mean(dim=1)                # the batch's class means
+        level_c = level.reshape(C, k).mean(dim=1)
+        m = self.momentum
+        if self.run_band is None:
+            self.run_band, self.run_level = band_c.detach(), level_c.detach()
+        else:
+            self.run_band = m * self.run_band + (1 - m) * band_c.detach()
+            self.run_level = m * self.run_level + (1 - m) * level_c.detach()
+        e_band = 10 * torch.log10(self.run_band.clamp_min(1e-20)) - self.target_band
+        e_level = self.run_level - self.target_level
+        self._last_errors = (e_band.detach().cpu(), e_level.detach().cpu())
+        return ((e_band * 10 * torch.log10(band_c.clamp_min(1e-20))).mean()
+                + (e_level * level_c).mean())
+
+    def loss(self, model, y, labels, generator):
+        e = self.preset.edm
+        t, noise, labels = noisy_draws(lambda n, g: lognormal_levels(n, e, self.t_range, g), e, y, labels,
+                                       model.null_class, generator)
+        x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise
+
+        def anchor():
+            with torch.no_grad():
+                return self.frozen(x, t, labels)
+        d = model(x, t, labels) - self.teacher_targets(anchor).to(y.dtype)
+        per_sample = d.flatten(1).pow(2).mean(dim=1) / e.sigma_data ** 2
+        if not torch.is_grad_enabled():              # validation: the distance to the starting model only
+            return per_sample
+        total = per_sample + self.weight * self.spectrum_loss(model, generator)
+        self._log_spectrum()
+        return total
+
+    def _log_spectrum(self):
+        """Every ``log_every`` steps, the running errors (dB) to ``spectrum.csv``: the RMS and the largest band
+        error over every class and band, and the largest level error, with the class it is in."""
+        if not self.is_main or (self.step + 1) % self.preset.train.log_every:
+            return
+        e_band, e_level = self._last_errors
+        path = self.run_dir / "spectrum.csv"
+        fields = ["step", "band_rms_db", "band_max_db", "band_max_class", "level_max_db", "level_max_class"]
+        if self._spectrum_log is None:             # a fresh file, or the rows up to this run's checkpoint
+            rows = []
+            if path.is_file():
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+            self._spectrum_log = open(path, "w", newline="")
+            self._spectrum_writer = csv.DictWriter(self._spectrum_log, fieldnames=fields)
+            self._spectrum_writer.writeheader()
+            self._spectrum_writer.writerows(rows)
+        bi = int(e_band.abs().max(dim=1).values.argmax())
+        li = int(e_level.abs().argmax())
+        self._spectrum_writer.writerow({
+            "step": self.step + 1, "band_rms_db": f"{float(e_band.pow(2).mean().sqrt()):.3f}",
+            "band_max_db": f"{float(e_band[bi].abs().max()):.3f}", "band_max_class": self.classes[bi],
+            "level_max_db": f"{float(e_level[li]):.3f}", "level_max_class": self.classes[li]})
+        self._spectrum_log.flush()

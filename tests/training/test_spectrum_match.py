@@ -1,0 +1,177 @@
+"""Spectrum matching of a few-step model: the band matrix and the spectrum measures (analytic: bin widths, a known
+gain, a tone's band), the loss driving a model's output gain to the one that matches its targets, and a short
+resumable run on a tuned tiny model that exports a model sampling as before with the matching recorded."""
+import csv
+import json
+import math
+
+import numpy as np
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edmsound.core.codec import make_codec
+from edmsound.core.pipeline import EDMSoundPipeline
+from edmsound.core.storage import read_config
+from edmsound.training.spectrum_match import SpectrumMatcher, band_matrix, class_targets, spectrum_stats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_band_matrix_shares_every_bin_by_its_overlap_with_each_band():
+    sr, n_fft = 16000, 254
+    m = band_matrix(n_fft, sr).double().numpy()
+    df = sr / n_fft
+    edges = np.geomspace(50.0, sr / 2, 13)
+    # every band gets exactly its own width in bins (in units of the bin spacing), however narrow it is
+    np.testing.assert_allclose(m.sum(axis=1), np.diff(edges) / df, rtol=1e-6)
+    assert (m > 0).any(axis=1).all()                       # the 26-Hz lowest band included
+    # a bin wholly above 50 Hz + half a bin is shared out in full; the 0-Hz bin lies below every band
+    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
+    whole = (freqs - df / 2 >= 50.0) & (freqs + df / 2 <= sr / 2)
+    np.testing.assert_allclose(m.sum(axis=0)[whole], 1.0, rtol=1e-6)
+    assert m[:, 0].sum() == 0.0
+
+
+@pytest.fixture(scope="module")
+def codec():
+    preset, _ = read_config(ROOT / "checkpoints" / "default")          # the shipped codec: per-bin gains and compression
+    return make_codec(preset.codec)
+
+
+def test_spectrum_stats_see_a_known_gain_exactly_and_a_tone_in_its_band(codec):
+    sr, n = codec.sample_rate, codec.num_samples
+    t = torch.arange(n, dtype=torch.float64) / sr
+    rng = np.random.default_rng(0)
+    noise = torch.from_numpy(rng.standard_normal(n)) * 0.05
+    f = 19 * sr / codec.config.n_fft                      # a bin centre (1197 Hz), well inside its band
+    tone = 0.3 * torch.sin(2 * math.pi * f * t)
+    waves = torch.stack([noise, 0.25 * noise, tone]).float()
+    bands = band_matrix(codec.config.n_fft, sr)
+    band, level = spectrum_stats(codec, codec.encode(waves), bands)
+    # a gain of 1/4 is -12.04 dB in level and in every band, through the compression and the per-bin gains
+    assert float(level[1] - level[0]) == pytest.approx(20 * math.log10(0.25), abs=0.02)
+    np.testing.assert_allclose((10 * torch.log10(band[1] / band[0])).numpy(), 20 * math.log10(0.25), atol=0.02)
+    # the power sums to the signal's (up to the STFT's fixed scale): a tone's power lies in its band
+    edges = np.geomspace(50.0, sr / 2, 13)
+    k = int(np.searchsorted(edges, f)) - 1
+    assert float(band[2, k] / band[2].sum()) > 0.99
+    # the level is of the signal's power: the tone (power 0.045) against the noise (0.0025) by 12.55 dB
+    assert float(level[2] - level[0]) == pytest.approx(10 * math.log10(0.045 / 0.0025), abs=0.3)
+
+
+def test_class_targets_are_the_class_means_of_band_power_and_of_level(codec):
+    g = torch.Generator().manual_seed(0)
+    waves = torch.randn(6, codec.num_samples, generator=g) * torch.tensor([0.1, 0.2, 0.4, 0.05, 0.05, 0.1])[:, None]
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    bands = band_matrix(codec.config.n_fft, codec.sample_rate)
+    tb, tl = class_targets(codec, waves, labels, 2, bands, batch=4)         # batches that cut across classes
+    band, level = spectrum_stats(codec, codec.encode(waves), bands)
+    torch.testing.assert_close(tb[0], 10 * torch.log10(band[:3].mean(dim=0)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tl[1], level[3:].mean(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"no training clips of class \[2\]"):
+        class_targets(codec, waves, labels, 3, bands)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_ckpt, tmp_path_factory):
+    """A consistency-tuned tiny model (2 steps) and its tone tree."""
+    from conftest import tune_tiny
+    return tune_tiny(tiny_ckpt, tmp_path_factory.mktemp("match"))
+
+
+class GainModel(torch.nn.Module):
+    """D(x, sigma, label) = g · (a fixed clip of the label's class): one learnable output gain."""
+
+    def __init__(self, clips: torch.Tensor, g: float):
+        super().__init__()
+        self.clips = clips
+        self.log_g = torch.nn.Parameter(torch.tensor(math.log(g)))
+        self.null_class = len(clips)
+
+    def forward(self, x, sigma, labels):
+        return self.log_g.exp() * self.clips[labels]
+
+
+def test_the_spectrum_loss_brings_a_quiet_model_to_the_level_and_bands_of_its_targets(tuned, tmp_path):
+    model, data = tuned
+    m = SpectrumMatcher(model, data, tmp_path / "run", steps=1, progress=False, per_class=2, momentum=0.5)
+    # one clip per class, encoded as the model's state; the targets are those clips' own figures, so the loss is
+    # at rest exactly at gain 1 and the errors there are zero
+    first = [int(torch.nonzero(m.train_labels == c)[0]) for c in range(len(m.classes))]
+    lab = torch.arange(len(m.classes))
+    clips = m.codec.to_model(m.codec.encode(m.train_waves[first]), lab)
+    m.target_band, m.target_level = class_targets(m.codec, m.train_waves[first], lab, len(m.classes), m.bands)
+    toy = GainModel(clips, g=0.5)
+    opt = torch.optim.Adam(toy.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        m.spectrum_loss(toy, g).backward()
+        opt.step()
+    e_band, e_level = m._last_errors
+    assert float(toy.log_g.detach().exp()) == pytest.approx(1.0, abs=0.02)
+    assert float(e_level.abs().max()) < 0.3 and float(e_band.abs().max()) < 0.3         # dB
+    # from too loud, the same
+    toy2, m.run_band = GainModel(clips, g=2.0), None
+    opt = torch.optim.Adam(toy2.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        m.spectrum_loss(toy2, g).backward()
+        opt.step()
+    assert float(toy2.log_g.detach().exp()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_match_spectrum_runs_resumes_and_exports_a_model_that_samples_as_before(tuned, tmp_path):
+    model, data = tuned
+    start = json.loads((model / "info.json").read_text())["steps"]
+    m = SpectrumMatcher(model, data, tmp_path / "run", steps=4, progress=False, batch_size=4, per_class=2,
+                        checkpoint_every=2)
+    assert m.step == start and m.total_steps == start + 4
+    assert len(m.sigmas) == 3 and m.sigmas[-1] == 0.0              # the model's own 2-step schedule
+    y = m.codec.encode(m.train_waves[:4])
+    with torch.no_grad():                  # validation: the anchor alone, 0 for the starting model itself
+        assert float(m.loss(m.frozen, y, m.train_labels[:4], torch.Generator().manual_seed(1)).max()) == 0.0
+    m.preset = m.preset.replace_train(log_every=1)
+    m.run()
+    again = SpectrumMatcher(model, data, tmp_path / "run", steps=6, progress=False, batch_size=4, per_class=2,
+                            checkpoint_every=2, resume=True)
+    assert again.step == start + 4 and again.total_steps == start + 6
+    again.preset = again.preset.replace_train(log_every=1)
+    again.run()
+    with open(tmp_path / "run" / "spectrum.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(start + 1, start + 7))      # kept across the resume
+    assert all(math.isfinite(float(r["band_rms_db"])) for r in rows)
+    out = tmp_path / "matched"
+    again.export(out)
+    rec = json.loads((out / "info.json").read_text())["consistency"]
+    assert rec["matched_spectrum"]["from_step"] == start and rec["matched_spectrum"]["per_class"] == 2
+    assert rec["lineage"][-1] == "tuned"
+    pipe = EDMSoundPipeline(out, device="cpu")
+    assert pipe.samplers == ["consistency"] and pipe.valid_nfes("consistency") == [1, 2]
+    gen = pipe.generate(pipe.classes[0], n=2, seed=0)
+    assert gen.settings["guidance"] == 1.0 and gen.settings["nfe"] == 2 and np.isfinite(gen.waves).all()
+    w0, w1 = load_file(model / "ema.safetensors"), load_file(out / "ema.safetensors")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)                   # it trained
+    with pytest.raises(ValueError, match="is not the model this run started from"):
+        SpectrumMatcher(out, data, tmp_path / "run", steps=6, progress=False, resume=True)
+
+
+def test_match_spectrum_refuses_what_it_cannot_tune(tiny_ckpt, tuned, tmp_path, capsys):
+    model, data = tuned
+    with pytest.raises(ValueError, match="is not a consistency-tuned model"):
+        SpectrumMatcher(tiny_ckpt, data, tmp_path / "x", steps=1, progress=False)
+    from edmsound.cli import main
+    for argv, msg in ((["--momentum", "1"], "the momentum must be a number in [0, 1), got 1.0"),
+                      (["--per-class", "0"], "samples per class must be a whole number >= 1, got 0"),
+                      (["--steps", "0"], "steps must be a whole number >= 1, got 0")):
+        with pytest.raises(SystemExit) as e:
+            main(["match-spectrum", "--teacher", str(model), "--data", str(data), "--out", str(tmp_path / "x"),
+                  "--no-progress"] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert msg in err[-1], err
+        assert not (tmp_path / "x").exists()
