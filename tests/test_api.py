@@ -20,7 +20,7 @@ PUBLIC_API = [
     "GUIDANCE_RANGE", "Generation", "GuidanceBaker", "GuidedDenoiser",
     "MAX_CLIPS", "MAX_NFE", "PRECISIONS", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
     "SpectrogramCodec", "SpectrumMatcher", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "attach_guide",
-    "build_demo",
+    "blend_models", "build_demo",
     "build_denoiser", "calibrate_class_eq", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
     "check_speed_record", "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
     "export_model", "export_zip", "find_models", "format_class_guidance", "format_guidance_interval", "format_keeps_overs", "get_preset", "get_sampler",

@@ -134,6 +134,12 @@ def _cmd_match_spectrum(a):
                  "the model with its class spectra matched")
 
 
+def _cmd_blend(a):
+    from .. import blend_models
+    print(f"wrote {blend_models(a.start, a.end, a.out, weight=a.weight)}: "
+          f"{1 - a.weight:g} x {a.start} + {a.weight:g} x {a.end}")
+
+
 def _cmd_distill(a):
     from .. import Distiller
     _run_student(a, lambda *x, **kw: Distiller(*x, student_nfe=a.nfe, teacher_solver=a.teacher_solver,
@@ -295,6 +301,14 @@ def register(subparsers) -> None:
                    help="EMA half-life in steps (default 100)")
     _student_run_args(m, steps=600, steps_help="matching steps, counted on from the model's own")
     m.set_defaults(func=_cmd_match_spectrum)
+
+    bl = subparsers.add_parser("blend", help="a model between two of the same network (e.g. before and after a "
+                                             "tuning): their weights interpolated")
+    bl.add_argument("--start", required=True, help="model directory at weight 0 (e.g. the model before tuning)")
+    bl.add_argument("--end", required=True, help="model directory at weight 1 (its config and sampling are kept)")
+    bl.add_argument("--weight", type=float, required=True, help="how far from --start towards --end, 0 to 1")
+    bl.add_argument("--out", required=True, help="new model directory")
+    bl.set_defaults(func=_cmd_blend)
 
     e = subparsers.add_parser("export", help="write a shippable model directory from a run")
     e.add_argument("--run", required=True)

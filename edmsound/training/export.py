@@ -83,3 +83,40 @@ def attach_guide(checkpoint, guide, *, weights: str = "ema", note: str | None = 
         preset = dataclasses.replace(preset, guide=note)
     write_config(model_dir, preset, classes)
     return note
+
+
+def blend_models(start, end, out, *, weight: float) -> Path:
+    """Write at ``out`` a model whose EMA weights are ``(1 - weight) · start + weight · end``: two models of the same
+    network, classes and representation — typically a model and the same model tuned further — interpolated in
+    weight space (as WiSE-FT does for fine-tuned models, Wortsman et al. 2022), to keep part of what the tuning changed
+    at less of what it cost. The blend takes ``end``'s config (its sampling settings; a matching EQ measured for
+    ``end`` is dropped, as it does not fit the blend) and its info.json with ``blend`` added (both models, their EMA
+    sha256 and the weight). Returns ``out``. ValueError for a weight outside [0, 1] or models that differ."""
+    import hashlib
+    from .trainer import same_model
+    if not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"the blend weight must be between 0 and 1, got {weight!r}")
+    a_dir, b_dir = resolve_model_dir(start), resolve_model_dir(end)
+    (a_preset, a_classes), (b_preset, b_classes) = read_config(a_dir), read_config(b_dir)
+    if list(a_classes) != list(b_classes):
+        raise ValueError(f"{a_dir} and {b_dir} have other classes: a blend needs the same model tuned two ways")
+    if not same_model(a_preset, b_preset):
+        raise ValueError(f"{a_dir} and {b_dir} are other networks or representations (network, codec, per-bin and "
+                         "per-class gains must match)")
+    paths = [d / "ema.safetensors" for d in (a_dir, b_dir)]
+    wa, wb = (load_safetensors(p) for p in paths)
+    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
+        raise ValueError(f"the weights of {a_dir} and {b_dir} do not match tensor for tensor")
+    blended = {k: (1.0 - weight) * wa[k].double() + weight * wb[k].double() for k in wb}
+    info = json.loads((b_dir / "info.json").read_text()) if (b_dir / "info.json").is_file() else {}
+    info["blend"] = {"start": a_dir.name, "end": b_dir.name, "weight": float(weight),
+                     "start_sha256": hashlib.sha256(paths[0].read_bytes()).hexdigest(),
+                     "end_sha256": hashlib.sha256(paths[1].read_bytes()).hexdigest()}
+    out = Path(out)
+    if out.resolve() in (a_dir.resolve(), b_dir.resolve()):
+        raise ValueError(f"write the blend to a new directory, not over {out}")
+    write_model_dir(out, b_preset, list(b_classes), {k: v.float() for k, v in blended.items()}, info=info)
+    if b_preset.guide is not None:                   # the guide model goes with the config that names it
+        import shutil
+        shutil.copy2(b_dir / GUIDE_FILE, out / GUIDE_FILE)
+    return out
