@@ -170,6 +170,19 @@ def _cmd_attach_guide(a):
           f"{a.checkpoint}: guidance now pushes away from {note} (autoguidance)")
 
 
+def _tuning_parser(subparsers, name: str, help: str, model_help: str, own_args, *, ema_default: float, steps: int,
+                   steps_help: str, func) -> None:
+    """A command that goes on training a consistency-tuned model: its model and data, ``own_args(parser)``, the EMA
+    half-life (default ``ema_default``) and the run options."""
+    p = subparsers.add_parser(name, help=help)
+    _student_io_args(p, model_help, "class-per-folder tree (the model's training data)")
+    own_args(p)
+    p.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
+                   help=f"EMA half-life in steps (default {ema_default:g})")
+    _student_run_args(p, steps=steps, steps_help=steps_help)
+    p.set_defaults(func=func)
+
+
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write the built-in procedural foley set as a class-per-folder tree")
@@ -275,32 +288,28 @@ def register(subparsers) -> None:
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 
-    b = subparsers.add_parser("bake-guidance", help="teach a consistency-tuned model to give its guided output in "
-                                                    "one evaluation, so guided classes sample as fast as the others")
-    _student_io_args(b, "a consistency-tuned model with per-class guidance (e.g. checkpoints/fast); it is also "
-                        "where the baking starts", "class-per-folder tree (the model's training data)")
-    b.add_argument("--share", type=float, default=0.5,
-                   help="share of the noise levels drawn from the guided interval; the rest keep the model as it "
-                        "was elsewhere (default 0.5)")
-    b.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
-                   help="EMA half-life in steps (default 250)")
-    _student_run_args(b, steps=1500, steps_help="baking steps, counted on from the model's own")
-    b.set_defaults(func=_cmd_bake)
+    def bake_args(b):
+        b.add_argument("--share", type=float, default=0.5,
+                       help="share of the noise levels drawn from the guided interval; the rest keep the model as it "
+                            "was elsewhere (default 0.5)")
+    _tuning_parser(subparsers, "bake-guidance", "teach a consistency-tuned model to give its guided output in one "
+                   "evaluation, so guided classes sample as fast as the others",
+                   "a consistency-tuned model with per-class guidance (e.g. checkpoints/fast); it is also where the "
+                   "baking starts", bake_args, ema_default=250, steps=1500, steps_help="baking steps, counted on "
+                   "from the model's own", func=_cmd_bake)
 
-    m = subparsers.add_parser("match-spectrum", help="tune a consistency-tuned model so its own samples have each "
-                                                     "class's spectral envelope and level of its training clips")
-    _student_io_args(m, "a consistency-tuned model (e.g. checkpoints/fast); it is also where the tuning starts",
-                     "class-per-folder tree (the model's training data)")
-    m.add_argument("--weight", type=positive, default=0.01,
-                   help="weight of the spectrum term against the anchor to the starting model (default 0.01)")
-    m.add_argument("--per-class", type=int, default=4, metavar="N",
-                   help="samples of every class drawn per step to measure its spectrum (default 4)")
-    m.add_argument("--momentum", type=float, default=0.9,
-                   help="running mean of the measured spectra, 0 to below 1 (default 0.9)")
-    m.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
-                   help="EMA half-life in steps (default 100)")
-    _student_run_args(m, steps=600, steps_help="matching steps, counted on from the model's own")
-    m.set_defaults(func=_cmd_match_spectrum)
+    def match_args(m):
+        m.add_argument("--weight", type=positive, default=0.01,
+                       help="weight of the spectrum term against the anchor to the starting model (default 0.01)")
+        m.add_argument("--per-class", type=int, default=4, metavar="N",
+                       help="samples of every class drawn per step to measure its spectrum (default 4)")
+        m.add_argument("--momentum", type=float, default=0.9,
+                       help="running mean of the measured spectra, 0 to below 1 (default 0.9)")
+    _tuning_parser(subparsers, "match-spectrum", "tune a consistency-tuned model so its own samples have each "
+                   "class's spectral envelope and level of its training clips",
+                   "a consistency-tuned model (e.g. checkpoints/fast); it is also where the tuning starts",
+                   match_args, ema_default=100, steps=600, steps_help="matching steps, counted on from the model's "
+                   "own", func=_cmd_match_spectrum)
 
     bl = subparsers.add_parser("blend", help="a model between two of the same network (e.g. before and after a "
                                              "tuning): their weights interpolated")
