@@ -20,16 +20,13 @@ or baked further like any consistency-tuned model.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from pathlib import Path
 
 import torch
 
 from ..core.guidance import guided_combination, interval_list
 from ..core.model import load_denoiser
-from .consistency import continuation, lognormal_levels, noisy_draws, tuned_range
+from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
 from .trainer import StudentTrainer, read_teacher
 
 DEFAULT_SHARE = 0.5
@@ -84,14 +81,8 @@ class GuidanceBaker(StudentTrainer):
                              "(`edmsound consistency-tune` makes it)")
         scales = {c: float(tpreset.guidance_for(c)) for c in classes}
         intervals = {c: tpreset.guidance_interval_for(c) for c in classes}
-        weights_sha = hashlib.sha256((teacher_dir / "ema.safetensors").read_bytes()).hexdigest()
-        run_record = Path(run_dir) / f"{self.RECORD}.json"
-        stored = (json.loads(run_record.read_text())["baked_guidance"]
-                  if resume and run_record.is_file() else None)
+        weights_sha, stored = stored_round(teacher_dir, run_dir, resume, "baked_guidance", self.RECORD)
         if stored is not None:              # a resumed run bakes what it started with, from the same frozen weights
-            if stored["teacher_sha256"] != weights_sha:
-                raise ValueError(f"{teacher_dir} is not the model this run started from (its weights changed since); "
-                                 "resume with that model, or start a new run")
             scales = {c: float(stored["scales"].get(c, 1.0)) for c in classes}
             intervals = {c: None if stored["intervals"].get(c) is None else tuple(stored["intervals"][c])
                          for c in classes}

@@ -42,6 +42,7 @@ users hear. To bake a guided teacher into a student use progressive distillation
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -259,6 +260,20 @@ class ConsistencyTuner(StudentTrainer):
 
     def plan_note(self) -> str:
         return f"the {self.stages} stages are laid over steps {self.plan_from} to {self.total_steps}"
+
+
+def stored_round(model_dir: Path, run_dir, resume: bool, key: str, record_name: str = "consistency"
+                 ) -> tuple[str, dict | None]:
+    """(sha256 of ``model_dir``'s EMA weights, the round ``key`` a resumed run recorded in
+    ``RUN/<record_name>.json`` or None for a new run). A run that goes on from a frozen copy of a model must resume
+    from the same weights: ValueError if they changed since (the round records them as ``teacher_sha256``)."""
+    sha = hashlib.sha256((model_dir / "ema.safetensors").read_bytes()).hexdigest()
+    path = Path(run_dir) / f"{record_name}.json"
+    stored = json.loads(path.read_text()).get(key) if resume and path.is_file() else None
+    if stored is not None and stored["teacher_sha256"] != sha:
+        raise ValueError(f"{model_dir} is not the model this run started from (its weights changed since); "
+                         "resume with that model, or start a new run")
+    return sha, stored
 
 
 def continuation(model_dir: Path, preset, before: dict, start: int, *, batch_size, lr: float, checkpoint_every,

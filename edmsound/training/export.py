@@ -103,6 +103,9 @@ def blend_models(start, end, out, *, weight: float) -> Path:
     if not same_model(a_preset, b_preset):
         raise ValueError(f"{a_dir} and {b_dir} are other networks or representations (network, codec, per-bin and "
                          "per-class gains must match)")
+    out = Path(out)
+    if out.resolve() in (a_dir.resolve(), b_dir.resolve()):
+        raise ValueError(f"write the blend to a new directory, not over {out}")
     paths = [d / "ema.safetensors" for d in (a_dir, b_dir)]
     wa, wb = (load_safetensors(p) for p in paths)
     if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
@@ -112,9 +115,6 @@ def blend_models(start, end, out, *, weight: float) -> Path:
     info["blend"] = {"start": a_dir.name, "end": b_dir.name, "weight": float(weight),
                      "start_sha256": hashlib.sha256(paths[0].read_bytes()).hexdigest(),
                      "end_sha256": hashlib.sha256(paths[1].read_bytes()).hexdigest()}
-    out = Path(out)
-    if out.resolve() in (a_dir.resolve(), b_dir.resolve()):
-        raise ValueError(f"write the blend to a new directory, not over {out}")
     write_model_dir(out, b_preset, list(b_classes), {k: v.float() for k, v in blended.items()}, info=info)
     if b_preset.guide is not None:                   # the guide model goes with the config that names it
         import shutil

@@ -35,22 +35,19 @@ This changes the network, not its output: nothing is rescaled after sampling, an
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.model import load_denoiser
 from ..core.schedules import karras_sigmas
-from .consistency import continuation, lognormal_levels, noisy_draws, tuned_range
+from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
 from .trainer import StudentTrainer, read_teacher
 
 __all__ = ["SpectrumMatcher", "band_matrix", "spectrum_stats", "class_targets", "DEFAULT_WEIGHT", "DEFAULT_PER_CLASS"]
 
+SPECTRUM_LOG_FIELDS = ["step", "band_rms_db", "band_max_db", "band_max_class", "level_max_db", "level_max_class"]
 DEFAULT_WEIGHT = 0.01
 DEFAULT_PER_CLASS = 4
 DEFAULT_MOMENTUM = 0.9
@@ -136,13 +133,7 @@ class SpectrumMatcher(StudentTrainer):
             raise ValueError(f"samples per class must be a whole number >= 1, got {per_class!r}")
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-        weights_sha = hashlib.sha256((model_dir / "ema.safetensors").read_bytes()).hexdigest()
-        run_record = Path(run_dir) / f"{self.RECORD}.json"
-        stored = (json.loads(run_record.read_text()).get("matched_spectrum")
-                  if resume and run_record.is_file() else None)
-        if stored is not None and stored["from_sha256"] != weights_sha:
-            raise ValueError(f"{model_dir} is not the model this run started from (its weights changed since); "
-                             "resume with that model, or start a new run")
+        weights_sha, stored = stored_round(model_dir, run_dir, resume, "matched_spectrum", self.RECORD)
         e = mpreset.edm
         self.t_range = tuned_range(model_dir, before, mpreset)
         self.sigmas = [float(s) for s in karras_sigmas(int(mpreset.default_nfe), e.sigma_min, e.sigma_max, e.rho)]
@@ -152,7 +143,7 @@ class SpectrumMatcher(StudentTrainer):
                                        ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
         record["matched_spectrum"] = {"weight": float(weight), "per_class": int(per_class), "momentum": float(momentum),
                                       "sigmas": self.sigmas, "bands": N_BANDS, "f_lo_hz": F_LO,
-                                      "from_model": model_dir.name, "from_step": start, "from_sha256": weights_sha}
+                                      "from_model": model_dir.name, "from_step": start, "teacher_sha256": weights_sha}
         if before.get("matched_spectrum") is not None:    # matched before: the earlier rounds stay on record
             record["earlier_matches"] = list(before.get("earlier_matches", [])) + [before["matched_spectrum"]]
         self.weight, self.per_class, self.momentum = float(weight), int(per_class), float(momentum)
@@ -228,17 +219,8 @@ class SpectrumMatcher(StudentTrainer):
         if not self.is_main or (self.step + 1) % self.preset.train.log_every:
             return
         e_band, e_level = self._last_errors
-        path = self.run_dir / "spectrum.csv"
-        fields = ["step", "band_rms_db", "band_max_db", "band_max_class", "level_max_db", "level_max_class"]
         if self._spectrum_log is None:             # a fresh file, or the rows up to this run's checkpoint
-            rows = []
-            if path.is_file():
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-            self._spectrum_log = open(path, "w", newline="")
-            self._spectrum_writer = csv.DictWriter(self._spectrum_log, fieldnames=fields)
-            self._spectrum_writer.writeheader()
-            self._spectrum_writer.writerows(rows)
+            self._spectrum_log, self._spectrum_writer = self._log_writer("spectrum.csv", SPECTRUM_LOG_FIELDS)
         bi = int(e_band.abs().max(dim=1).values.argmax())
         li = int(e_level.abs().argmax())
         self._spectrum_writer.writerow({

@@ -379,14 +379,16 @@ class Trainer:
         self.step += 1
         return loss_v, gn
 
-    def _log_writer(self):
-        path = self.run_dir / "log.csv"
+    def _log_writer(self, name: str = "log.csv", fields=LOG_FIELDS):
+        """(file, csv writer) for the run's log ``name``: its rows up to this run's step kept (a resumed run drops
+        those newer than its checkpoint), the rest to be written."""
+        path = self.run_dir / name
         rows = []
         if path.is_file():   # drop rows newer than the checkpoint we resumed from
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
         f = open(path, "w", newline="")
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
         f.flush()
