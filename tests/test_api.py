@@ -19,7 +19,7 @@ PUBLIC_API = [
     "CopyIndex", "Distiller", "EDMSoundPipeline", "EDMSoundService", "EXPORT_FORMATS", "FEW_STEP_SAMPLERS",
     "GUIDANCE_RANGE", "Generation", "GuidanceBaker", "GuidedDenoiser",
     "MAX_CLIPS", "MAX_NFE", "PRECISIONS", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
-    "SpectrogramCodec", "SpectrumMatcher", "TeacherMatcher", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "attach_discriminator", "attach_guide",
+    "SpectrogramCodec", "SpectrumMatcher", "TeacherMatcher", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "attach_guide",
     "blend_models", "build_demo",
     "build_denoiser", "calibrate_class_eq", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
     "check_speed_record", "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",
@@ -29,7 +29,7 @@ PUBLIC_API = [
     "load_reference", "load_results", "load_training_set", "measure_level", "normalize_level", "parse_points",
     "plan_sweep", "quality_targets", "read_clip", "read_config", "read_upload", "reexec_with_jemalloc",
     "resolve_model_dir", "run_ablation", "save_generation", "spectrogram_figure", "speed_for_weights", "steps_for_nfe", "stitching_analysis",
-    "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_discriminator", "train_encoder", "train_head",
+    "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_encoder", "train_head",
     "true_peak_dbtp", "valid_nfes", "wav_bytes", "with_sampling_defaults", "write_calibration",
     "write_class_eq", "write_class_guidance", "write_dataset", "write_eq_report", "write_export", "write_wav", "__version__",
 ]

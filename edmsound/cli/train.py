@@ -179,43 +179,6 @@ def _cmd_attach_guide(a):
           f"{a.checkpoint}: guidance now pushes away from {note} (autoguidance)")
 
 
-def _cmd_train_discriminator(a):
-    from .. import train_discriminator
-    if a.threads:
-        import torch
-        torch.set_num_threads(a.threads)
-    try:
-        try:
-            interval = tuple(float(v) for v in a.interval.split(","))
-        except ValueError:
-            interval = ()
-        if len(interval) != 2:
-            raise ValueError(f"--interval must be LO,HI (two noise levels), got {a.interval!r}")
-        rec = train_discriminator(a.model, a.data, a.out, [c.strip() for c in a.classes.split(",") if c.strip()],
-                                  n_generated=a.n_generated, interval=interval,
-                                  steps=a.steps, batch=a.batch_size, lr=a.lr, seed=a.seed, precision=a.precision,
-                                  progress=not a.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"discriminator for {', '.join(rec['classes'])} in {a.out}: held-out accuracy {rec['val_accuracy']:.3f} "
-          f"(step {rec['kept_step']})")
-
-
-def _cmd_attach_discriminator(a):
-    from .. import attach_discriminator
-    try:
-        scales = {} if a.remove else class_weights(a.scale) or {}
-        if not scales and not a.remove:
-            raise ValueError("give --scale CLASS=W for each class to correct, or --remove")
-        spec = attach_discriminator(a.model, a.run, scales)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"{a.model}: discriminator guidance removed" if spec is None else
-          f"{a.model}: discriminator guidance for " + ", ".join(f"{c} (w {w:g})" for c, w in spec.scales.items()))
-
-
 def _tuning_parser(subparsers, name: str, help: str, model_help: str, own_args, *, ema_default: float, steps: int,
                    steps_help: str, func) -> None:
     """A command that goes on training a consistency-tuned model: its model and data, ``own_args(parser)``, the EMA
@@ -409,32 +372,3 @@ def register(subparsers) -> None:
     g.add_argument("--note", default=None, help="how the model card and sidecars name the guide "
                    "(default: its step and weights)")
     g.set_defaults(func=_cmd_attach_guide)
-
-    d = subparsers.add_parser("train-discriminator", help="train a small network to tell a model's samples of some "
-                                                          "classes from its training clips, at high noise levels "
-                                                          "(for discriminator guidance)")
-    d.add_argument("--model", required=True, help="the diffusion model whose samples are told apart")
-    d.add_argument("--data", required=True, help="its training data (class-per-folder tree)")
-    d.add_argument("--classes", required=True, help="comma-separated classes to correct")
-    d.add_argument("--out", required=True, help="run directory (its samples are made once into OUT/generated)")
-    d.add_argument("--n-generated", type=positive_int, default=512, metavar="N",
-                   help="the model's samples per class (default 512)")
-    d.add_argument("--interval", default="3,15", metavar="LO,HI",
-                   help="the noise levels the guidance acts on, and the discriminator learns at (default 3,15)")
-    d.add_argument("--steps", type=positive_int, default=2000)
-    d.add_argument("--batch-size", type=positive_int, default=32, help="clips of each side per step (default 32)")
-    d.add_argument("--lr", type=positive, default=1e-3)
-    d.add_argument("--seed", type=int, default=60, help="base of the samples' noise seeds (default 60)")
-    add_precision(d, "the model's, for its samples")
-    d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=_cmd_train_discriminator)
-
-    ad = subparsers.add_parser("attach-discriminator", help="give a model a discriminator trained on its samples: "
-                                                            "its sampling path corrected in those classes")
-    ad.add_argument("--model", required=True, help="model directory (the one the discriminator was trained on)")
-    ad.add_argument("--run", required=True, help="the train-discriminator run directory")
-    ad.add_argument("--scale", type=class_weight, action="append", default=None, metavar="CLASS=W",
-                    help="the correction's scale for a class (1: the full log density ratio); repeat per class")
-    ad.add_argument("--remove", action="store_true", help="remove the model's discriminator")
-    ad.set_defaults(func=_cmd_attach_discriminator)

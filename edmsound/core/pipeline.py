@@ -34,7 +34,6 @@ from .model import load_denoiser, load_guide, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
 from .spectral_eq import CONFIG_KEY as EQ_KEY, ClassEQ, apply_to_spec, bin_freqs
-from .discriminator import CONFIG_KEY as DISC_KEY, DiscriminatorGuidedDenoiser, DiscriminatorSpec, load_discriminator
 
 MAX_NFE = 200
 MAX_CLIPS = 64
@@ -90,10 +89,6 @@ class EDMSoundPipeline:
         cfg_path = self.model_dir / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.class_eq = ClassEQ.from_dict(cfg.get(EQ_KEY), self.classes)   # the model's matching EQ, or None
-        # discriminator guidance of some classes (the model's own correction of its sampling path), or None
-        self.disc_spec = DiscriminatorSpec.from_dict(cfg.get(DISC_KEY), self.classes)
-        self.discriminator = load_discriminator(self.model_dir, self.disc_spec, self.codec.shape, len(self.classes),
-                                                self.preset.edm.sigma_data, self.device)
 
     # --- introspection ---------------------------------------------------------------------------
     @property
@@ -210,8 +205,7 @@ class EDMSoundPipeline:
                      callback=None, guidance_interval=None, init: torch.Tensor | None = None,
                      sigma_start: float | None = None, known: torch.Tensor | None = None,
                      keep: torch.Tensor | None = None, tiles: list[int] | None = None, circular: bool = False,
-                     reference: str | None = None, discriminator: bool = True,
-                     **options) -> tuple[torch.Tensor, int, int]:
+                     reference: str | None = None, **options) -> tuple[torch.Tensor, int, int]:
         """Spectrograms for one batch of seeds; returns (specs, network evaluations counted, of which guided).
         ``guidance_interval``: None (guidance at every sigma) or (lo, hi); see :mod:`edmsound.guidance`.
         ``init`` (1 or B, C, F, T) with ``sigma_start``: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis
@@ -221,9 +215,7 @@ class EDMSoundPipeline:
         ``tiles`` (first frames of model windows): T may exceed one window; every step averages the windows'
         estimates (``circular``: around a ring). See :mod:`edmsound.core.inpainting`. The counted evaluations
         are per window: each of the ``len(tiles)`` windows spends them. ``reference``: what guidance pushes away
-        from, "null" / "guide" / "default" (see :meth:`resolve_reference`). ``discriminator``: the model's
-        discriminator guidance where it has one for the class (one model window only; False: the plain path; see
-        :mod:`edmsound.core.discriminator`)."""
+        from, "null" / "guide" / "default" (see :meth:`resolve_reference`)."""
         label = self.class_index(class_name)
         reference = self.resolve_reference(reference)
         fn = get_sampler(sampler)
@@ -251,11 +243,7 @@ class EDMSoundPipeline:
         if reference == "guide":
             ref_model = self.guide if tiles is None else TiledDenoiser(self.guide, tiles, W, T, circular=circular)
         guided = GuidedDenoiser(model, labels, guidance, guidance_interval, reference=ref_model)
-        path = guided
-        if discriminator and tiles is None and self.discriminator_for(class_name):
-            path = DiscriminatorGuidedDenoiser(guided, self.discriminator, labels,
-                                               self.disc_spec.scales[class_name], self.disc_spec.intervals[class_name])
-        counter = CountingDenoiser(path)
+        counter = CountingDenoiser(guided)
         denoiser = counter
         if known is not None:
             known = known.to(device=self.device, dtype=x.dtype)
@@ -268,10 +256,6 @@ class EDMSoundPipeline:
         if known is not None:
             out = torch.where(keep, known.to(out.dtype), out)      # exact, even where D returned non-finite values
         return out.float().cpu(), counter.count, guided.guided_calls
-
-    def discriminator_for(self, class_name: str) -> bool:
-        """Whether the model corrects ``class_name``'s sampling path with its discriminator."""
-        return self.disc_spec is not None and self.disc_spec.scales.get(class_name, 0.0) != 0.0
 
     def resolve_reference(self, reference=None) -> str:
         """What guidance pushes away from: "null" (the model's null class: classifier-free guidance) or "guide"
@@ -342,9 +326,6 @@ class EDMSoundPipeline:
                     "normalize": None if req["norm_mode"] is None else {"mode": req["norm_mode"],
                                                                         "target": req["norm_target"]},
                     "checkpoint": self.checkpoint, "device": str(self.device), "precision": self.precision}
-        if self.discriminator_for(req["class_name"]) and (extra or {}).get("tool", "vary") == "vary":  # one window
-            settings["discriminator_guidance"] = {"scale": self.disc_spec.scales[req["class_name"]],
-                                                  "interval": list(self.disc_spec.intervals[req["class_name"]])}
         if req.get("eq") is not None:
             settings["matching_eq"] = req["eq"]           # the model has one for this class: on or off
         if nfe_total != req["nfe"]:

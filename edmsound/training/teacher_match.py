@@ -59,26 +59,21 @@ def pair_noise(seeds, shape) -> torch.Tensor:
                                     dtype=torch.float64) for s in seeds]).float()
 
 
-def _settings(pipe, class_name: str, discriminator: bool) -> dict:
+def _settings(pipe, class_name: str) -> dict:
     p = pipe.preset
     interval = pipe.resolve_guidance_interval("default", class_name)
-    out = {"sampler": p.default_sampler, "nfe": int(p.default_nfe), "guidance": float(p.guidance_for(class_name)),
-           "interval": None if interval is None else [float(v) for v in interval],
-           "reference": pipe.resolve_reference(None)}
-    if discriminator and pipe.discriminator_for(class_name):
-        out["discriminator"] = {"scale": pipe.disc_spec.scales[class_name],
-                                "interval": list(pipe.disc_spec.intervals[class_name])}
-    return out
+    return {"sampler": p.default_sampler, "nfe": int(p.default_nfe), "guidance": float(p.guidance_for(class_name)),
+            "interval": None if interval is None else [float(v) for v in interval],
+            "reference": pipe.resolve_reference(None)}
 
 
 def teacher_pairs(teacher, out_dir, per_class: int = DEFAULT_PER_CLASS, *, seed: int = PAIR_SEED, batch: int = 16,
-                  precision: str = "auto", device: str = "cpu", progress: bool = True, classes=None,
-                  discriminator: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+                  precision: str = "auto", device: str = "cpu", progress: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(targets (N, C, F, T) in each class's diffusion state, labels (N,), seeds (N,), the teacher's settings per
     class): the teacher's samples at its shipped settings from the noise of ``per_class`` seeds per class. Kept in ``out_dir/<class>.safetensors`` and
     read back when the teacher, its settings and the seeds are the same (more pairs per class are added to them);
-    other stored pairs are refused rather than mixed in. ``classes``: only these (labels stay the model's class
-    indices); ``discriminator``: False samples the plain path where the model has discriminator guidance."""
+    other stored pairs are refused rather than mixed in."""
     from ..core.pipeline import EDMSoundPipeline       # the pipeline samples; training imports stay light
 
     if int(seed) in RESERVED_SEEDS:
@@ -95,15 +90,10 @@ def teacher_pairs(teacher, out_dir, per_class: int = DEFAULT_PER_CLASS, *, seed:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets, labels, seeds, settings = [], [], [], {}
-    wanted = list(pipe.classes) if classes is None else list(classes)
-    for name in wanted:
-        pipe.class_index(name)
-    total = per_class * len(wanted)
-    with tqdm(total=total, desc="model samples", unit="clip", disable=not progress) as bar:
+    total = per_class * len(pipe.classes)
+    with tqdm(total=total, desc="teacher pairs", unit="clip", disable=not progress) as bar:
         for ci, name in enumerate(pipe.classes):
-            if name not in wanted:
-                continue
-            meta = dict(_settings(pipe, name, discriminator), teacher_sha256=sha, guide_sha256=guide_sha, seed=int(seed),
+            meta = dict(_settings(pipe, name), teacher_sha256=sha, guide_sha256=guide_sha, seed=int(seed),
                         precision=pipe.precision)
             path = out_dir / f"{name}.safetensors"
             have = torch.zeros((0, *pipe.codec.shape))
@@ -119,8 +109,7 @@ def teacher_pairs(teacher, out_dir, per_class: int = DEFAULT_PER_CLASS, *, seed:
                 ids = list(range(len(have), min(per_class, len(have) + batch)))
                 s = [pair_seed(seed, ci, i) for i in ids]
                 spec, _, _ = pipe.sample_specs(name, s, meta["sampler"], meta["nfe"], meta["guidance"],
-                                               guidance_interval=meta["interval"], reference=meta["reference"],
-                                               discriminator=discriminator)
+                                               guidance_interval=meta["interval"], reference=meta["reference"])
                 if not bool(torch.isfinite(spec).all()):
                     raise ValueError(f"the teacher gave non-finite values for {name} (seeds {s[0]}..{s[-1]})")
                 have = torch.cat([have, pipe.codec.to_model(spec, ci).float()])
