@@ -54,7 +54,6 @@ _export("edmsound.training.distill", "Distiller")
 _export("edmsound.training.consistency", "ConsistencyTuner")
 _export("edmsound.training.bake", "GuidanceBaker")
 _export("edmsound.training.spectrum_match", "SpectrumMatcher")
-_export("edmsound.training.teacher_match", "TeacherMatcher")
 # copy detection
 _export("edmsound.copydetect.encoders", "load_encoder")
 _export("edmsound.copydetect.pretrain", "train_encoder")

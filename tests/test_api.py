@@ -19,7 +19,7 @@ PUBLIC_API = [
     "CopyIndex", "Distiller", "EDMSoundPipeline", "EDMSoundService", "EXPORT_FORMATS", "FEW_STEP_SAMPLERS",
     "GUIDANCE_RANGE", "Generation", "GuidanceBaker", "GuidedDenoiser",
     "MAX_CLIPS", "MAX_NFE", "PRECISIONS", "PRESETS", "PRESET_DEFAULT", "Preset", "ReadReport", "SAMPLERS", "SPECTROGRAM_VIEWS",
-    "SpectrogramCodec", "SpectrumMatcher", "TeacherMatcher", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "attach_guide",
+    "SpectrogramCodec", "SpectrumMatcher", "Trainer", "TrainingDiverged", "UPLOAD_EXTENSIONS", "UploadError", "analyse_copies", "attach_guide",
     "blend_models", "build_demo",
     "build_denoiser", "calibrate_class_eq", "calibrate_class_guidance", "check_guidance", "check_guidance_interval", "check_level_target",
     "check_speed_record", "chosen_text", "clip_stem", "convert_laion_checkpoint", "describe_level", "evaluate_sweep", "export_clip",

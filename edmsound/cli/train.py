@@ -134,15 +134,6 @@ def _cmd_match_spectrum(a):
                  "the model with its class spectra matched")
 
 
-def _cmd_match_teacher(a):
-    from .. import TeacherMatcher
-    _run_student(a, lambda *x, **kw: TeacherMatcher(*x, diffusion_model=a.diffusion_model, weight=a.weight,
-                                                    per_class=a.per_class, pair_seed=a.pair_seed,
-                                                    pairs_per_step=a.pairs_per_step, ema_halflife=a.ema_halflife,
-                                                    **kw),
-                 "the model with its teacher's samples matched")
-
-
 def _cmd_blend(a):
     from .. import blend_models
     print(f"wrote {blend_models(a.start, a.end, a.out, weight=a.weight)}: "
@@ -319,25 +310,6 @@ def register(subparsers) -> None:
                    "a consistency-tuned model (e.g. checkpoints/fast); it is also where the tuning starts",
                    match_args, ema_default=100, steps=600, steps_help="matching steps, counted on from the model's "
                    "own", func=_cmd_match_spectrum)
-
-    def teacher_args(m):
-        m.add_argument("--diffusion-model", default=None, metavar="DIR",
-                       help="the diffusion model whose samples are matched, at its shipped settings (default: the one "
-                            "the model was tuned from, beside it)")
-        m.add_argument("--weight", type=positive, default=1.0,
-                       help="weight of the teacher term against the anchor to the starting model (default 1)")
-        m.add_argument("--per-class", type=int, default=320, metavar="N",
-                       help="teacher samples made per class, once, before the tuning (default 320)")
-        m.add_argument("--pair-seed", type=int, default=50, metavar="SEED",
-                       help="base of their noise seeds (default 50; 0 and 1 are the evaluation's and the "
-                            "calibration's)")
-        m.add_argument("--pairs-per-step", type=int, default=None, metavar="N",
-                       help="teacher samples per step (default: the batch size)")
-    _tuning_parser(subparsers, "match-teacher", "tune a consistency-tuned model so its jump from noise lands where "
-                   "its diffusion teacher's sampler does from the same noise",
-                   "a consistency-tuned model (e.g. checkpoints/fast); it is also where the tuning starts",
-                   teacher_args, ema_default=100, steps=600, steps_help="matching steps, counted on from the model's "
-                   "own", func=_cmd_match_teacher)
 
     bl = subparsers.add_parser("blend", help="a model between two of the same network (e.g. before and after a "
                                              "tuning): their weights interpolated")

@@ -40,7 +40,10 @@ import math
 import numpy as np
 import torch
 
-from .anchored import AnchoredRound
+from ..core.model import load_denoiser
+from ..core.schedules import karras_sigmas
+from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
+from .trainer import StudentTrainer, read_teacher
 
 __all__ = ["SpectrumMatcher", "band_matrix", "spectrum_stats", "class_targets", "DEFAULT_WEIGHT", "DEFAULT_PER_CLASS"]
 
@@ -105,28 +108,50 @@ def class_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes:
     return (10 * torch.log10(sums / counts[:, None])).float(), (levels / counts).float()
 
 
-class SpectrumMatcher(AnchoredRound):
+class SpectrumMatcher(StudentTrainer):
     """:class:`Trainer` that tunes a consistency-tuned model's class spectra and levels towards its training
     clips' (resumable, checkpointed, logged and exported like the tuning). ``steps`` counts the matching steps,
     added to the model's own count."""
 
-    KEY = "matched_spectrum"
-    WHAT = "spectrum matching"
+    RECORD = "consistency"
 
     def __init__(self, model, data_dir, run_dir, *, steps: int = 600, weight: float = DEFAULT_WEIGHT,
-                 per_class: int = DEFAULT_PER_CLASS, momentum: float = DEFAULT_MOMENTUM, lr: float | None = None,
-                 ema_halflife: float | None = None, **kw):
+                 per_class: int = DEFAULT_PER_CLASS, momentum: float = DEFAULT_MOMENTUM, resume: bool = False,
+                 seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
+                 batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None,
+                 ema_halflife: float | None = None, precision: str = "auto", fit_minutes: float | None = None):
+        model_dir, mpreset, classes, minfo = read_teacher(model)
+        before = minfo.get("consistency")
+        if before is None or mpreset.student_sampler != "consistency":
+            raise ValueError(f"{model_dir} is not a consistency-tuned model; spectrum matching tunes one "
+                             "(`edmsound consistency-tune` makes it)")
         for name, value, ok, allowed in (("weight", weight, lambda v: v > 0, "> 0"),
                                          ("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)")):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
                 raise ValueError(f"the {name} must be a number {allowed}, got {value!r}")
         if not (isinstance(per_class, int) and per_class >= 1):
             raise ValueError(f"samples per class must be a whole number >= 1, got {per_class!r}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+        weights_sha, stored = stored_round(model_dir, run_dir, resume, "matched_spectrum", self.RECORD)
+        e = mpreset.edm
+        self.t_range = tuned_range(model_dir, before, mpreset)
+        self.sigmas = [float(s) for s in karras_sigmas(int(mpreset.default_nfe), e.sigma_min, e.sigma_max, e.rho)]
+        start = int(minfo.get("steps", 0)) if stored is None else int(stored["from_step"])
+        student, record = continuation(model_dir, mpreset, before, start, batch_size=batch_size,
+                                       lr=DEFAULT_LR if lr is None else lr, checkpoint_every=checkpoint_every,
+                                       ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
+        record["matched_spectrum"] = {"weight": float(weight), "per_class": int(per_class), "momentum": float(momentum),
+                                      "sigmas": self.sigmas, "bands": N_BANDS, "f_lo_hz": F_LO,
+                                      "from_model": model_dir.name, "from_step": start, "teacher_sha256": weights_sha}
+        if before.get("matched_spectrum") is not None:    # matched before: the earlier rounds stay on record
+            record["earlier_matches"] = list(before.get("earlier_matches", [])) + [before["matched_spectrum"]]
         self.weight, self.per_class, self.momentum = float(weight), int(per_class), float(momentum)
-        settings = {"weight": self.weight, "per_class": self.per_class, "momentum": self.momentum,
-                    "bands": N_BANDS, "f_lo_hz": F_LO}
-        super().__init__(model, data_dir, run_dir, settings, steps=steps, lr=DEFAULT_LR if lr is None else lr,
-                         ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife, **kw)
+        super().__init__(student, model_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
+                         resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
+                         continued=True, precision=precision, fit_minutes=fit_minutes)
+        self.frozen, _, _, _ = load_denoiser(model_dir, self.device, "ema", bf16=precision)
+        self.frozen.requires_grad_(False).eval()
         cfg = self.codec.config
         self.bands = band_matrix(cfg.n_fft, cfg.sample_rate).to(self.device)
         self.target_band, self.target_level = (
@@ -135,6 +160,9 @@ class SpectrumMatcher(AnchoredRound):
         self.run_band: torch.Tensor | None = None         # running class means (linear band power, level dB)
         self.run_level: torch.Tensor | None = None
         self._spectrum_log = None
+
+    def steps_option(self, total: int) -> int:
+        return total - self.record["matched_spectrum"]["from_step"]     # --steps counts the matching steps
 
     def sample_last_jump(self, model, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``per_class`` samples of every class drawn as the model samples (consistency sampling on its own
@@ -168,10 +196,22 @@ class SpectrumMatcher(AnchoredRound):
         return ((e_band * 10 * torch.log10(band_c.clamp_min(1e-20))).mean()
                 + (e_level * level_c).mean())
 
-    def round_loss(self, model, generator) -> torch.Tensor:
-        term = self.weight * self.spectrum_loss(model, generator)
+    def loss(self, model, y, labels, generator):
+        e = self.preset.edm
+        t, noise, labels = noisy_draws(lambda n, g: lognormal_levels(n, e, self.t_range, g), e, y, labels,
+                                       model.null_class, generator)
+        x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise
+
+        def anchor():
+            with torch.no_grad():
+                return self.frozen(x, t, labels)
+        d = model(x, t, labels) - self.teacher_targets(anchor).to(y.dtype)
+        per_sample = d.flatten(1).pow(2).mean(dim=1) / e.sigma_data ** 2
+        if not torch.is_grad_enabled():              # validation: the distance to the starting model only
+            return per_sample
+        total = per_sample + self.weight * self.spectrum_loss(model, generator)
         self._log_spectrum()
-        return term
+        return total
 
     def _log_spectrum(self):
         """Every ``log_every`` steps, the running errors (dB) to ``spectrum.csv``: the RMS and the largest band
