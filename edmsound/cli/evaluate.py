@@ -181,6 +181,27 @@ def _cmd_calibrate(a):
         print(f"stored in {path}")
 
 
+def _cmd_set_guidance(a):
+    from .. import read_config, write_class_guidance
+    from ..core.guidance import check_guidance, check_guidance_interval
+    try:
+        preset, classes = read_config(a.checkpoint)
+        if a.class_name not in classes:
+            raise ValueError(f"unknown class {a.class_name!r}; valid: {', '.join(classes)}")
+        scales = dict(preset.class_scales(classes) or {})
+        intervals = dict(preset.class_intervals(classes) or ())
+        scales[a.class_name] = check_guidance(a.scale)
+        if a.interval is not None:
+            intervals[a.class_name] = check_guidance_interval(a.interval)      # None: every level
+        path = write_class_guidance(a.checkpoint, scales, intervals)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    iv = intervals[a.class_name] if a.class_name in intervals else preset.default_guidance_interval
+    print(f"{a.class_name}: guidance {scales[a.class_name]:g} "
+          f"({'every level' if iv is None else f'{iv[0]:g} < sigma <= {iv[1]:g}'}); stored in {path}")
+
+
 def _cmd_calibrate_eq(a):
     from .. import calibrate_class_eq, write_class_eq, write_eq_report
     try:
@@ -265,6 +286,15 @@ def register(subparsers) -> None:
     k.add_argument("--clear", action="store_true", help="remove the checkpoint's per-class scales and exit")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=_cmd_calibrate)
+
+    sg = subparsers.add_parser("set-guidance", help="store one class's default guidance scale (and interval) chosen "
+                               "by hand, e.g. from an evaluation; the other classes keep theirs")
+    sg.add_argument("--checkpoint", required=True, help="the model directory to change")
+    sg.add_argument("--class", dest="class_name", required=True)
+    sg.add_argument("--scale", type=float, required=True, help="the class's guidance scale (1: unguided)")
+    sg.add_argument("--interval", default=None, metavar="LO,HI",
+                    help="guide only for LO < sigma <= HI ('none': every level; default: keep the class's)")
+    sg.set_defaults(func=_cmd_set_guidance)
 
     q = subparsers.add_parser("calibrate-eq", help="measure a model's matching EQ: per class, the band gains that "
                               "bring its clips' mean spectral envelope to real clips' (see edmsound/core/spectral_eq.py)")

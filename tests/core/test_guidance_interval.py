@@ -303,3 +303,36 @@ def test_side_by_side_timing_names_each_models_weights_and_settings(tiny_ckpt, t
                                                     / record["rows"][0]["median_all_classes"])
     assert speed_for_weights(record, shas[0])[0]["versus"] is None        # the first row is the yardstick itself
     assert speed_for_weights(record, "f" * 64)[0] is None
+
+
+def test_set_guidance_stores_one_classs_scale_and_interval_and_keeps_the_others(tiny_ckpt, tmp_path, capsys):
+    """edmsound set-guidance: a hand-chosen scale (and interval) for one class, merged into the model's own per-class
+    guidance; bad input is one line and changes nothing."""
+    from edmsound.cli import main
+    from edmsound.core.storage import load_safetensors, read_config, write_model_dir
+    from edmsound.evaluation.calibrate import write_class_guidance
+    preset, classes = read_config(tiny_ckpt)
+    m = tmp_path / "m"
+    write_model_dir(m, preset, classes, load_safetensors(tiny_ckpt / "ema.safetensors"))
+    write_class_guidance(m, {"low": 1.5}, {"low": (0.5, 3.0)})
+    main(["set-guidance", "--checkpoint", str(m), "--class", "high", "--scale", "2", "--interval", "8,20"])
+    assert "high: guidance 2 (8 < sigma <= 20)" in capsys.readouterr().out
+    p, _ = read_config(m)
+    assert p.guidance_for("high") == 2.0 and p.guidance_interval_for("high") == (8.0, 20.0)
+    assert p.guidance_for("low") == 1.5 and p.guidance_interval_for("low") == (0.5, 3.0)      # kept
+    main(["set-guidance", "--checkpoint", str(m), "--class", "low", "--scale", "1"])              # interval kept
+    p, _ = read_config(m)
+    assert p.guidance_for("low") == 1.0 and p.guidance_interval_for("low") == (0.5, 3.0)
+    main(["set-guidance", "--checkpoint", str(m), "--class", "high", "--scale", "2", "--interval", "none"])
+    p, _ = read_config(m)
+    assert p.guidance_interval_for("high") is None                                              # every level
+    before = (m / "config.json").read_text()
+    for argv, msg in ((["--class", "nope", "--scale", "2"], f"unknown class 'nope'; valid: {', '.join(classes)}"),
+                      (["--class", "low", "--scale", "-1"], "guidance"),
+                      (["--class", "low", "--scale", "2", "--interval", "3,1"], "0 <= lo < hi")):
+        with pytest.raises(SystemExit) as e:
+            main(["set-guidance", "--checkpoint", str(m)] + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert (m / "config.json").read_text() == before
