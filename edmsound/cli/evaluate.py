@@ -182,8 +182,7 @@ def _cmd_calibrate(a):
 
 
 def _cmd_set_guidance(a):
-    from .. import read_config, write_class_guidance
-    from ..core.guidance import check_guidance, check_guidance_interval
+    from .. import check_guidance, check_guidance_interval, read_config, write_class_guidance
     try:
         preset, classes = read_config(a.checkpoint)
         if a.class_name not in classes:
