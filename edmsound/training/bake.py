@@ -9,7 +9,9 @@ x = y + t n and
     target = D_c                         everywhere else (the model's own output: an anchor, so nothing else moves)
     loss   = mean((D_student(x, t, c) - target)^2) / sigma_data^2
 
-with D_c, D_u the frozen model's conditional and unconditional outputs. A share of the levels (``share``) is drawn
+with D_c, D_u the frozen model's conditional and unconditional outputs. A model that guides with a guide model
+(autoguidance: ``guide.safetensors``) has the guide's conditional output in place of D_u, as it samples; the baked
+model needs the guide no longer and is exported without it. A share of the levels (``share``) is drawn
 log-uniformly over the guided levels (lo, hi] within the model's range — where the guided first jump of a few-step
 sample starts — and the rest from the model's tuning distribution over its whole range. Labels are dropped at the
 training rate (anchored to the frozen unconditional output), so guidance stays possible after baking.
@@ -25,7 +27,7 @@ import math
 import torch
 
 from ..core.guidance import guided_combination, interval_list
-from ..core.model import load_denoiser
+from ..core.model import load_denoiser, load_guide
 from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
 from .trainer import StudentTrainer, read_teacher
 
@@ -50,14 +52,16 @@ def guided_region(scales: dict[str, float], intervals: dict[str, tuple[float, fl
 
 
 def baked_targets(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-                  lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  lo: torch.Tensor, hi: torch.Tensor, reference=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, guided mask): the frozen ``teacher``'s guided output D_u + w (D_c - D_u) where a sample's scale
-    ``scale`` != 1 and lo < t <= hi (per sample), its plain output for its label elsewhere."""
+    ``scale`` != 1 and lo < t <= hi (per sample), its plain output for its label elsewhere. ``reference``: a guide
+    model whose conditional output replaces D_u (autoguidance)."""
     with torch.no_grad():
         target = teacher(x, t, labels)
         g = (scale != 1.0) & (t > lo) & (t <= hi) & (labels != teacher.null_class)
         if bool(g.any()):
-            un = teacher(x[g], t[g], torch.full_like(labels[g], teacher.null_class))
+            un = (teacher(x[g], t[g], torch.full_like(labels[g], teacher.null_class)) if reference is None
+                  else reference(x[g], t[g], labels[g]))
             target[g] = guided_combination(target[g], un, scale[g])
     return target, g
 
@@ -101,7 +105,10 @@ class GuidanceBaker(StudentTrainer):
                                        ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
         record["baked_guidance"] = {"scales": guided, "intervals": {c: interval_list(intervals[c]) for c in guided},
                                     "levels": interval_list(self.region), "share": float(share),
-                                    "from_model": teacher_dir.name, "from_step": start, "teacher_sha256": weights_sha}
+                                    "from_model": teacher_dir.name, "from_step": start, "teacher_sha256": weights_sha,
+                                    "reference": "guide" if tpreset.guide is not None else "null"}
+        if tpreset.guide is not None:
+            record["baked_guidance"]["guide"] = tpreset.guide
         if before.get("baked_guidance") is not None:      # a model baked before: its earlier bakes stay on record
             record["earlier_bakes"] = list(before.get("earlier_bakes", [])) + [before["baked_guidance"]]
         self.share = float(share)
@@ -110,6 +117,7 @@ class GuidanceBaker(StudentTrainer):
                          continued=True, precision=precision, fit_minutes=fit_minutes)
         self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema", bf16=precision)
         self.teacher.requires_grad_(False).eval()
+        self.reference = load_guide(teacher_dir, tpreset, len(classes), self.device, bf16=precision)
         idx = {c: i for i, c in enumerate(self.classes)}
         n = self.teacher.null_class + 1
         self.scale_of = torch.ones(n)
@@ -138,6 +146,7 @@ class GuidanceBaker(StudentTrainer):
         x = y + t.reshape((-1,) + (1,) * (y.dim() - 1)) * noise
         lab = labels.cpu()
         scale, lo, hi = (v[lab].to(y.device) for v in (self.scale_of, self.lo_of, self.hi_of))
-        target = self.teacher_targets(lambda: baked_targets(self.teacher, x, t, labels, scale, lo, hi)[0])
+        target = self.teacher_targets(lambda: baked_targets(self.teacher, x, t, labels, scale, lo, hi,
+                                                                       reference=self.reference)[0])
         d = model(x, t, labels) - target.to(y.dtype)
         return d.flatten(1).pow(2).mean(dim=1) / e.sigma_data ** 2

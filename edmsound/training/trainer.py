@@ -312,8 +312,10 @@ class Trainer:
                 "data": self.data_info, "seed": self.seed, "val_loss": self.last_val}
 
     def export(self, out_dir, model_dtype=torch.float16):
-        """Write a model directory (EMA weights fp32, raw weights ``model_dtype``) for shipping."""
-        write_model_dir(out_dir, self.preset, self.classes, self.ema.net.state_dict(),
+        """Write a model directory (EMA weights fp32, raw weights ``model_dtype``) for shipping. A run carries no
+        guide model, so the exported preset names none (as ``export_model`` from a run; ``attach_guide`` gives one)."""
+        preset = self.preset if self.preset.guide is None else dataclasses.replace(self.preset, guide=None)
+        write_model_dir(out_dir, preset, self.classes, self.ema.net.state_dict(),
                         self.raw_net.state_dict(), self.info(), model_dtype=model_dtype)
 
     # --- loop ---------------------------------------------------------------------------------------

@@ -57,6 +57,47 @@ def test_guided_region_spans_the_guided_classes_within_the_models_range():
         guided_region({"a": 2.0}, {"a": (8.0, 20.0)}, (0.002, 3.0))
 
 
+def test_with_a_guide_model_the_guides_conditional_output_replaces_the_unconditional_one():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([12.0, 12.0, 5.0, 12.0], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2])
+    scale = torch.tensor([3.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    lo = torch.full((4,), 8.0, dtype=torch.float64)
+    hi = torch.full((4,), 20.0, dtype=torch.float64)
+    D, guide = Affine(), Affine()
+    guide_out = lambda x, s, lab: 0.5 * D(x, s, lab)             # noqa: E731  a quieter model of the same labels
+    target, guided = baked_targets(D, x, t, labels, scale, lo, hi, reference=guide_out)
+    assert guided.tolist() == [True, False, False, False]
+    b = (-1, 1, 1)
+    cond = (labels.double() + 1).reshape(b) * x + t.reshape(b)
+    expect = cond.clone()
+    expect[0] = 0.5 * cond[0] + 3.0 * (cond[0] - 0.5 * cond[0])    # D_guide + w (D_c - D_guide), the same label
+    torch.testing.assert_close(target, expect)
+
+
+def test_bake_guidance_bakes_an_autoguided_class_and_exports_a_model_without_the_guide(tiny_ckpt, tmp_path):
+    """A tuned model whose first class is guided away from a guide model: the bake's targets use the guide, the
+    record says so, and the exported model samples at guidance 1 with no guide file or note."""
+    from conftest import tune_tiny
+    from edmsound.training.export import attach_guide
+    model, data = tune_tiny(tiny_ckpt, tmp_path)
+    classes = json.loads((model / "config.json").read_text())["classes"]
+    attach_guide(model, tiny_ckpt, note="the diffusion model it was tuned from")
+    write_class_guidance(model, {classes[0]: 3.0}, {classes[0]: [0.5, 20.0]})
+    b = GuidanceBaker(model, data, tmp_path / "bake-run", steps=2, progress=False, batch_size=4, checkpoint_every=2)
+    assert b.reference is not None
+    rec = b.record["baked_guidance"]
+    assert rec["reference"] == "guide" and rec["guide"] == "the diffusion model it was tuned from"
+    assert rec["scales"] == {classes[0]: 3.0}
+    b.run()
+    b.export(tmp_path / "baked")
+    pipe = EDMSoundPipeline(tmp_path / "baked", device="cpu")
+    assert pipe.guide is None and not (tmp_path / "baked" / "guide.safetensors").exists()
+    assert pipe.preset.guidance_for(classes[0]) == 1.0
+    assert np.isfinite(pipe.generate(classes[0], n=1, seed=0).waves).all()
+
+
 @pytest.fixture(scope="module")
 def tuned(tiny_ckpt, tmp_path_factory):
     """A consistency-tuned tiny model with one guided class (w 2 for sigma in (0.5, its sigma_max])."""
