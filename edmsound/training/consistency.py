@@ -282,7 +282,6 @@ def continuation(model_dir: Path, preset, before: dict, start: int, *, batch_siz
     record ``before``) from its step ``start``: the preset samples at guidance 1 in every class and trains with the
     settings given; the record is the model's own, its lineage extended with this model and where it went on from."""
     student = with_sampling_defaults(preset, guidance=1.0, guidance_interval="none", clear_class_guidance=True)
-    student = dataclasses.replace(student, guide=None)          # unguided in every class: no guide model needed
     student = student.replace_train(batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every,
                                     ema_halflife_steps=ema_halflife)
     record = dict(before)

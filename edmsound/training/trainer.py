@@ -113,7 +113,8 @@ class Trainer:
                 raise ValueError(f"{self.run_dir} was trained with a different preset ({stored.name}); "
                                  "the network, codec and EDM settings must match to resume")
             classes = stored_classes
-        self.preset = preset
+        # a run carries no guide model (attach_guide gives an exported model one): its checkpoints and exports name none
+        self.preset = preset = preset if preset.guide is None else dataclasses.replace(preset, guide=None)
         self.total_steps = int(steps if steps is not None else preset.train.steps)
         self.codec = make_codec(preset.codec)
 
@@ -312,10 +313,8 @@ class Trainer:
                 "data": self.data_info, "seed": self.seed, "val_loss": self.last_val}
 
     def export(self, out_dir, model_dtype=torch.float16):
-        """Write a model directory (EMA weights fp32, raw weights ``model_dtype``) for shipping. A run carries no
-        guide model, so the exported preset names none (as ``export_model`` from a run; ``attach_guide`` gives one)."""
-        preset = self.preset if self.preset.guide is None else dataclasses.replace(self.preset, guide=None)
-        write_model_dir(out_dir, preset, self.classes, self.ema.net.state_dict(),
+        """Write a model directory (EMA weights fp32, raw weights ``model_dtype``) for shipping."""
+        write_model_dir(out_dir, self.preset, self.classes, self.ema.net.state_dict(),
                         self.raw_net.state_dict(), self.info(), model_dtype=model_dtype)
 
     # --- loop ---------------------------------------------------------------------------------------
