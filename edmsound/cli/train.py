@@ -130,7 +130,8 @@ def _cmd_bake(a):
 def _cmd_match_spectrum(a):
     from .. import SpectrumMatcher
     _run_student(a, lambda *x, **kw: SpectrumMatcher(*x, weight=a.weight, per_class=a.per_class,
-                                                     momentum=a.momentum, ema_halflife=a.ema_halflife, **kw),
+                                                     momentum=a.momentum, push=a.push, guided=a.guided,
+                                                     ema_halflife=a.ema_halflife, **kw),
                  "the model with its class spectra matched")
 
 
@@ -305,6 +306,14 @@ def register(subparsers) -> None:
                        help="samples of every class drawn per step to measure its spectrum (default 4)")
         m.add_argument("--momentum", type=float, default=0.9,
                        help="running mean of the measured spectra, 0 to below 1 (default 0.9)")
+        m.add_argument("--push", choices=["clip", "mean"], default="clip",
+                       help="how a class's error moves its clips: 'clip' every clip by the same dB in a band (keeps "
+                            "their spread; default), 'mean' each by its share of the band's power (a resumed run "
+                            "keeps the push it started with)")
+        m.add_argument("--guided", action="store_true",
+                       help="draw the samples with the model's own per-class guidance (and guide model), as it is "
+                            "sampled; the exported model is given that guidance back with attach-guide and "
+                            "set-guidance")
     _tuning_parser(subparsers, "match-spectrum", "tune a consistency-tuned model so its own samples have each "
                    "class's spectral envelope and level of its training clips",
                    "a consistency-tuned model (e.g. checkpoints/fast); it is also where the tuning starts",

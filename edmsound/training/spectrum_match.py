@@ -22,6 +22,15 @@ whose gradient is that of half the squared dB errors, with the running means' er
 band term compares mean powers and the level term means of decibels, as the fidelity measures do (the two differ
 where a class's clips spread in level).
 
+How that gradient reaches each clip (``push``):
+
+    'clip'   10 log10 P_cb is replaced in the loss by the class mean of each clip's own 10 log10 (p_icb + f_cb), the
+             floor f_cb 30 dB under the class's band power (held constant): every clip of a class is pushed by the
+             same number of dB in a band, so the spread between its clips is left alone (the default);
+    'mean'   the exact gradient of the class mean: each clip in proportion to its share of the band's power, so
+             the clips that carry the most are moved most. A few clips a step then pull a class towards one shape
+             (a loss of diversity seen in the first runs).
+
 An anchor keeps everything else where it was: a frozen copy of the starting model is the target at noise levels
 drawn from the model's tuning distribution over its whole range, on training clips,
 
@@ -30,8 +39,14 @@ drawn from the model's tuning distribution over its whole range, on training cli
 so the tuning moves the model only as far as the class spectra ask. Validation reports the anchor term alone (the
 distance to the starting model on held-out clips); ``spectrum.csv`` in the run logs the running dB errors.
 
+With ``guided`` the samples are drawn with the model's own per-class guidance (its scales, intervals and guide
+model or null class), as a guided model is sampled, so the spectra matched are those of its guided clips; the
+exported model records that guidance (``matched_spectrum`` → ``guided``) but carries no guide model: it is given
+the same guidance back with ``attach_guide`` and ``write_class_guidance`` (``edmsound attach-guide`` /
+``set-guidance``).
+
 This changes the network, not its output: nothing is rescaled after sampling, and the model samples as before
-(the same sampler, steps and schedule; guidance 1 in every class).
+(the same sampler, steps and schedule; guidance 1 in every class unless given its guidance back).
 """
 from __future__ import annotations
 
@@ -40,17 +55,22 @@ import math
 import numpy as np
 import torch
 
-from ..core.model import load_denoiser
+from ..core.guidance import guided_combination, interval_list
+from ..core.model import load_denoiser, load_guide
 from ..core.schedules import karras_sigmas
 from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
 from .trainer import StudentTrainer, read_teacher
 
-__all__ = ["SpectrumMatcher", "band_matrix", "spectrum_stats", "class_targets", "DEFAULT_WEIGHT", "DEFAULT_PER_CLASS"]
+__all__ = ["SpectrumMatcher", "band_matrix", "spectrum_stats", "class_targets", "DEFAULT_WEIGHT", "DEFAULT_PER_CLASS",
+           "PUSHES"]
 
+PUSHES = ("clip", "mean")
 SPECTRUM_LOG_FIELDS = ["step", "band_rms_db", "band_max_db", "band_max_class", "level_max_db", "level_max_class"]
 DEFAULT_WEIGHT = 0.01
 DEFAULT_PER_CLASS = 4
 DEFAULT_MOMENTUM = 0.9
+DEFAULT_PUSH = "clip"
+CLIP_FLOOR_DB = 30.0
 DEFAULT_LR = 3e-5
 DEFAULT_EMA_HALFLIFE = 100.0
 N_BANDS = 12
@@ -116,7 +136,8 @@ class SpectrumMatcher(StudentTrainer):
     RECORD = "consistency"
 
     def __init__(self, model, data_dir, run_dir, *, steps: int = 600, weight: float = DEFAULT_WEIGHT,
-                 per_class: int = DEFAULT_PER_CLASS, momentum: float = DEFAULT_MOMENTUM, resume: bool = False,
+                 per_class: int = DEFAULT_PER_CLASS, momentum: float = DEFAULT_MOMENTUM, push: str = DEFAULT_PUSH,
+                 guided: bool = False, resume: bool = False,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
                  batch_size: int | None = None, lr: float | None = None, checkpoint_every: int | None = None,
                  ema_halflife: float | None = None, precision: str = "auto", fit_minutes: float | None = None):
@@ -131,6 +152,8 @@ class SpectrumMatcher(StudentTrainer):
                 raise ValueError(f"the {name} must be a number {allowed}, got {value!r}")
         if not (isinstance(per_class, int) and per_class >= 1):
             raise ValueError(f"samples per class must be a whole number >= 1, got {per_class!r}")
+        if push not in PUSHES:
+            raise ValueError(f"unknown push {push!r}: one of {', '.join(PUSHES)}")
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         weights_sha, stored = stored_round(model_dir, run_dir, resume, "matched_spectrum", self.RECORD)
@@ -141,17 +164,41 @@ class SpectrumMatcher(StudentTrainer):
         student, record = continuation(model_dir, mpreset, before, start, batch_size=batch_size,
                                        lr=DEFAULT_LR if lr is None else lr, checkpoint_every=checkpoint_every,
                                        ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
+        if stored is not None:                       # a resumed run goes on as it started
+            push, guided = stored.get("push", "mean"), stored.get("guided") is not None
+        scales = {c: float(mpreset.guidance_for(c)) for c in classes}
+        intervals = {c: mpreset.guidance_interval_for(c) for c in classes}
+        scales = {c: w for c, w in scales.items() if w != 1.0}
+        if guided and not scales:
+            raise ValueError(f"{model_dir} has no guidance to sample with: every class samples at guidance 1")
         record["matched_spectrum"] = {"weight": float(weight), "per_class": int(per_class), "momentum": float(momentum),
+                                      "push": push,
                                       "sigmas": self.sigmas, "bands": N_BANDS, "f_lo_hz": F_LO,
                                       "from_model": model_dir.name, "from_step": start, "teacher_sha256": weights_sha}
+        if guided:
+            record["matched_spectrum"]["guided"] = {
+                "scales": scales, "intervals": {c: interval_list(intervals[c]) for c in scales},
+                "reference": "guide" if mpreset.guide is not None else "null"}
+            if mpreset.guide is not None:
+                record["matched_spectrum"]["guided"]["guide"] = mpreset.guide
         if before.get("matched_spectrum") is not None:    # matched before: the earlier rounds stay on record
             record["earlier_matches"] = list(before.get("earlier_matches", [])) + [before["matched_spectrum"]]
-        self.weight, self.per_class, self.momentum = float(weight), int(per_class), float(momentum)
+        self.weight, self.per_class, self.momentum, self.push = float(weight), int(per_class), float(momentum), push
         super().__init__(student, model_dir, classes, record, data_dir, run_dir, steps=start + int(steps),
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=True, precision=precision, fit_minutes=fit_minutes)
         self.frozen, _, _, _ = load_denoiser(model_dir, self.device, "ema", bf16=precision)
         self.frozen.requires_grad_(False).eval()
+        self.scale_of = self.lo_of = self.hi_of = self.guide = None
+        if guided:                                   # per label: scale, and the levels lo < sigma <= hi it applies at
+            n = self.frozen.null_class + 1
+            self.scale_of, self.lo_of, self.hi_of = torch.ones(n), torch.zeros(n), torch.full((n,), math.inf)
+            for c, w in scales.items():
+                i = self.classes.index(c)
+                self.scale_of[i] = w
+                if intervals[c] is not None:
+                    self.lo_of[i], self.hi_of[i] = intervals[c]
+            self.guide = load_guide(model_dir, mpreset, len(self.classes), self.device, bf16=precision)
         cfg = self.codec.config
         self.bands = band_matrix(cfg.n_fft, cfg.sample_rate).to(self.device)
         self.target_band, self.target_level = (
@@ -173,10 +220,29 @@ class SpectrumMatcher(StudentTrainer):
         x = torch.randn(shape, generator=generator).to(self.device) * sig[0]
         for i in range(len(sig) - 2):                 # every jump but the last: no gradient
             with torch.no_grad():
-                den = model(x, torch.full((len(labels),), sig[i], device=self.device), labels).float()
+                den = self._jump(model, x, sig[i], labels)
             x = den + sig[i + 1] * torch.randn(shape, generator=generator).to(self.device)
-        den = model(x, torch.full((len(labels),), sig[-2], device=self.device), labels).float()
+        den = self._jump(model, x, sig[-2], labels)
         return self.codec.from_model(den, labels), labels
+
+    def _jump(self, model, x, sigma: float, labels) -> torch.Tensor:
+        """One jump at level ``sigma``: the model's estimate, guided where sampling guides it (``guided``)."""
+        t = torch.full((len(labels),), sigma, device=self.device)
+        den = model(x, t, labels).float()
+        if self.scale_of is None:
+            return den
+        scale, lo, hi = (v.to(self.device)[labels] for v in (self.scale_of, self.lo_of, self.hi_of))
+        g = (scale != 1.0) & (t > lo) & (t <= hi)
+        if not bool(g.any()):
+            return den
+        if self.guide is not None:                   # autoguidance: the frozen guide's conditional estimate
+            with torch.no_grad():
+                ref = self.guide(x[g], t[g], labels[g]).float()
+        else:
+            ref = model(x[g], t[g], torch.full_like(labels[g], model.null_class)).float()
+        den = den.clone()
+        den[g] = guided_combination(den[g], ref, scale[g].reshape((-1,) + (1,) * (den.dim() - 1)))
+        return den
 
     def spectrum_loss(self, model, generator) -> torch.Tensor:
         spec, labels = self.sample_last_jump(model, generator)
@@ -193,8 +259,12 @@ class SpectrumMatcher(StudentTrainer):
         e_band = 10 * torch.log10(self.run_band.clamp_min(1e-20)) - self.target_band
         e_level = self.run_level - self.target_level
         self._last_errors = (e_band.detach().cpu(), e_level.detach().cpu())
-        return ((e_band * 10 * torch.log10(band_c.clamp_min(1e-20))).mean()
-                + (e_level * level_c).mean())
+        if self.push == "clip":        # each clip's own dB, above a floor 30 dB under its class's band power
+            floor = band_c.detach().clamp_min(1e-20) * 10 ** (-CLIP_FLOOR_DB / 10)
+            band_db = (10 * torch.log10(band.reshape(C, k, -1) + floor[:, None])).mean(dim=1)
+        else:
+            band_db = 10 * torch.log10(band_c.clamp_min(1e-20))
+        return (e_band * band_db).mean() + (e_level * level_c).mean()
 
     def loss(self, model, y, labels, generator):
         e = self.preset.edm

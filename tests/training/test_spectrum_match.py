@@ -124,6 +124,88 @@ def test_the_spectrum_loss_brings_a_quiet_model_to_the_level_and_bands_of_its_ta
     assert float(toy2.log_g.detach().exp()) == pytest.approx(1.0, abs=0.02)
 
 
+class ClipGainModel(torch.nn.Module):
+    """Item j of a batch is amp_j · g_j · (a fixed clip of its class): a learnable gain per item."""
+
+    def __init__(self, clips: torch.Tensor, amp: torch.Tensor):
+        super().__init__()
+        self.clips, self.amp = clips, amp
+        self.log_g = torch.nn.Parameter(torch.zeros(len(amp)))
+        self.null_class = len(clips)
+
+    def forward(self, x, sigma, labels):
+        gain = (self.amp * self.log_g.exp()).reshape((-1,) + (1,) * (x.dim() - 1))
+        return gain * self.clips[labels]
+
+
+@pytest.mark.parametrize("push", ["clip", "mean"])
+def test_the_push_moves_every_clip_by_the_same_db_or_each_by_its_share_of_the_power(tuned, tmp_path, push):
+    model, data = tuned
+    m = SpectrumMatcher(model, data, tmp_path / "run", steps=1, progress=False, per_class=2, push=push)
+    C = len(m.classes)
+    first = [int(torch.nonzero(m.train_labels == c)[0]) for c in range(C)]
+    lab = torch.arange(C)
+    clips = m.codec.to_model(m.codec.encode(m.train_waves[first]), lab)
+    amp = torch.tensor([1.0, 1.5]).repeat(C)            # the second clip of every class the louder
+    toy = ClipGainModel(clips, amp)
+    with torch.no_grad():
+        spec, labels = m.sample_last_jump(toy, torch.Generator().manual_seed(0))
+        band, level = spectrum_stats(m.codec, spec, m.bands)
+    m.target_band = 10 * torch.log10(band.reshape(C, 2, -1).mean(dim=1)) - 3.0     # every band 3 dB loud
+    m.target_level = level.reshape(C, 2).mean(dim=1)                                 # the level right
+    m.spectrum_loss(toy, torch.Generator().manual_seed(0)).backward()
+    e_band, e_level = m._last_errors
+    assert torch.allclose(e_band, torch.full_like(e_band, 3.0), atol=1e-3) and float(e_level.abs().max()) < 1e-3
+    grad = toy.log_g.grad.reshape(C, 2)
+    assert bool((grad > 0).all())                                        # every clip is turned down
+    p = band.reshape(C, 2, -1)                                           # each clip's power in each band
+    share = p / p.sum(dim=1, keepdim=True)                               # its share of its class's band power
+    assert float(share[:, 1].min()) > 0.7                                # the louder clip carries most of it
+    if push == "clip":           # d/dlog g of 10 log10(p + floor): p / (p + floor), a floor 30 dB under the mean
+        weight = (p / (p + 1e-3 * p.mean(dim=1, keepdim=True))).sum(dim=2)
+        assert torch.allclose(grad[:, 1], grad[:, 0], rtol=0.01)        # the same push: their spread kept
+    else:                        # d/dlog g of 10 log10(mean p): each clip's share of the power
+        weight = share.sum(dim=2)
+        assert bool((grad[:, 1] > 2 * grad[:, 0]).all())
+    torch.testing.assert_close(grad[:, 1] / grad[:, 0], weight[:, 1] / weight[:, 0], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("with_guide", [False, True])
+def test_guided_matching_draws_each_jump_as_the_guided_model_is_sampled(tiny_ckpt, tmp_path, with_guide):
+    """The first class guided at w 3 on the first jump only: there the jump is the guided combination (against
+    the null class, or the guide model's conditional estimate), everywhere else the plain conditional estimate."""
+    from conftest import tune_tiny
+    from edmsound.evaluation.calibrate import write_class_guidance
+    from edmsound.training.export import attach_guide
+    model, data = tune_tiny(tiny_ckpt, tmp_path)
+    classes = json.loads((model / "config.json").read_text())["classes"]
+    if with_guide:
+        attach_guide(model, tiny_ckpt, note="its diffusion model")
+    first = SpectrumMatcher(model, data, tmp_path / "probe", steps=1, progress=False).sigmas
+    write_class_guidance(model, {classes[0]: 3.0}, {classes[0]: [first[1], 2 * first[0]]})
+    m = SpectrumMatcher(model, data, tmp_path / "match", steps=1, progress=False, per_class=2, guided=True)
+    rec = m.record["matched_spectrum"]["guided"]
+    assert rec["scales"] == {classes[0]: 3.0} and rec["reference"] == ("guide" if with_guide else "null")
+    assert (m.guide is not None) == with_guide
+    labels = torch.arange(len(classes)).repeat_interleave(2)
+    x = torch.randn((len(labels),) + tuple(m.codec.shape), generator=torch.Generator().manual_seed(3))
+    ours = m.frozen
+    for sigma, guided in ((m.sigmas[0], True), (m.sigmas[1], False)):
+        t = torch.full((len(labels),), sigma)
+        with torch.no_grad():
+            got = m._jump(ours, x, sigma, labels)
+            cond = ours(x, t, labels).float()
+            ref = (m.guide(x, t, labels) if with_guide else ours(x, t, torch.full_like(labels, ours.null_class)))
+        want = cond.clone()
+        if guided:
+            want[:2] = ref.float()[:2] + 3.0 * (cond[:2] - ref.float()[:2])
+        assert not torch.allclose(want[:2], ref.float()[:2])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    write_class_guidance(model, None)
+    with pytest.raises(ValueError, match="has no guidance to sample with"):
+        SpectrumMatcher(model, data, tmp_path / "match2", steps=1, progress=False, guided=True)
+
+
 def test_match_spectrum_runs_resumes_and_exports_a_model_that_samples_as_before(tuned, tmp_path):
     model, data = tuned
     start = json.loads((model / "info.json").read_text())["steps"]
@@ -137,8 +219,9 @@ def test_match_spectrum_runs_resumes_and_exports_a_model_that_samples_as_before(
     m.preset = m.preset.replace_train(log_every=1)
     m.run()
     again = SpectrumMatcher(model, data, tmp_path / "run", steps=6, progress=False, batch_size=4, per_class=2,
-                            checkpoint_every=2, resume=True)
+                            checkpoint_every=2, resume=True, push="mean")
     assert again.step == start + 4 and again.total_steps == start + 6
+    assert again.push == "clip"                                    # a resumed run keeps the push it started with
     again.preset = again.preset.replace_train(log_every=1)
     again.run()
     with open(tmp_path / "run" / "spectrum.csv", newline="") as f:
@@ -149,6 +232,7 @@ def test_match_spectrum_runs_resumes_and_exports_a_model_that_samples_as_before(
     again.export(out)
     rec = json.loads((out / "info.json").read_text())["consistency"]
     assert rec["matched_spectrum"]["from_step"] == start and rec["matched_spectrum"]["per_class"] == 2
+    assert rec["matched_spectrum"]["push"] == "clip"
     assert rec["lineage"][-1] == "tuned"
     pipe = EDMSoundPipeline(out, device="cpu")
     assert pipe.samplers == ["consistency"] and pipe.valid_nfes("consistency") == [1, 2]
@@ -167,6 +251,7 @@ def test_match_spectrum_refuses_what_it_cannot_tune(tiny_ckpt, tuned, tmp_path, 
     from edmsound.cli import main
     for argv, msg in ((["--momentum", "1"], "the momentum must be a number in [0, 1), got 1.0"),
                       (["--per-class", "0"], "samples per class must be a whole number >= 1, got 0"),
+                      (["--push", "median"], "invalid choice: 'median' (choose from 'clip', 'mean')"),
                       (["--steps", "0"], "steps must be a whole number >= 1, got 0")):
         with pytest.raises(SystemExit) as e:
             main(["match-spectrum", "--teacher", str(model), "--data", str(data), "--out", str(tmp_path / "x"),
