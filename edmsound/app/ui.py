@@ -538,6 +538,11 @@ class Handlers:
         return (rows, gr.update(choices=choices, value=[c.uid for c in history if c.uid in kept]),
                 gr.update(choices=choices, value=history[-1].uid if history else None))
 
+    def render_table(self, session):
+        """The history table alone: after a tick in Keep, the ticks stay as the user left them (a re-render of the
+        choices from an earlier tick's answer would undo a later tick) and the clip picker stays where it was."""
+        return self.render_history(session)[0]
+
     @_guard
     def history(self, session):
         """The session's clips (oldest first) with their settings and whether each is kept."""
@@ -1004,9 +1009,11 @@ def build_demo(service) -> gr.Blocks:
             if ev is not gen_event:
                 rendered_tools.append(ev.success(h.render_after_generate, [session, view], clip_outputs + [pick],
                                                  preprocess=False, **ui_only))
+        # always_last: a tick made while the previous one is answered runs next, with every tick in it (the
+        # default "once" would drop it, leaving it shown as kept but not exported)
         keep.input(h.keep, [keep, session], [session, hist_json], api_name="keep", preprocess=False,
                    api_description="Keep exactly the clips `numbers` (their # in /history); /export exports them.",
-                   **heavy).success(h.render_history, [session], hist_outputs, preprocess=False, **ui_only)
+                   trigger_mode="always_last", **heavy).success(h.render_table, [session], [hist_table], preprocess=False, **ui_only)
         rm_btn.click(h.remove_unkept, [session], [session, hist_json], api_name="remove_unkept", preprocess=False,
                      api_description="Remove every clip of the history that is not kept.", **heavy) \
             .success(h.render_history, [session], hist_outputs, preprocess=False, **ui_only)

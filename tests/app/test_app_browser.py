@@ -222,6 +222,8 @@ def test_sound_design_tools_and_session_export_in_chromium(app_url, tmp_path):
             boxes.nth(1).click()
             boxes.nth(3).click()
             wait_idle(page, timeout)
+            for i in (1, 3):            # both ticks stand once the answers to them are in
+                expect(boxes.nth(i).locator("input")).to_be_checked(timeout=timeout)
             page.locator("#export-btn").click()
             link = page.locator("#export-file a[download]").first
             expect(link).to_be_attached(timeout=timeout)
