@@ -1013,7 +1013,8 @@ def build_demo(service) -> gr.Blocks:
         # default "once" would drop it, leaving it shown as kept but not exported)
         keep.input(h.keep, [keep, session], [session, hist_json], api_name="keep", preprocess=False,
                    api_description="Keep exactly the clips `numbers` (their # in /history); /export exports them.",
-                   trigger_mode="always_last", **heavy).success(h.render_table, [session], [hist_table], preprocess=False, **ui_only)
+                   trigger_mode="always_last", **heavy) \
+            .success(h.render_table, [session], [hist_table], preprocess=False, **ui_only)
         rm_btn.click(h.remove_unkept, [session], [session, hist_json], api_name="remove_unkept", preprocess=False,
                      api_description="Remove every clip of the history that is not kept.", **heavy) \
             .success(h.render_history, [session], hist_outputs, preprocess=False, **ui_only)

@@ -51,6 +51,19 @@ def guided_region(scales: dict[str, float], intervals: dict[str, tuple[float, fl
     return lo, hi
 
 
+def guidance_tables(scales: dict, intervals: dict, classes: list[str], n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per label (``n`` of them, the null class included): the guidance scale and the levels lo < sigma <= hi it
+    applies at; 1 and every level for the classes not in ``scales``."""
+    scale, lo, hi = torch.ones(n), torch.zeros(n), torch.full((n,), math.inf)
+    for c, w in scales.items():
+        i = classes.index(c)
+        scale[i] = w
+        if intervals.get(c) is not None:
+            lo[i], hi[i] = intervals[c]
+    return scale, lo, hi
+
+
 def baked_targets(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
                   lo: torch.Tensor, hi: torch.Tensor, reference=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, guided mask): the frozen ``teacher``'s guided output D_u + w (D_c - D_u) where a sample's scale
@@ -118,15 +131,8 @@ class GuidanceBaker(StudentTrainer):
         self.teacher, _, _, _ = load_denoiser(teacher_dir, self.device, "ema", bf16=precision)
         self.teacher.requires_grad_(False).eval()
         self.reference = load_guide(teacher_dir, tpreset, len(classes), self.device, bf16=precision)
-        idx = {c: i for i, c in enumerate(self.classes)}
-        n = self.teacher.null_class + 1
-        self.scale_of = torch.ones(n)
-        self.lo_of = torch.zeros(n)
-        self.hi_of = torch.full((n,), math.inf)
-        for c, w in guided.items():
-            self.scale_of[idx[c]] = w
-            if intervals[c] is not None:
-                self.lo_of[idx[c]], self.hi_of[idx[c]] = intervals[c]
+        self.scale_of, self.lo_of, self.hi_of = guidance_tables(guided, intervals, self.classes,
+                                                                self.teacher.null_class + 1)
 
     def draw_levels(self, n: int, generator) -> torch.Tensor:
         """``n`` levels: a ``share`` log-uniform over the guided region, the rest from the tuning distribution."""

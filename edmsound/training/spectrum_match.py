@@ -58,6 +58,7 @@ import torch
 from ..core.guidance import guided_combination, interval_list
 from ..core.model import load_denoiser, load_guide
 from ..core.schedules import karras_sigmas
+from .bake import guidance_tables
 from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
 from .trainer import StudentTrainer, read_teacher
 
@@ -164,11 +165,13 @@ class SpectrumMatcher(StudentTrainer):
         student, record = continuation(model_dir, mpreset, before, start, batch_size=batch_size,
                                        lr=DEFAULT_LR if lr is None else lr, checkpoint_every=checkpoint_every,
                                        ema_halflife=DEFAULT_EMA_HALFLIFE if ema_halflife is None else ema_halflife)
+        scales = {c: float(mpreset.guidance_for(c)) for c in classes if mpreset.guidance_for(c) != 1.0}
+        intervals = {c: mpreset.guidance_interval_for(c) for c in scales}
         if stored is not None:                       # a resumed run goes on as it started
             push, guided = stored.get("push", "mean"), stored.get("guided") is not None
-        scales = {c: float(mpreset.guidance_for(c)) for c in classes}
-        intervals = {c: mpreset.guidance_interval_for(c) for c in classes}
-        scales = {c: w for c, w in scales.items() if w != 1.0}
+            if guided:
+                scales = dict(stored["guided"]["scales"])
+                intervals = {c: None if v is None else tuple(v) for c, v in stored["guided"]["intervals"].items()}
         if guided and not scales:
             raise ValueError(f"{model_dir} has no guidance to sample with: every class samples at guidance 1")
         record["matched_spectrum"] = {"weight": float(weight), "per_class": int(per_class), "momentum": float(momentum),
@@ -190,14 +193,9 @@ class SpectrumMatcher(StudentTrainer):
         self.frozen, _, _, _ = load_denoiser(model_dir, self.device, "ema", bf16=precision)
         self.frozen.requires_grad_(False).eval()
         self.scale_of = self.lo_of = self.hi_of = self.guide = None
-        if guided:                                   # per label: scale, and the levels lo < sigma <= hi it applies at
-            n = self.frozen.null_class + 1
-            self.scale_of, self.lo_of, self.hi_of = torch.ones(n), torch.zeros(n), torch.full((n,), math.inf)
-            for c, w in scales.items():
-                i = self.classes.index(c)
-                self.scale_of[i] = w
-                if intervals[c] is not None:
-                    self.lo_of[i], self.hi_of[i] = intervals[c]
+        if guided:
+            self.scale_of, self.lo_of, self.hi_of = guidance_tables(scales, intervals, self.classes,
+                                                                    self.frozen.null_class + 1)
             self.guide = load_guide(model_dir, mpreset, len(self.classes), self.device, bf16=precision)
         cfg = self.codec.config
         self.bands = band_matrix(cfg.n_fft, cfg.sample_rate).to(self.device)
