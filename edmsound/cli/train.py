@@ -306,10 +306,11 @@ def register(subparsers) -> None:
                        help="samples of every class drawn per step to measure its spectrum (default 4)")
         m.add_argument("--momentum", type=float, default=0.9,
                        help="running mean of the measured spectra, 0 to below 1 (default 0.9)")
-        m.add_argument("--push", choices=["clip", "mean"], default="clip",
+        m.add_argument("--push", choices=["clip", "mean", "rank"], default="clip",
                        help="how a class's error moves its clips: 'clip' every clip by the same dB in a band (keeps "
-                            "their spread; default), 'mean' each by its share of the band's power (a resumed run "
-                            "keeps the push it started with)")
+                            "their spread; default), 'mean' each by its share of the band's power, 'rank' each "
+                            "towards the training clips' dB at its rank in its class (matches the spread too; a "
+                            "resumed run keeps the push it started with)")
         m.add_argument("--guided", action="store_true",
                        help="draw the samples with the model's own per-class guidance (and guide model), as it is "
                             "sampled; the exported model is given that guidance back with attach-guide and "

@@ -30,6 +30,13 @@ How that gradient reaches each clip (``push``):
     'mean'   the exact gradient of the class mean: each clip in proportion to its share of the band's power, so
              the clips that carry the most are moved most. A few clips a step then pull a class towards one shape
              (a loss of diversity seen in the first runs).
+    'rank'   the class's spread is matched, not only its mean: in every band (and in level) the class's ``per_class``
+             clips are sorted by their dB (above the same floor) and the i-th is pushed towards the mean of the
+             i-th smallest of ``per_class`` training clips drawn at random (:func:`order_statistic_means`), the
+             error read from a running mean per rank. A class whose clips all share a band too strongly is
+             corrected in the clips that carry it; one with too many loud and too many faint clips is narrowed,
+             one too narrow widened. At rest the expected rank errors are zero exactly when the band's dB is
+             distributed as in the training clips (the 1-D optimal transport between the two, per band).
 
 An anchor keeps everything else where it was: a frozen copy of the starting model is the target at noise levels
 drawn from the model's tuning distribution over its whole range, on training clips,
@@ -63,9 +70,9 @@ from .consistency import continuation, lognormal_levels, noisy_draws, stored_rou
 from .trainer import StudentTrainer, read_teacher
 
 __all__ = ["SpectrumMatcher", "band_matrix", "spectrum_stats", "class_targets", "DEFAULT_WEIGHT", "DEFAULT_PER_CLASS",
-           "PUSHES"]
+           "PUSHES", "order_statistic_means"]
 
-PUSHES = ("clip", "mean")
+PUSHES = ("clip", "mean", "rank")
 SPECTRUM_LOG_FIELDS = ["step", "band_rms_db", "band_max_db", "band_max_class", "level_max_db", "level_max_class"]
 DEFAULT_WEIGHT = 0.01
 DEFAULT_PER_CLASS = 4
@@ -127,6 +134,44 @@ def class_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes:
         missing = [int(k) for k in torch.nonzero(counts == 0).flatten()]
         raise ValueError(f"no training clips of class {missing}: every class needs clips to match against")
     return (10 * torch.log10(sums / counts[:, None])).float(), (levels / counts).float()
+
+
+def order_statistic_means(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, ...) the expected i-th smallest of ``k`` draws (with replacement) from the empirical distribution of
+    ``values`` (n, ...), each trailing position on its own: with the values sorted, v_(j) weighs the probability
+    that the i-th smallest of k uniforms falls in ((j - 1) / n, j / n], from P(U_(i:k) <= u) = sum_{m >= i} C(k, m)
+    u^m (1 - u)^(k - m). In float64; k = 1 gives the mean, and the k means average to the mean."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+    v = torch.sort(values.double(), dim=0).values
+    n = v.shape[0]
+    if n == 0:
+        raise ValueError("order statistics of an empty set")
+    u = torch.arange(n + 1, dtype=torch.float64) / n                       # the n + 1 cut points
+    cdf = torch.stack([sum(math.comb(k, m) * u ** m * (1 - u) ** (k - m) for m in range(i, k + 1))
+                       for i in range(1, k + 1)])                          # (k, n + 1): P(U_(i:k) <= u)
+    w = cdf[:, 1:] - cdf[:, :-1]                                           # (k, n)
+    return torch.tensordot(w, v, dims=([1], [0]))
+
+
+@torch.no_grad()
+def rank_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes: int, bands: torch.Tensor,
+                 floor: torch.Tensor, k: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the expected sorted dB of ``k`` random training clips: (C, k, n_bands) for the band dB above
+    ``floor`` (C, n_bands, linear power) and (C, k) for the level."""
+    band, level = [], []
+    for i in range(0, len(labels), batch):
+        b, lv = spectrum_stats(codec, codec.encode(waves[i:i + batch]), bands)
+        band.append(b.double())
+        level.append(lv.double())
+    band, level, labels = torch.cat(band), torch.cat(level), labels.long()
+    out_b = torch.zeros(num_classes, k, bands.shape[0], dtype=torch.float64)
+    out_l = torch.zeros(num_classes, k, dtype=torch.float64)
+    for c in range(num_classes):
+        sel = labels == c
+        out_b[c] = order_statistic_means(10 * torch.log10(band[sel] + floor[c].double()), k)
+        out_l[c] = order_statistic_means(level[sel], k)
+    return out_b.float(), out_l.float()
 
 
 class SpectrumMatcher(StudentTrainer):
@@ -204,6 +249,14 @@ class SpectrumMatcher(StudentTrainer):
                                                      len(self.classes), self.bands.cpu()))
         self.run_band: torch.Tensor | None = None         # running class means (linear band power, level dB)
         self.run_level: torch.Tensor | None = None
+        # each band's clip floor: 30 dB under the class's band power in the training clips (the 'rank' push)
+        self.floor = 10 ** ((self.target_band - CLIP_FLOOR_DB) / 10)
+        self.rank_band = self.rank_level = self.run_rank_band = self.run_rank_level = None
+        if push == "rank":
+            self.rank_band, self.rank_level = (
+                v.to(self.device) for v in rank_targets(self.codec, self.train_waves, self.train_labels,
+                                                        len(self.classes), self.bands.cpu(), self.floor.cpu(),
+                                                        self.per_class))
         self._spectrum_log = None
 
     def steps_option(self, total: int) -> int:
@@ -257,12 +310,27 @@ class SpectrumMatcher(StudentTrainer):
         e_band = 10 * torch.log10(self.run_band.clamp_min(1e-20)) - self.target_band
         e_level = self.run_level - self.target_level
         self._last_errors = (e_band.detach().cpu(), e_level.detach().cpu())
+        if self.push == "rank":        # each clip against the training clips' figure at its rank in its class
+            return self._rank_loss(band.reshape(C, k, -1), level.reshape(C, k))
         if self.push == "clip":        # each clip's own dB, above a floor 30 dB under its class's band power
             floor = band_c.detach().clamp_min(1e-20) * 10 ** (-CLIP_FLOOR_DB / 10)
             band_db = (10 * torch.log10(band.reshape(C, k, -1) + floor[:, None])).mean(dim=1)
         else:
             band_db = 10 * torch.log10(band_c.clamp_min(1e-20))
         return (e_band * band_db).mean() + (e_level * level_c).mean()
+
+    def _rank_loss(self, band: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """The 'rank' push: (C, k, n_bands) band power and (C, k) level dB of the batch's clips, by class."""
+        band_db = torch.sort(10 * torch.log10(band + self.floor[:, None]), dim=1).values
+        level_db = torch.sort(level, dim=1).values
+        err_b, err_l = band_db.detach() - self.rank_band, level_db.detach() - self.rank_level
+        m = self.momentum
+        if self.run_rank_band is None:
+            self.run_rank_band, self.run_rank_level = err_b, err_l
+        else:
+            self.run_rank_band = m * self.run_rank_band + (1 - m) * err_b
+            self.run_rank_level = m * self.run_rank_level + (1 - m) * err_l
+        return (self.run_rank_band * band_db).mean() + (self.run_rank_level * level_db).mean()
 
     def loss(self, model, y, labels, generator):
         e = self.preset.edm

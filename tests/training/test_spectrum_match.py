@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from edmsound.core.codec import make_codec
 from edmsound.core.pipeline import EDMSoundPipeline
 from edmsound.core.storage import read_config
-from edmsound.training.spectrum_match import SpectrumMatcher, band_matrix, class_targets, spectrum_stats
+from edmsound.training.spectrum_match import (SpectrumMatcher, band_matrix, class_targets, order_statistic_means,
+                                             spectrum_stats)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,6 +171,54 @@ def test_the_push_moves_every_clip_by_the_same_db_or_each_by_its_share_of_the_po
     torch.testing.assert_close(grad[:, 1] / grad[:, 0], weight[:, 1] / weight[:, 0], rtol=1e-3, atol=0)
 
 
+def test_order_statistic_means_are_exact_for_known_sets():
+    # half zeros, half ones: the smaller of two draws is 1 only if both are (1/4), the larger 0 only if both are
+    v = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(order_statistic_means(v, 2), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    # uniform on {1..n}: E[min of 2] = sum_j j ((n - j + 1)^2 - (n - j)^2) / n^2
+    n = 7
+    v = torch.arange(1, n + 1, dtype=torch.float64)
+    exp_min = sum(j * ((n - j + 1) ** 2 - (n - j) ** 2) for j in range(1, n + 1)) / n ** 2
+    assert float(order_statistic_means(v, 2)[0]) == pytest.approx(exp_min, rel=1e-12)
+    # k = 1 is the mean; the k means average to the mean; per trailing position; order of the input irrelevant
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(order_statistic_means(x, 1)[0], x.double().mean(dim=0))
+    o = order_statistic_means(x[torch.randperm(50)], 5)
+    torch.testing.assert_close(o.mean(dim=0), x.double().mean(dim=0))
+    assert bool((o[1:] > o[:-1]).all())
+    with pytest.raises(ValueError, match="k must be a whole number >= 1"):
+        order_statistic_means(x, 0)
+
+
+def test_the_rank_push_moves_each_clip_by_its_rank_error(tuned, tmp_path):
+    model, data = tuned
+    m = SpectrumMatcher(model, data, tmp_path / "run", steps=1, progress=False, per_class=2, push="rank")
+    C, B = len(m.classes), m.bands.shape[0]
+    assert m.rank_band.shape == (C, 2, B) and m.rank_level.shape == (C, 2)
+    assert bool((m.rank_band[:, 1] >= m.rank_band[:, 0]).all())
+    first = [int(torch.nonzero(m.train_labels == c)[0]) for c in range(C)]
+    lab = torch.arange(C)
+    clips = m.codec.to_model(m.codec.encode(m.train_waves[first]), lab)
+    amp = torch.tensor([1.0, 1.5]).repeat(C)            # the second clip of every class the louder in every band
+    toy = ClipGainModel(clips, amp)
+    with torch.no_grad():
+        spec, labels = m.sample_last_jump(toy, torch.Generator().manual_seed(0))
+        band, level = spectrum_stats(m.codec, spec, m.bands)
+    p = band.reshape(C, 2, -1)
+    q = 10 * torch.log10(p + m.floor[:, None])
+    assert bool((q[:, 1] > q[:, 0]).all())
+    # targets: the quieter clip right, the louder 3 dB loud in every band; both levels right
+    m.rank_band = torch.stack([q[:, 0], q[:, 1] - 3.0], dim=1)
+    m.rank_level = torch.sort(level.reshape(C, 2), dim=1).values
+    m.spectrum_loss(toy, torch.Generator().manual_seed(0)).backward()
+    grad = toy.log_g.grad.reshape(C, 2)
+    assert float(grad[:, 0].abs().max()) < 1e-6 * float(grad[:, 1].abs().max())     # the right clip is left alone
+    # d/dlog g of 10 log10(p + floor) with p ∝ g^(2 / beta): (20 / (beta ln 10)) · p / (p + floor), by 3 dB, averaged
+    beta = m.codec.config.beta
+    expect = 3.0 * (20 / (beta * math.log(10))) * (p[:, 1] / (p[:, 1] + m.floor)).sum(dim=1) / (C * 2 * B)
+    torch.testing.assert_close(grad[:, 1], expect.float(), rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("with_guide", [False, True])
 def test_guided_matching_draws_each_jump_as_the_guided_model_is_sampled(tiny_ckpt, tmp_path, with_guide):
     """The first class guided at w 3 on the first jump only: there the jump is the guided combination (against
@@ -251,7 +300,7 @@ def test_match_spectrum_refuses_what_it_cannot_tune(tiny_ckpt, tuned, tmp_path, 
     from edmsound.cli import main
     for argv, msg in ((["--momentum", "1"], "the momentum must be a number in [0, 1), got 1.0"),
                       (["--per-class", "0"], "samples per class must be a whole number >= 1, got 0"),
-                      (["--push", "median"], "invalid choice: 'median' (choose from 'clip', 'mean')"),
+                      (["--push", "median"], "invalid choice: 'median' (choose from 'clip', 'mean', 'rank')"),
                       (["--steps", "0"], "steps must be a whole number >= 1, got 0")):
         with pytest.raises(SystemExit) as e:
             main(["match-spectrum", "--teacher", str(model), "--data", str(data), "--out", str(tmp_path / "x"),
