@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import GUIDE_FILE, load_safetensors, load_weights, read_config, resolve_model_dir
+from .storage import GUIDE_FILE, load_safetensors, load_weights, read_config, read_config_json, resolve_model_dir
 from .edm import EDMPrecond
 from .presets import PRECISIONS, Preset
 from .unet import EfficientUNet
@@ -70,13 +70,20 @@ def load_denoiser(path, device="cpu", weights: str = "ema", bf16: bool | str | N
                   ) -> tuple[EDMPrecond, Preset, list[str], Path]:
     """Load ``weights`` ('ema' or 'model') from a model or run directory; returns the denoiser in eval mode
     (``bf16``: its precision, see :func:`resolve_bf16`)."""
+    return load_model_dir(path, device, weights, bf16)[:4]
+
+
+def load_model_dir(path, device="cpu", weights: str = "ema", bf16: bool | str | None = None
+                   ) -> tuple[EDMPrecond, Preset, list[str], Path, dict]:
+    """:func:`load_denoiser`, with the directory's config.json (read once) as a fifth item."""
     model_dir = resolve_model_dir(path)
-    preset, classes = read_config(model_dir)
+    cfg = read_config_json(model_dir)
+    preset, classes = read_config(model_dir, cfg)
     den = build_denoiser(preset, len(classes), bf16=bf16, device=device)
     sd = load_safetensors(model_dir / f"{weights}.safetensors")
     load_weights(den.net, sd, model_dir / f"{weights}.safetensors")
     den = den.to(device).eval().requires_grad_(False)
-    return den, preset, classes, model_dir
+    return den, preset, classes, model_dir, cfg
 
 
 def load_guide(model_dir, preset: Preset, num_classes: int, device="cpu", bf16: bool | str | None = None

@@ -30,7 +30,7 @@ from ..audio.export import check_format, encode_clip, extension, keeps_overs
 from .inpainting import (KnownRegionDenoiser, TiledDenoiser, bin_span, check_band, check_span, frame_span,
                          tile_starts)
 from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, check_reference, interval_list
-from .model import load_denoiser, load_guide, precision_name
+from .model import load_guide, load_model_dir, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
 from .spectral_eq import CONFIG_KEY as EQ_KEY, ClassEQ, apply_to_spec, bin_freqs
@@ -80,14 +80,12 @@ class EDMSoundPipeline:
         gives the single calls' clips to float rounding; under autocast a batch differs from single calls by about
         1 % (the autocast kernels depend on the batch shape). :attr:`precision` says which one runs."""
         self.device = torch.device(device or default_device())
-        self.model, self.preset, self.classes, self.model_dir = load_denoiser(checkpoint, self.device, weights,
-                                                                              bf16=bf16)
+        self.model, self.preset, self.classes, self.model_dir, cfg = load_model_dir(checkpoint, self.device, weights,
+                                                                                    bf16=bf16)
         self.guide = load_guide(self.model_dir, self.preset, len(self.classes), self.device, bf16=bf16)
         self.codec = make_codec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
-        cfg_path = self.model_dir / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.class_eq = ClassEQ.from_dict(cfg.get(EQ_KEY), self.classes)   # the model's matching EQ, or None
 
     # --- introspection ---------------------------------------------------------------------------

@@ -224,11 +224,18 @@ def write_model_dir(out_dir, preset: Preset, classes: list[str], ema: dict[str, 
         atomic_write_json(out_dir / "info.json", info)
 
 
-def read_config(model_dir) -> tuple[Preset, list[str]]:
+def read_config_json(model_dir) -> dict:
+    """A model directory's config.json as it is stored (the preset, the classes and any per-model extras such as a
+    matching EQ)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json: not an EDMSound checkpoint directory")
-    cfg = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def read_config(model_dir, cfg: dict | None = None) -> tuple[Preset, list[str]]:
+    """(preset, classes) of a model directory, or of its config already read (``cfg``)."""
+    cfg = read_config_json(model_dir) if cfg is None else cfg
     return Preset.from_dict(cfg["preset"]), list(cfg["classes"])
 
 
