@@ -118,22 +118,34 @@ def spectrum_stats(codec, spec: torch.Tensor, bands: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
-def class_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes: int, bands: torch.Tensor,
-                  batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(10 log10 of each class's mean band power (C, n_bands), each class's mean level dB (C,)) over ``waves``."""
-    sums = torch.zeros(num_classes, bands.shape[0], dtype=torch.float64)
-    levels = torch.zeros(num_classes, dtype=torch.float64)
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    for i in range(0, len(labels), batch):
-        band, level = spectrum_stats(codec, codec.encode(waves[i:i + batch]), bands)
-        lab = labels[i:i + batch].long()
-        sums.index_add_(0, lab, band.double())
-        levels.index_add_(0, lab, level.double())
-        counts.index_add_(0, lab, torch.ones(len(lab), dtype=torch.float64))
+def clip_stats(codec, waves: torch.Tensor, bands: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(band power (N, n_bands), level dB (N,)) of every clip of ``waves``, in float64 (:func:`spectrum_stats`)."""
+    band, level = [], []
+    for i in range(0, len(waves), batch):
+        b, lv = spectrum_stats(codec, codec.encode(waves[i:i + batch]), bands)
+        band.append(b.double())
+        level.append(lv.double())
+    return torch.cat(band), torch.cat(level)
+
+
+def class_means(band: torch.Tensor, level: torch.Tensor, labels: torch.Tensor, num_classes: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(10 log10 of each class's mean band power (C, n_bands), each class's mean level dB (C,)) from the clips'
+    figures (:func:`clip_stats`)."""
+    lab = labels.long()
+    counts = torch.bincount(lab, minlength=num_classes).double()
     if bool((counts == 0).any()):
         missing = [int(k) for k in torch.nonzero(counts == 0).flatten()]
         raise ValueError(f"no training clips of class {missing}: every class needs clips to match against")
+    sums = torch.zeros(num_classes, band.shape[1], dtype=torch.float64).index_add_(0, lab, band.double())
+    levels = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, lab, level.double())
     return (10 * torch.log10(sums / counts[:, None])).float(), (levels / counts).float()
+
+
+def class_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes: int, bands: torch.Tensor,
+                  batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(10 log10 of each class's mean band power (C, n_bands), each class's mean level dB (C,)) over ``waves``."""
+    return class_means(*clip_stats(codec, waves, bands, batch), labels, num_classes)
 
 
 def order_statistic_means(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,24 +166,23 @@ def order_statistic_means(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensordot(w, v, dims=([1], [0]))
 
 
-@torch.no_grad()
-def rank_targets(codec, waves: torch.Tensor, labels: torch.Tensor, num_classes: int, bands: torch.Tensor,
-                 floor: torch.Tensor, k: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class, the expected sorted dB of ``k`` random training clips: (C, k, n_bands) for the band dB above
-    ``floor`` (C, n_bands, linear power) and (C, k) for the level."""
-    band, level = [], []
-    for i in range(0, len(labels), batch):
-        b, lv = spectrum_stats(codec, codec.encode(waves[i:i + batch]), bands)
-        band.append(b.double())
-        level.append(lv.double())
-    band, level, labels = torch.cat(band), torch.cat(level), labels.long()
-    out_b = torch.zeros(num_classes, k, bands.shape[0], dtype=torch.float64)
+def rank_targets(band: torch.Tensor, level: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 floor: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the expected sorted dB of ``k`` random training clips, from the clips' figures (:func:`clip_stats`):
+    (C, k, n_bands) for the band dB above ``floor`` (C, n_bands, linear power) and (C, k) for the level."""
+    labels = labels.long()
+    out_b = torch.zeros(num_classes, k, band.shape[1], dtype=torch.float64)
     out_l = torch.zeros(num_classes, k, dtype=torch.float64)
     for c in range(num_classes):
         sel = labels == c
-        out_b[c] = order_statistic_means(10 * torch.log10(band[sel] + floor[c].double()), k)
+        out_b[c] = order_statistic_means(10 * torch.log10(band[sel].double() + floor[c].double()), k)
         out_l[c] = order_statistic_means(level[sel], k)
     return out_b.float(), out_l.float()
+
+
+def _running(prev: torch.Tensor | None, new: torch.Tensor, momentum: float) -> torch.Tensor:
+    """A running mean: ``new`` at the first step, then ``momentum`` of the previous value and the rest of ``new``."""
+    return new if prev is None else momentum * prev + (1 - momentum) * new
 
 
 class SpectrumMatcher(StudentTrainer):
@@ -244,9 +255,9 @@ class SpectrumMatcher(StudentTrainer):
             self.guide = load_guide(model_dir, mpreset, len(self.classes), self.device, bf16=precision)
         cfg = self.codec.config
         self.bands = band_matrix(cfg.n_fft, cfg.sample_rate).to(self.device)
+        clip_band, clip_level = clip_stats(self.codec, self.train_waves, self.bands.cpu())   # once, for both targets
         self.target_band, self.target_level = (
-            v.to(self.device) for v in class_targets(self.codec, self.train_waves, self.train_labels,
-                                                     len(self.classes), self.bands.cpu()))
+            v.to(self.device) for v in class_means(clip_band, clip_level, self.train_labels, len(self.classes)))
         self.run_band: torch.Tensor | None = None         # running class means (linear band power, level dB)
         self.run_level: torch.Tensor | None = None
         # each band's clip floor: 30 dB under the class's band power in the training clips (the 'rank' push)
@@ -254,9 +265,8 @@ class SpectrumMatcher(StudentTrainer):
         self.rank_band = self.rank_level = self.run_rank_band = self.run_rank_level = None
         if push == "rank":
             self.rank_band, self.rank_level = (
-                v.to(self.device) for v in rank_targets(self.codec, self.train_waves, self.train_labels,
-                                                        len(self.classes), self.bands.cpu(), self.floor.cpu(),
-                                                        self.per_class))
+                v.to(self.device) for v in rank_targets(clip_band, clip_level, self.train_labels, len(self.classes),
+                                                        self.floor.cpu(), self.per_class))
         self._spectrum_log = None
 
     def steps_option(self, total: int) -> int:
@@ -301,12 +311,8 @@ class SpectrumMatcher(StudentTrainer):
         C, k = len(self.classes), self.per_class
         band_c = band.reshape(C, k, -1).mean(dim=1)                # the batch's class means
         level_c = level.reshape(C, k).mean(dim=1)
-        m = self.momentum
-        if self.run_band is None:
-            self.run_band, self.run_level = band_c.detach(), level_c.detach()
-        else:
-            self.run_band = m * self.run_band + (1 - m) * band_c.detach()
-            self.run_level = m * self.run_level + (1 - m) * level_c.detach()
+        self.run_band = _running(self.run_band, band_c.detach(), self.momentum)
+        self.run_level = _running(self.run_level, level_c.detach(), self.momentum)
         e_band = 10 * torch.log10(self.run_band.clamp_min(1e-20)) - self.target_band
         e_level = self.run_level - self.target_level
         self._last_errors = (e_band.detach().cpu(), e_level.detach().cpu())
@@ -324,12 +330,8 @@ class SpectrumMatcher(StudentTrainer):
         band_db = torch.sort(10 * torch.log10(band + self.floor[:, None]), dim=1).values
         level_db = torch.sort(level, dim=1).values
         err_b, err_l = band_db.detach() - self.rank_band, level_db.detach() - self.rank_level
-        m = self.momentum
-        if self.run_rank_band is None:
-            self.run_rank_band, self.run_rank_level = err_b, err_l
-        else:
-            self.run_rank_band = m * self.run_rank_band + (1 - m) * err_b
-            self.run_rank_level = m * self.run_rank_level + (1 - m) * err_l
+        self.run_rank_band = _running(self.run_rank_band, err_b, self.momentum)
+        self.run_rank_level = _running(self.run_rank_level, err_l, self.momentum)
         return (self.run_rank_band * band_db).mean() + (self.run_rank_level * level_db).mean()
 
     def loss(self, model, y, labels, generator):
