@@ -7,7 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted(p for p in {ROOT / "README.md", *ROOT.joinpath("docs").rglob("*.md"),
-                          *ROOT.joinpath("checkpoints").rglob("*.md"), *ROOT.joinpath("benchmarks").rglob("*.md")}
+                          *ROOT.joinpath("checkpoints").rglob("*.md"), *ROOT.joinpath("benchmarks").rglob("*.md"),
+                          *ROOT.joinpath("experiments").rglob("*.md")}
               if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))   # not fetched caches
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 INTERNAL = re.compile(r"\bissue[- ]?#?\d+|\bissue's\b|\bthe issue\b|\bissue (?:bar|target)s?\b", re.IGNORECASE)
@@ -34,7 +35,8 @@ def test_readme_is_a_short_guide():
 
 
 def test_no_internal_work_item_words():
-    files = [*DOCS, *ROOT.joinpath("edmsound").rglob("*.py"), *ROOT.joinpath("benchmarks").glob("*.py"), ROOT / "app.py"]
+    files = [*DOCS, *ROOT.joinpath("edmsound").rglob("*.py"), *ROOT.joinpath("benchmarks").glob("*.py"), ROOT / "app.py",
+             *ROOT.joinpath("experiments").rglob("*.sh")]
     hits = [f"{p.relative_to(ROOT)}:{i}: {m.group(0)}" for p in files
             for i, line in enumerate(p.read_text().splitlines(), 1) for m in [INTERNAL.search(line)] if m]
     assert not hits, "\n".join(hits)
