@@ -27,6 +27,11 @@ def positive_int(text: str) -> int:
     return int(v)
 
 
+def non_negative_int(text: str) -> int:
+    v = number(text, lambda v: v >= 0 and v == int(v), "a whole number >= 0")
+    return int(v)
+
+
 def finite(text: str) -> float:
     return number(text, lambda v: True, "a finite number")
 

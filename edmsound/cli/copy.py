@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from .args import positive, positive_int, set_threads
+from .args import non_negative_int, positive, positive_int, set_threads
 
 
 def _encoder_and_head(a, default_head: bool = True):
@@ -191,16 +191,16 @@ def register(subparsers) -> None:
     t = enc.add_parser("train", help="train the small default CLAP audio encoder contrastively")
     t.add_argument("--data", required=True, help="class-per-folder training tree")
     t.add_argument("--out", required=True, help="encoder directory to write")
-    t.add_argument("--epochs", type=float, default=None,
+    t.add_argument("--epochs", type=positive, default=None,
                    help="passes over the data (default: at least 300 steps and 3.5 epochs, by data size)")
-    t.add_argument("--batch-size", type=int, default=64, help="clips per step (two views each)")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--max-minutes", type=float, default=None, help="stop (and write the encoder) after this long")
+    t.add_argument("--batch-size", type=positive_int, default=64, help="clips per step (two views each)")
+    t.add_argument("--lr", type=positive, default=2e-3)
+    t.add_argument("--max-minutes", type=positive, default=None, help="stop (and write the encoder) after this long")
     t.add_argument("--state", default=None, help="training-state directory (default OUT/train_state); resumed")
     t.add_argument("--restart", action="store_true", help="ignore existing training state")
     t.add_argument("--name", default="edmsound-clap-tiny")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=positive_int, default=None)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_encoder_train)
 
@@ -208,18 +208,18 @@ def register(subparsers) -> None:
     h.add_argument("--encoder", required=True, help="encoder ('default', directory or .pt)")
     h.add_argument("--data", required=True, help="class-per-folder training tree")
     h.add_argument("--out", required=True, help="head directory to write")
-    h.add_argument("--epochs", type=int, default=None,
+    h.add_argument("--epochs", type=positive_int, default=None,
                    help="passes over the embeddings (default: about 13,000 steps, 200-2,000 epochs, by data size)")
-    h.add_argument("--batch-size", type=int, default=256)
-    h.add_argument("--lr", type=float, default=1e-4)
-    h.add_argument("--margin", type=float, default=0.2)
-    h.add_argument("--views", type=int, default=2, help="augmented copies embedded per training clip")
-    h.add_argument("--negatives", type=int, default=2,
+    h.add_argument("--batch-size", type=positive_int, default=256)
+    h.add_argument("--lr", type=positive, default=1e-4)
+    h.add_argument("--margin", type=positive, default=0.2)
+    h.add_argument("--views", type=positive_int, default=2, help="augmented copies embedded per training clip")
+    h.add_argument("--negatives", type=non_negative_int, default=2,
                    help="extra random same-class negatives per anchor, besides the batch's (hardest used)")
-    h.add_argument("--max-minutes", type=float, default=None)
+    h.add_argument("--max-minutes", type=positive, default=None)
     h.add_argument("--cache", default=None, help="directory to cache the frozen embeddings in")
     h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--threads", type=int, default=None)
+    h.add_argument("--threads", type=positive_int, default=None)
     h.add_argument("--no-progress", action="store_true")
     h.set_defaults(func=_cmd_encoder_finetune_head)
 
@@ -236,9 +236,9 @@ def register(subparsers) -> None:
     _enc_args(b)
     b.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
                    help="flat: exact (default); ivf / hnsw: approximate, for 100k+ windows")
-    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n))")
-    b.add_argument("--nprobe", type=int, default=16)
-    b.add_argument("--query-hop", type=float, default=None,
+    b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default 4*sqrt(n))")
+    b.add_argument("--nprobe", type=positive_int, default=16)
+    b.add_argument("--query-hop", type=positive, default=None,
                    help="hop (s) of query windows and of the reference (default: half the encoder's hop)")
     b.add_argument("--finetune-head", action="store_true",
                    help="train the copy-detection head on this set's own augmented copies first (the paper's "
@@ -246,17 +246,17 @@ def register(subparsers) -> None:
     b.add_argument("--sample-rate", type=positive_int, default=None, help="load rate (default: manifest's or encoder's)")
     b.add_argument("--seconds", type=positive, default=None,
                    help="longest stretch of a file that is indexed (default 60 s; clips keep their own length)")
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--threads", type=positive_int, default=None)
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_cmd_index_build)
 
     q = ix.add_parser("query", help="nearest training clips of audio files (JSON lines)")
     q.add_argument("--index", required=True, help="index directory")
     q.add_argument("--audio", required=True, nargs="+", help="audio file(s): WAV, FLAC, Ogg, Opus, MP3, AIFF, ...")
-    q.add_argument("-k", type=int, default=5)
+    q.add_argument("-k", type=positive_int, default=5)
     q.add_argument("--class", dest="class_name", default=None, help="search only this class")
     _enc_args(q, "head directory (default: the one the index was built with)")
-    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--threads", type=positive_int, default=None)
     q.set_defaults(func=_cmd_index_query)
 
     d = ix.add_parser("duplicates", help="groups of near-duplicate clips inside an index (dataset hygiene)")
@@ -269,8 +269,8 @@ def register(subparsers) -> None:
     cp.add_argument("--index", required=True, help="index directory of the training set")
     cp.add_argument("--out", required=True, help="report directory")
     cp.add_argument("--all-classes", action="store_true", help="top-1 among all training clips, not just the same class")
-    cp.add_argument("--top", type=int, default=8, help="closest pairs to render (WAVs + figure)")
+    cp.add_argument("--top", type=non_negative_int, default=8, help="closest pairs to render (WAVs + figure)")
     _enc_args(cp, "head directory (default: the one the index was built with)")
-    cp.add_argument("--threads", type=int, default=None)
+    cp.add_argument("--threads", type=positive_int, default=None)
     cp.add_argument("--no-progress", action="store_true")
     cp.set_defaults(func=_cmd_copies)

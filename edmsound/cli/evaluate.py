@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .args import add_precision, positive, set_threads
+from .args import add_precision, positive, positive_int, set_threads
 
 
 def _csv_list(text: str, kind, what: str) -> list:
@@ -229,21 +229,21 @@ def register(subparsers) -> None:
     t = c.add_parser("train", help="train a log-mel CNN class classifier on a class-per-folder tree")
     t.add_argument("--data", required=True, help="class-per-folder training tree (e.g. data/builtin)")
     t.add_argument("--out", required=True, help="classifier directory to write")
-    t.add_argument("--epochs", type=float, default=10)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--sample-rate", type=int, default=16000)
-    t.add_argument("--seconds", type=float, default=None,
+    t.add_argument("--epochs", type=positive, default=10)
+    t.add_argument("--batch-size", type=positive_int, default=64)
+    t.add_argument("--lr", type=positive, default=3e-3)
+    t.add_argument("--sample-rate", type=positive_int, default=16000)
+    t.add_argument("--seconds", type=positive, default=None,
                    help="clip length (default: a synth tree's manifest, else the longest file)")
     t.add_argument("--holdout", default="auto",
                    help="held-out real clips to measure accuracy on: 'builtin' (fresh synth seeds), a class-per-folder "
                         "directory, 'none', or 'auto' (builtin for a synth tree of built-in classes)")
     t.add_argument("--holdout-per-class", type=int, default=100)
     t.add_argument("--holdout-seed", type=int, default=7, help="base seed of built-in held-out clips")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    t.add_argument("--max-minutes", type=positive, default=None, help="stop (and save) after this long")
     t.add_argument("--name", default="edmsound-classifier")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=positive_int, default=None)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_classifier_train)
 
@@ -272,13 +272,13 @@ def register(subparsers) -> None:
     k.add_argument("--intervals", default=None, help="guidance intervals to try with every scale, e.g. "
                    "'default,2:10' (LO:HI noise levels, 'none' = every level, 'default' = the checkpoint's); "
                    "default: the checkpoint's only")
-    k.add_argument("--n-per-class", type=int, default=16)
+    k.add_argument("--n-per-class", type=positive_int, default=16)
     k.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
     k.add_argument("--classifier", default="default")
     k.add_argument("--encoder", default="default", help="encoder for the diversity column")
     k.add_argument("--reference", default="builtin", help="real clips for the diversity column: builtin, a "
                    "directory, or none")
-    k.add_argument("--batch-size", type=int, default=8)
+    k.add_argument("--batch-size", type=positive_int, default=8)
     k.add_argument("--full-grid", action="store_true", help="score every scale (default: stop at the first that fits)")
     k.add_argument("--out", default=None, help="write calibration.md / calibration.json here")
     k.add_argument("--write", action="store_true", help="store the chosen scales in the checkpoint's config.json")
@@ -298,12 +298,12 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("calibrate-eq", help="measure a model's matching EQ: per class, the band gains that "
                               "bring its clips' mean spectral envelope to real clips' (see edmsound/core/spectral_eq.py)")
     q.add_argument("--checkpoint", default="checkpoints/default")
-    q.add_argument("--n-per-class", type=int, default=64)
+    q.add_argument("--n-per-class", type=positive_int, default=64)
     q.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
     q.add_argument("--reference", default="builtin", help="real clips: builtin or a class-per-folder directory")
     q.add_argument("--classes", default=None, help="comma-separated classes to equalise (default: all)")
     q.add_argument("--max-gain-db", type=positive, default=12.0, help="largest lift or cut of any band (at most 12)")
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--batch-size", type=positive_int, default=8)
     q.add_argument("--out", default=None, help="write matching_eq.md / .json / .png here")
     q.add_argument("--write", action="store_true", help="store the EQ in the checkpoint's config.json")
     q.add_argument("--clear", action="store_true", help="remove the checkpoint's matching EQ and exit")
@@ -317,15 +317,15 @@ def register(subparsers) -> None:
     ab.add_argument("--preset", default="default")
     ab.add_argument("--variants", default="base,l1,no-attention,no-norm,magnitude,mel",
                     help="comma-separated: base, l1, no-attention, no-norm, magnitude, mel (combine with '+')")
-    ab.add_argument("--steps", type=int, default=2000, help="training steps of every variant")
-    ab.add_argument("--batch-size", type=int, default=None)
-    ab.add_argument("--n-per-class", type=int, default=32)
+    ab.add_argument("--steps", type=positive_int, default=2000, help="training steps of every variant")
+    ab.add_argument("--batch-size", type=positive_int, default=None)
+    ab.add_argument("--n-per-class", type=positive_int, default=32)
     ab.add_argument("--reference", default="builtin", help="held-out real clips ('builtin' or a directory)")
     ab.add_argument("--classifier", default="default", help="classifier directory, 'default' or 'none'")
     ab.add_argument("--encoder", default="default")
     ab.add_argument("--seed", type=int, default=0)
-    ab.add_argument("--threads", type=int, default=None)
-    ab.add_argument("--max-minutes", type=float, default=None,
+    ab.add_argument("--threads", type=positive_int, default=None)
+    ab.add_argument("--max-minutes", type=positive, default=None,
                     help="training budget of this call; unfinished variants resume on the next")
     ab.add_argument("--no-progress", action="store_true")
     ab.set_defaults(func=_cmd_ablate)
@@ -353,7 +353,7 @@ def register(subparsers) -> None:
                         "heun:51:2 (an expensive reference without crossing it with every sampler) or "
                         "dpmpp_2m:10:3:0.05:1 (guidance only for 0.05 < sigma <= 1); GUIDANCE 'class' uses the "
                         "checkpoint's per-class default scales (dpmpp_2m:10:class:0.1:10)")
-    e.add_argument("--n-per-class", type=int, default=32)
+    e.add_argument("--n-per-class", type=positive_int, default=32)
     e.add_argument("--out", required=True)
     e.add_argument("--encoder", default="default",
                    help="encoder for FAD/KID/diversity: 'default' (checkpoints/encoder), a project encoder or Hugging "
@@ -363,14 +363,14 @@ def register(subparsers) -> None:
     e.add_argument("--invalid-nfe", choices=["nearest", "skip"], default="nearest",
                    help="an NFE a sampler cannot spend exactly: use the nearest valid budget (ties: lower) or skip it")
     e.add_argument("--seed", type=int, default=0, help="noise seeds: seed*1e6 + class_index*1e5 + clip index")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--top-k", default="1,3", help="top-k accuracies to report")
-    e.add_argument("--kid-subsets", type=int, default=100)
+    e.add_argument("--kid-subsets", type=positive_int, default=100)
     e.add_argument("--embedding-level", choices=["windows", "clips"], default="windows",
                    help="FAD/KID on the encoder's window embeddings (like VGGish frames in FAD) or per-clip means")
     e.add_argument("--device", default=None)
     add_precision(e, "recorded with the results; cached clips of another precision are refused")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--threads", type=positive_int, default=None)
     e.add_argument("--regenerate", action="store_true", help="regenerate cached clips")
     e.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
     e.add_argument("--no-progress", action="store_true")

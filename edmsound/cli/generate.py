@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .args import add_precision, lufs_target, peak_target
+from .args import add_precision, lufs_target, peak_target, positive, positive_int
 
 
 def _cmd_samplers(a):
@@ -120,7 +120,7 @@ def register(subparsers) -> None:
     g = subparsers.add_parser("generate", help="generate clips of one class from a checkpoint")
     g.add_argument("--checkpoint", default="checkpoints/default")
     g.add_argument("--class", dest="class_name", required=True)
-    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--n", type=positive_int, default=1)
     g.add_argument("--sampler", default=None, help="default: the checkpoint preset's (see `edmsound samplers`)")
     g.add_argument("--nfe", type=int, default=None, help="network evaluations (exact budget)")
     g.add_argument("--guidance", type=float, default=None,
@@ -135,7 +135,7 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     g.add_argument("--no-eq", action="store_true",
                    help="leave out the model's matching EQ (where it has one): the clips as the network made them")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--device", default=None)
     add_precision(g, "recorded in each sidecar")
     g.add_argument("--out", required=True)
@@ -156,7 +156,7 @@ def register(subparsers) -> None:
                        help="--regen only this frequency band, in Hz ('2000,-' is everything above 2000 Hz)")
     tools.add_argument("--extend", default=None, metavar="FILE",
                        help="continue this clip to --seconds in total, one model window at a time")
-    tools.add_argument("--seconds", type=float, default=None,
+    tools.add_argument("--seconds", type=positive, default=None,
                        help="length of a long clip (alone), of --extend's result, or of a --loop (up to 60 s)")
     tools.add_argument("--loop", nargs="?", const="", default=None, metavar="FILE",
                        help="make a seamless loop (--seconds long; default one model window), or with FILE make "

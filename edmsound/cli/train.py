@@ -73,16 +73,16 @@ def _student_io_args(p, teacher_help: str, data_help: str = "class-per-folder tr
 
 def _student_run_args(p, steps: int, steps_help: str = "total optimizer steps") -> None:
     """The run options every few-step student command shares with ``train``."""
-    p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"{steps_help} (default {steps})")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive, default=None)
+    p.add_argument("--checkpoint-every", type=positive_int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     add_precision(p, "the student's and the teacher's; recorded per stretch in info.json")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--max-minutes", type=positive, default=None, help="checkpoint and stop after this long")
     p.add_argument("--fit-minutes", type=positive, default=None, metavar="MINUTES",
                    help="instead of --steps: time the first steps, then run the steps that fit in this many minutes "
                         "and stop there, so the run ends where its schedule ends (a new run; the number is printed "
@@ -188,25 +188,25 @@ def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write the built-in procedural foley set as a class-per-folder tree")
     s.add_argument("--out", required=True)
-    s.add_argument("--per-class", type=int, required=True)
+    s.add_argument("--per-class", type=positive_int, required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sample-rate", type=int, default=16000)
-    s.add_argument("--seconds", type=float, default=None, help="clip length (default: the default preset's)")
+    s.add_argument("--sample-rate", type=positive_int, default=16000)
+    s.add_argument("--seconds", type=positive, default=None, help="clip length (default: the default preset's)")
     s.add_argument("--classes", default=None, help="comma-separated subset of classes")
     s.set_defaults(func=_cmd_data_synth)
     s = data.add_parser("info", help="load a class-per-folder tree and print its summary")
     s.add_argument("--data", required=True)
-    s.add_argument("--sample-rate", type=int, default=16000)
-    s.add_argument("--seconds", type=float, default=1.0)
+    s.add_argument("--sample-rate", type=positive_int, default=16000)
+    s.add_argument("--seconds", type=positive, default=1.0)
     s.set_defaults(func=_cmd_data_info)
 
     t = subparsers.add_parser("train", help="train or resume an EDMSound model")
     t.add_argument("--preset", default="default")
     t.add_argument("--data", required=True, help="class-per-folder tree")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--steps", type=positive_int, default=None, help="total steps (default: the preset's)")
+    t.add_argument("--batch-size", type=positive_int, default=None)
+    t.add_argument("--lr", type=positive, default=None)
     t.add_argument("--cooldown", type=positive_int, default=None, metavar="STEPS",
                    help="the learning rate falls linearly to 0 over the last STEPS steps before --steps (give the "
                         "same on --resume); for a final stretch whose weights are to ship (default: constant)")
@@ -224,7 +224,7 @@ def register(subparsers) -> None:
     t.add_argument("--class-weight", type=class_weight, action="append", default=None, metavar="CLASS=W",
                    help="draw CLASS's clips W times as often as the others' (W > 0; repeat for more classes; "
                         "default: every clip alike); may change on --resume")
-    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--checkpoint-every", type=positive_int, default=None)
     ab = t.add_argument_group("ablation switches (recorded in the checkpoint's config)")
     ab.add_argument("--loss", choices=["l2", "l1"], default=None,
                     help="training loss, both with EDM's per-noise-level balance (default: the preset's, l2)")
@@ -245,8 +245,8 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     add_precision(t, "recorded per stretch in info.json")
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    t.add_argument("--threads", type=positive_int, default=None)
+    t.add_argument("--max-minutes", type=positive, default=None, help="checkpoint and stop after this long")
     t.add_argument("--export", default=None, help="write a model directory here when done")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--no-jemalloc", action="store_true")
@@ -302,7 +302,7 @@ def register(subparsers) -> None:
     def match_args(m):
         m.add_argument("--weight", type=positive, default=0.01,
                        help="weight of the spectrum term against the anchor to the starting model (default 0.01)")
-        m.add_argument("--per-class", type=int, default=4, metavar="N",
+        m.add_argument("--per-class", type=positive_int, default=4, metavar="N",
                        help="samples of every class drawn per step to measure its spectrum (default 4)")
         m.add_argument("--momentum", type=float, default=0.9,
                        help="running mean of the measured spectra, 0 to below 1 (default 0.9)")

@@ -196,7 +196,7 @@ def test_bake_guidance_refuses_what_it_cannot_bake(tiny_ckpt, tuned, tmp_path, c
         GuidanceBaker(tiny_ckpt, data, tmp_path / "x", steps=1, progress=False)
     from edmsound.cli import main
     for argv, msg in ((["--share", "1.5"], "share must be between 0 and 1, got 1.5"),
-                      (["--steps", "0"], "steps must be a whole number >= 1, got 0"),
+                      (["--steps", "0"], "argument --steps: must be a whole number > 0, got '0'"),
                       (["--teacher", str(tiny_ckpt)], "is not a consistency-tuned model")):
         with pytest.raises(SystemExit) as e:
             main(["bake-guidance", "--teacher", str(model), "--data", str(data), "--out", str(tmp_path / "x"),

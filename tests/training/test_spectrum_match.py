@@ -299,9 +299,9 @@ def test_match_spectrum_refuses_what_it_cannot_tune(tiny_ckpt, tuned, tmp_path, 
         SpectrumMatcher(tiny_ckpt, data, tmp_path / "x", steps=1, progress=False)
     from edmsound.cli import main
     for argv, msg in ((["--momentum", "1"], "the momentum must be a number in [0, 1), got 1.0"),
-                      (["--per-class", "0"], "samples per class must be a whole number >= 1, got 0"),
+                      (["--per-class", "0"], "argument --per-class: must be a whole number > 0, got '0'"),
                       (["--push", "median"], "invalid choice: 'median' (choose from 'clip', 'mean', 'rank')"),
-                      (["--steps", "0"], "steps must be a whole number >= 1, got 0")):
+                      (["--steps", "0"], "argument --steps: must be a whole number > 0, got '0'")):
         with pytest.raises(SystemExit) as e:
             main(["match-spectrum", "--teacher", str(model), "--data", str(data), "--out", str(tmp_path / "x"),
                   "--no-progress"] + argv)
