@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .args import add_precision, positive, positive_int, set_threads
+from .args import add_precision, non_negative_int, positive, positive_int, set_threads
 
 
 def _csv_list(text: str, kind, what: str) -> list:
@@ -82,6 +82,8 @@ def _cmd_evaluate(a):
         evaluate_sweep(a.checkpoint, a.out, reference=a.reference, samplers=samplers, nfes=nfes, guidances=guid,
                        n_per_class=a.n_per_class, encoder=a.encoder, classifier=a.classifier, index=a.index,
                        train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
+                       **({} if a.fidelity_reference_per_class is None
+                          else {"fidelity_reference_per_class": a.fidelity_reference_per_class}),
                        seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device,
                        precision=a.precision, topk=topk,
                        kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,
@@ -339,6 +341,10 @@ def register(subparsers) -> None:
     e.add_argument("--reference-per-class", type=int, default=200,
                    help="clips per class synthesised for 'builtin', or sampled from a directory (0: all)")
     e.add_argument("--reference-seed", type=int, default=7, help="base seed of the built-in reference")
+    e.add_argument("--fidelity-reference-per-class", type=non_negative_int, default=None, metavar="N",
+                   help="held-out clips per class for the level, loudness and band gaps, which need no encoder "
+                        "(default 2000: a band a few clips carry is estimated from 200 with an error of several dB; "
+                        "0: the FAD reference's own)")
     e.add_argument("--train", default="auto",
                    help="training data for the baseline row: 'auto' (the checkpoint's info.json, else builtin), "
                         "'builtin', a directory, or 'none'")

@@ -111,6 +111,8 @@ def _markdown(result) -> str:
     L += [f"- checkpoint: `{s['checkpoint']}` (ema sha256 {s['ema_sha256'][:12]}"
           + (f", network in {s['precision']})" if s.get("precision") else ")"),
           f"- reference (held-out real clips): {s['reference']}",
+          *([f"- level, loudness and band gaps against: {s['fidelity_reference']}"]
+            if s.get("fidelity_reference") not in (None, s["reference"]) else []),
           f"- baseline training subset: {s['training_subset']}",
           f"- encoder for FAD, KID and diversity: **{s['encoder']['name']}** (weights {s['encoder']['weights_hash'][:12]}, "
           f"{s['encoder']['level'][:-1]}-level embeddings). FAD and KID values are only comparable with the same encoder.",

@@ -244,6 +244,28 @@ def test_sweep_refuses_clips_from_another_checkpoint(world, swept, tmp_path):
         _run(world, out)
 
 
+def test_fidelity_gaps_have_their_own_larger_reference(world, tmp_path):
+    """Level, loudness and band gaps compare with ``fidelity_reference_per_class`` held-out clips (here every clip
+    of the reference tree), FAD and KID with ``reference_per_class`` of them (here 2)."""
+    one = dict(samplers=["heun"], nfes=[3], guidances=[1], reference_per_class=2)
+    same = _run(world, tmp_path / "same", fidelity_reference_per_class=0, **one)
+    wide = _run(world, tmp_path / "wide", **one)
+    for res in (same, wide):
+        res["by"] = {(r["kind"], r["class"]): r for r in res["rows"]}
+    for c in ("low", "high"):
+        gen = ("generated", c)
+        assert wide["by"][gen]["fad"] == same["by"][gen]["fad"]            # the same clips, the same FAD reference
+        assert wide["by"][gen]["level_gap_db"] != same["by"][gen]["level_gap_db"]
+        ref_same, ref_wide = same["by"][("baseline: reference", c)], wide["by"][("baseline: reference", c)]
+        assert ref_same["level_gap_db"] == 0 and max(abs(x) for x in ref_same["band_gap_db"]) == 0
+        assert max(abs(x) for x in ref_wide["band_gap_db"]) > 0.1          # 2 clips against all 4
+    assert "2-2/class" in wide["settings"]["reference"] and "4-4/class" in wide["settings"]["fidelity_reference"]
+    assert same["settings"]["fidelity_reference"] == same["settings"]["reference"]
+    md = (tmp_path / "wide" / "results.md").read_text()
+    assert f"- level, loudness and band gaps against: {wide['settings']['fidelity_reference']}" in md
+    assert "level, loudness and band gaps against" not in (tmp_path / "same" / "results.md").read_text()
+
+
 def test_cli_evaluate_dry_run_and_run(world, swept, tmp_path, capsys):
     import shutil
 
