@@ -86,9 +86,11 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
 
 
 def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, reference="builtin",
-                       reference_per_class: int = 200, classes=None, max_gain_db: float = MAX_GAIN_DB,
+                       reference_per_class: int | None = None, classes=None, max_gain_db: float = MAX_GAIN_DB,
                        batch_size: int = 8, progress: bool = True, log=print) -> dict:
-    """Returns ``{"eq": ClassEQ, "rows": [{class, gap_before, gap_after, gains_db}], "settings": {...}}``."""
+    """Returns ``{"eq": ClassEQ, "rows": [{class, gap_before, gap_after, gains_db}], "settings": {...}}``.
+    ``reference_per_class``: held-out clips per class the band gaps are fitted to (default: the evaluation's
+    fidelity reference, :data:`edmsound.evaluation.sweep.FIDELITY_REFERENCE_PER_CLASS`)."""
     from . import sweep as E
     from ..core.pipeline import EDMSoundPipeline
     n_per_class = int(n_per_class)
@@ -102,6 +104,8 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
     classes = list(pipe.classes if classes is None else classes)
     for c in classes:
         pipe.class_index(c)
+    if reference_per_class is None:
+        reference_per_class = E.FIDELITY_REFERENCE_PER_CLASS
     ref, ref_desc = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
                                      reference_per_class, E.REFERENCE_SEED, progress)
     gains, rows, centres = {}, [], None
