@@ -450,7 +450,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     ``out_dir``. Returns the results dict (``rows``: one dict per (kind, config, class)). ``precision``: the network's
     arithmetic (``auto``, ``bf16``, ``fp32``; see :class:`EDMSoundPipeline`), recorded with the results.
     ``fidelity_reference_per_class``: held-out clips per class the encoder-free fidelity measures compare against
-    (see the module docstring; 0 or None: a directory's every clip, for 'builtin' the FAD reference's own)."""
+    (see the module docstring; 0 or None: the FAD reference itself)."""
     from ..core.storage import file_sha256
     from ..core.pipeline import EDMSoundPipeline
     if embedding_level not in EMBEDDING_LEVELS:
