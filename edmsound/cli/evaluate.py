@@ -82,8 +82,7 @@ def _cmd_evaluate(a):
         evaluate_sweep(a.checkpoint, a.out, reference=a.reference, samplers=samplers, nfes=nfes, guidances=guid,
                        n_per_class=a.n_per_class, encoder=a.encoder, classifier=a.classifier, index=a.index,
                        train=a.train, reference_per_class=a.reference_per_class, reference_seed=a.reference_seed,
-                       **({} if a.fidelity_reference_per_class is None
-                          else {"fidelity_reference_per_class": a.fidelity_reference_per_class}),
+                       fidelity_reference_per_class=a.fidelity_reference_per_class,
                        seed=a.seed, invalid_nfe=a.invalid_nfe, batch_size=a.batch_size, device=a.device,
                        precision=a.precision, topk=topk,
                        kid_subsets=a.kid_subsets, embedding_level=a.embedding_level, regenerate=a.regenerate,

@@ -441,7 +441,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
                    guidances=DEFAULT_GUIDANCES, n_per_class: int = 32, encoder="default", classifier="default",
                    index="default", train="auto", reference_per_class: int | None = 200,
                    reference_seed: int = REFERENCE_SEED, seed: int = 0, invalid_nfe: str = "nearest",
-                   fidelity_reference_per_class: int | None = FIDELITY_REFERENCE_PER_CLASS,
+                   fidelity_reference_per_class: int | None = None,
                    batch_size: int = 8, device: str | None = None, precision: str = "auto", topk=(1, 3),
                    kid_subsets: int = 100,
                    embedding_level: str = "windows", regenerate: bool = False, dry_run: bool = False,
@@ -450,7 +450,7 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     ``out_dir``. Returns the results dict (``rows``: one dict per (kind, config, class)). ``precision``: the network's
     arithmetic (``auto``, ``bf16``, ``fp32``; see :class:`EDMSoundPipeline`), recorded with the results.
     ``fidelity_reference_per_class``: held-out clips per class the encoder-free fidelity measures compare against
-    (see the module docstring; 0 or None: the FAD reference itself)."""
+    (see the module docstring; None: :data:`FIDELITY_REFERENCE_PER_CLASS`; 0: the FAD reference itself)."""
     from ..core.storage import file_sha256
     from ..core.pipeline import EDMSoundPipeline
     if embedding_level not in EMBEDDING_LEVELS:
@@ -499,6 +499,8 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     ref, ref_desc = load_reference(reference, classes, sr, ns, reference_per_class, reference_seed, progress)
     log(f"reference: {ref_desc}")
     fid_ref, fid_desc = ref, ref_desc
+    if fidelity_reference_per_class is None:
+        fidelity_reference_per_class = FIDELITY_REFERENCE_PER_CLASS
     if fidelity_reference_per_class and int(fidelity_reference_per_class) != int(reference_per_class or 0):
         fid_ref, fid_desc = load_reference(reference, classes, sr, ns, fidelity_reference_per_class, reference_seed,
                                            progress)
