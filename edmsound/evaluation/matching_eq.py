@@ -91,6 +91,8 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
     """Returns ``{"eq": ClassEQ, "rows": [{class, gap_before, gap_after, gains_db}], "settings": {...}}``.
     ``reference_per_class``: held-out clips per class the band gaps are fitted to (default: the evaluation's
     fidelity reference, :data:`edmsound.evaluation.sweep.FIDELITY_REFERENCE_PER_CLASS`)."""
+    import torch
+
     from . import sweep as E
     from ..core.pipeline import EDMSoundPipeline
     n_per_class = int(n_per_class)
@@ -110,10 +112,12 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
                                      reference_per_class, E.REFERENCE_SEED, progress)
     gains, rows, centres = {}, [], None
     for c in classes:
-        g = pipe.generate(c, n=n_per_class, seed=E.noise_seed(seed, pipe.class_index(c), 0), batch_size=batch_size,
-                          eq=False)
+        base = E.noise_seed(seed, pipe.class_index(c), 0)          # clip i uses base + i, in calls of at most 64
+        specs = torch.cat([pipe.generate(c, n=min(E.MAX_CLIPS_PER_CALL, n_per_class - i), seed=base + i,
+                                         batch_size=batch_size, eq=False).specs
+                           for i in range(0, n_per_class, E.MAX_CLIPS_PER_CALL)])
         real = ref.waves[ref.labels == ref.classes.index(c)]
-        fit = fit_gains(pipe.codec, g.specs, real, max_gain_db=max_gain_db)
+        fit = fit_gains(pipe.codec, specs, real, max_gain_db=max_gain_db)
         centres, gdb, before, after = fit["centres_hz"], fit["gains_db"], fit["gap_before_db"], fit["gap_after_db"]
         gains[c] = tuple(float(x) for x in gdb)
         rows.append({"class": c, "gap_before_db": [round(float(x), 2) for x in before],

@@ -69,3 +69,26 @@ def test_calibrate_eq_command_writes_reports_and_clears(tiny_ckpt, tmp_path, cap
     assert pipe.generate(cfg["classes"][0], n=1, sampler="euler", nfe=2).settings["matching_eq"] is True
     main(["calibrate-eq", "--checkpoint", str(model), "--clear"])
     assert "class_eq" not in json.loads((model / "config.json").read_text())
+
+
+def test_calibration_takes_more_clips_than_one_generate_call(tiny_ckpt, tmp_path):
+    """More clips per class than the pipeline makes in one call: they come in several calls, clip i from noise seed
+    base + i, exactly as one long call would make them, and the fit sees all of them."""
+    from conftest import write_tone_tree
+    from edmsound.core.pipeline import EDMSoundPipeline
+    from edmsound.evaluation import sweep as E
+    from edmsound.evaluation.matching_eq import calibrate_class_eq
+    ref = write_tone_tree(tmp_path / "real", per_class=6, seed=3)
+    pipe = EDMSoundPipeline(tiny_ckpt, device="cpu")
+    cls = pipe.classes[0]
+    res = calibrate_class_eq(tiny_ckpt, n_per_class=E.MAX_CLIPS_PER_CALL + 2, seed=1, reference=str(ref),
+                             classes=[cls], progress=False, log=lambda *a: None)
+    base = E.noise_seed(1, pipe.class_index(cls), 0)
+    last_two = pipe.generate(cls, n=2, seed=base + E.MAX_CLIPS_PER_CALL, eq=False).specs
+    first = pipe.generate(cls, n=E.MAX_CLIPS_PER_CALL, seed=base, eq=False).specs
+    real, _ = E.load_reference(str(ref), [cls], pipe.sample_rate, pipe.codec.num_samples, None)
+    want = fit_gains(pipe.codec, torch.cat([first, last_two]), real.waves)["gap_before_db"]
+    without_last = fit_gains(pipe.codec, first, real.waves)["gap_before_db"]
+    (row,) = res["rows"]
+    assert np.allclose(row["gap_before_db"], want, atol=0.006)            # rounded to 0.01 dB in the row
+    assert not np.allclose(want, without_last, atol=1e-4)                 # the two clips more do count
