@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from edmsound import EDMSoundPipeline, evaluate_sweep, karras_sigmas, parse_points  # noqa: E402
 from edmsound.evaluation import fidelity as F  # noqa: E402
+from edmsound.evaluation.sweep import FIDELITY_REFERENCE_PER_CLASS  # noqa: E402
 from edmsound.evaluation.quality import BAND_GAP_MAX_DB  # noqa: E402
 from edmsound.evaluation.timing import seconds_per_clip  # noqa: E402
 from edmsound.training.distill import solver_step, teacher_grid  # noqa: E402
@@ -134,7 +135,7 @@ def run(a) -> dict:
         names = ("euler",) if m == 1 else TRAINING_FREE + ("euler",)
         tpoints += [f"{s}:{m}:class" for s in names if (s, m) != shipped]
     common = dict(samplers=[], nfes=[], guidances=[], n_per_class=a.n_per_class, reference_per_class=a.reference,
-                  seed=a.seed, progress=not a.no_progress, index="none" if a.no_copies else "default")
+                  fidelity_reference_per_class=a.fidelity_reference, precision=a.precision, seed=a.seed, progress=not a.no_progress, index="none" if a.no_copies else "default")
     res = {"teacher": _overall(evaluate_sweep(a.teacher, out / "teacher", points=parse_points(",".join(tpoints)),
                                               **common))}
     for name, p in students.items():
@@ -152,7 +153,9 @@ def run(a) -> dict:
     return {"rows": rows, "trajectory": traj, "shipped": list(shipped),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                         "load_before": os.getloadavg()[0], "date": date.today().isoformat()},
-            "n_per_class": a.n_per_class}
+            "n_per_class": a.n_per_class, "precision": a.precision, "reference_per_class": a.reference,
+            "fidelity_reference_per_class": (FIDELITY_REFERENCE_PER_CLASS if a.fidelity_reference is None
+                                             else a.fidelity_reference or a.reference)}
 
 
 def load_students(spec: str) -> dict:
@@ -219,7 +222,10 @@ def markdown(r: dict) -> str:
     L = ["# Few-step students against their teacher", "",
          f"`benchmarks/distill.py`, {m['date']}, {m['platform']}, {m['cpus']} CPUs, {m['threads']} torch threads "
          f"(load {m['load_before']:.1f} before); {r['n_per_class']} clips per class, the same seeds and reference for "
-         "every row; FAD ratio = FAD / FAD of a training subset of the same size (the noise floor is 1).", "",
+         "every row; FAD ratio = FAD / FAD of a training subset of the same size (the noise floor is 1)." +
+         (f" Network arithmetic: {r['precision']}. FAD, KID, fit, diversity and copies against "
+          f"{r['reference_per_class']} held-out clips per class; level and band gaps against "
+          f"{r['fidelity_reference_per_class']}." if "precision" in r else ""), "",
          "| model | sampler | NFE | FAD ratio | KID | fit (min / mean) | diversity min | max level gap (dB) | "
          f"max band gap (dB) | class-bands beyond ±{BAND_GAP_MAX_DB:g} dB (by > 2 SE) | copies > p95 | s / clip | "
          "speed-up vs shipped |",
@@ -268,6 +274,11 @@ def main(argv=None):
     ap.add_argument("--students", required=True, help="comma-separated student model directories")
     ap.add_argument("--n-per-class", type=int, default=64)
     ap.add_argument("--reference", type=int, default=200, help="built-in reference clips per class")
+    ap.add_argument("--fidelity-reference", type=int, default=None,
+                    help="held-out clips per class the level and band gaps are measured against (default: "
+                         f"{FIDELITY_REFERENCE_PER_CLASS}, as 'edmsound evaluate'; 0: the FAD reference)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="the networks' arithmetic in the quality runs (the timing uses each model's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-copies", action="store_true", help="skip the copy-detection columns (faster)")

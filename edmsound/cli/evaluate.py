@@ -168,6 +168,7 @@ def _cmd_calibrate(a):
                                        n_per_class=a.n_per_class, seed=a.seed,
                                        classifier=a.classifier, encoder=a.encoder,
                                        reference=None if a.reference == "none" else a.reference,
+                                       fidelity_reference_per_class=a.fidelity_reference_per_class,
                                        batch_size=a.batch_size, stop_at_first=not a.full_grid,
                                        progress=not a.no_progress)
     except (ValueError, FileNotFoundError) as e:
@@ -279,6 +280,9 @@ def register(subparsers) -> None:
     k.add_argument("--encoder", default="default", help="encoder for the diversity column")
     k.add_argument("--reference", default="builtin", help="real clips for the diversity column: builtin, a "
                    "directory, or none")
+    k.add_argument("--fidelity-reference-per-class", type=non_negative_int, default=None, metavar="N",
+                   help="real clips per class the level gap is measured against (default: 2000, as 'evaluate'; "
+                        "0: the 200 of the diversity column)")
     k.add_argument("--batch-size", type=positive_int, default=8)
     k.add_argument("--full-grid", action="store_true", help="score every scale (default: stop at the first that fits)")
     k.add_argument("--out", default=None, help="write calibration.md / calibration.json here")

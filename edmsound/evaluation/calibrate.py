@@ -128,7 +128,8 @@ def _parse_intervals(intervals, default):
 def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: float = DEFAULT_MIN_FIT,
                              min_diversity: float | None = None, max_level_gap: float | None = None, intervals=None,
                              n_per_class: int = 16, seed: int = 1, classifier="default", encoder="default",
-                             reference="builtin", reference_per_class: int = 200, classes=None,
+                             reference="builtin", reference_per_class: int = 200,
+                             fidelity_reference_per_class: int | None = None, classes=None,
                              batch_size: int = 8, stop_at_first: bool = True, progress: bool = True,
                              log=print) -> dict:
     """Returns ``{"class_guidance": {class: w}, "class_guidance_interval": {class: [lo, hi] | None}, "rows": [...],
@@ -139,7 +140,10 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     ``stop_at_first``: stop an interval's scales at the first that reaches ``min_fit`` (under the rule in
     :func:`choose` the larger ones, as costly, fitting better but less diverse, cannot win). ``reference=None`` skips the
     diversity and level columns (then ``min_diversity`` and ``max_level_gap`` are not targets). Scales are tried
-    from 1 upwards, then those below 1 (which only a level target can choose: they make a class quieter)."""
+    from 1 upwards, then those below 1 (which only a level target can choose: they make a class quieter).
+    The diversity column compares with ``reference_per_class`` real clips per class (their embeddings), the level
+    with ``fidelity_reference_per_class`` (None: the evaluation's
+    :data:`~edmsound.evaluation.sweep.FIDELITY_REFERENCE_PER_CLASS`; 0: the same clips as the diversity)."""
     from . import sweep as E
     from . import metrics as M
     from .fidelity import level_gap_se_db, rms_dbfs
@@ -160,6 +164,13 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     n_per_class = int(n_per_class)
     if not 2 <= n_per_class <= 10_000:
         raise ValueError(f"n_per_class must be in [2, 10000], got {n_per_class}")
+    if fidelity_reference_per_class is None:
+        level_per_class = E.FIDELITY_REFERENCE_PER_CLASS
+    elif int(fidelity_reference_per_class) < 0:
+        raise ValueError(f"fidelity_reference_per_class must be >= 0 (0: the diversity's reference), "
+                         f"got {fidelity_reference_per_class}")
+    else:
+        level_per_class = int(fidelity_reference_per_class) or reference_per_class
     t0 = time.perf_counter()
     pipe = EDMSoundPipeline(checkpoint, device="cpu")
     p = pipe.preset
@@ -175,11 +186,17 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     if enc is not None:
         ref, _ = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
                                   reference_per_class, E.REFERENCE_SEED, progress)
+        level_ref = ref
+        if level_per_class != reference_per_class:
+            level_ref, _ = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
+                                            level_per_class, E.REFERENCE_SEED, progress)
         for i, c in enumerate(ref.classes):
             if c in classes:
-                ref_level[c] = rms_dbfs(ref.waves[ref.labels == i])
                 ref_div[c] = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, ref.waves[ref.labels == i],
                                                                               ref.sample_rate))
+        for i, c in enumerate(level_ref.classes):
+            if c in classes:
+                ref_level[c] = rms_dbfs(level_ref.waves[level_ref.labels == i])
     target_div = None if enc is None else min_diversity
     rows, chosen, chosen_iv = [], {}, {}
     for c in classes:
@@ -191,9 +208,9 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
             for w in scales:
                 if w == 1.0 and unguided is not None:        # no guidance: the interval changes nothing
                     continue
-                g = pipe.generate(c, n=n_per_class, seed=E.noise_seed(seed, ci, 0), guidance=w,
-                                  guidance_interval=iv, batch_size=batch_size)
-                waves = E._pcm16(g.waves)
+                gens = E.generate_in_calls(pipe, c, n_per_class, E.noise_seed(seed, ci, 0), guidance=w,
+                                           guidance_interval=iv, batch_size=batch_size)
+                waves = E._pcm16(np.concatenate([g.waves for g in gens]))
                 probs = clf.predict_proba(waves, pipe.sample_rate)
                 fit = float(np.mean(np.argmax(probs, axis=1) == k))
                 div = float("nan")
@@ -205,7 +222,8 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                     gap, se = float(rms.mean() - ref_level[c].mean()), level_gap_se_db(rms, ref_level[c])
                 r = {"class": c, "guidance": w, "guidance_interval": interval_list(iv),
                      "fit": fit, "diversity_ratio": div, "level_gap_db": gap, "level_gap_se_db": se,
-                     "guided_nfe": g.settings["guided_nfe"], "seconds": round(g.settings["seconds"], 2)}
+                     "guided_nfe": gens[0].settings["guided_nfe"],
+                     "seconds": round(sum(g.settings["seconds"] for g in gens), 2)}
                 per.append(r)
                 if w == 1.0:
                     unguided = r
@@ -230,7 +248,8 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
                 "nfe": p.default_nfe, "guidance_interval": interval_list(p.default_guidance_interval),
                 "intervals": [interval_list(iv) for iv in grid_intervals],
                 "classifier": clf_desc, "encoder": None if enc is None else enc.name,
-                "reference": reference, "stop_at_first": stop_at_first,
+                "reference": reference, "reference_per_class": reference_per_class,
+                "level_reference_per_class": None if enc is None else level_per_class, "stop_at_first": stop_at_first,
                 "guidance_reference": pipe.resolve_reference(), "guide": p.guide,
                 "wall_seconds": round(time.perf_counter() - t0, 1)}
     return {"class_guidance": chosen, "class_guidance_interval": chosen_iv, "rows": rows, "settings": settings}
@@ -272,7 +291,10 @@ def calibration_markdown(result: dict) -> str:
              + (f"Guidance pushes away from the checkpoint's guide model, {s['guide']} (autoguidance). "
                 if s.get("guidance_reference") == "guide" else "") +
              f"Diversity = mean pairwise cosine distance of the clips' embeddings ({s['encoder']}) over that of "
-             f"real clips of the class. {s['wall_seconds'] / 60:.1f} min.", "",
+             f"real clips of the class" + (f" ({s['reference_per_class']} per class)" if s.get("reference_per_class") else "")
+             + (f"; level gap = the clips' mean RMS level (dBFS) minus that of {s['level_reference_per_class']} real "
+                f"clips per class" if s.get("level_reference_per_class") else "")
+             + f". {s['wall_seconds'] / 60:.1f} min.", "",
              "| class | w | guided for | category fit | diversity ratio | level gap dB | guided evaluations | chosen |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -112,10 +112,8 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
                                      reference_per_class, E.REFERENCE_SEED, progress)
     gains, rows, centres = {}, [], None
     for c in classes:
-        base = E.noise_seed(seed, pipe.class_index(c), 0)          # clip i uses base + i, in calls of at most 64
-        specs = torch.cat([pipe.generate(c, n=min(E.MAX_CLIPS_PER_CALL, n_per_class - i), seed=base + i,
-                                         batch_size=batch_size, eq=False).specs
-                           for i in range(0, n_per_class, E.MAX_CLIPS_PER_CALL)])
+        specs = torch.cat([g.specs for g in E.generate_in_calls(pipe, c, n_per_class, E.noise_seed(seed, pipe.class_index(c), 0),
+                                                                batch_size=batch_size, eq=False)])
         real = ref.waves[ref.labels == ref.classes.index(c)]
         fit = fit_gains(pipe.codec, specs, real, max_gain_db=max_gain_db)
         centres, gdb, before, after = fit["centres_hz"], fit["gains_db"], fit["gap_before_db"], fit["gap_after_db"]

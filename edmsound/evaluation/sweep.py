@@ -51,7 +51,7 @@ from ..audio.io import fit_length, load_audio, wav_bytes
 from ..core.guidance import interval_list
 
 __all__ = ["synth_audioset", "load_reference", "load_train_subset", "evaluate_sweep", "estimate_generation_seconds",
-           "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
+           "generate_in_calls", "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
 
 DEFAULT_INDEX_DIR = REPO_ROOT / "checkpoints" / "index"
 DEFAULT_SAMPLERS = ("heun", "dpmpp_2m", "deis")
@@ -62,6 +62,14 @@ FIDELITY_REFERENCE_PER_CLASS = 2000   # held-out clips per class for level, loud
 REFERENCE_SEED = 7          # held-out built-in clips; the built-in training set used base seed 0
 TRAIN_SEED = 0
 MAX_CLIPS_PER_CALL = 64     # EDMSoundPipeline.generate's limit
+
+
+def generate_in_calls(pipe, class_name: str, n: int, seed: int, **options) -> list:
+    """``n`` clips of one class from ``pipe.generate`` in as many calls of at most :data:`MAX_CLIPS_PER_CALL` as
+    needed; clip i comes from noise seed ``seed + i``, as from one call. Returns the calls' :class:`Generation`s."""
+    n = int(n)
+    return [pipe.generate(class_name, n=min(MAX_CLIPS_PER_CALL, n - i), seed=int(seed) + i, **options)
+            for i in range(0, n, MAX_CLIPS_PER_CALL)]
 
 
 # ------------------------------------------------------------------------------------------ real data

@@ -701,3 +701,51 @@ def test_speed_record_of_the_same_weights_at_two_settings_is_read_by_the_per_cla
     assert row["label"] == "plain" and row["median_sec_per_clip"] == 0.7
     row, _ = speed_for_weights(record, "2" * 64)                      # no settings given: the first such row
     assert row["label"] == "plain"
+
+
+def test_calibration_measures_level_against_its_own_larger_reference(world, calibrated):
+    """The diversity column compares with reference_per_class real clips, the level with the fidelity reference
+    (by default every clip up to 2,000 per class); 0 takes the diversity's clips for the level too."""
+    from edmsound.core.pipeline import EDMSoundPipeline
+    from edmsound.evaluation.calibrate import calibrate_class_guidance, calibration_markdown
+    from edmsound.evaluation.fidelity import rms_dbfs
+    pipe = EDMSoundPipeline(calibrated / "model", device="cpu")
+    g = pipe.generate("low", n=4, seed=noise_seed(1, pipe.class_index("low"), 0))
+    gen_db = float(rms_dbfs(E._pcm16(g.waves)).mean())
+    want = {}
+    for per in (2, None):
+        ref = E.load_reference(str(world / "ref"), ["low"], pipe.sample_rate, pipe.codec.num_samples, per,
+                               E.REFERENCE_SEED, False)[0]
+        want[per] = gen_db - float(rms_dbfs(ref.waves[ref.labels == ref.classes.index("low")]).mean())
+    assert abs(want[2] - want[None]) > 0.01                    # two real clips are not the whole set
+    common = dict(scales=(1,), min_fit=0.01, min_diversity=None, n_per_class=4, classes=["low"],
+                  classifier=world / "classifier", encoder=world / "encoder", reference=world / "ref",
+                  reference_per_class=2, progress=False, log=lambda *_: None)
+    res = calibrate_class_guidance(calibrated / "model", **common)
+    assert res["rows"][0]["level_gap_db"] == pytest.approx(want[None], abs=1e-6)
+    assert res["settings"]["level_reference_per_class"] == E.FIDELITY_REFERENCE_PER_CLASS
+    assert "minus that of 2000 real clips per class" in calibration_markdown(res)
+    res0 = calibrate_class_guidance(calibrated / "model", fidelity_reference_per_class=0, **common)
+    assert res0["rows"][0]["level_gap_db"] == pytest.approx(want[2], abs=1e-6)
+    assert res0["rows"][0]["diversity_ratio"] == pytest.approx(res["rows"][0]["diversity_ratio"])
+    with pytest.raises(ValueError, match="fidelity_reference_per_class"):
+        calibrate_class_guidance(calibrated / "model", fidelity_reference_per_class=-1, **common)
+
+
+def test_calibration_takes_more_clips_than_one_generate_call(world, calibrated):
+    """More clips per class than one pipeline call makes: clip i still comes from noise seed base + i."""
+    from edmsound.core.pipeline import EDMSoundPipeline
+    from edmsound.evaluation.calibrate import calibrate_class_guidance
+    from edmsound.evaluation.fidelity import rms_dbfs
+    n = E.MAX_CLIPS_PER_CALL + 2
+    res = calibrate_class_guidance(calibrated / "model", scales=(1,), min_fit=0.01, min_diversity=None, n_per_class=n,
+                                   classes=["low"], classifier=world / "classifier", encoder=world / "encoder",
+                                   reference=world / "ref", progress=False, log=lambda *_: None)
+    pipe = EDMSoundPipeline(calibrated / "model", device="cpu")
+    base = noise_seed(1, pipe.class_index("low"), 0)
+    waves = np.concatenate([pipe.generate("low", n=E.MAX_CLIPS_PER_CALL, seed=base).waves,
+                            pipe.generate("low", n=2, seed=base + E.MAX_CLIPS_PER_CALL).waves])
+    ref = E.load_reference(str(world / "ref"), ["low"], pipe.sample_rate, pipe.codec.num_samples, None,
+                           E.REFERENCE_SEED, False)[0]
+    want = float(rms_dbfs(E._pcm16(waves)).mean() - rms_dbfs(ref.waves[ref.labels == ref.classes.index("low")]).mean())
+    assert res["rows"][0]["level_gap_db"] == pytest.approx(want, abs=1e-6)
