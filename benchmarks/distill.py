@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from edmsound import EDMSoundPipeline, evaluate_sweep, karras_sigmas, parse_points  # noqa: E402
 from edmsound.evaluation import fidelity as F  # noqa: E402
-from edmsound.evaluation.sweep import FIDELITY_REFERENCE_PER_CLASS  # noqa: E402
+from edmsound.evaluation.sweep import FIDELITY_REFERENCE_PER_CLASS, fidelity_reference_size  # noqa: E402
 from edmsound.evaluation.quality import BAND_GAP_MAX_DB  # noqa: E402
 from edmsound.evaluation.timing import seconds_per_clip  # noqa: E402
 from edmsound.training.distill import solver_step, teacher_grid  # noqa: E402
@@ -135,7 +135,8 @@ def run(a) -> dict:
         names = ("euler",) if m == 1 else TRAINING_FREE + ("euler",)
         tpoints += [f"{s}:{m}:class" for s in names if (s, m) != shipped]
     common = dict(samplers=[], nfes=[], guidances=[], n_per_class=a.n_per_class, reference_per_class=a.reference,
-                  fidelity_reference_per_class=a.fidelity_reference, precision=a.precision, seed=a.seed, progress=not a.no_progress, index="none" if a.no_copies else "default")
+                  fidelity_reference_per_class=a.fidelity_reference, precision=a.precision, seed=a.seed,
+                  progress=not a.no_progress, index="none" if a.no_copies else "default")
     res = {"teacher": _overall(evaluate_sweep(a.teacher, out / "teacher", points=parse_points(",".join(tpoints)),
                                               **common))}
     for name, p in students.items():
@@ -154,8 +155,7 @@ def run(a) -> dict:
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                         "load_before": os.getloadavg()[0], "date": date.today().isoformat()},
             "n_per_class": a.n_per_class, "precision": a.precision, "reference_per_class": a.reference,
-            "fidelity_reference_per_class": (FIDELITY_REFERENCE_PER_CLASS if a.fidelity_reference is None
-                                             else a.fidelity_reference or a.reference)}
+            "fidelity_reference_per_class": fidelity_reference_size(a.fidelity_reference, a.reference)}
 
 
 def load_students(spec: str) -> dict:

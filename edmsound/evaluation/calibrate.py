@@ -164,13 +164,7 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     n_per_class = int(n_per_class)
     if not 2 <= n_per_class <= 10_000:
         raise ValueError(f"n_per_class must be in [2, 10000], got {n_per_class}")
-    if fidelity_reference_per_class is None:
-        level_per_class = E.FIDELITY_REFERENCE_PER_CLASS
-    elif int(fidelity_reference_per_class) < 0:
-        raise ValueError(f"fidelity_reference_per_class must be >= 0 (0: the diversity's reference), "
-                         f"got {fidelity_reference_per_class}")
-    else:
-        level_per_class = int(fidelity_reference_per_class) or reference_per_class
+    level_per_class = E.fidelity_reference_size(fidelity_reference_per_class, reference_per_class)
     t0 = time.perf_counter()
     pipe = EDMSoundPipeline(checkpoint, device="cpu")
     p = pipe.preset

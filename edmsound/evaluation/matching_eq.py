@@ -112,8 +112,9 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
                                      reference_per_class, E.REFERENCE_SEED, progress)
     gains, rows, centres = {}, [], None
     for c in classes:
-        specs = torch.cat([g.specs for g in E.generate_in_calls(pipe, c, n_per_class, E.noise_seed(seed, pipe.class_index(c), 0),
-                                                                batch_size=batch_size, eq=False)])
+        gens = E.generate_in_calls(pipe, c, n_per_class, E.noise_seed(seed, pipe.class_index(c), 0),
+                                   batch_size=batch_size, eq=False)
+        specs = torch.cat([g.specs for g in gens])
         real = ref.waves[ref.labels == ref.classes.index(c)]
         fit = fit_gains(pipe.codec, specs, real, max_gain_db=max_gain_db)
         centres, gdb, before, after = fit["centres_hz"], fit["gains_db"], fit["gap_before_db"], fit["gap_after_db"]

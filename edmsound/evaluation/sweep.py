@@ -51,7 +51,7 @@ from ..audio.io import fit_length, load_audio, wav_bytes
 from ..core.guidance import interval_list
 
 __all__ = ["synth_audioset", "load_reference", "load_train_subset", "evaluate_sweep", "estimate_generation_seconds",
-           "generate_in_calls", "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
+           "generate_in_calls", "fidelity_reference_size", "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
 
 DEFAULT_INDEX_DIR = REPO_ROOT / "checkpoints" / "index"
 DEFAULT_SAMPLERS = ("heun", "dpmpp_2m", "deis")
@@ -62,6 +62,16 @@ FIDELITY_REFERENCE_PER_CLASS = 2000   # held-out clips per class for level, loud
 REFERENCE_SEED = 7          # held-out built-in clips; the built-in training set used base seed 0
 TRAIN_SEED = 0
 MAX_CLIPS_PER_CALL = 64     # EDMSoundPipeline.generate's limit
+
+
+def fidelity_reference_size(per_class: int | None, reference_per_class: int | None) -> int | None:
+    """Held-out clips per class the encoder-free fidelity measures compare against: ``per_class``, where None means
+    :data:`FIDELITY_REFERENCE_PER_CLASS` and 0 the FAD (or diversity) reference's own ``reference_per_class``."""
+    if per_class is None:
+        return FIDELITY_REFERENCE_PER_CLASS
+    if int(per_class) < 0:
+        raise ValueError(f"fidelity_reference_per_class must be >= 0 (0: the FAD reference's own), got {per_class}")
+    return int(per_class) or reference_per_class
 
 
 def generate_in_calls(pipe, class_name: str, n: int, seed: int, **options) -> list:
@@ -507,11 +517,9 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     ref, ref_desc = load_reference(reference, classes, sr, ns, reference_per_class, reference_seed, progress)
     log(f"reference: {ref_desc}")
     fid_ref, fid_desc = ref, ref_desc
-    if fidelity_reference_per_class is None:
-        fidelity_reference_per_class = FIDELITY_REFERENCE_PER_CLASS
-    if fidelity_reference_per_class and int(fidelity_reference_per_class) != int(reference_per_class or 0):
-        fid_ref, fid_desc = load_reference(reference, classes, sr, ns, fidelity_reference_per_class, reference_seed,
-                                           progress)
+    fid_n = fidelity_reference_size(fidelity_reference_per_class, reference_per_class)
+    if fid_n != reference_per_class:
+        fid_ref, fid_desc = load_reference(reference, classes, sr, ns, fid_n, reference_seed, progress)
         log(f"fidelity reference (level, loudness, bands): {fid_desc}")
     scorer = _Scorer(enc, clf, idx, ref, classes, topk, kid_subsets, embedding_level, progress,
                      fidelity_reference=fid_ref)
