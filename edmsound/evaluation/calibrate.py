@@ -178,12 +178,9 @@ def calibrate_class_guidance(checkpoint, *, scales=DEFAULT_SCALES, min_fit: floa
     enc = E._load_encoder(encoder) if reference is not None else None
     ref_div, ref_level = {}, {}
     if enc is not None:
-        ref, _ = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
-                                  reference_per_class, E.REFERENCE_SEED, progress)
-        level_ref = ref
-        if level_per_class != reference_per_class:
-            level_ref, _ = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
-                                            level_per_class, E.REFERENCE_SEED, progress)
+        (ref, _), (level_ref, _) = E.load_references(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
+                                                     reference_per_class, level_per_class, E.REFERENCE_SEED,
+                                                     progress)
         for i, c in enumerate(ref.classes):
             if c in classes:
                 ref_div[c] = M.mean_pairwise_cosine_distance(_clip_embeddings(enc, ref.waves[ref.labels == i],

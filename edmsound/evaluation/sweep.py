@@ -51,7 +51,7 @@ from ..audio.io import fit_length, load_audio, wav_bytes
 from ..core.guidance import interval_list
 
 __all__ = ["synth_audioset", "load_reference", "load_train_subset", "evaluate_sweep", "estimate_generation_seconds",
-           "generate_in_calls", "fidelity_reference_size", "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
+           "generate_in_calls", "fidelity_reference_size", "load_references", "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
 
 DEFAULT_INDEX_DIR = REPO_ROOT / "checkpoints" / "index"
 DEFAULT_SAMPLERS = ("heun", "dpmpp_2m", "deis")
@@ -137,6 +137,10 @@ def _subset_folder(root, classes, per_class, sample_rate, num_samples, seed) -> 
                     sample_rate)
 
 
+def _builtin_description(seed: int, per_class: int) -> str:
+    return f"built-in synth, base seed {seed}, {per_class} clips/class (training used base seed {TRAIN_SEED})"
+
+
 def load_reference(reference, classes, sample_rate: int, num_samples: int, per_class: int | None = 200,
                    seed: int = REFERENCE_SEED, progress: bool = False) -> tuple[AudioSet, str]:
     """Held-out real clips: ``"builtin"`` (fresh synth seeds, base ``seed``) or a class-per-folder directory
@@ -147,12 +151,34 @@ def load_reference(reference, classes, sample_rate: int, num_samples: int, per_c
                              f"(default {REFERENCE_SEED})")
         n = int(per_class or 200)
         ds = synth_audioset(classes, n, seed, sample_rate, num_samples, progress=progress)
-        return ds, f"built-in synth, base seed {seed}, {n} clips/class (training used base seed {TRAIN_SEED})"
+        return ds, _builtin_description(seed, n)
     root = Path(reference)
     if not root.is_dir():
         raise FileNotFoundError(f"reference {reference!r} is neither 'builtin' nor a directory")
     ds = _subset_folder(root, classes, per_class, sample_rate, num_samples, seed)
     return ds, f"{root} ({len(ds)} clips, {min(ds.counts().values())}-{max(ds.counts().values())}/class)"
+
+
+def load_references(reference, classes, sample_rate: int, num_samples: int, per_class: int | None,
+                    fidelity_per_class: int | None, seed: int = REFERENCE_SEED,
+                    progress: bool = False) -> tuple[tuple[AudioSet, str], tuple[AudioSet, str]]:
+    """The FAD / diversity reference (``per_class`` clips) and the fidelity reference (``fidelity_per_class``),
+    each as :func:`load_reference` returns it. ``"builtin"`` synthesises the larger set once and takes the smaller
+    as its first clips of every class (the very clips a call of its own makes); a folder is read once per size."""
+    if str(reference) != "builtin":
+        ref = load_reference(reference, classes, sample_rate, num_samples, per_class, seed, progress)
+        if per_class == fidelity_per_class:
+            return ref, ref
+        return ref, load_reference(reference, classes, sample_rate, num_samples, fidelity_per_class, seed, progress)
+    n, m = int(per_class or 200), int(fidelity_per_class or 200)
+    big, _ = load_reference(reference, classes, sample_rate, num_samples, max(n, m), seed, progress)
+    if n == m:
+        return (big, _builtin_description(seed, n)), (big, _builtin_description(seed, n))
+    k, N = min(n, m), max(n, m)
+    small = big.subset([c * N + i for c in range(len(big.classes)) for i in range(k)])
+    sets = {n: (small if n == k else big, _builtin_description(seed, n)),
+            m: (small if m == k else big, _builtin_description(seed, m))}
+    return sets[n], sets[m]
 
 
 def _resolve_train(train, model_dir: Path | None, classes) -> str | None:
@@ -514,12 +540,11 @@ def evaluate_sweep(checkpoint, out_dir, *, reference="builtin", samplers=DEFAULT
     enc = _load_encoder(encoder)
     clf, clf_desc = _load_classifier(classifier, classes)
     idx, idx_desc = _load_index(index)
-    ref, ref_desc = load_reference(reference, classes, sr, ns, reference_per_class, reference_seed, progress)
-    log(f"reference: {ref_desc}")
-    fid_ref, fid_desc = ref, ref_desc
     fid_n = fidelity_reference_size(fidelity_reference_per_class, reference_per_class)
+    (ref, ref_desc), (fid_ref, fid_desc) = load_references(reference, classes, sr, ns, reference_per_class, fid_n,
+                                                           reference_seed, progress)
+    log(f"reference: {ref_desc}")
     if fid_n != reference_per_class:
-        fid_ref, fid_desc = load_reference(reference, classes, sr, ns, fid_n, reference_seed, progress)
         log(f"fidelity reference (level, loudness, bands): {fid_desc}")
     scorer = _Scorer(enc, clf, idx, ref, classes, topk, kid_subsets, embedding_level, progress,
                      fidelity_reference=fid_ref)

@@ -77,6 +77,25 @@ def test_builtin_reference_is_disjoint_from_training_seeds():
         E.load_reference("builtin", ["low"], 16000, 4000, per_class=2)
 
 
+@pytest.mark.parametrize("small, large", [(2, 5), (5, 2), (3, 3)])
+def test_builtin_references_are_the_clips_a_call_of_their_own_makes(small, large):
+    classes = ["rain", "gunshot"]
+    (a, a_desc), (b, b_desc) = E.load_references("builtin", classes, 16000, 4000, small, large)
+    for ds, desc, n in ((a, a_desc, small), (b, b_desc, large)):
+        alone, alone_desc = E.load_reference("builtin", classes, 16000, 4000, per_class=n)
+        assert desc == alone_desc and ds.sources == alone.sources and ds.classes == alone.classes
+        np.testing.assert_array_equal(ds.labels, alone.labels)
+        np.testing.assert_array_equal(ds.waves, alone.waves)
+
+
+def test_folder_references_read_each_size(world):
+    root = str(world / "ref")
+    (a, _), (b, _) = E.load_references(root, ["low"], 16000, 4000, 2, None)
+    assert len(a) == 2 and len(b) == len(E.load_reference(root, ["low"], 16000, 4000, None)[0]) > 2
+    (c, _), (d, _) = E.load_references(root, ["low"], 16000, 4000, 3, 3)
+    assert c is d and len(c) == 3
+
+
 # ------------------------------------------------------------------------------------------ the sweep
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
