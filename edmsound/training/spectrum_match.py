@@ -25,8 +25,9 @@ where a class's clips spread in level).
 How that gradient reaches each clip (``push``):
 
     'clip'   10 log10 P_cb is replaced in the loss by the class mean of each clip's own 10 log10 (p_icb + f_cb), the
-             floor f_cb 30 dB under the class's band power (held constant): every clip of a class is pushed by the
-             same number of dB in a band, so the spread between its clips is left alone (the default);
+             floor f_cb 30 dB under the band power of the class's training clips (fixed at the start): every clip of
+             a class is pushed by the same number of dB in a band, so the spread between its clips is left alone
+             (the default);
     'mean'   the exact gradient of the class mean: each clip in proportion to its share of the band's power, so
              the clips that carry the most are moved most. A few clips a step then pull a class towards one shape
              (a loss of diversity seen in the first runs).
@@ -64,6 +65,7 @@ import torch
 
 from ..core.guidance import guided_combination, interval_list
 from ..core.model import load_denoiser, load_guide
+from ..core.samplers import sample_consistency
 from ..core.schedules import karras_sigmas
 from .bake import guidance_tables
 from .consistency import continuation, lognormal_levels, noisy_draws, stored_round, tuned_range
@@ -277,12 +279,12 @@ class SpectrumMatcher(StudentTrainer):
         schedule, guidance 1): (the last jump's output with gradient, as encoded spectrograms; their labels)."""
         labels = torch.arange(len(self.classes)).repeat_interleave(self.per_class).to(self.device)
         shape = (len(labels),) + tuple(self.codec.shape)
-        sig = self.sigmas
+        sig = list(self.sigmas)
         x = torch.randn(shape, generator=generator).to(self.device) * sig[0]
-        for i in range(len(sig) - 2):                 # every jump but the last: no gradient
-            with torch.no_grad():
-                den = self._jump(model, x, sig[i], labels)
-            x = den + sig[i + 1] * torch.randn(shape, generator=generator).to(self.device)
+        if len(sig) > 2:      # every jump but the last: the consistency sampler itself (no gradient), then re-noised
+            den = sample_consistency(lambda z, s: self._jump(model, z, float(s[0]), labels), x,
+                                     sig[:-2] + [0.0], generator=generator)
+            x = den + sig[-2] * torch.randn(shape, generator=generator).to(self.device)
         den = self._jump(model, x, sig[-2], labels)
         return self.codec.from_model(den, labels), labels
 
@@ -318,9 +320,8 @@ class SpectrumMatcher(StudentTrainer):
         self._last_errors = (e_band.detach().cpu(), e_level.detach().cpu())
         if self.push == "rank":        # each clip against the training clips' figure at its rank in its class
             return self._rank_loss(band.reshape(C, k, -1), level.reshape(C, k))
-        if self.push == "clip":        # each clip's own dB, above a floor 30 dB under its class's band power
-            floor = band_c.detach().clamp_min(1e-20) * 10 ** (-CLIP_FLOOR_DB / 10)
-            band_db = (10 * torch.log10(band.reshape(C, k, -1) + floor[:, None])).mean(dim=1)
+        if self.push == "clip":        # each clip's own dB, above the floor the rank push uses too
+            band_db = (10 * torch.log10(band.reshape(C, k, -1) + self.floor[:, None])).mean(dim=1)
         else:
             band_db = 10 * torch.log10(band_c.clamp_min(1e-20))
         return (e_band * band_db).mean() + (e_level * level_c).mean()

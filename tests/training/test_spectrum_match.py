@@ -139,6 +139,43 @@ class ClipGainModel(torch.nn.Module):
         return gain * self.clips[labels]
 
 
+class MixModel(torch.nn.Module):
+    """D(x, sigma, label) = a(sigma) x + g · (a fixed clip of the label's class): depends on the noisy input."""
+
+    def __init__(self, clips: torch.Tensor):
+        super().__init__()
+        self.clips = clips
+        self.g = torch.nn.Parameter(torch.tensor(0.7))
+        self.null_class = len(clips)
+
+    def forward(self, x, sigma, labels):
+        a = (0.2 / (1.0 + sigma)).reshape((-1,) + (1,) * (x.dim() - 1))
+        return a * x + self.g * self.clips[labels]
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3])
+def test_the_matched_samples_are_drawn_as_the_consistency_sampler_draws_them(tuned, tmp_path, nfe):
+    from edmsound.core.samplers import sample_consistency
+    model, data = tuned
+    m = SpectrumMatcher(model, data, tmp_path / "run", steps=1, progress=False, per_class=2)
+    e = m.preset.edm
+    from edmsound.core.schedules import karras_sigmas
+    m.sigmas = [float(s) for s in karras_sigmas(nfe, e.sigma_min, e.sigma_max, e.rho)]
+    C = len(m.classes)
+    first = [int(torch.nonzero(m.train_labels == c)[0]) for c in range(C)]
+    toy = MixModel(m.codec.to_model(m.codec.encode(m.train_waves[first]), torch.arange(C)))
+    spec, labels = m.sample_last_jump(toy, torch.Generator().manual_seed(3))
+    # the same draw, from the same generator, through the sampler over the whole schedule
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((len(labels),) + tuple(m.codec.shape), generator=g) * m.sigmas[0]
+    with torch.no_grad():
+        want = sample_consistency(lambda z, s: toy(z, s, labels), x, m.sigmas, generator=g)
+    torch.testing.assert_close(spec.detach(), m.codec.from_model(want, labels))
+    # the gradient reaches the model through the last jump only: d(out)/dg is the clip term of that jump alone
+    (spec_g,) = torch.autograd.grad(m.codec.to_model(spec, labels).sum(), toy.g)
+    torch.testing.assert_close(spec_g, toy.clips[labels].sum())
+
+
 @pytest.mark.parametrize("push", ["clip", "mean"])
 def test_the_push_moves_every_clip_by_the_same_db_or_each_by_its_share_of_the_power(tuned, tmp_path, push):
     model, data = tuned
@@ -162,8 +199,11 @@ def test_the_push_moves_every_clip_by_the_same_db_or_each_by_its_share_of_the_po
     p = band.reshape(C, 2, -1)                                           # each clip's power in each band
     share = p / p.sum(dim=1, keepdim=True)                               # its share of its class's band power
     assert float(share[:, 1].min()) > 0.7                                # the louder clip carries most of it
-    if push == "clip":           # d/dlog g of 10 log10(p + floor): p / (p + floor), a floor 30 dB under the mean
-        weight = (p / (p + 1e-3 * p.mean(dim=1, keepdim=True))).sum(dim=2)
+    if push == "clip":           # d/dlog g of 10 log10(p + floor): p / (p + floor), the training clips' floor
+        tb, _ = class_targets(m.codec, m.train_waves, m.train_labels, C, m.bands)
+        floor = 1e-3 * 10 ** (tb / 10)                                  # 30 dB under the training clips' power
+        torch.testing.assert_close(m.floor, floor)
+        weight = (p / (p + floor[:, None])).sum(dim=2)
         assert torch.allclose(grad[:, 1], grad[:, 0], rtol=0.01)        # the same push: their spread kept
     else:                        # d/dlog g of 10 log10(mean p): each clip's share of the power
         weight = share.sum(dim=2)
