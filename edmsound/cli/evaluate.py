@@ -207,21 +207,22 @@ def _cmd_calibrate_eq(a):
     from .. import calibrate_class_eq, write_class_eq, write_eq_report
     try:
         if a.clear:
-            print(f"removed the matching EQ from {write_class_eq(a.checkpoint, None)}")
+            which = "every matching EQ" if a.nfe is None else f"the matching EQ for {a.nfe} evaluations"
+            print(f"removed {which} from {write_class_eq(a.checkpoint, None, a.nfe)}")
             return
         if not a.write and not a.out:
             raise ValueError("nothing would be kept: give --out (the table) and/or --write (store it in the model)")
         classes = None if a.classes is None else [c.strip() for c in a.classes.split(",") if c.strip()]
         res = calibrate_class_eq(a.checkpoint, n_per_class=a.n_per_class, seed=a.seed, reference=a.reference,
                                  classes=classes, max_gain_db=a.max_gain_db, batch_size=a.batch_size,
-                                 progress=not a.no_progress)
+                                 nfe=a.nfe, progress=not a.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if a.out:
         print(f"wrote {write_eq_report(res, a.out)}, matching_eq.json and matching_eq.png")
     if a.write:
-        print(f"stored in {write_class_eq(a.checkpoint, res['eq'])}")
+        print(f"stored for {res['settings']['nfe']} evaluations in {write_class_eq(a.checkpoint, res['eq'])}")
 
 
 def register(subparsers) -> None:
@@ -309,9 +310,13 @@ def register(subparsers) -> None:
     q.add_argument("--classes", default=None, help="comma-separated classes to equalise (default: all)")
     q.add_argument("--max-gain-db", type=positive, default=12.0, help="largest lift or cut of any band (at most 12)")
     q.add_argument("--batch-size", type=positive_int, default=8)
+    q.add_argument("--nfe", type=positive_int, default=None,
+                   help="the budget to measure at (default: the model's own); a few-step model keeps one EQ per "
+                        "budget and applies the one measured at the budget asked for (else its default budget's)")
     q.add_argument("--out", default=None, help="write matching_eq.md / .json / .png here")
     q.add_argument("--write", action="store_true", help="store the EQ in the checkpoint's config.json")
-    q.add_argument("--clear", action="store_true", help="remove the checkpoint's matching EQ and exit")
+    q.add_argument("--clear", action="store_true",
+                   help="remove the checkpoint's matching EQs (with --nfe, that budget's only) and exit")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_cmd_calibrate_eq)
 

@@ -33,7 +33,7 @@ from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, c
 from .model import load_guide, load_model_dir, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
-from .spectral_eq import CONFIG_KEY as EQ_KEY, ClassEQ, apply_to_spec, bin_freqs
+from .spectral_eq import CONFIG_KEY as EQ_KEY, ClassEQ, apply_to_spec, bin_freqs, eq_for_nfe, load_class_eqs
 
 MAX_NFE = 200
 MAX_CLIPS = 64
@@ -86,7 +86,9 @@ class EDMSoundPipeline:
         self.codec = make_codec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
-        self.class_eq = ClassEQ.from_dict(cfg.get(EQ_KEY), self.classes)   # the model's matching EQ, or None
+        # the model's matching EQs by the budget each was measured at (the default budget's is class_eq)
+        self.class_eqs = load_class_eqs(cfg, self.classes, self.preset.default_nfe)
+        self.class_eq = self.class_eqs.get(int(self.preset.default_nfe))     # the default budget's, or None
 
     # --- introspection ---------------------------------------------------------------------------
     @property
@@ -283,23 +285,33 @@ class EDMSoundPipeline:
             raise ValueError(f"n must be in [1, {MAX_CLIPS}], got {n}")
         return dict(class_name=class_name, sampler=sampler, nfe=nfe, guidance=guidance, interval=interval,
                     norm_mode=norm_mode, norm_target=norm_target, n=int(n),
-                    reference=self.resolve_reference(reference), eq=self.eq_for(class_name, eq))
+                    reference=self.resolve_reference(reference), eq=self.eq_for(class_name, eq, nfe))
 
-    def eq_for(self, class_name: str, eq=True) -> bool | None:
-        """Whether a request of ``class_name`` gets the model's matching EQ (:mod:`edmsound.core.spectral_eq`):
-        None where the model has none for the class, else ``eq`` (True / False)."""
+    def eq_at(self, nfe: int | None = None) -> ClassEQ | None:
+        """The matching EQ a request at ``nfe`` evaluations gets (None: the default budget): the one measured at
+        that budget, else the default budget's; None if the model has none."""
+        default = int(self.preset.default_nfe)
+        return eq_for_nfe(self.class_eqs, default if nfe is None else int(nfe), default)
+
+    def eq_for(self, class_name: str, eq=True, nfe: int | None = None) -> bool | None:
+        """Whether a request of ``class_name`` at ``nfe`` evaluations gets the model's matching EQ
+        (:mod:`edmsound.core.spectral_eq`): None where the model has none for the class, else ``eq``."""
         if not isinstance(eq, bool):
             raise ValueError(f"eq must be True (the model's matching EQ, where it has one) or False, got {eq!r}")
-        if self.class_eq is None or class_name not in self.class_eq.gains_db:
+        class_eq = self.eq_at(nfe)
+        if class_eq is None or class_name not in class_eq.gains_db:
             return None
         return eq
+
+    def _eq_budget(self, nfe: int) -> int:
+        return int(nfe) if int(nfe) in self.class_eqs else int(self.preset.default_nfe)
 
     def equalize(self, req: dict, specs: torch.Tensor, todo=None) -> torch.Tensor:
         """``specs`` with the class's matching EQ on the bins ``todo`` (F, T) the model made (None: all), when the
         request has it on; else ``specs`` itself."""
         if not req.get("eq"):
             return specs
-        gains = self.class_eq.curve(req["class_name"], bin_freqs(self.codec))
+        gains = self.eq_at(req["nfe"]).curve(req["class_name"], bin_freqs(self.codec))
         return apply_to_spec(self.codec, specs, gains, todo)
 
     def _finish(self, req: dict, waves: np.ndarray, specs: torch.Tensor, seeds: list[int], seed: int,
@@ -326,6 +338,8 @@ class EDMSoundPipeline:
                     "checkpoint": self.checkpoint, "device": str(self.device), "precision": self.precision}
         if req.get("eq") is not None:
             settings["matching_eq"] = req["eq"]           # the model has one for this class: on or off
+            if req["eq"]:                                  # the budget it was measured at
+                settings["matching_eq_nfe"] = self._eq_budget(req["nfe"])
         if nfe_total != req["nfe"]:
             settings["nfe_total"] = nfe_total          # several windows: NFE per window x windows
         settings.update(extra or {})

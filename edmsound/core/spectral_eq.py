@@ -9,6 +9,11 @@ bin of the frames the model made, before the inverse STFT: on the codec's compre
 ``g ** beta`` per bin, so the decoded clip is the model's clip filtered by the curve (zero phase; a region or
 extension keeps its source's frames untouched). It is part of a model directory (``config.json``, key
 ``class_eq``), measured for that model's own weights and settings, and can be switched off per request.
+
+A few-step model sounds different at each step count it offers, so it may carry one EQ per budget: ``class_eq`` is
+the one measured at the model's default budget and ``class_eq_by_nfe`` maps other budgets (``"4"``) to their own.
+A request gets the EQ measured at its budget, or the default budget's where that one was not measured
+(:func:`eq_for_nfe`).
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ClassEQ", "curve_db", "spec_factor", "apply_to_spec", "bin_freqs", "MAX_GAIN_DB", "CONFIG_KEY"]
+__all__ = ["ClassEQ", "curve_db", "spec_factor", "apply_to_spec", "bin_freqs", "load_class_eqs", "eq_for_nfe",
+           "MAX_GAIN_DB", "CONFIG_KEY", "BY_NFE_KEY"]
 
 CONFIG_KEY = "class_eq"
+BY_NFE_KEY = "class_eq_by_nfe"      # {"<budget>": EQ} for budgets other than the default one
 MAX_GAIN_DB = 12.0              # no band is lifted or cut by more than this
 
 
@@ -78,6 +85,35 @@ class ClassEQ:
         """The class's gain (dB) at ``freqs_hz``, or None if the class is not equalised."""
         g = self.gains_db.get(class_name)
         return None if g is None else curve_db(self.centres_hz, g, freqs_hz)
+
+
+def load_class_eqs(cfg: dict, classes, default_nfe: int) -> dict[int, ClassEQ]:
+    """A model config's matching EQs by the budget (NFE) each was measured at: ``class_eq`` at ``default_nfe``,
+    ``class_eq_by_nfe`` at its keys. Empty when the model has none."""
+    eqs: dict[int, ClassEQ] = {}
+    default = ClassEQ.from_dict(cfg.get(CONFIG_KEY), classes)
+    if default is not None:
+        eqs[int(default_nfe)] = default
+    by_nfe = cfg.get(BY_NFE_KEY) or {}
+    if not isinstance(by_nfe, dict):
+        raise ValueError(f"{BY_NFE_KEY} must map budgets to EQs, got {type(by_nfe).__name__}")
+    for key, d in by_nfe.items():
+        try:
+            nfe = int(key)
+        except (TypeError, ValueError):
+            nfe = 0
+        if nfe < 1 or str(nfe) != str(key):
+            raise ValueError(f"{BY_NFE_KEY}: {key!r} is not a budget (a whole number of evaluations >= 1)")
+        if nfe == int(default_nfe):
+            raise ValueError(f"{BY_NFE_KEY}: budget {nfe} is the model's default; its EQ is {CONFIG_KEY}")
+        eqs[nfe] = ClassEQ.from_dict(d, classes)
+    return eqs
+
+
+def eq_for_nfe(eqs: dict[int, ClassEQ], nfe: int, default_nfe: int) -> ClassEQ | None:
+    """The EQ a request at ``nfe`` evaluations gets: the one measured at that budget, else the default budget's
+    (None when neither exists)."""
+    return eqs.get(int(nfe), eqs.get(int(default_nfe)))
 
 
 def bin_freqs(codec) -> np.ndarray:

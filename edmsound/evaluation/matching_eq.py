@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.spectral_eq import CONFIG_KEY, MAX_GAIN_DB, ClassEQ, apply_to_spec, bin_freqs, curve_db
+from ..core.spectral_eq import BY_NFE_KEY, CONFIG_KEY, MAX_GAIN_DB, ClassEQ, apply_to_spec, bin_freqs, curve_db
 from . import fidelity as Fd
 from .metrics import rms_dbfs
 
@@ -87,14 +87,15 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
 
 def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, reference="builtin",
                        reference_per_class: int | None = None, classes=None, max_gain_db: float = MAX_GAIN_DB,
-                       batch_size: int = 8, progress: bool = True, log=print) -> dict:
+                       batch_size: int = 8, nfe: int | None = None, progress: bool = True, log=print) -> dict:
     """Returns ``{"eq": ClassEQ, "rows": [{class, gap_before, gap_after, gains_db}], "settings": {...}}``.
     ``reference_per_class``: held-out clips per class the band gaps are fitted to (default: the evaluation's
-    fidelity reference, :data:`edmsound.evaluation.sweep.FIDELITY_REFERENCE_PER_CLASS`)."""
+    fidelity reference, :data:`edmsound.evaluation.sweep.FIDELITY_REFERENCE_PER_CLASS`). ``nfe``: the budget to
+    measure at (default: the model's own); the EQ records it, and :func:`write_class_eq` stores it for that budget."""
     import torch
 
     from . import sweep as E
-    from ..core.pipeline import EDMSoundPipeline
+    from ..core.pipeline import EDMSoundPipeline, check_nfe
     n_per_class = int(n_per_class)
     if not 2 <= n_per_class <= 10_000:
         raise ValueError(f"n_per_class must be in [2, 10000], got {n_per_class}")
@@ -106,6 +107,9 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
     classes = list(pipe.classes if classes is None else classes)
     for c in classes:
         pipe.class_index(c)
+    p = pipe.preset
+    nfe = int(p.default_nfe) if nfe is None else nfe
+    pipe.check_student(p.default_sampler, check_nfe(p.default_sampler, nfe))     # a budget the model can sample at
     if reference_per_class is None:
         reference_per_class = E.FIDELITY_REFERENCE_PER_CLASS
     ref, ref_desc = E.load_reference(reference, classes, pipe.sample_rate, pipe.codec.num_samples,
@@ -113,7 +117,7 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
     gains, rows, centres = {}, [], None
     for c in classes:
         gens = E.generate_in_calls(pipe, c, n_per_class, E.noise_seed(seed, pipe.class_index(c), 0),
-                                   batch_size=batch_size, eq=False)
+                                   batch_size=batch_size, nfe=nfe, eq=False)
         specs = torch.cat([g.specs for g in gens])
         real = ref.waves[ref.labels == ref.classes.index(c)]
         fit = fit_gains(pipe.codec, specs, real, max_gain_db=max_gain_db)
@@ -127,11 +131,10 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
         log(f"{c:>22s}  worst band gap {before[np.argmax(np.abs(before))]:+.1f} dB -> "
             f"{after[np.argmax(np.abs(after))]:+.1f} dB, level {fit['level_before_db']:+.1f} -> "
             f"{fit['level_after_db']:+.1f} dB  (gains {gdb.min():+.1f} … {gdb.max():+.1f} dB)")
-    p = pipe.preset
     settings = {"checkpoint": str(checkpoint), "n_per_class": n_per_class, "seed": int(seed),
                 "smoothness": SMOOTHNESS,
                 "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i", "sampler": p.default_sampler,
-                "nfe": p.default_nfe, "guidance": {c: p.guidance_for(c) for c in classes},
+                "nfe": int(nfe), "guidance": {c: p.guidance_for(c) for c in classes},
                 "reference": ref_desc, "bands": Fd.DEFAULT_BANDS, "f_lo_hz": Fd.DEFAULT_F_LO,
                 "max_gain_db": float(max_gain_db), "wall_seconds": round(time.perf_counter() - t0, 1)}
     info = {k: settings[k] for k in ("n_per_class", "seed", "sampler", "nfe", "reference", "max_gain_db")}
@@ -139,16 +142,36 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
     return {"eq": eq, "rows": rows, "settings": settings}
 
 
-def write_class_eq(checkpoint, eq: ClassEQ | None) -> Path:
-    """Store (or with None, remove) a model directory's matching EQ in its config.json, atomically."""
+def write_class_eq(checkpoint, eq: ClassEQ | None, nfe: int | None = None) -> Path:
+    """Store a model directory's matching EQ in its config.json, atomically, for the budget it was measured at
+    (``eq.info["nfe"]``; none recorded: the model's default budget). With ``eq`` None, remove the EQ of budget
+    ``nfe``, or with ``nfe`` None too, every one the model has."""
     from ..core.storage import atomic_write_json, resolve_model_dir
     path = resolve_model_dir(checkpoint) / "config.json"
     cfg = json.loads(path.read_text())
+    default = int(cfg["preset"]["default_nfe"])
+    by_nfe = dict(cfg.get(BY_NFE_KEY) or {})
     if eq is None:
-        cfg.pop(CONFIG_KEY, None)
+        if nfe is None:
+            cfg.pop(CONFIG_KEY, None)
+            by_nfe = {}
+        elif int(nfe) == default:
+            cfg.pop(CONFIG_KEY, None)
+        else:
+            by_nfe.pop(str(int(nfe)), None)
     else:
         ClassEQ.from_dict(eq.to_dict(), cfg["classes"])               # names only the model's classes
-        cfg[CONFIG_KEY] = eq.to_dict()
+        budget = int((eq.info or {}).get("nfe", default))
+        if nfe is not None and int(nfe) != budget:
+            raise ValueError(f"this EQ was measured at {budget} evaluations, not {nfe}")
+        if budget == default:
+            cfg[CONFIG_KEY] = eq.to_dict()
+        else:
+            by_nfe[str(budget)] = eq.to_dict()
+    if by_nfe:
+        cfg[BY_NFE_KEY] = {k: by_nfe[k] for k in sorted(by_nfe, key=int)}
+    else:
+        cfg.pop(BY_NFE_KEY, None)
     atomic_write_json(path, cfg)
     return path
 

@@ -32,6 +32,7 @@ compared against it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -231,13 +232,23 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
 LEGACY_META = {"precision": "bf16"}    # clip caches from before precision was recorded all ran under bf16 autocast
 
 
+def eq_fingerprint(eq) -> str | None:
+    """sha256 of a matching EQ's curves (its centres and gains; None: no EQ), so cached clips name the EQ they got."""
+    if eq is None:
+        return None
+    d = eq.to_dict()
+    return hashlib.sha256(json.dumps({"centres_hz": d["centres_hz"], "gains_db": d["gains_db"]},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def _check_meta(meta_path: Path, want: dict, regenerate: bool) -> dict:
     """The configuration's record; refuses clips made with other settings unless ``regenerate`` (which
     deletes every cached clip of the configuration)."""
     if meta_path.is_file():
         have = json.loads(meta_path.read_text())
         diff = [k for k in ("ema_sha256", "seed", "sample_rate", "num_samples", "sampler", "nfe", "guidance",
-                            "guidance_interval", "class_guidance", "class_guidance_interval", "precision")
+                            "guidance_interval", "class_guidance", "class_guidance_interval", "precision",
+                            "matching_eq")
                 if have.get(k, LEGACY_META.get(k)) != want.get(k)]
         if diff and not regenerate:
             raise ValueError(f"{meta_path.parent} holds clips made with other settings ({', '.join(diff)} differ: "
@@ -278,6 +289,7 @@ def _generate_point(pipe, point: SweepPoint, classes, n: int, seed: int, clips_r
             "nfe": point.nfe, "requested_nfe": point.requested_nfe, "guidance": point.guidance,
             "guidance_interval": interval_list(point.interval), "precision": pipe.precision,
             "noise_seed": "seed * 1_000_000 + class_index * 100_000 + i"}
+    want["matching_eq"] = eq_fingerprint(pipe.eq_at(point.nfe))
     if point.class_guidance:
         want["class_guidance"] = dict(point.class_guidance)
     if point.class_intervals:

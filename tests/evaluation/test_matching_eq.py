@@ -92,3 +92,82 @@ def test_calibration_takes_more_clips_than_one_generate_call(tiny_ckpt, tmp_path
     (row,) = res["rows"]
     assert np.allclose(row["gap_before_db"], want, atol=0.006)            # rounded to 0.01 dB in the row
     assert not np.allclose(want, without_last, atol=1e-4)                 # the two clips more do count
+
+
+@pytest.fixture(scope="module")
+def tuned_tiny(tiny_ckpt, tmp_path_factory):
+    from conftest import tune_tiny
+    return tune_tiny(tiny_ckpt, tmp_path_factory.mktemp("eq_budgets"))
+
+
+def _flat(classes, db, nfe):
+    from edmsound.core.spectral_eq import ClassEQ
+    return ClassEQ((100.0, 1000.0), {c: (db, db) for c in classes}, {"nfe": nfe})
+
+
+def _rms_db(w):
+    return 10 * np.log10(np.mean(np.asarray(w, np.float64) ** 2))
+
+
+def test_a_few_step_model_applies_the_eq_measured_at_the_budget_asked_for(tuned_tiny, tmp_path):
+    """A flat EQ multiplies the decoded clip by its gain exactly: +6 dB stored for the default budget (2), -6 dB for
+    budget 1. Each budget gets its own; with budget 1's removed, budget 1 falls back on the default budget's."""
+    from edmsound.core.pipeline import EDMSoundPipeline
+    from edmsound.evaluation.matching_eq import write_class_eq
+    model = tmp_path / "model"
+    shutil.copytree(tuned_tiny[0], model)
+    classes = json.loads((model / "config.json").read_text())["classes"]
+    write_class_eq(model, _flat(classes, 6.0, 2))
+    write_class_eq(model, _flat(classes, -6.0, 1))
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["class_eq"]["info"]["nfe"] == 2 and list(cfg["class_eq_by_nfe"]) == ["1"]
+    pipe = EDMSoundPipeline(model, device="cpu", bf16=False)
+    c = classes[0]
+    for nfe, gain in ((2, 6.0), (1, -6.0)):
+        on = pipe.generate(c, n=1, nfe=nfe, seed=0)
+        off = pipe.generate(c, n=1, nfe=nfe, seed=0, eq=False)
+        assert _rms_db(on.waves) - _rms_db(off.waves) == pytest.approx(gain, abs=0.05)
+        assert on.settings["matching_eq"] is True and on.settings["matching_eq_nfe"] == nfe
+        assert off.settings["matching_eq"] is False and "matching_eq_nfe" not in off.settings
+    write_class_eq(model, None, 1)                                   # budget 1's only
+    cfg = json.loads((model / "config.json").read_text())
+    assert "class_eq_by_nfe" not in cfg and "class_eq" in cfg
+    pipe = EDMSoundPipeline(model, device="cpu", bf16=False)
+    on, off = (pipe.generate(c, n=1, nfe=1, seed=0, eq=e) for e in (True, False))
+    assert _rms_db(on.waves) - _rms_db(off.waves) == pytest.approx(6.0, abs=0.05)
+    assert on.settings["matching_eq_nfe"] == 2
+    write_class_eq(model, _flat(classes, -6.0, 1))
+    write_class_eq(model, None)                                      # every one
+    cfg = json.loads((model / "config.json").read_text())
+    assert "class_eq" not in cfg and "class_eq_by_nfe" not in cfg
+    with pytest.raises(ValueError, match="measured at 1 evaluations, not 2"):
+        write_class_eq(model, _flat(classes, -6.0, 1), nfe=2)
+
+
+@pytest.mark.parametrize("by_nfe, match", [({"x": {}}, "'x' is not a budget"), ({"0": {}}, "'0' is not a budget"),
+                                           ({"2": {}}, "budget 2 is the model's default"),
+                                           ([1], "must map budgets to EQs")])
+def test_eqs_by_budget_refuse_what_is_not_a_budget(by_nfe, match):
+    from edmsound.core.spectral_eq import load_class_eqs
+    with pytest.raises(ValueError, match=match):
+        load_class_eqs({"class_eq_by_nfe": by_nfe}, ["a"], 2)
+
+
+def test_calibrate_eq_measures_and_stores_another_budget(tuned_tiny, tmp_path, capsys):
+    from conftest import write_tone_tree
+    from edmsound.cli import main
+    model = tmp_path / "model"
+    shutil.copytree(tuned_tiny[0], model)
+    ref = write_tone_tree(tmp_path / "real", per_class=6, seed=3)
+    main(["calibrate-eq", "--checkpoint", str(model), "--reference", str(ref), "--n-per-class", "4", "--nfe", "1",
+          "--out", str(tmp_path / "eq"), "--write", "--no-progress"])
+    assert "stored for 1 evaluations" in capsys.readouterr().out
+    cfg = json.loads((model / "config.json").read_text())
+    assert "class_eq" not in cfg and cfg["class_eq_by_nfe"]["1"]["info"]["nfe"] == 1
+    assert json.loads((tmp_path / "eq" / "matching_eq.json").read_text())["settings"]["nfe"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate-eq", "--checkpoint", str(model), "--reference", str(ref), "--nfe", "3", "--write"])
+    assert e.value.code == 2 and "NFE 1 to 2 only" in capsys.readouterr().err
+    main(["calibrate-eq", "--checkpoint", str(model), "--clear", "--nfe", "1"])
+    assert "the matching EQ for 1 evaluations" in capsys.readouterr().out
+    assert "class_eq_by_nfe" not in json.loads((model / "config.json").read_text())
