@@ -51,8 +51,9 @@ from ..data.folder import AudioSet, scan_folder
 from ..audio.io import fit_length, load_audio, wav_bytes
 from ..core.guidance import interval_list
 
-__all__ = ["synth_audioset", "load_reference", "load_train_subset", "evaluate_sweep", "estimate_generation_seconds",
-           "generate_in_calls", "fidelity_reference_size", "load_references", "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
+__all__ = ["synth_audioset", "load_reference", "load_references", "load_train_subset", "evaluate_sweep",
+           "estimate_generation_seconds", "generate_in_calls", "fidelity_reference_size", "eq_fingerprint",
+           "DEFAULT_SAMPLERS", "DEFAULT_NFES", "DEFAULT_GUIDANCES"]
 
 DEFAULT_INDEX_DIR = REPO_ROOT / "checkpoints" / "index"
 DEFAULT_SAMPLERS = ("heun", "dpmpp_2m", "deis")
