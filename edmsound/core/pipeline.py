@@ -33,7 +33,7 @@ from .guidance import GuidedDenoiser, check_guidance, check_guidance_interval, c
 from .model import load_guide, load_model_dir, precision_name
 from .samplers import FEW_STEP_SAMPLERS, SAMPLERS, CountingDenoiser, get_sampler, steps_for_nfe, valid_nfes
 from .schedules import karras_sigmas
-from .spectral_eq import CONFIG_KEY as EQ_KEY, ClassEQ, apply_to_spec, bin_freqs, eq_for_nfe, load_class_eqs
+from .spectral_eq import ClassEQ, apply_to_spec, bin_freqs, eq_budget, eq_for_nfe, load_class_eqs
 
 MAX_NFE = 200
 MAX_CLIPS = 64
@@ -86,9 +86,8 @@ class EDMSoundPipeline:
         self.codec = make_codec(self.preset.codec)
         self.dtype = dtype
         self.checkpoint = str(checkpoint)
-        # the model's matching EQs by the budget each was measured at (the default budget's is class_eq)
+        # the model's matching EQs by the budget each was measured at (eq_at picks a request's)
         self.class_eqs = load_class_eqs(cfg, self.classes, self.preset.default_nfe)
-        self.class_eq = self.class_eqs.get(int(self.preset.default_nfe))     # the default budget's, or None
 
     # --- introspection ---------------------------------------------------------------------------
     @property
@@ -303,9 +302,6 @@ class EDMSoundPipeline:
             return None
         return eq
 
-    def _eq_budget(self, nfe: int) -> int:
-        return int(nfe) if int(nfe) in self.class_eqs else int(self.preset.default_nfe)
-
     def equalize(self, req: dict, specs: torch.Tensor, todo=None) -> torch.Tensor:
         """``specs`` with the class's matching EQ on the bins ``todo`` (F, T) the model made (None: all), when the
         request has it on; else ``specs`` itself."""
@@ -339,7 +335,7 @@ class EDMSoundPipeline:
         if req.get("eq") is not None:
             settings["matching_eq"] = req["eq"]           # the model has one for this class: on or off
             if req["eq"]:                                  # the budget it was measured at
-                settings["matching_eq_nfe"] = self._eq_budget(req["nfe"])
+                settings["matching_eq_nfe"] = eq_budget(self.class_eqs, req["nfe"], self.preset.default_nfe)
         if nfe_total != req["nfe"]:
             settings["nfe_total"] = nfe_total          # several windows: NFE per window x windows
         settings.update(extra or {})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ClassEQ", "curve_db", "spec_factor", "apply_to_spec", "bin_freqs", "load_class_eqs", "eq_for_nfe",
+__all__ = ["ClassEQ", "curve_db", "spec_factor", "apply_to_spec", "bin_freqs", "load_class_eqs", "eq_budget", "eq_for_nfe",
            "MAX_GAIN_DB", "CONFIG_KEY", "BY_NFE_KEY"]
 
 CONFIG_KEY = "class_eq"
@@ -110,10 +110,15 @@ def load_class_eqs(cfg: dict, classes, default_nfe: int) -> dict[int, ClassEQ]:
     return eqs
 
 
+def eq_budget(eqs: dict[int, ClassEQ], nfe: int, default_nfe: int) -> int:
+    """The budget whose EQ a request at ``nfe`` evaluations gets: ``nfe`` where one was measured there, else the
+    default budget."""
+    return int(nfe) if int(nfe) in eqs else int(default_nfe)
+
+
 def eq_for_nfe(eqs: dict[int, ClassEQ], nfe: int, default_nfe: int) -> ClassEQ | None:
-    """The EQ a request at ``nfe`` evaluations gets: the one measured at that budget, else the default budget's
-    (None when neither exists)."""
-    return eqs.get(int(nfe), eqs.get(int(default_nfe)))
+    """The EQ a request at ``nfe`` evaluations gets (:func:`eq_budget`; None when that budget has none)."""
+    return eqs.get(eq_budget(eqs, nfe, default_nfe))
 
 
 def bin_freqs(codec) -> np.ndarray:

@@ -174,13 +174,11 @@ def load_references(reference, classes, sample_rate: int, num_samples: int, per_
         return ref, load_reference(reference, classes, sample_rate, num_samples, fidelity_per_class, seed, progress)
     n, m = int(per_class or 200), int(fidelity_per_class or 200)
     big, _ = load_reference(reference, classes, sample_rate, num_samples, max(n, m), seed, progress)
-    if n == m:
-        return (big, _builtin_description(seed, n)), (big, _builtin_description(seed, n))
-    k, N = min(n, m), max(n, m)
-    small = big.subset([c * N + i for c in range(len(big.classes)) for i in range(k)])
-    sets = {n: (small if n == k else big, _builtin_description(seed, n)),
-            m: (small if m == k else big, _builtin_description(seed, m))}
-    return sets[n], sets[m]
+
+    def first(k: int) -> AudioSet:          # the first k clips of every class (synth_audioset is class-major)
+        return big if k == max(n, m) else big.subset([c * max(n, m) + i for c in range(len(big.classes))
+                                                      for i in range(k)])
+    return (first(n), _builtin_description(seed, n)), (first(m), _builtin_description(seed, m))
 
 
 def _resolve_train(train, model_dir: Path | None, classes) -> str | None:
