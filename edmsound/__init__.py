@@ -68,6 +68,7 @@ _export("edmsound.evaluation.classifier", "ClassifierConfig", "train_classifier"
 _export("edmsound.evaluation.calibrate", "calibrate_class_guidance", "write_calibration", "write_class_guidance",
         "chosen_text")
 _export("edmsound.evaluation.matching_eq", "calibrate_class_eq", "write_class_eq", "write_eq_report")
+_export("edmsound.evaluation.coverage", "measure_coverage", "write_coverage_report")
 _export("edmsound.core.spectral_eq", "ClassEQ")
 _export("edmsound.evaluation.quality", "quality_targets", "targets_markdown", "load_results",
         "check_speed_record", "speed_for_weights")

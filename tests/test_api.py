@@ -26,12 +26,12 @@ PUBLIC_API = [
     "export_model", "export_zip", "find_models", "format_class_guidance", "format_guidance_interval", "format_keeps_overs", "get_preset", "get_sampler",
     "get_schedule", "init_distributed", "integrated_lufs", "interval_list", "jemalloc_loaded", "karras_sigmas",
     "launch_kwargs", "load_audio", "load_classifier", "load_denoiser", "load_encoder", "load_folder",
-    "load_reference", "load_results", "load_training_set", "measure_level", "normalize_level", "parse_points",
+    "load_reference", "load_results", "load_training_set", "measure_coverage", "measure_level", "normalize_level", "parse_points",
     "plan_sweep", "quality_targets", "read_clip", "read_config", "read_upload", "reexec_with_jemalloc",
     "resolve_model_dir", "run_ablation", "save_generation", "spectrogram_figure", "speed_for_weights", "steps_for_nfe", "stitching_analysis",
     "synthesize", "targets_markdown", "to_pcm16", "train", "train_classifier", "train_encoder", "train_head",
     "true_peak_dbtp", "valid_nfes", "wav_bytes", "with_sampling_defaults", "write_calibration",
-    "write_class_eq", "write_class_guidance", "write_dataset", "write_eq_report", "write_export", "write_wav", "__version__",
+    "write_class_eq", "write_class_guidance", "write_coverage_report", "write_dataset", "write_eq_report", "write_export", "write_wav", "__version__",
 ]
 
 # which subpackages each may import (the layering: audio -> core -> data, training -> copydetect, evaluation -> app, cli)

@@ -3,7 +3,8 @@
 - :mod:`.train`: ``data synth|info``, ``train``, ``distill``, ``export``
 - :mod:`.generate`: ``generate``, ``samplers``
 - :mod:`.copy`: ``encoder train|finetune-head|convert-laion``, ``index build|query``, ``copies``
-- :mod:`.evaluate`: ``classifier train``, ``evaluate``, ``ablate``, ``calibrate-guidance``, ``quality-report``
+- :mod:`.evaluate`: ``classifier train``, ``evaluate``, ``ablate``, ``calibrate-guidance``, ``calibrate-eq``,
+  ``coverage``, ``quality-report``
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import sys
 
 from . import copy, evaluate, generate, train
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,6 +225,20 @@ def _cmd_calibrate_eq(a):
         print(f"stored for {res['settings']['nfe']} evaluations in {write_class_eq(a.checkpoint, res['eq'])}")
 
 
+def _cmd_coverage(a):
+    from .. import measure_coverage, write_coverage_report
+    classes = None if a.classes is None else [c.strip() for c in a.classes.split(",") if c.strip()]
+    res = measure_coverage(a.checkpoint, a.data, n_per_class=a.n_per_class, seed=a.seed, classes=classes, nfe=a.nfe,
+                           k=a.k, components=None if a.components == 0 else a.components, cap=a.cap,
+                           batch_size=a.batch_size, precision=a.precision, progress=not a.no_progress)
+    md = write_coverage_report(res, a.out)
+    for c, row in res["classes"].items():
+        print(f"{c:<24s} rarely made {100 * row['rarely_made_share']:5.1f} %   weights "
+              f"{row['weight_min_max'][0]:.3g} … {row['weight_min_max'][1]:.3g}")
+    print(f"wrote {md}, coverage.json, coverage.png and {Path(a.out) / 'clip_weights.csv'} "
+          "(for train / consistency-tune --clip-weights)")
+
+
 def register(subparsers) -> None:
     """Add the ``classifier`` and ``evaluate`` sub-commands to the top-level subparsers."""
     c = subparsers.add_parser("classifier", help="the class classifier used for evaluation").add_subparsers(
@@ -319,6 +333,28 @@ def register(subparsers) -> None:
                    help="remove the checkpoint's matching EQs (with --nfe, that budget's only) and exit")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_cmd_calibrate_eq)
+
+    cv = subparsers.add_parser("coverage", help="which training clips a model rarely makes: a density ratio per clip "
+                               "(training / model) in a plain signal space, and draw weights from it for "
+                               "train / consistency-tune --clip-weights (see edmsound/evaluation/coverage.py)")
+    cv.add_argument("--checkpoint", default="checkpoints/default")
+    cv.add_argument("--data", required=True, help="the model's class-per-folder training tree")
+    cv.add_argument("--out", required=True, help="folder for clip_weights.csv and the coverage.md / .json / .png report")
+    cv.add_argument("--n-per-class", type=positive_int, default=512, help="the model's clips per class (default 512)")
+    cv.add_argument("--seed", type=int, default=5_000_000,
+                    help="noise seed base (default 5,000,000, apart from the evaluation's and the calibrations')")
+    cv.add_argument("--classes", default=None, help="comma-separated classes to measure (default: all; the others "
+                                                    "keep weight 1)")
+    cv.add_argument("--nfe", type=positive_int, default=None, help="the budget to sample at (default: the model's own)")
+    cv.add_argument("--k", type=positive_int, default=40, help="nearest neighbours per estimate (default 40)")
+    cv.add_argument("--components", type=int, choices=range(0, 14), default=3, metavar="N",
+                    help="principal coordinates the neighbours are found in, 1-13, or 0 for all (default 3)")
+    cv.add_argument("--cap", type=positive, default=8.0, help="weights are clipped to 1/CAP … CAP before scaling to "
+                                                             "mean 1 per class (default 8)")
+    cv.add_argument("--batch-size", type=positive_int, default=8)
+    add_precision(cv, "the sampling's")
+    cv.add_argument("--no-progress", action="store_true")
+    cv.set_defaults(func=_cmd_coverage)
 
     ab = subparsers.add_parser("ablate", help="train and evaluate ablation variants (loss, attention, "
                                               "normalisation, representation) with the same data, steps and seeds")

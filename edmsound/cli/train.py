@@ -48,7 +48,7 @@ def _cmd_train(a):
                           device=a.device, progress=not a.no_progress, max_minutes=a.max_minutes,
                           whiten=a.freq_scale == "whiten",
                           whiten_class=a.freq_scale == "whiten-class", precision=a.precision,
-                          class_weights=class_weights(a.class_weight))
+                          class_weights=class_weights(a.class_weight), clip_weights=a.clip_weights)
         result = trainer.run()
         if a.export and rank == 0:
             trainer.export(a.export)
@@ -117,7 +117,8 @@ def _cmd_consistency(a):
                                                       sigma_mid=a.sigma_mid, p_mean=a.p_mean, p_std=a.p_std,
                                                       envelope_weight=a.envelope_weight,
                                                       envelope_max_sigma=a.envelope_max_sigma,
-                                                      ema_halflife=a.ema_halflife, **kw),
+                                                      ema_halflife=a.ema_halflife,
+                                                      clip_weights=a.clip_weights, **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -224,6 +225,10 @@ def register(subparsers) -> None:
     t.add_argument("--class-weight", type=class_weight, action="append", default=None, metavar="CLASS=W",
                    help="draw CLASS's clips W times as often as the others' (W > 0; repeat for more classes; "
                         "default: every clip alike); may change on --resume")
+    t.add_argument("--clip-weights", default=None, metavar="CSV",
+                   help="draw each training clip in proportion to its weight in this clip,weight file (e.g. from "
+                        "`edmsound coverage`: more of the clips the model rarely makes); clips it does not name: 1; "
+                        "repeat on --resume (default: every clip alike)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None)
     ab = t.add_argument_group("ablation switches (recorded in the checkpoint's config)")
     ab.add_argument("--loss", choices=["l2", "l1"], default=None,
@@ -286,6 +291,10 @@ def register(subparsers) -> None:
                    help="the highest noise level the envelope term applies at (default 1.0)")
     c.add_argument("--ema-halflife", type=positive, default=None, metavar="STEPS",
                    help="EMA half-life in steps (default: the model's own); repeat on --resume")
+    c.add_argument("--clip-weights", default=None, metavar="CSV",
+                   help="draw each training clip in proportion to its weight in this clip,weight file (e.g. from "
+                        "`edmsound coverage`: more of the clips the model rarely makes); clips it does not name: 1; "
+                        "repeat on --resume (default: every clip alike)")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 

@@ -24,6 +24,7 @@ from ..core.storage import (atomic_write_json, clean_orphans, latest_checkpoint,
 from .checkpoints import optimizer_from_flat, optimizer_to_flat, save_training_checkpoint
 from ..core.codec import class_whitening_scale, make_codec, whitening_scale
 from ..data.folder import load_folder, split_indices
+from ..data.weights import clip_keys, file_digest, read_clip_weights
 from ..core.edm import edm_loss
 from ..core.model import build_denoiser, precision_name
 from ..core.presets import EDMConfig, Preset
@@ -71,14 +72,17 @@ class Trainer:
                  init=None, seed: int = 0, device: str = "cpu", val_fraction: float = 0.05,
                  progress: bool = True, max_minutes: float | None = None, classes: list[str] | None = None,
                  whiten: bool = False, whiten_class: bool = False, precision: str = "auto",
-                 class_weights: dict[str, float] | None = None):
+                 class_weights: dict[str, float] | None = None, clip_weights=None):
         """``precision``: the network's arithmetic, ``auto`` (bf16 autocast as the preset says where the device
         computes bfloat16 in hardware, fp32 where it would be emulated), ``bf16`` or ``fp32``; recorded per stretch
         in ``info.json``. ``whiten``: measure a gain per frequency bin when the run starts (``freq_scale``);
         ``whiten_class``: that and a gain per class and bin on top (``class_scale``). ``class_weights``
         (``{class: w}``, w > 0, 1 for classes not named): a class's clips are drawn w times as often as the others'
         (with replacement), e.g. to spend more of a stretch on the class a model renders worst; recorded per stretch in
-        ``info.json`` like the learning rate, so a resumed stretch may change it."""
+        ``info.json`` like the learning rate, so a resumed stretch may change it. ``clip_weights``: a ``clip,weight``
+        file (:mod:`edmsound.data.weights`, e.g. from ``edmsound coverage``): each training clip is drawn in proportion
+        to its weight (clips the file does not name: 1), times its class's weight; recorded per stretch by the file's
+        name and digest, so a resumed stretch may change or drop it."""
         whiten = whiten or whiten_class
         if whiten and preset.codec.representation != "complex":
             raise ValueError(f"--freq-scale whiten applies to the complex representation only "
@@ -123,6 +127,7 @@ class Trainer:
                            progress=self.progress, verbose=self.is_main)
         self.classes = data.classes
         tr, va = split_indices(len(data), val_fraction if len(data) >= 20 else 0.0, seed=seed)
+        self._all_sources = data.sources
         if whiten and ckpt is None and preset.codec.freq_scale is None:
             gains = whitening_scale(self.codec, torch.from_numpy(data.waves[tr]), preset.edm.sigma_data)
             preset = preset.replace_codec(freq_scale=gains)
@@ -141,7 +146,12 @@ class Trainer:
                 print(f"per-class gains on top: {min(flat):.2f} … {max(flat):.2f} over {len(table)} classes")
         self.train_waves = torch.from_numpy(data.waves[tr])
         self.train_labels = torch.from_numpy(data.labels[tr])
+        self.train_sources = [data.sources[i] for i in tr]
         self.class_weights, self.item_weights = self._class_weights(class_weights)
+        self.clip_weights = None
+        if clip_weights is not None:
+            self.clip_weights, per_clip = self._clip_weights(clip_weights, self.train_sources, data_dir)
+            self.item_weights = per_clip if self.item_weights is None else self.item_weights * per_clip
         self.val_waves = torch.from_numpy(data.waves[va])
         self.val_labels = torch.from_numpy(data.labels[va])
         self.data_info = {"data_dir": str(data_dir), "counts": data.counts(), "train_clips": len(tr),
@@ -203,6 +213,25 @@ class Trainer:
             return {}, None
         per_class = torch.tensor([kept.get(c, 1.0) for c in self.classes], dtype=torch.float64)
         return kept, per_class[self.train_labels.long()]
+
+    def _clip_weights(self, path, sources: list[str], data_dir) -> tuple[dict, torch.Tensor]:
+        """(the record of a clip-weights file: name, digest, clips named and weighted, the weights' range over the
+        training clips; each training clip's draw weight). ValueError for a file naming clips this data lacks."""
+        table = read_clip_weights(path)
+        keys = clip_keys(sources, data_dir)
+        known = set(clip_keys(self._all_sources, data_dir))
+        unknown = [k for k in table if k not in known]
+        if unknown:
+            raise ValueError(f"clip weights {path}: {len(unknown)} of its {len(table)} clips are not in {data_dir} "
+                             f"(e.g. {unknown[0]!r}); write the file from this data folder")
+        w = torch.tensor([table.get(k, 1.0) for k in keys], dtype=torch.float64)
+        named = sum(k in table for k in keys)
+        record = {"file": Path(path).name, "sha256": file_digest(path), "clips": named,
+                  "min": round(float(w.min()), 4), "max": round(float(w.max()), 4)}
+        if self.is_main:
+            print(f"clip weights {Path(path).name}: {named} of {len(keys)} training clips weighted, "
+                  f"{record['min']:g} … {record['max']:g}")
+        return record, w
 
     def draw(self) -> torch.Tensor:
         """The training clips of the next batch: uniform, or by the class weights (with replacement)."""
@@ -287,7 +316,8 @@ class Trainer:
                      "p_mean": self.preset.edm.p_mean, "p_std": self.preset.edm.p_std,
                      "per_bin_gains": self.preset.codec.freq_scale is not None,
                      "per_class_gains": self.preset.codec.class_scale is not None, "precision": self.precision,
-                     **({"class_weights": self.class_weights} if self.class_weights else {})}
+                     **({"class_weights": self.class_weights} if self.class_weights else {}),
+                     **({"clip_weights": self.clip_weights} if self.clip_weights else {})}
             cur = {"machine": _machine(), "steps": [start_step, self.step],
                    "seconds": round(self.wall_time - start_wall, 1), **knobs}
             last = segs[-1] if segs else None
@@ -296,7 +326,7 @@ class Trainer:
             # a stretch without a cooldown (or with every class drawn alike) records none
             legacy = {"p_mean": EDMConfig.p_mean, "p_std": EDMConfig.p_std, "per_bin_gains": False,
                       "per_class_gains": False, "precision": "bf16", "lr_cooldown": None,
-                      "class_weights": None}
+                      "class_weights": None, "clip_weights": None}
             if (last and last["machine"] == cur["machine"] and last["steps"][1] == start_step
                     and all(last.get(k, legacy.get(k)) == knobs.get(k, legacy.get(k))
                             for k in knobs.keys() | legacy)):

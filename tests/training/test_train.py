@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,3 +390,60 @@ def test_class_whitened_run_trains_each_class_at_its_own_scale(tone_tree, tmp_pa
     plain.run()
     with pytest.raises(ValueError, match="without per-class gains"):
         Trainer(base, tone_tree, tmp_path / "p", steps=4, resume=True, whiten_class=True, progress=False)
+
+
+def test_clip_weights_draw_each_clip_by_its_weight_and_are_recorded(tmp_path):
+    from conftest import write_tone_tree
+    from edmsound.data.weights import write_clip_weights
+    tree = write_tone_tree(tmp_path / "data", classes=("low", "high"), per_class=8)
+    preset = get_preset("tiny")
+    # one clip of each class weighted 9, the rest 1 (two clips not named in the file at all: 1 too)
+    keys = [f"{c}/{c}_{i}.wav" for c in ("low", "high") for i in range(8)]
+    weights = {k: (9.0 if k.endswith("_3.wav") else 1.0) for k in keys}
+    named = [k for k in keys if k not in ("low/low_5.wav", "high/high_6.wav")]
+    write_clip_weights(tmp_path / "w.csv", named, [weights[k] for k in named])
+    tr = Trainer(preset, tree, tmp_path / "run", steps=2, clip_weights=tmp_path / "w.csv", progress=False)
+    train_keys = [Path(s).relative_to(tree.resolve()).as_posix() for s in tr.train_sources]
+    np.testing.assert_array_equal(tr.item_weights.numpy(), [weights[k] if k in named else 1.0 for k in train_keys])
+    assert tr.clip_weights["clips"] == sum(k in named for k in train_keys)
+    expected = tr.item_weights / tr.item_weights.sum()
+    draws = torch.cat([tr.draw() for _ in range(500)]).numpy()     # 8,000 draws of the tiny preset's batch
+    share = np.bincount(draws, minlength=len(expected)) / len(draws)
+    se = (expected.numpy() * (1 - expected.numpy()) / len(draws)) ** 0.5
+    assert (abs(share - expected.numpy()) < 5 * se + 1e-12).all()
+    assert sorted(set(np.round(tr.item_weights.numpy(), 6))) == [1.0, 9.0]
+    tr.run()
+    seg = tr.info()["segments"][-1]
+    assert seg["clip_weights"]["file"] == "w.csv" and len(seg["clip_weights"]["sha256"]) == 16
+    assert seg["clip_weights"]["max"] == 9.0
+    # with class weights too: the two multiply
+    both = Trainer(preset, tree, tmp_path / "both", steps=2, clip_weights=tmp_path / "w.csv",
+                   class_weights={"high": 2.0}, progress=False)
+    hi = both.classes.index("high")
+    np.testing.assert_allclose(both.item_weights.numpy(),
+                               tr.item_weights.numpy() * np.where(tr.train_labels.numpy() == hi, 2.0, 1.0))
+    # a file written for other data is refused, naming what it lacks
+    write_clip_weights(tmp_path / "other.csv", ["low/low_0.wav", "hum/hum_0.wav"], [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"1 of its 2 clips are not in .* \(e\.g\. 'hum/hum_0\.wav'\)"):
+        Trainer(preset, tree, tmp_path / "x", steps=2, clip_weights=tmp_path / "other.csv", progress=False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("clip,weight\nlow/low_0.wav,0\n", "row 2: the weight must be a finite number > 0, got '0'"),
+    ("clip,weight\nlow/low_0.wav,nan\n", "the weight must be a finite number > 0"),
+    ("clip,weight\nlow/low_0.wav,2\nlow/low_0.wav,3\n", "row 3: 'low/low_0.wav' appears twice"),
+    ("name,w\nlow/low_0.wav,2\n", "the first row must be the header 'clip,weight'"),
+    ("clip,weight\nlow/low_0.wav\n", "row 2: expected 2 fields"),
+    ("clip,weight\n", "no rows after the header"),
+])
+def test_a_bad_clip_weights_file_is_one_line_and_trains_nothing(tmp_path, text, message):
+    from conftest import write_tone_tree
+    tree = write_tone_tree(tmp_path / "data")
+    (tmp_path / "w.csv").write_text(text)
+    r = subprocess.run([sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data", str(tree), "--out",
+                        str(tmp_path / "run"), "--steps", "2", "--clip-weights", str(tmp_path / "w.csv"),
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "w.csv" in err[0], r.stderr
+    assert not (tmp_path / "run" / "latest.json").exists()
