@@ -447,3 +447,16 @@ def test_a_bad_clip_weights_file_is_one_line_and_trains_nothing(tmp_path, text, 
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "w.csv" in err[0], r.stderr
     assert not (tmp_path / "run" / "latest.json").exists()
+
+
+def test_cli_training_into_a_used_run_directory_is_one_line_and_keeps_the_run(tone_tree, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "edmsound.cli", "train", "--preset", "tiny", "--data", str(tone_tree), "--out",
+           str(tmp_path / "run"), "--steps", "2", "--no-progress"]
+    assert subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "already has a checkpoint" in lines[0] and "--resume" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
