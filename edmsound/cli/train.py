@@ -118,7 +118,8 @@ def _cmd_consistency(a):
                                                       envelope_weight=a.envelope_weight,
                                                       envelope_max_sigma=a.envelope_max_sigma,
                                                       ema_halflife=a.ema_halflife,
-                                                      clip_weights=a.clip_weights, **kw),
+                                                      clip_weights=a.clip_weights,
+                                                      class_weights=class_weights(a.class_weight), **kw),
                  f"the consistency-tuned model (NFE 1 to {a.max_nfe})")
 
 
@@ -295,6 +296,9 @@ def register(subparsers) -> None:
                    help="draw each training clip in proportion to its weight in this clip,weight file (e.g. from "
                         "`edmsound coverage`: more of the clips the model rarely makes); clips it does not name: 1; "
                         "repeat on --resume (default: every clip alike)")
+    c.add_argument("--class-weight", type=class_weight, action="append", default=None, metavar="CLASS=W",
+                   help="draw CLASS's clips W times as often as the others' (W > 0; repeatable; default: every clip "
+                        "alike); repeat on --resume")
     _student_run_args(c, steps=4000)
     c.set_defaults(func=_cmd_consistency)
 

@@ -153,11 +153,13 @@ class ConsistencyTuner(StudentTrainer):
                  lr: float | None = None, checkpoint_every: int | None = None, p_mean: float | None = None,
                  p_std: float | None = None, envelope_weight: float = 0.0,
                  envelope_max_sigma: float = DEFAULT_ENVELOPE_MAX_SIGMA, precision: str = "auto",
-                 fit_minutes: float | None = None, ema_halflife: float | None = None, clip_weights=None):
+                 fit_minutes: float | None = None, ema_halflife: float | None = None, clip_weights=None,
+                 class_weights: dict[str, float] | None = None):
         """``fit_minutes``: instead of ``steps``, time the first steps and lay the stages over the steps that fit in
         this many minutes of tuning (a new run only; the number is printed and recorded, for ``--resume --steps``).
         ``ema_halflife``: the student's EMA half-life in steps (default: the teacher's own). ``clip_weights``: a
-        ``clip,weight`` file to draw the training clips by (:class:`edmsound.training.trainer.Trainer`)."""
+        ``clip,weight`` file to draw the training clips by, ``class_weights`` ``{class: w}`` to draw a class's clips w times
+        as often (both as :class:`edmsound.training.trainer.Trainer`)."""
         if not (math.isfinite(envelope_weight) and envelope_weight >= 0):
             raise ValueError(f"the envelope weight must be a finite number >= 0, got {envelope_weight!r}")
         if not (math.isfinite(envelope_max_sigma) and envelope_max_sigma > 0):
@@ -233,7 +235,7 @@ class ConsistencyTuner(StudentTrainer):
         super().__init__(student, teacher_dir, classes, self.consistency, data_dir, run_dir, steps=steps,
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=start is not None, precision=precision, fit_minutes=fit_minutes,
-                         clip_weights=clip_weights)
+                         clip_weights=clip_weights, class_weights=class_weights)
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;

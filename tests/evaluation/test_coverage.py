@@ -119,13 +119,17 @@ def test_coverage_command_feeds_consistency_tuning(tiny_ckpt, tmp_path):
     assert "clip_weights.csv" in r.stdout and "rarely made" in r.stdout
     r = subprocess.run(cli + ["consistency-tune", "--teacher", str(tuned), "--data", str(data), "--out",
                               str(tmp_path / "more"), "--steps", "5", "--batch-size", "4", "--clip-weights",
-                              str(tmp_path / "cov" / "clip_weights.csv"), "--no-progress"],
+                              str(tmp_path / "cov" / "clip_weights.csv"), "--class-weight", "high=2",
+                              "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "clip weights clip_weights.csv:" in r.stdout
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 5
     info = json.loads((tmp_path / "more" / "consistency.json").read_text())
     assert info["continued_from"]["steps"] == 3
+    from edmsound.core.storage import latest_checkpoint
+    seg = json.loads((latest_checkpoint(tmp_path / "more") / "info.json").read_text())["segments"][-1]
+    assert seg["class_weights"] == {"high": 2.0} and seg["clip_weights"]["file"] == "clip_weights.csv"
     r = subprocess.run(cli + ["coverage", "--checkpoint", str(tuned), "--data", str(data), "--out",
                               str(tmp_path / "bad"), "--classes", "hum", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
