@@ -44,6 +44,30 @@ def coverage_features(waves, sample_rate: int) -> np.ndarray:
     return np.concatenate([share, 10 * np.log10(total)], axis=1)
 
 
+def _principal(real: np.ndarray, others: np.ndarray, components: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``real`` and ``others`` standardised by the real rows' spread and projected on the real rows' leading
+    ``components`` principal axes (None: standardised only)."""
+    scale = real.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    mu = real.mean(axis=0)
+    a, b = (real - mu) / scale, (others - mu) / scale
+    if components is None:
+        return a, b
+    c = int(components)
+    if not 1 <= c <= a.shape[1]:
+        raise ValueError(f"components must be in [1, {a.shape[1]}], got {components!r}")
+    axes = np.linalg.svd(a, full_matrices=False)[2][:c].T
+    return a @ axes, b @ axes
+
+
+def _capped_weights(ratio: np.ndarray, cap: float) -> np.ndarray:
+    """Ratios clipped to [1/cap, cap] and scaled to mean 1."""
+    if not (math.isfinite(cap) and cap >= 1):
+        raise ValueError(f"the cap must be a finite number >= 1, got {cap!r}")
+    w = np.clip(ratio, 1 / cap, cap)
+    return w / w.mean()
+
+
 def density_ratio(real: np.ndarray, gen: np.ndarray, k: int = DEFAULT_K,
                   components: int | None = DEFAULT_COMPONENTS) -> np.ndarray:
     """For every row of ``real``: the k-nearest-neighbour estimate of p_real / p_gen at that point (see the module
@@ -57,16 +81,7 @@ def density_ratio(real: np.ndarray, gen: np.ndarray, k: int = DEFAULT_K,
     k = int(k)
     if not 1 <= k <= n_r - 1 + n_g:
         raise ValueError(f"k must be in [1, {n_r - 1 + n_g}] for {n_r} real and {n_g} generated clips, got {k}")
-    scale = real.std(axis=0)
-    scale[scale < 1e-9] = 1.0
-    mu = real.mean(axis=0)
-    a, b = (real - mu) / scale, (gen - mu) / scale
-    if components is not None:
-        c = int(components)
-        if not 1 <= c <= a.shape[1]:
-            raise ValueError(f"components must be in [1, {a.shape[1]}], got {components!r}")
-        axes = np.linalg.svd(a, full_matrices=False)[2][:c].T
-        a, b = a @ axes, b @ axes
+    a, b = _principal(real, gen, components)
     pool = np.concatenate([a, b])
     d = ((a ** 2).sum(1)[:, None] + (pool ** 2).sum(1)[None, :] - 2 * a @ pool.T)
     d[np.arange(n_r), np.arange(n_r)] = np.inf              # a clip is not its own neighbour
@@ -80,16 +95,14 @@ def coverage_weights(real_features: np.ndarray, real_labels: np.ndarray, gen_fea
                      components: int | None = DEFAULT_COMPONENTS) -> np.ndarray:
     """Draw weight of every real clip: its class's density ratio, clipped to [1/cap, cap], scaled to mean 1 within
     the class (a class's share of the draws is unchanged). Classes without generated clips keep weight 1."""
-    if not (math.isfinite(cap) and cap >= 1):
-        raise ValueError(f"the cap must be a finite number >= 1, got {cap!r}")
+    _capped_weights(np.ones(1), cap)                       # checks the cap before any work
     real_labels, gen_labels = np.asarray(real_labels), np.asarray(gen_labels)
     w = np.ones(len(real_labels))
     for c in np.unique(real_labels):
         sel, gsel = real_labels == c, gen_labels == c
         if not gsel.any() or sel.sum() < 2:
             continue
-        r = np.clip(density_ratio(real_features[sel], gen_features[gsel], k, components), 1 / cap, cap)
-        w[sel] = r / r.mean()
+        w[sel] = _capped_weights(density_ratio(real_features[sel], gen_features[gsel], k, components), cap)
     return w
 
 
@@ -113,8 +126,7 @@ def measure_coverage(checkpoint, data, *, n_per_class: int = 512, seed: int = 5_
     n_per_class = int(n_per_class)
     if n_per_class < 2:
         raise ValueError(f"the model's clips per class must be at least 2, got {n_per_class}")
-    if not (math.isfinite(cap) and cap >= 1):
-        raise ValueError(f"the cap must be a finite number >= 1, got {cap!r}")
+    _capped_weights(np.ones(1), cap)                       # checks the cap before the model loads
     pipe = EDMSoundPipeline(checkpoint, bf16=precision)
     sr, ns = pipe.preset.codec.sample_rate, pipe.preset.codec.num_samples
     chosen = list(pipe.classes) if classes is None else list(classes)
@@ -127,7 +139,7 @@ def measure_coverage(checkpoint, data, *, n_per_class: int = 512, seed: int = 5_
     weights = np.ones(len(real))
     ratios = np.ones(len(real))
     points_r = np.zeros((len(real), 2))
-    gen_f, gen_l, points_g = [], [], []
+    gen_l, points_g = [], []
     per_class: dict[str, dict] = {}
     options = {} if nfe is None else {"nfe": int(nfe)}
     bar = tqdm(chosen, desc="coverage", unit="class", disable=not progress)
@@ -142,17 +154,12 @@ def measure_coverage(checkpoint, data, *, n_per_class: int = 512, seed: int = 5_
         g = coverage_features(np.concatenate([x.waves for x in gens]), sr)
         kk = min(int(k), int(sel.sum()) - 1 + len(g))
         r = density_ratio(real_f[sel], g, kk, components)
-        w = np.clip(r, 1 / cap, cap)
-        weights[sel] = w / w.mean()
+        weights[sel] = _capped_weights(r, cap)
         ratios[sel] = r
-        # the plane of the class's two leading principal axes (standardised as the ratio's space)
-        mu, sd = real_f[sel].mean(0), real_f[sel].std(0)
-        sd[sd < 1e-9] = 1.0
-        axes = np.linalg.svd((real_f[sel] - mu) / sd, full_matrices=False)[2][:2].T
-        points_r[sel] = ((real_f[sel] - mu) / sd) @ axes
-        gen_f.append(g)
+        # the plane of the class's two leading principal axes (the ratio's space, first two coordinates)
+        points_r[sel], pg = _principal(real_f[sel], g, 2)
         gen_l.append(np.full(len(g), ci))
-        points_g.append(((g - mu) / sd) @ axes)
+        points_g.append(pg)
         order = np.argsort(-r)
         ks = [keys[i] for i in np.flatnonzero(sel)]
         per_class[c] = {"training_clips": int(sel.sum()), "generated_clips": len(g), "k": kk,
