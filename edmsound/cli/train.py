@@ -105,6 +105,7 @@ def _run_student(a, make, what: str):
         if a.export:
             t.export(a.export)
             print(f"exported {what} to {a.export}")
+            _warn_missing_guide(a.export)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -160,6 +161,14 @@ def _cmd_export(a):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"exported {src} -> {a.out}")
+    _warn_missing_guide(a.out)
+
+
+def _warn_missing_guide(model_dir):
+    from ..training.export import missing_guide_note
+    note = missing_guide_note(model_dir)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _cmd_attach_guide(a):

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from ..core.storage import read_config
-from .export import with_sampling_defaults
+from .export import guided_classes, with_sampling_defaults
 from .trainer import StudentTrainer, read_teacher
 
 ECT_Q = 2.0          # the gap halves every stage
@@ -216,6 +216,11 @@ class ConsistencyTuner(StudentTrainer):
                 teacher=before["teacher"], lineage=list(before.get("lineage", [before["teacher"]])) + [teacher_dir.name],
                 continued_from={"model": teacher_dir.name, "steps": int(tinfo.get("steps", 0)), "stage": start_stage},
                 **{k: before[k] for k in ("teacher_steps", "teacher_train_seconds", "envelope") if k in before})
+            # the guidance kept was set with the tuned model's guide model, which a run does not carry: the record
+            # names it, so an export without it says so (export.missing_guide_note)
+            set_with = tpreset.guide or before.get("guidance_guide")
+            if set_with and guided_classes(student, classes):
+                self.consistency["guidance_guide"] = set_with
         if self.envelope_weight > 0:
             envelope = {"weight": self.envelope_weight, "max_sigma": self.envelope_max_sigma, "chunk": ENVELOPE_CHUNK,
                         "from_step": int(tinfo.get("steps", 0)) if before is not None else 0}
@@ -236,6 +241,11 @@ class ConsistencyTuner(StudentTrainer):
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=start is not None, precision=precision, fit_minutes=fit_minutes,
                          clip_weights=clip_weights, class_weights=class_weights)
+        if self.is_main and self.consistency.get("guidance_guide"):
+            guided = ", ".join(f"{c} {w:g}" for c, w in guided_classes(self.preset, self.classes).items())
+            print(f"the guidance kept ({guided}) was set with {teacher_dir.name}'s guide model "
+                  f"({self.consistency['guidance_guide']}), which a run does not carry: after export, attach it again "
+                  "(edmsound attach-guide)")
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;

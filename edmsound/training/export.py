@@ -50,6 +50,35 @@ def export_model(run, out, *, ema_only: bool = False, sampler=None, nfe=None, gu
     return src
 
 
+def guided_classes(preset, classes) -> dict[str, float]:
+    """The classes ``preset`` samples with guidance other than 1 by default, with their scales."""
+    return {c: preset.guidance_for(c) for c in classes if preset.guidance_for(c) != 1.0}
+
+
+def missing_guide_note(model_dir) -> str | None:
+    """One line for a model whose default guidance was set with a guide model it does not hold, else None.
+
+    A consistency-tuned model tuned further keeps the per-class guidance calibrated for it, but a run carries no guide
+    model: exported, it would push those classes away from the null class (classifier-free guidance) instead of from
+    the guide the scales were chosen with, and sound unlike the model it continues. Its record names that guide
+    (``guidance_guide``); the note goes away once a guide is attached or the scales are cleared."""
+    model_dir = resolve_model_dir(model_dir)
+    preset, classes = read_config(model_dir)
+    if preset.guide is not None:
+        return None
+    info = json.loads((model_dir / "info.json").read_text()) if (model_dir / "info.json").is_file() else {}
+    set_with = next((r["guidance_guide"] for r in info.values() if isinstance(r, dict) and r.get("guidance_guide")),
+                    None)
+    guided = guided_classes(preset, classes)
+    if set_with is None or not guided:
+        return None
+    scales = ", ".join(f"{c} {w:g}" for c, w in guided.items())
+    return (f"{model_dir}: its default guidance ({scales}) was set with a guide model ({set_with}) that it does not "
+            "hold, so those classes would be guided away from the null class instead; give it the guide again "
+            f"(edmsound attach-guide --checkpoint {model_dir} --guide MODEL) or clear the scales "
+            f"(edmsound calibrate-guidance --checkpoint {model_dir} --clear)")
+
+
 def attach_guide(checkpoint, guide, *, weights: str = "ema", note: str | None = None) -> str:
     """Give the model directory ``checkpoint`` a guide model for autoguidance (Karras et al. 2024): ``guide``'s
     ``weights`` (a model or run directory of the same network, classes and representation — an earlier or weaker

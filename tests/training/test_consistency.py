@@ -412,3 +412,41 @@ def test_a_time_budget_spreads_the_whole_stage_schedule_over_the_steps_that_fit(
         ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "r", progress=False, resume=True, fit_minutes=1)
     with pytest.raises(ValueError, match="a number of minutes > 0"):
         ConsistencyTuner(tiny_ckpt, tone_tree, tmp_path / "z", progress=False, fit_minutes=float("nan"))
+
+
+def test_a_continued_tuning_names_the_guide_its_kept_guidance_was_set_with_until_the_guide_is_attached(
+        guided_teacher, tone_tree, tmp_path, capsys):
+    """A tuned model whose per-class guidance was calibrated with a guide model keeps the scales when tuned further,
+    but the run carries no guide: its export would guide those classes by classifier-free guidance. The export says
+    so (API and CLI) and stops saying so once the guide is attached again."""
+    from edmsound.cli import main
+    from edmsound.training.export import attach_guide, missing_guide_note
+    teacher, guided = guided_teacher
+    first = ConsistencyTuner(teacher, tone_tree, tmp_path / "r", steps=2, progress=False, batch_size=2)
+    first.run()
+    first.export(tmp_path / "m")
+    assert missing_guide_note(tmp_path / "m") is None            # guidance 1 everywhere: nothing to miss
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["preset"].update(default_class_guidance={guided: 2.5})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    attach_guide(tmp_path / "m", teacher, note="its diffusion model")
+    assert missing_guide_note(tmp_path / "m") is None            # the guide it was set with is there
+
+    on = ConsistencyTuner(tmp_path / "m", tone_tree, tmp_path / "on", steps=4, progress=False, batch_size=2)
+    assert "was set with m's guide model (its diffusion model)" in capsys.readouterr().out
+    on.run()
+    assert main(["export", "--run", str(tmp_path / "on"), "--out", str(tmp_path / "m2")]) in (None, 0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ")
+    assert f"({guided} 2.5)" in err[0] and "(its diffusion model)" in err[0] and "attach-guide" in err[0]
+    assert EDMSoundPipeline(tmp_path / "m2", device="cpu").preset.guide is None
+
+    # tuned once more without the guide: still named (the record carries it); attached: silent
+    again = ConsistencyTuner(tmp_path / "m2", tone_tree, tmp_path / "again", steps=6, progress=False, batch_size=2)
+    again.run()
+    again.export(tmp_path / "m3")
+    assert "(its diffusion model)" in missing_guide_note(tmp_path / "m3")
+    attach_guide(tmp_path / "m3", teacher, note="its diffusion model")
+    assert missing_guide_note(tmp_path / "m3") is None
+    main(["export", "--run", str(tmp_path / "m3"), "--out", str(tmp_path / "m4")])
+    assert "warning" not in capsys.readouterr().err
