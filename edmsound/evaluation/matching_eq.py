@@ -38,15 +38,17 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
     that bands the STFT cannot set apart (the lowest, narrower than a few bins) do not get gains that fight each
     other. ``match_level``: then one gain more on every band brings the clips' mean RMS level (dBFS, the level
     measure: a mean of decibels, where the bands compare mean powers, which the loudest clips dominate) to the real
-    clips'. Returns ``{"centres_hz", "gains_db", "gap_before_db", "gap_after_db", "level_before_db",
-    "level_after_db"}``."""
+    clips'. Returns ``{"centres_hz", "gains_db", "gap_before_db", "gap_se_db", "gap_after_db", "level_before_db",
+    "level_after_db"}``; ``gap_se_db`` is the standard error of the gap before (both sets' spreads,
+    :func:`edmsound.evaluation.fidelity.band_gap_se_db`): how far the gains could be off from sampling alone."""
     import torch
     if not 0 < float(max_gain_db) <= MAX_GAIN_DB:
         raise ValueError(f"max_gain_db must be in (0, {MAX_GAIN_DB:g}] dB, got {max_gain_db}")
     sr = codec.config.sample_rate
     edges = Fd.band_edges(sr, n_bands, f_lo)
     centres = np.sqrt(edges[:-1] * edges[1:])
-    ref = Fd.band_power(reference, sr, n_bands, f_lo)
+    ref_clips = Fd.clip_band_power(reference, sr, n_bands, f_lo)
+    ref = ref_clips.mean(axis=0)
     if np.any(ref <= Fd.POWER_FLOOR):
         raise ValueError("the real clips hold no power in some band; no EQ can be measured")
     specs = torch.as_tensor(specs).double()
@@ -68,6 +70,7 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
     gains = np.zeros(n_bands)
     w0 = waves(gains)
     before, level_before = gaps(gains, w0), level(w0)
+    se = Fd.band_gap_se_db(Fd.clip_band_power(w0, sr, n_bands, f_lo), ref_clips)
     r = before
     delta = 0.5
     for _ in range(max(1, int(iterations))):
@@ -81,7 +84,8 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
         for _ in range(2):                   # twice: the limit may hold some bands back
             gains = np.clip(gains - level(waves(gains)), -max_gain_db, max_gain_db)
     w = waves(gains)
-    return {"centres_hz": centres, "gains_db": gains, "gap_before_db": before, "gap_after_db": gaps(gains, w),
+    return {"centres_hz": centres, "gains_db": gains, "gap_before_db": before, "gap_se_db": se,
+            "gap_after_db": gaps(gains, w),
             "level_before_db": level_before, "level_after_db": level(w)}
 
 
@@ -124,6 +128,7 @@ def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, refe
         centres, gdb, before, after = fit["centres_hz"], fit["gains_db"], fit["gap_before_db"], fit["gap_after_db"]
         gains[c] = tuple(float(x) for x in gdb)
         rows.append({"class": c, "gap_before_db": [round(float(x), 2) for x in before],
+                     "gap_se_db": [round(float(x), 2) for x in fit["gap_se_db"]],
                      "gap_after_db": [round(float(x), 2) for x in after],
                      "gains_db": [round(float(x), 2) for x in gdb],
                      "level_before_db": round(fit["level_before_db"], 2),
@@ -197,12 +202,15 @@ def eq_markdown(result: dict) -> str:
              f"per class from noise seed {s['seed']} (the evaluation uses 0) against {s['reference']}; "
              f"{s['bands']} log-spaced bands from {s['f_lo_hz']:g} Hz to Nyquist, gains within ±{s['max_gain_db']:g} "
              f"dB; {s['wall_seconds'] / 60:.1f} min.", "",
-             "Band gap (dB) of the model's clips before the EQ, the gain stored, and the gap left on the same clips; "
-             "the level gap (mean RMS dBFS against the real clips') before and after:", "",
+             "Band gap (dB) of the model's clips before the EQ with its standard error (± SE: how far a gain could be "
+             "off from the clips drawn alone; more clips per class shrink it), the gain stored, and the gap left on "
+             "the same clips; the level gap (mean RMS dBFS against the real clips') before and after:", "",
              f"| class | row | {head} | level |", "|---|---|" + "---|" * (len(bands) + 1)]
     for r in result["rows"]:
-        for key, name in (("gap_before_db", "gap before"), ("gains_db", "**gain**"),
+        for key, name in (("gap_before_db", "gap before"), ("gap_se_db", "± SE"), ("gains_db", "**gain**"),
                           ("gap_after_db", "gap after")):
+            if key not in r:                 # reports written before the standard error was kept
+                continue
             lv = {"gap_before_db": r["level_before_db"], "gap_after_db": r["level_after_db"]}.get(key)
             lines.append(f"| {r['class']} | {name} | " + " | ".join(f"{x:+.1f}" for x in r[key]) +
                          (" | |" if lv is None else f" | {lv:+.1f} |"))

@@ -32,6 +32,15 @@ def test_fit_undoes_a_known_filter_on_other_clips():
     after = np.abs(fit["gap_after_db"])
     assert after.max() < 0.3
     assert np.allclose(fit["gains_db"], -true, atol=0.6)
+    # white noise: a band of K periodogram bins has per-clip power of relative spread 1 / sqrt(K) (each bin's power
+    # is exponential), so each set's mean in dB has SE (10 / ln 10) / sqrt(K n), and the two sets' add in quadrature
+    freqs = np.fft.rfftfreq(codec.num_samples, 1 / 16000)
+    k = np.array([((freqs >= lo) & ((freqs <= hi) if i == len(centres) - 1 else (freqs < hi))).sum()
+                  for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))])
+    expected = np.sqrt(2) * 10 / np.log(10) / np.sqrt(k * 48)
+    wide = k >= 8
+    assert wide.sum() >= 6
+    assert np.allclose(fit["gap_se_db"][wide], expected[wide], rtol=0.3)
 
 
 def test_fit_keeps_gains_within_the_limit():
@@ -64,7 +73,9 @@ def test_calibrate_eq_command_writes_reports_and_clears(tiny_ckpt, tmp_path, cap
         assert max(map(abs, r["gains_db"])) <= 12.0 + 1e-9
         assert abs(r["level_after_db"]) < 0.05 or max(map(abs, r["gains_db"])) > 11.99
     assert (tmp_path / "eq" / "matching_eq.png").stat().st_size > 1000
-    assert "| gap before |" in (tmp_path / "eq" / "matching_eq.md").read_text()
+    md = (tmp_path / "eq" / "matching_eq.md").read_text()
+    assert "| gap before |" in md and "| ± SE |" in md
+    assert all(len(r["gap_se_db"]) == len(r["gap_before_db"]) and min(r["gap_se_db"]) > 0 for r in report["rows"])
     pipe = EDMSoundPipeline(model, device="cpu")
     assert pipe.generate(cfg["classes"][0], n=1, sampler="euler", nfe=2).settings["matching_eq"] is True
     main(["calibrate-eq", "--checkpoint", str(model), "--clear"])
