@@ -318,7 +318,9 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("calibrate-eq", help="measure a model's matching EQ: per class, the band gains that "
                               "bring its clips' mean spectral envelope to real clips' (see edmsound/core/spectral_eq.py)")
     q.add_argument("--checkpoint", default="checkpoints/default")
-    q.add_argument("--n-per-class", type=positive_int, default=64)
+    q.add_argument("--n-per-class", type=positive_int, default=256,
+                   help="clips per class (a band's mean power rests on a class's loudest clips, so a few dozen leave "
+                        "the gains off by a decibel or more; the report gives each gap's standard error)")
     q.add_argument("--seed", type=int, default=1, help="noise seed base (the evaluation uses 0: keep them apart)")
     q.add_argument("--reference", default="builtin", help="real clips: builtin or a class-per-folder directory")
     q.add_argument("--classes", default=None, help="comma-separated classes to equalise (default: all)")

@@ -89,7 +89,7 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
             "level_before_db": level_before, "level_after_db": level(w)}
 
 
-def calibrate_class_eq(checkpoint, *, n_per_class: int = 64, seed: int = 1, reference="builtin",
+def calibrate_class_eq(checkpoint, *, n_per_class: int = 256, seed: int = 1, reference="builtin",
                        reference_per_class: int | None = None, classes=None, max_gain_db: float = MAX_GAIN_DB,
                        batch_size: int = 8, nfe: int | None = None, progress: bool = True, log=print) -> dict:
     """Returns ``{"eq": ClassEQ, "rows": [{class, gap_before, gap_after, gains_db}], "settings": {...}}``.
