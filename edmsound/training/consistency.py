@@ -218,8 +218,10 @@ class ConsistencyTuner(StudentTrainer):
                 **{k: before[k] for k in ("teacher_steps", "teacher_train_seconds", "envelope") if k in before})
             # the guidance kept was set with the tuned model's guide model, which a run does not carry: the record
             # names it, so an export without it says so (export.missing_guide_note)
-            set_with = tpreset.guide or before.get("guidance_guide")
-            if set_with and guided_classes(student, classes):
+            guided = guided_classes(student, classes)
+            set_with = ({"guide": tpreset.guide, "scales": guided} if tpreset.guide is not None
+                        else before.get("guidance_guide"))
+            if set_with and guided:
                 self.consistency["guidance_guide"] = set_with
         if self.envelope_weight > 0:
             envelope = {"weight": self.envelope_weight, "max_sigma": self.envelope_max_sigma, "chunk": ENVELOPE_CHUNK,
@@ -244,7 +246,8 @@ class ConsistencyTuner(StudentTrainer):
         if self.is_main and self.consistency.get("guidance_guide"):
             guided = ", ".join(f"{c} {w:g}" for c, w in guided_classes(self.preset, self.classes).items())
             print(f"the guidance kept ({guided}) was set with {teacher_dir.name}'s guide model "
-                  f"({self.consistency['guidance_guide']}), which a run does not carry: after export, attach it again "
+                  f"({self.consistency['guidance_guide']['guide']}), which a run does not carry: after export, attach "
+                  "it again "
                   "(edmsound attach-guide)")
 
     def stage(self, step: int | None = None) -> int:

@@ -60,8 +60,9 @@ def missing_guide_note(model_dir) -> str | None:
 
     A consistency-tuned model tuned further keeps the per-class guidance calibrated for it, but a run carries no guide
     model: exported, it would push those classes away from the null class (classifier-free guidance) instead of from
-    the guide the scales were chosen with, and sound unlike the model it continues. Its record names that guide
-    (``guidance_guide``); the note goes away once a guide is attached or the scales are cleared."""
+    the guide the scales were chosen with, and sound unlike the model it continues. Its record names that guide and
+    the scales (``guidance_guide``); the note goes away once a guide is attached or the scales are cleared or set
+    again."""
     model_dir = resolve_model_dir(model_dir)
     preset, classes = read_config(model_dir)
     if preset.guide is not None:
@@ -69,11 +70,15 @@ def missing_guide_note(model_dir) -> str | None:
     info = json.loads((model_dir / "info.json").read_text()) if (model_dir / "info.json").is_file() else {}
     set_with = next((r["guidance_guide"] for r in info.values() if isinstance(r, dict) and r.get("guidance_guide")),
                     None)
-    guided = guided_classes(preset, classes)
-    if set_with is None or not guided:
+    if not set_with:
+        return None
+    recorded = set_with.get("scales", {})
+    guided = {c: w for c, w in guided_classes(preset, classes).items() if recorded.get(c) == w}
+    if not guided:
         return None
     scales = ", ".join(f"{c} {w:g}" for c, w in guided.items())
-    return (f"{model_dir}: its default guidance ({scales}) was set with a guide model ({set_with}) that it does not "
+    return (f"{model_dir}: its default guidance ({scales}) was set with a guide model ({set_with['guide']}) that it "
+            "does not "
             "hold, so those classes would be guided away from the null class instead; give it the guide again "
             f"(edmsound attach-guide --checkpoint {model_dir} --guide MODEL) or clear the scales "
             f"(edmsound calibrate-guidance --checkpoint {model_dir} --clear)")

@@ -448,6 +448,13 @@ def test_a_continued_tuning_names_the_guide_its_kept_guidance_was_set_with_until
     again.run()
     again.export(tmp_path / "m3")
     assert "(its diffusion model)" in missing_guide_note(tmp_path / "m3")
+    cfg = json.loads((tmp_path / "m3" / "config.json").read_text())
+    cfg["preset"].update(default_class_guidance={guided: 1.5})       # set again (for classifier-free guidance)
+    (tmp_path / "m3" / "config.json").write_text(json.dumps(cfg))
+    assert missing_guide_note(tmp_path / "m3") is None
+    cfg["preset"].update(default_class_guidance={guided: 2.5})
+    (tmp_path / "m3" / "config.json").write_text(json.dumps(cfg))
+    assert "(its diffusion model)" in missing_guide_note(tmp_path / "m3")
     attach_guide(tmp_path / "m3", teacher, note="its diffusion model")
     assert missing_guide_note(tmp_path / "m3") is None
     main(["export", "--run", str(tmp_path / "m3"), "--out", str(tmp_path / "m4")])
