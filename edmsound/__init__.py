@@ -49,7 +49,8 @@ _export("edmsound.data.folder", "AudioSet", "load_folder", "read_clip", "ReadRep
 _export("edmsound.data.synth", "synthesize", "write_dataset", BUILTIN_CLASSES="CLASSES")
 # training
 _export("edmsound.training.trainer", "Trainer", "TrainingDiverged", "train", "init_distributed")
-_export("edmsound.training.export", "attach_guide", "blend_models", "export_model", "with_sampling_defaults")
+_export("edmsound.training.export", "attach_guide", "blend_models", "export_model", "missing_guide_note",
+        "with_sampling_defaults")
 _export("edmsound.training.distill", "Distiller")
 _export("edmsound.training.consistency", "ConsistencyTuner")
 _export("edmsound.training.bake", "GuidanceBaker")

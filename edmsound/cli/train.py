@@ -165,7 +165,7 @@ def _cmd_export(a):
 
 
 def _warn_missing_guide(model_dir):
-    from ..training.export import missing_guide_note
+    from .. import missing_guide_note
     note = missing_guide_note(model_dir)
     if note:
         print(f"warning: {note}", file=sys.stderr)
