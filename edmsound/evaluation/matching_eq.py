@@ -59,9 +59,10 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
     def waves(gains):
         return codec.decode(apply_to_spec(codec, specs, curve_db(centres, gains, bins)), length=length).numpy()
 
-    def gaps(gains, w=None):
-        w = waves(gains) if w is None else w
-        return 10.0 * np.log10(np.maximum(Fd.band_power(w, sr, n_bands, f_lo), Fd.POWER_FLOOR) / ref)
+    def gaps(gains, w=None, clip_powers=None):
+        if clip_powers is None:
+            clip_powers = Fd.clip_band_power(waves(gains) if w is None else w, sr, n_bands, f_lo)
+        return 10.0 * np.log10(np.maximum(clip_powers.mean(axis=0), Fd.POWER_FLOOR) / ref)
 
     def level(w):
         return float(rms_dbfs(w).mean()) - ref_level
@@ -69,8 +70,9 @@ def fit_gains(codec, specs, reference: np.ndarray, *, n_bands: int = Fd.DEFAULT_
     D = np.diff(np.eye(n_bands), n=2, axis=0) * float(smoothness)       # second differences
     gains = np.zeros(n_bands)
     w0 = waves(gains)
-    before, level_before = gaps(gains, w0), level(w0)
-    se = Fd.band_gap_se_db(Fd.clip_band_power(w0, sr, n_bands, f_lo), ref_clips)
+    p0 = Fd.clip_band_power(w0, sr, n_bands, f_lo)         # the gap before and its standard error from one pass
+    before, level_before = gaps(gains, clip_powers=p0), level(w0)
+    se = Fd.band_gap_se_db(p0, ref_clips)
     r = before
     delta = 0.5
     for _ in range(max(1, int(iterations))):

@@ -243,12 +243,11 @@ class ConsistencyTuner(StudentTrainer):
                          resume=resume, seed=seed, device=device, progress=progress, max_minutes=max_minutes,
                          continued=start is not None, precision=precision, fit_minutes=fit_minutes,
                          clip_weights=clip_weights, class_weights=class_weights)
-        if self.is_main and self.consistency.get("guidance_guide"):
-            guided = ", ".join(f"{c} {w:g}" for c, w in guided_classes(self.preset, self.classes).items())
-            print(f"the guidance kept ({guided}) was set with {teacher_dir.name}'s guide model "
-                  f"({self.consistency['guidance_guide']['guide']}), which a run does not carry: after export, attach "
-                  "it again "
-                  "(edmsound attach-guide)")
+        set_with = self.consistency.get("guidance_guide")
+        if self.is_main and set_with:
+            guided = ", ".join(f"{c} {w:g}" for c, w in set_with["scales"].items())
+            print(f"the guidance kept ({guided}) was set with {teacher_dir.name}'s guide model ({set_with['guide']}), "
+                  "which a run does not carry: after export, attach it again (edmsound attach-guide)")
 
     def stage(self, step: int | None = None) -> int:
         """The stage of ``step`` (default: the current one): ceil(step / (steps / stages)), at most ``stages``;

@@ -68,8 +68,7 @@ def missing_guide_note(model_dir) -> str | None:
     if preset.guide is not None:
         return None
     info = json.loads((model_dir / "info.json").read_text()) if (model_dir / "info.json").is_file() else {}
-    set_with = next((r["guidance_guide"] for r in info.values() if isinstance(r, dict) and r.get("guidance_guide")),
-                    None)
+    set_with = info.get("consistency", {}).get("guidance_guide")      # recorded by a continued consistency tuning
     if not set_with:
         return None
     recorded = set_with.get("scales", {})
